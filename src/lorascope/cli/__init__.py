@@ -1,0 +1,73 @@
+"""The ``lorascope`` command. Thin: every subcommand parses options and calls a Python function.
+
+Each stage's commands live in their own module here and register onto ``app``; ``main`` turns any
+:class:`~lorascope.errors.LorascopeError` into one line on stderr and exit status 2 (``--debug`` shows the
+traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lorascope.errors import LorascopeError
+
+app = typer.Typer(
+    name="lorascope",
+    help="What did this LoRA adapter change inside the model? Train/load adapters, extract delta activations, "
+    "train adapter SAEs, compare dictionaries with controls, and report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    _STATE["debug"] = debug
+
+
+def _load_commands() -> None:
+    # Imported for their side effect of registering commands on `app`. A module that is not written yet is skipped.
+    import importlib
+
+    for mod in ("models", "activations", "saes", "geometry", "pipeline", "evals", "info"):
+        try:
+            importlib.import_module(f"lorascope.cli.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"lorascope.cli.{mod}":
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_commands()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LORASCOPE_DEBUG") == "1"
+    try:
+        app(args=argv, standalone_mode=False)
+    except LorascopeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
