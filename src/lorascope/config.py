@@ -1,0 +1,168 @@
+"""The experiment YAML, validated by pydantic. Unknown keys and bad values are rejected with the dotted path of
+the offending key (``adapter_sae.k: Input should be greater than 0``).
+
+Every field has a documented default; ``configs/quickstart.yaml`` is the embedded offline study and
+``configs/gemma2_9b_gemmascope.yaml`` the paper-scale one for a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lorascope.errors import LorascopeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCfg(_Strict):
+    spec: str = Field("embedded", description="'embedded' (SmolLM2-135M-Instruct), HF folder, .gguf, or hub id")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("cpu", description="cpu, cuda, cuda:N")
+    trust_remote_code: bool = False
+
+
+class DataCfg(_Strict):
+    finetune: str = Field("demo", description="'demo', an Alpaca JSON/JSONL path, or hf:NAME[:SPLIT]")
+    n_finetune: int = Field(512, gt=0)
+    activations: str = Field("demo", description="dataset whose prompts+responses are run for activations")
+    n_docs: int = Field(400, gt=0, description="documents (examples) to extract activations from")
+    held_out_fraction: float = Field(0.2, gt=0, lt=1, description="documents held out from SAE training")
+    max_length: int = Field(160, ge=8)
+
+
+class TrainAdaptersCfg(_Strict):
+    ranks: list[int] = Field(default_factory=lambda: [4, 8, 16, 32])
+    steps: int = Field(30, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, gt=0)
+    alpha: float | None = Field(None, gt=0, description="None: alpha = 2·r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    autocast_bf16: bool = Field(False, description="bf16 autocast for LoRA training (faster on CPU/GPU)")
+
+    @model_validator(mode="after")
+    def _ranks_positive(self) -> TrainAdaptersCfg:
+        bad = [r for r in self.ranks if r <= 0]
+        if bad:
+            raise ValueError(f"ranks must be positive integers, got {bad}")
+        return self
+
+
+class AdaptersCfg(_Strict):
+    train: TrainAdaptersCfg | None = Field(default_factory=TrainAdaptersCfg)
+    load: dict[str, str] = Field(default_factory=dict, description="existing adapters: {name: folder}")
+
+    @model_validator(mode="after")
+    def _some(self) -> AdaptersCfg:
+        if not self.load and (self.train is None or not self.train.ranks):
+            raise ValueError("no adapters: give train.ranks or load")
+        return self
+
+
+class ExtractionCfg(_Strict):
+    layers: list[int] = Field(default_factory=lambda: [7, 15, 25])
+    tokens: Literal["all", "prompt", "response"] = "all"
+    skip_first: int = Field(1, ge=0, description="positions dropped at the start of each document (sinks/BOS)")
+    max_norm_factor: float | None = Field(10.0, gt=0, description="drop tokens whose base norm > this × median")
+    batch_size: int = Field(16, gt=0)
+    store_dtype: Literal["float32", "bfloat16"] = "float32"
+    shard_docs: int = Field(64, gt=0, description="documents per shard")
+
+
+class SAECfg(_Strict):
+    architecture: str = "topk"
+    expansion: int = Field(8, gt=0, description="d_sae = expansion × d_model (for sasa: groups × rank)")
+    k: int = Field(32, gt=0, description="TopK/BatchTopK active latents (sasa: s·rank)")
+    l1_coefficient: float = Field(5.0, ge=0)
+    l0_coefficient: float = Field(1e-3, ge=0)
+    sasa_rank: int = Field(4, gt=0)
+    tokens: int = Field(200_000, gt=0, description="training token budget")
+    batch_size: int = Field(1024, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: 2e-4/sqrt(d_sae/2^14)")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
+                             description="two or more seeds give the seed-vs-seed alignment ceiling")
+
+
+class ReferenceCfg(SAECfg):
+    source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
+    path: str | None = Field(None, description="pretrained SAE folder/file per layer: use {layer} in the path")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @model_validator(mode="after")
+    def _path(self) -> ReferenceCfg:
+        if self.source == "path" and not self.path:
+            raise ValueError("reference_sae.source is 'path' but reference_sae.path is empty")
+        return self
+
+
+class GeometryCfg(_Strict):
+    taus: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9])
+    subspace_k: int = Field(16, gt=0)
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples for CIs (0: none)")
+    cka_max_tokens: int = Field(4000, ge=16)
+    eval_tokens: int = Field(20_000, gt=0, description="held-out tokens for reconstruction metrics")
+    splice: bool = Field(True, description="splice h_base + Δ̂ into the adapted forward; report KL recovered")
+    splice_docs: int = Field(24, gt=0)
+
+
+class ReportCfg(_Strict):
+    top_features: int = Field(8, ge=0)
+    contexts_per_feature: int = Field(5, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "lorascope-study"
+    output_dir: str = "runs/study"
+    seed: int = 0
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    adapters: AdaptersCfg = Field(default_factory=AdaptersCfg)
+    extraction: ExtractionCfg = Field(default_factory=ExtractionCfg)
+    adapter_sae: SAECfg = Field(default_factory=SAECfg)
+    reference_sae: ReferenceCfg = Field(default_factory=ReferenceCfg)
+    geometry: GeometryCfg = Field(default_factory=GeometryCfg)
+    report: ReportCfg = Field(default_factory=ReportCfg)
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'"
+    return f"{source}: {loc}: {err['msg']}"
+
+
+def parse_config(data: dict, source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise LorascopeError(_format_validation_error(exc, source),
+                             fix="see configs/quickstart.yaml for every key and its default") from exc
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
+    """Read and validate an experiment YAML file (``overrides`` are merged on top, dotted keys allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorascopeError(f"config file {path} does not exist", fix="check the path, e.g. configs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LorascopeError(f"{path} is not valid YAML{where}", fix="fix the syntax (indentation, colons)") from exc
+    if not isinstance(data, dict):
+        raise LorascopeError(f"{path} must be a YAML mapping of settings", fix="see configs/quickstart.yaml")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return parse_config(data, str(path))

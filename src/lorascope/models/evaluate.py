@@ -1,0 +1,54 @@
+"""Held-out loss of base vs adapters, and greedy generation (for summaries and smoke tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lorascope.data.chat import format_prompt, tokenize_example
+from lorascope.data.examples import Example
+from lorascope.models.lora import collate, response_nll
+
+BASE = "__base__"
+
+
+@torch.no_grad()
+def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: Sequence[str],
+                  batch_size: int = 8, max_length: int = 192) -> dict[str, float]:
+    """Mean response-token NLL (nats/token) of each variant: ``"__base__"`` or an adapter name.
+
+    Uses PEFT mixed-batch inference: every batch is run once with each row tagged by variant, so base and
+    adapters share one forward pass.
+    """
+    data = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    totals = {v: 0.0 for v in variants}
+    counts = {v: 0 for v in variants}
+    peft_model.eval()
+    for i in range(0, len(data), batch_size):
+        chunk = data[i: i + batch_size]
+        batch = collate(chunk * len(variants), tokenizer.pad_token_id)
+        names = [v for v in variants for _ in chunk]
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            adapter_names=names).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none").sum(1)
+        n = (labels != -100).sum(1)
+        for row, v in enumerate(names):
+            totals[v] += float(nll[row])
+            counts[v] += int(n[row])
+    return {v: totals[v] / max(counts[v], 1) for v in variants}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, user_message: str, max_new_tokens: int = 40, adapter: str | None = None) -> str:
+    """Greedy answer to one user message through the chat template (``adapter`` selects a PEFT adapter)."""
+    ids = tokenizer(format_prompt(tokenizer, user_message), add_special_tokens=False, return_tensors="pt")
+    kwargs = {"adapter_names": [adapter]} if adapter is not None else {}
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, **kwargs)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+__all__ = ["BASE", "generate", "held_out_loss", "response_nll"]

@@ -1,0 +1,243 @@
+"""LoRA adapters through PEFT (never hand-written): train one at a given rank, load existing adapter folders.
+
+Defaults follow the LoRA paper's scaling practice: alpha = 2·r (so the update scale alpha/r is the same, 2, at
+every rank and ranks are comparable), dropout 0, all linear layers of attention and MLP ("all-linear", PEFT
+resolves it per architecture and never includes the output head), AdamW, constant LR after a short warmup.
+Training is a plain deterministic torch loop on response tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorascope.data.chat import TokenizedExample, tokenize_example
+from lorascope.data.examples import Example
+from lorascope.errors import LorascopeError
+from lorascope.models.loading import LoadedModel
+
+
+@dataclass
+class LoraSettings:
+    rank: int
+    alpha: float | None = None  # None -> 2 * rank
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    steps: int = 60
+    lr: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 192
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    seed: int = 0
+    autocast_bf16: bool = False  # bf16 autocast for the forward/backward; LoRA weights stay float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise LorascopeError(f"LoRA rank must be a positive integer, got {self.rank!r}", fix="e.g. --rank 8")
+        if self.steps <= 0 or self.batch_size <= 0 or self.lr <= 0:
+            raise LorascopeError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, "
+                                 f"{self.lr})", fix="pass positive values")
+        if not 0 <= self.dropout < 1:
+            raise LorascopeError(f"LoRA dropout must be in [0, 1), got {self.dropout}", fix="e.g. 0.05")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+
+@dataclass
+class LoraTrainResult:
+    adapter_dir: Path | None
+    settings: LoraSettings
+    losses: list[float] = field(default_factory=list)  # per step, mean response-token NLL
+    tokens_seen: int = 0
+
+    @property
+    def loss_start(self) -> float:
+        return float(sum(self.losses[:5]) / max(len(self.losses[:5]), 1))
+
+    @property
+    def loss_end(self) -> float:
+        return float(sum(self.losses[-5:]) / max(len(self.losses[-5:]), 1))
+
+
+def collate(batch: Sequence[TokenizedExample], pad_id: int, response_only: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask, and labels (-100 outside response tokens and on padding)."""
+    n = max(len(t) for t in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(batch), n), dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    for i, t in enumerate(batch):
+        L = len(t)
+        ids[i, :L] = torch.tensor(t.input_ids)
+        att[i, :L] = 1
+        start = t.response_start if response_only else 0
+        labels[i, start:L] = ids[i, start:L]
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
+def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token NLL over label positions, and their count (labels already masked with -100)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                            shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return nll, int((shift_labels != -100).sum())
+
+
+def _lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
+                      target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSettings, output_dir: str | Path | None
+               = None, progress: bool = True, **overrides) -> LoraTrainResult:
+    """Train a LoRA adapter at ``rank`` on ``dataset`` (response tokens only) and save it in PEFT's format.
+
+    The base model is left exactly as it was (the LoRA layers are removed after saving). Deterministic on CPU for
+    a fixed ``seed``. Returns per-step losses; ``output_dir`` receives adapter_config.json +
+    adapter_model.safetensors (written to a temporary folder, then renamed).
+    """
+    from peft import get_peft_model
+
+    settings = rank if isinstance(rank, LoraSettings) else LoraSettings(rank=rank, **overrides)
+    if not dataset:
+        raise LorascopeError("the fine-tuning dataset is empty", fix="give at least one example")
+    tok = base.tokenizer
+    data = [tokenize_example(tok, ex, settings.max_length) for ex in dataset]
+    data = [t for t in data if t.response_start < len(t)]
+    if not data:
+        raise LorascopeError("no example has response tokens to train on", fix="check the 'output' fields")
+
+    torch.manual_seed(settings.seed)
+    rng = random.Random(settings.seed)
+    model = base.model
+    was_training = model.training
+    try:
+        peft_model = get_peft_model(model, _lora_config(settings))
+    except ValueError as exc:
+        raise LorascopeError(f"cannot attach LoRA to this model: {exc}",
+                             fix="set target_modules to names of linear layers in the model") from exc
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(settings.warmup_steps, 1)))
+    result = LoraTrainResult(None, settings)
+    order: list[int] = []
+    bar = _progress(settings.steps, f"LoRA r={settings.rank}", progress)
+    try:
+        for step in range(settings.steps):
+            if len(order) < settings.batch_size:
+                perm = list(range(len(data)))
+                rng.shuffle(perm)
+                order += perm
+            idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            batch = collate([data[i] for i in idx], tok.pad_token_id)
+            with torch.autocast(_device_type(peft_model), dtype=torch.bfloat16, enabled=settings.autocast_bf16):
+                nll, count = response_nll(peft_model, batch)
+            loss = nll / max(count, 1)
+            if not math.isfinite(loss.item()):
+                raise LorascopeError(f"LoRA training loss became {float(loss)} at step {step}",
+                                     fix="lower the learning rate or use float32")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            result.losses.append(loss.item())
+            result.tokens_seen += int(batch["attention_mask"].sum())
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.update(1)
+        peft_model.eval()
+        if output_dir is not None:
+            result.adapter_dir = save_adapter(peft_model, output_dir)
+    finally:
+        if bar is not None:
+            bar.close()
+        peft_model.unload()  # removes the LoRA layers without merging: base weights are untouched
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return result
+
+
+def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "default") -> Path:
+    """Save one adapter in PEFT's format atomically (temporary sibling folder, then rename)."""
+    import shutil
+    import tempfile
+
+    out = Path(output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        src = tmp / adapter_name if (tmp / adapter_name).is_dir() and adapter_name != "default" else tmp
+        if out.exists():
+            shutil.rmtree(out)
+        src.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_adapter_folder(name: str, path: Path) -> None:
+    if not path.is_dir():
+        raise LorascopeError(f"adapter {name!r}: folder {path} does not exist", fix="check the adapter path")
+    if not (path / "adapter_config.json").is_file():
+        raise LorascopeError(f"adapter {name!r}: {path} has no adapter_config.json",
+                             fix="point at a folder saved by PEFT (adapter_config.json + adapter_model.safetensors)")
+
+
+def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
+    """Load one or several PEFT adapter folders onto one base model; returns the PeftModel in eval mode.
+
+    Adapter names are the dict keys. An adapter trained for another base (shape mismatch) raises a clear error.
+    """
+    from peft import PeftModel
+
+    if not adapters:
+        raise LorascopeError("no adapters given", fix="pass at least one {name: folder}")
+    for name, path in adapters.items():
+        _check_adapter_folder(name, Path(path))
+    items = list(adapters.items())
+    peft_model = None
+    try:
+        for name, path in items:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(base.model, str(path), adapter_name=name, is_trainable=False)
+            else:
+                peft_model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        msg = str(exc)
+        if "size mismatch" in msg or "shape" in msg:
+            first = next((ln.strip() for ln in msg.splitlines() if "size mismatch" in ln), msg.splitlines()[0])
+            raise LorascopeError(f"adapter {name!r} at {path} was trained for a different base model ({first[:160]})",
+                                 fix="load it onto the base model it was trained for") from exc
+        if "Target modules" in msg or "not found in the base model" in msg:
+            raise LorascopeError(f"adapter {name!r} at {path} targets modules this base model does not have",
+                                 fix="load it onto the base model it was trained for") from exc
+        raise
+    peft_model.eval()
+    return peft_model
+
+
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)

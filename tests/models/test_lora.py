@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+from lorascope.data import make_demo_dataset
+from lorascope.errors import LorascopeError
+from lorascope.models import LoraSettings, held_out_loss, load_adapters, load_base, train_lora
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_lora_training_reduces_loss_and_leaves_base_untouched(tiny_model_dirs, arch, tmp_path):
+    base = load_base(tiny_model_dirs[arch])
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    data = make_demo_dataset(16, seed=0)
+    res = train_lora(base, data, 4, output_dir=tmp_path / "a", steps=25, lr=1e-2, batch_size=4, progress=False)
+    assert res.loss_end < res.loss_start - 0.15, res.losses
+    after = base.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_training_is_deterministic(tiny_llama_dir):
+    base = load_base(tiny_llama_dir)
+    data = make_demo_dataset(16, seed=0)
+    a = train_lora(base, data, 2, steps=5, progress=False, seed=3).losses
+    b = train_lora(base, data, 2, steps=5, progress=False, seed=3).losses
+    c = train_lora(base, data, 2, steps=5, progress=False, seed=4).losses
+    assert a == b and a != c
+
+
+def test_saved_adapter_reloads_to_identical_logits(tiny_llama_dir, tmp_path):
+    from peft import get_peft_model
+
+    from lorascope.models.lora import _lora_config, save_adapter
+
+    base = load_base(tiny_llama_dir)
+    torch.manual_seed(0)
+    cfg = _lora_config(LoraSettings(rank=4))
+    cfg.init_lora_weights = False  # non-zero B: the adapter actually changes the output
+    pm = get_peft_model(base.model, cfg)
+    pm.eval()
+    ids = torch.tensor([[2, 30, 40, 50, 60, 3]])
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits.clone()
+    save_adapter(pm, tmp_path / "ad")
+    pm.unload()
+    with torch.no_grad():
+        base_logits = base.model(input_ids=ids).logits
+    reloaded = load_adapters(base, {"x": tmp_path / "ad"})
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base_logits)
+
+
+def test_two_adapters_load_together(tiny_llama_dir, tiny_adapters):
+    base = load_base(tiny_llama_dir)
+    pm = load_adapters(base, tiny_adapters)
+    assert set(pm.peft_config) == set(tiny_adapters)
+    losses = held_out_loss(pm, base.tokenizer, make_demo_dataset(8, seed=11), ["__base__", *tiny_adapters])
+    assert len(set(losses.values())) == 3  # base and both adapters differ
+
+
+def test_bad_adapter_inputs(tiny_model_dirs, tiny_adapters, tmp_path):
+    llama = load_base(tiny_model_dirs["llama"])
+    with pytest.raises(LorascopeError, match="does not exist"):
+        load_adapters(llama, {"a": tmp_path / "nope"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LorascopeError, match="no adapter_config.json"):
+        load_adapters(llama, {"a": tmp_path / "empty"})
+    from lorascope.models.testing import build_tiny_model
+
+    wide = load_base(build_tiny_model("llama", tmp_path / "wide", hidden=48))
+    with pytest.raises(LorascopeError, match="different base model"):
+        load_adapters(wide, {"r2": tiny_adapters["rank_2"]})
+    with pytest.raises(LorascopeError, match="rank must be a positive integer"):
+        train_lora(llama, make_demo_dataset(4), 0)
+    with pytest.raises(LorascopeError, match="empty"):
+        train_lora(llama, [], 2)
