@@ -1,0 +1,120 @@
+"""Dictionary comparison as tidy rows: MMCS both ways with nulls and intervals, overlap@tau, matched
+cosine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lorascope.geometry._array import as_tensor, same_dim
+from lorascope.geometry.bootstrap import bootstrap_ci
+from lorascope.geometry.cosine import best_match_both
+from lorascope.geometry.matching import MAX_DENSE_ATOMS, hungarian_match, matched_cosine_mean
+from lorascope.geometry.nulls import mmcs_null_isotropic, overlap_null_isotropic
+from lorascope.results import ResultRow
+
+FAMILY = "decoder_similarity"
+
+
+def compare_dictionaries(
+    A,
+    B,
+    name_a: str,
+    name_b: str,
+    seed: int = 0,
+    taus: tuple[float, ...] = (0.5, 0.7, 0.9),
+    absolute: bool = False,
+    alive_a=None,
+    alive_b=None,
+    n_boot: int = 1000,
+    match: bool | None = None,
+    **where: Any,
+) -> list[ResultRow]:
+    """Rows for A [F_A, d] vs B [F_B, d] (decoder rows as atoms).
+
+    - ``mmcs_{a}_to_{b}`` and ``mmcs_{b}_to_{a}``: mean best cosine, percentile bootstrap CI over atoms
+      (seeded), null = exact expected MMCS against random isotropic atoms of the target's size
+      ("random_isotropic").
+    - ``overlap{tau}_{a}_to_{b}`` (and reverse): fraction of atoms with best cosine >= tau; null = exact
+      P(best >= tau) for random isotropic atoms.
+    - ``matched_cosine_{a}_{b}``: mean cosine over the Hungarian matching of alive atoms (only when both
+      sides have <= MAX_DENSE_ATOMS alive atoms unless ``match=True``, which then uses the top-32-candidate
+      sparse matching).
+    ``note`` records signed/absolute cosines. ``where``: layer=, adapter=, rank=.
+    """
+    A = as_tensor(A, "A", ndim=2)
+    B = as_tensor(B, "B", ndim=2)
+    same_dim(A, B, "A", "B")
+    d = A.shape[1]
+    ab, ba = best_match_both(A, B, absolute, alive_a, alive_b, with_index=False)
+    kind = "absolute" if absolute else "signed"
+    dtype = str(A.dtype).replace("torch.", "")
+    rows: list[ResultRow] = []
+    for src, dst, best in ((name_a, name_b, ab), (name_b, name_a, ba)):
+        cos = best.cosine.double().cpu()
+        f_src, f_dst = cos.numel(), (ba if best is ab else ab).cosine.numel()
+        common = dict(family=FAMILY, n=f_src, d=d, dtype=dtype, note=f"{kind} cosines", **where)
+        ci = bootstrap_ci(cos, n_boot=n_boot, seed=seed) if n_boot > 0 and f_src > 1 else None
+        rows.append(
+            ResultRow(
+                metric=f"mmcs_{src}_to_{dst}",
+                value=float(cos.mean()),
+                ci_low=ci.low if ci else float("nan"),
+                ci_high=ci.high if ci else float("nan"),
+                null_value=mmcs_null_isotropic(f_dst, d, exact=True, absolute=absolute),
+                null_name="random_isotropic",
+                **common,
+            )
+        )
+        for tau in taus:
+            rows.append(
+                ResultRow(
+                    metric=f"overlap{tau:g}_{src}_to_{dst}",
+                    value=float((cos >= tau).double().mean()),
+                    null_value=overlap_null_isotropic(tau, f_dst, d, absolute),
+                    null_name="random_isotropic",
+                    **common,
+                )
+            )
+    n_a, n_b = ab.cosine.numel(), ba.cosine.numel()
+    dense_ok = max(n_a, n_b) <= MAX_DENSE_ATOMS
+    if match or (match is None and dense_ok):
+        pairs = hungarian_match(A, B, alive_a, alive_b, absolute, candidates=None if dense_ok else 32)
+        rows.append(
+            ResultRow(
+                metric=f"matched_cosine_{name_a}_{name_b}",
+                family=FAMILY,
+                value=matched_cosine_mean(pairs, absolute),
+                n=len(pairs),
+                d=d,
+                dtype=dtype,
+                note=f"{kind} cosines, Hungarian on 1 - cos, alive atoms",
+                **where,
+            )
+        )
+    return rows
+
+
+def seed_vs_seed(A_seed0, A_seed1, name: str, absolute: bool = False, **where: Any) -> list[ResultRow]:
+    """MMCS between two training seeds of the same SAE (mean of both directions), labelled as the seed-vs-seed
+    control: metric ``mmcs_seed_vs_seed_{name}``, null_name "seed_vs_seed". Read cross-SAE MMCS against it."""
+    ab, ba = best_match_both(A_seed0, A_seed1, absolute, with_index=False)
+    d = as_tensor(A_seed0, "A_seed0", ndim=2).shape[1]
+    vals = torch.cat([ab.cosine, ba.cosine]).double()
+    return [
+        ResultRow(
+            family=FAMILY,
+            metric=f"mmcs_seed_vs_seed_{name}",
+            value=float(vals.mean()),
+            null_name="seed_vs_seed",
+            n=vals.numel(),
+            d=d,
+            note=f"{'absolute' if absolute else 'signed'} cosines, mean of both directions",
+            extra={"a_to_b": float(ab.cosine.double().mean()), "b_to_a": float(ba.cosine.double().mean())},
+            **where,
+        )
+    ]
+
+
+__all__ = ["compare_dictionaries", "seed_vs_seed"]
