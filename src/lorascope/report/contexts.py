@@ -1,0 +1,112 @@
+"""Top-activating contexts: pick each feature's strongest tokens and cut a text window around them.
+
+Pure functions: the pipeline supplies activations and token bookkeeping; nothing here touches a model.
+Output follows the contexts.json schema (RESULTS_SCHEMA.md): one dict per feature with a list of contexts
+``{doc_id, text_before, token, text_after, activation}``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from lorascope.errors import LorascopeError
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions: Any,
+                            docs: Sequence[Sequence[int]], decode: Callable[[list[int]], str],
+                            features: int | Iterable[int], n_per_feature: int, window: int = 12,
+                            layer: int = -1, adapter: str = "",
+                            column_of: Callable[[int], int] | None = None) -> list[dict[str, Any]]:
+    """Top ``n_per_feature`` activating tokens of each feature, with ``window`` tokens of text on each side.
+
+    acts: [N] (one feature; ``features`` names it) or [N, F] (``features`` are column indices, or pass
+    ``column_of`` to map a feature id to its column). token_ids, doc_index, positions: [N], the token id, its
+    document index into ``docs`` and its position in that document. docs: token-id lists; decode: token ids -> str.
+    Only strictly positive activations count; ties break by the lower token index. Density = fraction of the N
+    tokens with activation > 0; max_act = max activation (0 if the feature never fires).
+    Raises LorascopeError if token bookkeeping disagrees with ``docs``.
+    """
+    a = _as_numpy(acts).astype(np.float64, copy=False)
+    tok = _as_numpy(token_ids).astype(np.int64).reshape(-1)
+    doc = _as_numpy(doc_index).astype(np.int64).reshape(-1)
+    pos = _as_numpy(positions).astype(np.int64).reshape(-1)
+    feats = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
+    if a.ndim == 1:
+        if len(feats) != 1:
+            raise LorascopeError(f"1-D activations belong to one feature, got {len(feats)} feature ids",
+                                 fix="pass acts of shape [N, F] or a single feature id")
+        a = a[:, None]
+        cols = [0]
+    elif a.ndim == 2:
+        cols = [column_of(f) if column_of else f for f in feats]
+        bad = [c for c in cols if not 0 <= c < a.shape[1]]
+        if bad:
+            raise LorascopeError(f"feature columns {bad} are outside acts' {a.shape[1]} columns",
+                                 fix="pass column indices into acts, or column_of to map ids to columns")
+    else:
+        raise LorascopeError(f"acts must be [N] or [N, F], got shape {a.shape}", fix="reshape the activations")
+    n = a.shape[0]
+    if not (len(tok) == len(doc) == len(pos) == n):
+        raise LorascopeError(f"lengths differ: acts {n}, token_ids {len(tok)}, doc_index {len(doc)}, "
+                             f"positions {len(pos)}", fix="pass one entry per activation row")
+    if n_per_feature < 1 or window < 0:
+        raise LorascopeError("n_per_feature must be >= 1 and window >= 0", fix="choose valid sizes")
+    out: list[dict[str, Any]] = []
+    for f, c in zip(feats, cols, strict=True):
+        col = a[:, c]
+        firing = col > 0
+        order = np.argsort(-col, kind="stable")
+        top = [int(i) for i in order[:n_per_feature] if firing[i]]
+        out.append({"layer": int(layer), "adapter": str(adapter), "feature": f,
+                    "density": float(firing.mean()) if n else 0.0,
+                    "max_act": float(col.max()) if n and firing.any() else 0.0,
+                    "contexts": [_window(i, tok, doc, pos, docs, decode, window, float(col[i])) for i in top]})
+    return out
+
+
+def _window(i: int, tok: np.ndarray, doc: np.ndarray, pos: np.ndarray, docs: Sequence[Sequence[int]],
+            decode: Callable[[list[int]], str], window: int, act: float) -> dict[str, Any]:
+    d, p = int(doc[i]), int(pos[i])
+    if not 0 <= d < len(docs) or not 0 <= p < len(docs[d]):
+        raise LorascopeError(f"token {i} points at document {d} position {p}, outside the documents",
+                             fix="pass the docs the activations were extracted from")
+    ids = [int(t) for t in docs[d]]
+    if ids[p] != int(tok[i]):
+        raise LorascopeError(f"token {i}: docs[{d}][{p}] is {ids[p]} but token_ids says {int(tok[i])}",
+                             fix="keep token_ids, doc_index and positions aligned with docs")
+    return {"doc_id": d, "text_before": decode(ids[max(0, p - window):p]), "token": decode([ids[p]]),
+            "text_after": decode(ids[p + 1:p + 1 + window]), "activation": act}
+
+
+def _visible(text: str) -> str:
+    """HTML-escaped text with newlines/tabs shown as symbols so each context stays on one line."""
+    return html.escape(text, quote=True).replace("\r", "").replace("\n", "↵").replace("\t", "→")
+
+
+def context_html(ctx: dict[str, Any]) -> str:
+    """One context as an HTML snippet; the activating token is in a <mark>. Every string is escaped."""
+    act = float(ctx.get("activation", float("nan")))
+    return (f'<div class="ctx"><span class="act">{act:.3g}</span> '
+            f'<span class="txt">{_visible(str(ctx.get("text_before", "")))}'
+            f'<mark title="activation {act:.4g}">{_visible(str(ctx.get("token", "")))}</mark>'
+            f'{_visible(str(ctx.get("text_after", "")))}</span></div>')
+
+
+def feature_html(entry: dict[str, Any]) -> str:
+    """One feature's block: heading (layer, adapter, feature, density, max activation) and its contexts."""
+    head = (f'L{int(entry.get("layer", -1))} · {html.escape(str(entry.get("adapter", "")))} · '
+            f'feature {int(entry.get("feature", -1))}')
+    stats = (f'density {100 * float(entry.get("density", float("nan"))):.3g}% · '
+             f'max {float(entry.get("max_act", float("nan"))):.3g}')
+    body = "".join(context_html(c) for c in entry.get("contexts", [])) or '<p class="muted">no firing tokens</p>'
+    return f'<div class="feature"><h4>{head} <span class="muted">{stats}</span></h4>{body}</div>'

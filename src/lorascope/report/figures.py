@@ -1,0 +1,342 @@
+"""The report's figures, each written as PNG + SVG.
+
+Every figure function has the signature ``fig(df, out_dir, arrays=None) -> list[Path]``: ``df`` is the tidy
+results table, ``arrays`` the per-(layer, adapter) npz contents (see RESULTS_SCHEMA.md). A figure whose data is
+absent returns ``[]`` and writes nothing. :data:`FIGURES` lists them in report order with a caption that says how
+to read each one and what its null is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorascope.report import _plot as P
+from lorascope.report._table import Tab
+from lorascope.report.run import load_run, normalize_frame
+
+Arrays = dict[tuple[int, str], dict[str, np.ndarray]]
+
+FVU_SERIES = [("fvu_adapter_sae", "adapter SAE"), ("fvu_ref_on_delta", "reference SAE on Δ"),
+              ("fvu_ref_diff", "ref: SAE(h_ft) − SAE(h_base)"), ("fvu_ref_lstsq_active", "ref: lstsq on active atoms"),
+              ("fvu_noise", "null: isotropic noise")]
+KL_SERIES = [("kl_recovered_adapter_sae", "adapter SAE Δ̂"), ("kl_recovered_ref_diff", "ref: SAE(h_ft) − SAE(h_base)")]
+
+
+def _tab(df) -> Tab:
+    return Tab(normalize_frame(df))
+
+
+def delta_norms(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Layer × adapter heatmaps of mean ‖Δ‖ and mean ‖Δ‖/‖h_base‖."""
+    tab = _tab(df)
+    if not tab.has("delta_norm_mean", "rel_delta_norm_mean"):
+        return []
+    fig = P.new_figure(10, 0.6 * len(tab.layers()) + 2.2)
+    a1, a2 = fig.subplots(1, 2)
+    P.layer_adapter_heat(a1, tab, "delta_norm_mean", "mean ‖Δ‖ per token")
+    P.layer_adapter_heat(a2, tab, "rel_delta_norm_mean", "mean ‖Δ‖ / ‖h_base‖")
+    return P.save(fig, out_dir, "delta_norms")
+
+
+def reconstruction_fvu(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """FVU on held-out Δ: adapter SAE, reference SAE and the controls, grouped per layer × adapter, with CIs."""
+    tab = _tab(df)
+    if not tab.has("fvu_adapter_sae", "fvu_ref_on_delta"):
+        return []
+    n = len(tab.cells(*[m for m, _ in FVU_SERIES]))
+    fig = P.new_figure(max(7.0, 1.4 * n + 2), 4.2)
+    P.grouped_bars(fig.subplots(), tab, FVU_SERIES, "Reconstruction of held-out Δ (lower is better)",
+                   "FVU (fraction of variance unexplained)")
+    return P.save(fig, out_dir, "reconstruction_fvu")
+
+
+def reconstruction_improvement(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Improvement % of the adapter SAE's FVU over the reference SAE's, against LoRA rank, one line per layer."""
+    tab = _tab(df)
+    if not tab.has("recon_improvement_pct"):
+        return []
+    fig = P.new_figure(5.5, 3.6)
+    ax = fig.subplots()
+    P.vs_rank(ax, tab, "recon_improvement_pct", "FVU improvement of adapter SAE over reference", "improvement (%)")
+    ax.axhline(0, color=P.NULL_COLOR, lw=1)
+    return P.save(fig, out_dir, "reconstruction_improvement")
+
+
+def feature_density(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """L0 and alive latents of the adapter SAE against rank, one line per layer (reference SAE's L0 dashed)."""
+    tab = _tab(df)
+    if not tab.has("l0_adapter_sae", "alive_latents_adapter_sae"):
+        return []
+    fig = P.new_figure(10, 3.6)
+    a1, a2 = fig.subplots(1, 2)
+    P.vs_rank(a1, tab, "l0_adapter_sae", "L0 on held-out Δ", "active latents per token", ref="l0_ref_on_delta")
+    P.vs_rank(a2, tab, "alive_latents_adapter_sae", "Alive latents", "latents firing at least once")
+    return P.save(fig, out_dir, "feature_density")
+
+
+def density_histograms(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Histograms of log10 feature density per layer (adapter SAE solid, reference SAE on Δ dotted)."""
+    tab = _tab(df)
+    arrays = arrays or {}
+    keys = sorted((k for k, v in arrays.items() if "density_adapter" in v), key=lambda k: (k[0], tab.rank(k[1])))
+    if not keys:
+        return []
+    layers = sorted({k[0] for k in keys})
+    fig = P.new_figure(4.2 * len(layers), 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    bins = np.linspace(-6, 0, 49)
+    for ax, layer in zip(axes, layers, strict=True):
+        for i, (lay, a) in enumerate(k for k in keys if k[0] == layer):
+            dens = np.asarray(arrays[(lay, a)]["density_adapter"], dtype=np.float64)
+            alive = dens[dens > 0]
+            ax.hist(np.log10(alive), bins=bins, histtype="step", lw=1.4, color=P.color(i),
+                    label=f"{tab.label(a)} ({(dens <= 0).sum()} dead)")
+            ref = arrays[(lay, a)].get("density_ref_on_delta")
+            if ref is not None and (ref > 0).any():
+                ax.hist(np.log10(ref[ref > 0]), bins=bins, histtype="step", ls=":", color=P.color(i),
+                        label=f"{tab.label(a)} ref SAE on Δ")
+        ax.set_title(f"Layer {layer}: feature density")
+        ax.set_xlabel("log10(fraction of tokens a latent fires on)")
+        ax.set_ylabel("latents")
+        ax.legend()
+    return P.save(fig, out_dir, "density_histograms")
+
+
+def feature_overlap(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Overlap@τ curves (fraction of adapter atoms with best reference match ≥ τ) and MMCS with null and ceiling."""
+    tab = _tab(df)
+    over = sorted(tab.metrics("overlap_adapter_to_ref@"), key=lambda m: float(m.split("@")[1]))
+    if not over and not tab.has("mmcs_adapter_to_ref"):
+        return []
+    fig = P.new_figure(11, 3.9)
+    a1, a2 = fig.subplots(1, 2)
+    if over:
+        taus = [float(m.split("@")[1]) for m in over]
+        adapters = tab.adapters()
+        for layer, a in tab.cells(*over):
+            stats = [tab.get(m, layer, a) for m in over]
+            ls = ["-", "--", ":", "-."][tab.layers(*over).index(layer) % 4]
+            a1.errorbar(taus, [s.value if s else np.nan for s in stats], yerr=P.yerr(stats), marker="o", ms=3,
+                        capsize=2, ls=ls, color=P.color(adapters.index(a)), label=f"L{layer} {tab.label(a)}")
+        a1.set_xlabel("cosine threshold τ")
+        a1.set_ylabel("fraction of adapter atoms with best match ≥ τ")
+        a1.set_ylim(0, 1.02)
+        a1.set_title("Feature overlap with the reference dictionary")
+        a1.legend()
+    else:
+        P.empty(a1, "Feature overlap with the reference dictionary")
+    P.mmcs_panel(a2, tab)
+    return P.save(fig, out_dir, "feature_overlap")
+
+
+def best_match_cosines(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Per layer × adapter: histograms of each adapter atom's best cosine to the reference, the null and seed."""
+    tab = _tab(df)
+    arrays = arrays or {}
+    keys = [k for k in arrays if "best_cos_adapter_to_ref" in arrays[k]]
+    if not keys:
+        return []
+    layers = sorted({k[0] for k in keys})
+    adapters = [a for a in tab.adapters() if any(k[1] == a for k in keys)]
+    adapters += sorted({k[1] for k in keys} - set(adapters))
+    fig = P.new_figure(3.4 * len(adapters) + 0.5, 2.6 * len(layers) + 0.5)
+    axes = np.array(fig.subplots(len(layers), len(adapters), squeeze=False, sharex=True))
+    bins = np.linspace(-0.05, 1.0, 43)
+    series = [("best_cos_adapter_to_ref", "adapter → reference", P.color(0)),
+              ("best_cos_null", "null: random dictionary", P.NULL_COLOR), ("best_cos_seed", "ceiling: other seed",
+                                                                           P.color(3))]
+    for i, layer in enumerate(layers):
+        for j, a in enumerate(adapters):
+            ax, arr = axes[i, j], arrays.get((layer, a))
+            if arr is None:
+                P.empty(ax, f"L{layer} {tab.label(a)}")
+                continue
+            for key, lab, col in series:
+                if key in arr:
+                    ax.hist(np.asarray(arr[key], dtype=np.float64), bins=bins, histtype="stepfilled",
+                            alpha=0.45, color=col, label=lab, density=True)
+            ax.set_title(f"L{layer} {tab.label(a)}")
+            if i == len(layers) - 1:
+                ax.set_xlabel("best-match cosine")
+            if i == 0 and j == 0:
+                ax.legend(loc="upper left")
+    return P.save(fig, out_dir, "best_match_cosines")
+
+
+def _kd_null(tab: Tab, name: str, layer: int, adapter: str, k: int) -> float:
+    s = tab.get(f"mean_cos2_{name}", layer, adapter)
+    if s is not None and np.isfinite(s.null):
+        return s.null
+    d = next((st.d for m in tab.metrics("mean_cos2_") if (st := tab.get(m, layer, adapter)) and st.d > 0), 0)
+    return k / d if d else float("nan")
+
+
+def principal_angles(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """cos² of principal angles (largest first) between rank-k subspaces, with the random k/d null line."""
+    tab = _tab(df)
+    arrays = arrays or {}
+    items = sorted(((layer, a, key[len("principal_angles_"):]) for (layer, a), arr in arrays.items()
+                    for key in arr if key.startswith("principal_angles_")),
+                   key=lambda t: (t[0], tab.rank(t[1]), t[2]))
+    if not items:
+        return []
+    layers = sorted({t[0] for t in items})
+    names = sorted({t[2] for t in items})
+    fig = P.new_figure(4.2 * len(layers), 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    adapters = tab.adapters()
+    for ax, layer in zip(axes, layers, strict=True):
+        nulls = set()
+        for layer2, a, name in (t for t in items if t[0] == layer):
+            ang = np.sort(np.asarray(arrays[(layer2, a)][f"principal_angles_{name}"], dtype=np.float64))
+            c2 = np.cos(ang) ** 2
+            ci = adapters.index(a) if a in adapters else 0
+            ax.plot(np.arange(1, len(c2) + 1), c2, marker="o", ms=3, color=P.color(ci),
+                    ls=["-", "--", ":", "-."][names.index(name) % 4], label=f"{tab.label(a)} {name}")
+            null = _kd_null(tab, name, layer, a, len(c2))
+            if np.isfinite(null) and round(null, 6) not in nulls:
+                nulls.add(round(null, 6))
+                ax.axhline(null, color=P.NULL_COLOR, ls="--", lw=1, label=f"random null k/d = {null:.3g}")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("principal angle index (smallest angle first)")
+        ax.set_ylabel("cos² θᵢ")
+        ax.set_title(f"Layer {layer}: principal angles")
+        ax.legend()
+    return P.save(fig, out_dir, "principal_angles")
+
+
+def cka(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Per layer: adapter × adapter linear CKA of Δ on the same held-out tokens (diagonal = 1)."""
+    tab = _tab(df)
+    pref = "cka_delta_vs_"
+    ms = tab.metrics(pref)
+    if not ms:
+        return []
+    layers = tab.layers(*ms)
+    fig = P.new_figure(4.3 * len(layers), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    for ax, layer in zip(axes, layers, strict=True):
+        names = {a for _, a in tab.cells(*ms) if _ == layer} | {m[len(pref):] for m in ms
+                                                              if any(tab.get(m, layer, a) for a in tab.adapters())}
+        order = [a for a in tab.adapters() if a in names] + sorted(names - set(tab.adapters()))
+        mat = np.full((len(order), len(order)), np.nan)
+        for i, a in enumerate(order):
+            mat[i, i] = 1.0
+            for j, b in enumerate(order):
+                if i != j:
+                    v = tab.value(pref + b, layer, a)
+                    mat[i, j] = v if np.isfinite(v) else tab.value(pref + a, layer, b)
+        labels = [tab.label(a) for a in order]
+        P.heatmap(ax, mat, labels, labels, f"Layer {layer}: CKA of Δ", fmt="{:.2f}", vmin=0, vmax=1)
+    return P.save(fig, out_dir, "cka")
+
+
+def splice_kl(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """Fraction of KL(adapted ‖ base) recovered when Δ is replaced by a reconstruction, per layer × adapter."""
+    tab = _tab(df)
+    if not tab.has(*[m for m, _ in KL_SERIES]):
+        return []
+    n = len(tab.cells(*[m for m, _ in KL_SERIES]))
+    fig = P.new_figure(max(6.0, 1.2 * n + 2), 3.8)
+    ax = fig.subplots()
+    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered (1 = adapter behaviour fully kept)", "fraction of KL",
+                   log_if_wide=False)
+    ax.axhline(1.0, color=P.NULL_COLOR, ls="--", lw=1)
+    ax.axhline(0.0, color=P.NULL_COLOR, lw=1)
+    return P.save(fig, out_dir, "splice_kl")
+
+
+def summary(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
+    """One page, 2 × 3 panels: relative Δ norm, FVU, improvement vs rank, L0 vs rank, MMCS, KL recovered."""
+    tab = _tab(df)
+    fig = P.new_figure(15, 8.5)
+    ax = fig.subplots(2, 3)
+    drew = [P.layer_adapter_heat(ax[0, 0], tab, "rel_delta_norm_mean", "‖Δ‖ / ‖h_base‖"),
+            P.grouped_bars(ax[0, 1], tab, [FVU_SERIES[0], FVU_SERIES[1], FVU_SERIES[4]], "FVU on held-out Δ",
+                           "FVU"),
+            P.vs_rank(ax[0, 2], tab, "recon_improvement_pct", "FVU improvement over reference", "%"),
+            P.vs_rank(ax[1, 0], tab, "l0_adapter_sae", "Adapter SAE L0", "active latents / token"),
+            P.mmcs_panel(ax[1, 1], tab),
+            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered", "fraction", log_if_wide=False)]
+    if not any(drew):
+        return []
+    fig.suptitle("lorascope summary", fontsize=12)
+    return P.save(fig, out_dir, "summary")
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    name: str
+    title: str
+    caption: str
+    make: Callable[..., list[Path]]
+
+
+FIGURES: list[FigureSpec] = [
+    FigureSpec("summary", "Summary", "The key panels on one page; each is explained in its own figure below.", summary),
+    FigureSpec("delta_norms", "How large is the adapter's change?",
+               "Mean per-token norm of Δ = h_adapted − h_base (left) and relative to the base residual norm (right), "
+               "per layer (rows) and adapter (columns). There is no null: Δ is exactly 0 without an adapter.",
+               delta_norms),
+    FigureSpec("reconstruction_fvu", "Reconstruction of held-out Δ",
+               "FVU = Σ‖Δ − Δ̂‖² / Σ‖Δ − mean Δ‖² (lower is better; 1 = no better than predicting the mean). Bars: the "
+               "adapter SAE, the reference SAE applied to Δ, and controls (reference SAE on h_ft minus on h_base; "
+               "least squares on the reference atoms active on h_ft). Hatched grey: the null — isotropic noise at "
+               "matched norm. Error bars: bootstrap 95% CIs over held-out tokens.", reconstruction_fvu),
+    FigureSpec("reconstruction_improvement", "Improvement over the reference SAE",
+               "100·(FVU_ref − FVU_adapter)/FVU_ref against LoRA rank, one line per layer. 0 (grey) = no gain.",
+               reconstruction_improvement),
+    FigureSpec("feature_density", "Sparsity of the adapter SAE",
+               "Left: L0 (mean active latents per held-out token) against rank; dashed = the reference SAE on the "
+               "same Δ. Right: latents that fire at least once. Read the trend along each line.", feature_density),
+    FigureSpec("density_histograms", "Feature density distributions",
+               "Histogram of log10 firing frequency of each adapter-SAE latent (solid) and reference-SAE latent on Δ "
+               "(dotted). Dead latents (never fire) are counted in the legend, not drawn.", density_histograms),
+    FigureSpec("feature_overlap", "Does the adapter SAE find reference features?",
+               "Left: fraction of adapter atoms whose best cosine to any reference atom is ≥ τ. Right: MMCS (mean over "
+               "adapter atoms of the best cosine); × = a random isotropic dictionary of the reference's size (the "
+               "null), ▲ = a second adapter SAE trained with another seed (the ceiling).", feature_overlap),
+    FigureSpec("best_match_cosines", "Best-match cosine distributions",
+               "Per adapter atom, its best cosine to the reference dictionary (blue) against the same statistic for a "
+               "random dictionary (grey, the null) and for the other-seed adapter SAE (the ceiling). Mass to the "
+               "right of the grey = alignment beyond chance.", best_match_cosines),
+    FigureSpec("principal_angles", "Subspace alignment",
+               "cos² of the principal angles between rank-k subspaces (e.g. top PCA directions of Δ vs the reference "
+               "SAE's top-k atoms). 1 = shared direction. Dashed grey: k/d, the expected mean cos² for random "
+               "subspaces.", principal_angles),
+    FigureSpec("cka", "Do different adapters change the same directions?",
+               "Linear CKA between the Δ of two adapters on the same held-out tokens (1 = same geometry up to rotation "
+               "and scale). Diagonal is 1 by definition.", cka),
+    FigureSpec("splice_kl", "Does the reconstruction keep the adapter's behaviour?",
+               "h_base + Δ̂ is spliced into the adapted forward pass; bars show "
+               "1 − KL(adapted‖spliced)/KL(adapted‖base). 1 = behaviour fully kept, 0 = as if the adapter were "
+               "removed (the null).", splice_kl),
+]
+
+
+def render_figures(df, out_dir: str | Path, arrays: Arrays | None = None) -> dict[str, list[Path]]:
+    """Run every figure in :data:`FIGURES`; returns name -> written paths (figures without data are omitted)."""
+    out: dict[str, list[Path]] = {}
+    df = normalize_frame(df)
+    for spec in FIGURES:
+        paths = spec.make(df, out_dir, arrays)
+        if paths:
+            out[spec.name] = paths
+    return out
+
+
+def make_all_figures(run_dir: str | Path) -> list[Path]:
+    """Write every figure of a run folder into ``run_dir/figures``; returns the PNG and SVG paths."""
+    run = load_run(run_dir)
+    made = render_figures(run.df, Path(run_dir) / "figures", run.arrays)
+    return [p for paths in made.values() for p in paths]
+
+
+__all__: list[Any] = ["FIGURES", "FigureSpec", "make_all_figures", "render_figures", "delta_norms",
+                      "reconstruction_fvu", "reconstruction_improvement", "feature_density", "density_histograms",
+                      "feature_overlap", "best_match_cosines", "principal_angles", "cka", "splice_kl", "summary"]

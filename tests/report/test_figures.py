@@ -1,0 +1,96 @@
+"""Figures: every figure is written as PNG + SVG from a fake run, deterministically, and skipped without data."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lorascope.errors import LorascopeError
+from lorascope.report import FIGURES, load_run, make_all_figures, render_figures, write_fake_run
+from lorascope.report import figures as F
+from lorascope.results import COLUMNS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_all_figures_writes_every_figure(reported_run):
+    run, paths, _ = reported_run
+    names = {s.name for s in FIGURES}
+    assert {p.stem for p in paths} == names  # the fake run has data for every figure
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
+    for p in paths:
+        assert p.parent == run / "figures" and p.is_file()
+        if p.suffix == ".png":
+            data = p.read_bytes()
+            assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        else:
+            root = ET.parse(p).getroot()
+            assert root.tag.endswith("svg")
+            assert len(list(root.iter())) > 50  # real drawing, not an empty canvas
+    assert not list((run / "figures").glob(".tmp-*"))
+
+
+def test_fake_run_is_deterministic(tmp_path):
+    a, b = write_fake_run(tmp_path / "a", seed=3), write_fake_run(tmp_path / "b", seed=3)
+    for rel in ("results/results.csv", "results/contexts.json", "results/meta.json"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes()
+    ra, rb = load_run(a), load_run(b)
+    pd.testing.assert_frame_equal(ra.df, rb.df)
+    assert ra.arrays.keys() == rb.arrays.keys() and len(ra.arrays) == 4
+    for k in ra.arrays:
+        for name, arr in ra.arrays[k].items():
+            np.testing.assert_array_equal(arr, rb.arrays[k][name])
+    c = write_fake_run(tmp_path / "c", seed=4)
+    assert (a / "results/results.csv").read_bytes() != (c / "results/results.csv").read_bytes()
+
+
+def test_figure_bytes_are_deterministic(reported_run, tmp_path):
+    run, _, _ = reported_run
+    df = load_run(run).df
+    p1 = F.cka(df, tmp_path / "one")
+    p2 = F.cka(df, tmp_path / "two")
+    assert [p.name for p in p1] == ["cka.png", "cka.svg"]
+    for x, y in zip(p1, p2, strict=True):
+        assert x.read_bytes() == y.read_bytes()
+
+
+def test_figures_skip_cleanly_without_data(tmp_path):
+    empty = pd.DataFrame(columns=COLUMNS)
+    for spec in FIGURES:
+        assert spec.make(empty, tmp_path, None) == [], spec.name
+        assert spec.make(empty, tmp_path, {}) == [], spec.name
+    assert render_figures(empty, tmp_path, {}) == {}
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_figures_skip_when_their_family_is_absent(reported_run, tmp_path):
+    run, _, _ = reported_run
+    r = load_run(run)
+    no_recon = r.df[r.df["family"] != "reconstruction"]
+    assert F.reconstruction_fvu(no_recon, tmp_path) == []
+    assert F.reconstruction_improvement(no_recon, tmp_path) == []
+    assert F.splice_kl(r.df[r.df["family"] != "splice"], tmp_path) == []
+    assert F.cka(r.df[r.df["family"] != "cka"], tmp_path) == []
+    # array-based figures need their array keys
+    stripped = {k: {n: a for n, a in v.items() if n == "delta_norms"} for k, v in r.arrays.items()}
+    for fig in (F.density_histograms, F.best_match_cosines, F.principal_angles):
+        assert fig(r.df, tmp_path, stripped) == []
+    assert not any(tmp_path.iterdir())
+
+
+def test_make_all_figures_refuses_a_folder_without_results(tmp_path):
+    with pytest.raises(LorascopeError, match="no results table"):
+        make_all_figures(tmp_path)
+    with pytest.raises(LorascopeError, match="does not exist"):
+        make_all_figures(tmp_path / "missing")
+
+
+def test_results_table_reads_back_from_csv_when_parquet_is_absent(tmp_path):
+    run = write_fake_run(tmp_path / "r", seed=1)
+    from_pq = load_run(run).df
+    (run / "results" / "results.parquet").unlink()
+    from_csv = load_run(run).df
+    pd.testing.assert_frame_equal(from_pq, from_csv, check_exact=False, rtol=1e-12)
