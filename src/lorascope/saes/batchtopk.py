@@ -1,0 +1,71 @@
+"""BatchTopK SAE (Bussmann et al. 2024): training keeps the N*k largest ReLU'd pre-activations of the whole
+batch of N tokens (so L0 averages k but varies per token); a global threshold, the running average of the
+smallest kept activation, turns the trained SAE into a JumpReLU for inference (saved as SAELens ``jumprelu``).
+
+Arch fields: ``k`` (required), ``k_aux``, ``auxk_coefficient`` as for TopK, ``threshold_momentum`` (EMA
+rate of the threshold estimate, default 0.01; the first training step sets it directly).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorascope.errors import LorascopeError
+from lorascope.saes._sparse import Selection
+from lorascope.saes.base import SAEConfig, register
+from lorascope.saes.topk import TopKSAE
+
+
+@register("batchtopk")
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK at training time, JumpReLU with a shared threshold (stored per latent) at inference."""
+
+    has_threshold = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.threshold.requires_grad_(False)  # estimated, not learned
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        super().validate_config(cfg)
+        m = cfg.arch.get("threshold_momentum", 0.01)
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m <= 1:
+            raise LorascopeError(
+                f"batchtopk SAE: threshold_momentum must be in (0, 1] (got {m!r})",
+                fix="use e.g. threshold_momentum=0.01",
+            )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        pre = self.pre_acts(x)
+        return F.relu(pre) * (pre > self.threshold)
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Selection]:
+        n = pre.shape[0]
+        v, flat = F.relu(pre).reshape(-1).topk(min(n * self.k, pre.numel()), sorted=False)
+        keep = v > 0
+        flat, perm = flat[keep].sort()
+        v = v[keep][perm]
+        if self.training and v.numel():
+            self._update_threshold(v.min())
+        return v, Selection.from_flat(flat, n, self.d_sae)
+
+    def _active_ids(self, codes: torch.Tensor, sel: Selection) -> torch.Tensor:
+        return sel.cols  # every kept pair is positive
+
+    @torch.no_grad()
+    def on_load_canonical(self) -> None:
+        self.threshold_updates.fill_(1)  # further training refines the loaded threshold
+
+    @torch.no_grad()
+    def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
+        m = float(self.cfg.arch.get("threshold_momentum", 0.01))
+        value = smallest_kept.to(self.threshold.dtype)
+        if int(self.threshold_updates) == 0:
+            self.threshold.fill_(value)
+        else:
+            self.threshold.mul_(1 - m).add_(m * value)
+        self.threshold_updates += 1

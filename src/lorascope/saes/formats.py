@@ -1,0 +1,285 @@
+"""Save SAEs in SAELens's format; load SAEs from every format people have (auto-detected).
+
+Saved folder = SAELens v6 layout, so SAELens (``SAE.load_from_disk``) and SAEBench read it unchanged:
+  cfg.json                 architecture ("standard" | "topk" | "jumprelu"), d_in, d_sae, dtype, device,
+                           apply_b_dec_to_input, normalize_activations "none", reshape_activations "none",
+                           metadata {sae_lens_version, model_name, hook_name, ...}, k (topk), and a
+                           "lorascope" block (our architecture name and cfg.arch) that SAELens ignores;
+  sae_weights.safetensors  W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], threshold.
+Our ReLU saves as "standard", BatchTopK as "jumprelu" (its threshold, per latent). Our own loader reads the
+"lorascope" block and rebuilds the exact architecture, so save -> load round-trips bit-exactly.
+
+``load_sae`` also reads SAELens pre-6 flat configs and (see ``_external``) Gemma Scope ``params.npz``,
+EleutherAI sparsify folders and dictionary_learning ``ae.pt`` + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.io import TMP_PREFIX, read_json
+from lorascope.saes.base import DTYPES, SAE, SAEConfig, sae_class
+
+CFG_NAME = "cfg.json"
+WEIGHTS_NAME = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (v6: nested metadata)
+TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+
+
+# ---- saving ------------------------------------------------------------------------------------
+def saelens_config(sae: SAE) -> dict[str, Any]:
+    """The cfg.json dict for ``sae`` (SAELens v6 keys plus our "lorascope" block)."""
+    cfg = sae.cfg
+    meta = dict(cfg.metadata)
+    meta.setdefault("model_name", meta.get("model"))
+    meta.setdefault("hook_name", meta.get("hook"))
+    meta.setdefault("sae_lens_version", SAELENS_FORMAT_VERSION)
+    meta.setdefault("sae_lens_training_version", None)
+    out: dict[str, Any] = {
+        "architecture": TO_SAELENS.get(cfg.architecture, cfg.architecture),
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": meta,
+        "lorascope": {
+            "format_version": 1,
+            "architecture": cfg.architecture,
+            "arch": cfg.arch,
+            "metadata": cfg.metadata,
+        },
+    }
+    if cfg.architecture == "topk":
+        out.update(k=int(cfg.arch["k"]), rescale_acts_by_decoder_norm=False)
+    return out
+
+
+def save_sae(sae: SAE, folder: str | os.PathLike) -> Path:
+    """Write ``sae`` to ``folder`` (cfg.json + sae_weights.safetensors), atomically: a killed save leaves the
+    previous folder (or none), never a half-written one. Returns the folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + folder.name + ".", dir=folder.parent))
+    try:
+        tensors = {k: v.cpu() for k, v in sae.state_for_save().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CFG_NAME).write_text(
+            json.dumps(saelens_config(sae), indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        old = None
+        if folder.exists():
+            old = folder.parent / f"{TMP_PREFIX}old-{folder.name}-{os.getpid()}"
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+# ---- canonical construction --------------------------------------------------------------------
+def build_sae(cfg: SAEConfig, tensors: dict[str, torch.Tensor], source: str | os.PathLike) -> SAE:
+    """An SAE of ``cfg.architecture`` holding exactly ``tensors`` (canonical names and layout)."""
+    sae = sae_class(cfg.architecture)(cfg)
+    expected = sae.state_for_save()
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise LorascopeError(
+            f"{source} lacks tensors {missing} for a {cfg.architecture} SAE",
+            fix="check that the file is a complete SAE of that architecture",
+        )
+    for name, ref in expected.items():
+        if tuple(tensors[name].shape) != tuple(ref.shape):
+            raise LorascopeError(
+                f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected "
+                f"{tuple(ref.shape)} for d_in={cfg.d_in}, d_sae={cfg.d_sae}",
+                fix="the config and the weights do not match; re-export the SAE",
+            )
+    sae.load_state_dict({k: tensors[k].to(ref.dtype) for k, ref in expected.items()}, strict=False)
+    hook = getattr(sae, "on_load_canonical", None)
+    if hook is not None:
+        hook()
+    return sae.eval()
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LorascopeError(
+            f"{path} is not a readable safetensors file ({exc})",
+            fix="the file is corrupt or truncated; re-download or re-export it",
+        ) from exc
+
+
+def dtype_name(value: Any) -> str:
+    name = str(value or "float32").removeprefix("torch.")
+    if name not in DTYPES:
+        raise LorascopeError(
+            f"unsupported dtype {value!r} in an SAE config", fix=f"use one of {', '.join(DTYPES)}"
+        )
+    return name
+
+
+# ---- SAELens (ours, v6, pre-6) -----------------------------------------------------------------
+def _load_saelens(folder: Path) -> SAE:
+    raw = read_json(folder / CFG_NAME)
+    tensors = read_safetensors(folder / WEIGHTS_NAME)
+    ours = raw.get("lorascope")
+    if isinstance(ours, dict):
+        cfg = SAEConfig(
+            ours["architecture"],
+            int(raw["d_in"]),
+            int(raw["d_sae"]),
+            bool(raw["apply_b_dec_to_input"]),
+            dtype_name(raw.get("dtype")),
+            dict(ours.get("arch", {})),
+            dict(ours.get("metadata", {})),
+        )
+        return build_sae(cfg, tensors, folder)
+    flat = "metadata" not in raw or "hook_point" in raw or "activation_fn_str" in raw
+    arch_name = raw.get("architecture", "standard")
+    arch: dict[str, Any] = {}
+    if flat:  # pre-6.0: flat keys, top-k given as an activation function
+        if raw.get("activation_fn_str", raw.get("activation_fn")) == "topk":
+            arch_name = "topk"
+            arch["k"] = int((raw.get("activation_fn_kwargs") or {}).get("k", raw.get("k", 0)))
+        meta = {
+            k: v
+            for k, v in raw.items()
+            if k
+            in (
+                "model_name",
+                "hook_point",
+                "hook_name",
+                "hook_layer",
+                "hook_head_index",
+                "context_size",
+                "dataset_path",
+                "prepend_bos",
+                "sae_lens_training_version",
+            )
+        }
+        if "hook_point" in meta:
+            meta.setdefault("hook_name", meta.pop("hook_point"))
+    else:
+        meta = dict(raw.get("metadata") or {})
+        if arch_name == "topk":
+            arch["k"] = int(raw["k"])
+    norm = raw.get("normalize_activations", "none")
+    if norm not in ("none", None, False):
+        raise LorascopeError(
+            f"{folder} uses normalize_activations={norm!r}; lorascope loads only 'none'",
+            fix="fold the normalisation into the weights in SAELens and save again",
+        )
+    if raw.get("rescale_acts_by_decoder_norm"):
+        raise LorascopeError(
+            f"{folder}: rescale_acts_by_decoder_norm=true is not supported",
+            fix="fold the decoder norms in SAELens (fold_W_dec_norm) and save again",
+        )
+    if arch_name not in FROM_SAELENS:
+        raise LorascopeError(
+            f"{folder}: SAELens architecture {arch_name!r} is not supported",
+            fix=f"supported: {', '.join(sorted(FROM_SAELENS))}",
+        )
+    scaling = tensors.pop("scaling_factor", None)
+    if scaling is not None and not torch.all(scaling == 1):
+        raise LorascopeError(
+            f"{folder} has a finetuning scaling_factor", fix="fold it into W_dec before loading"
+        )
+    if "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    if arch_name == "batchtopk" and "topk_threshold" in tensors:
+        tensors["threshold"] = torch.full((int(raw["d_sae"]),), float(tensors.pop("topk_threshold")))
+        arch["k"] = int(raw["k"])
+    cfg = SAEConfig(
+        FROM_SAELENS[arch_name],
+        int(raw["d_in"]),
+        int(raw["d_sae"]),
+        bool(raw.get("apply_b_dec_to_input", True)),
+        dtype_name(raw.get("dtype")),
+        arch,
+        meta,
+    )
+    return build_sae(cfg, tensors, folder)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+def detect_format(path: str | os.PathLike) -> str:
+    """'saelens' | 'gemma_scope' | 'sparsify' | 'dictionary_learning' for a file or folder."""
+    p = Path(path)
+    if p.is_file():
+        if p.name.endswith(".npz"):
+            return "gemma_scope"
+        if p.suffix in (".pt", ".pth", ".pkl", ".bin"):
+            return "dictionary_learning"
+        if p.suffix == ".safetensors":
+            p = p.parent
+        else:
+            raise LorascopeError(
+                f"do not know how to load {p}", fix="pass an SAE folder, params.npz or ae.pt"
+            )
+    if not p.exists():
+        raise LorascopeError(f"{p} does not exist", fix="check the path")
+    if (p / WEIGHTS_NAME).exists() and (p / CFG_NAME).exists():
+        return "saelens"
+    if (p / "params.npz").exists():
+        return "gemma_scope"
+    if (p / "sae.safetensors").exists() and (p / CFG_NAME).exists():
+        return "sparsify"
+    if (p / "ae.pt").exists():
+        return "dictionary_learning"
+    if any((c / "sae.safetensors").exists() for c in p.iterdir() if c.is_dir()):
+        return "sparsify"
+    raise LorascopeError(
+        f"{p} holds no SAE lorascope can read",
+        fix="expected cfg.json + sae_weights.safetensors (SAELens), params.npz (Gemma Scope), "
+        "<hookpoint>/sae.safetensors (sparsify) or ae.pt + config.json (dictionary_learning)",
+    )
+
+
+def load_sae(
+    path: str | os.PathLike,
+    *,
+    hookpoint: str | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+) -> SAE:
+    """Load an SAE from any supported format (auto-detected) into the canonical interface, in eval mode.
+
+    ``hookpoint`` picks one SAE from a sparsify folder holding several. ``allow_pickle=True`` permits full
+    unpickling of dictionary_learning ``.pt`` files that ``torch.load(weights_only=True)`` refuses: only for
+    files you trust (unpickling runs code).
+    """
+    from lorascope.saes import _external
+
+    fmt = detect_format(path)
+    p = Path(path)
+    if fmt == "saelens":
+        sae = _load_saelens(p.parent if p.is_file() else p)
+    elif fmt == "gemma_scope":
+        sae = _external.load_gemma_scope(p if p.is_file() else p / "params.npz")
+    elif fmt == "sparsify":
+        sae = _external.load_sparsify(p.parent if p.is_file() else p, hookpoint)
+    else:
+        sae = _external.load_dictionary_learning(p if p.is_file() else p / "ae.pt", allow_pickle)
+    return sae.to(device) if device is not None else sae

@@ -1,0 +1,426 @@
+"""Train any registered SAE on any stream of [N, d_in] activation batches; evaluate it.
+
+What the trainer does (shared/REFERENCE.md "SAE training practice"):
+- scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows)
+  and folds that constant back into the weights at the end, so the returned SAE applies to raw activations;
+- initialises b_dec from the same rows (geometric median by Weiszfeld iterations, mean, or zeros);
+- Adam (fused when available), linear LR warmup, linear decay to 0 over the last ``decay_fraction`` of steps,
+  default LR ``lr_for_width(d_sae)``; linear warmup of the sparsity coefficient (TrainContext.sparsity_scale);
+- keeps decoder rows unit-norm through the SAE's ``remove_parallel_grad`` / ``post_step`` hooks;
+- tracks, per latent, tokens since it last fired; latents silent for ``dead_window_tokens`` are "dead"
+  (TrainContext.dead_mask, used by AuxK);
+- checkpoints (weights, optimiser, step, tokens, RNG, dead tracking, input scale, log) atomically every
+  ``checkpoint_every`` steps; ``resume=True`` continues from the last one and ends at bit-identical weights
+  (CPU) provided the batch source yields the same rows again (see ``_batches`` for what can be passed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.geometry.metrics import ReconstructionStats
+from lorascope.io import atomic_path
+from lorascope.saes._batches import BatchSource, rebatch, take_rows
+from lorascope.saes.base import DTYPES, SAE, TrainContext, TrainOutput, lr_for_width
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TrainerConfig:
+    """Training hyperparameters. Token counts are rows of the batch stream."""
+
+    total_tokens: int | None = None  # None: the length of an in-memory source (tensor / list of chunks)
+    batch_size: int = 4096
+    lr: float | None = None  # None: lr_for_width(d_sae)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
+    sparsity_warmup_fraction: float = 0.05  # sparsity coefficient ramps 0 -> 1 over this first fraction
+    scale_inputs: bool = True  # scale to mean norm sqrt(d_in); folded back into the weights at the end
+    init_tokens: int = 4096  # rows used to estimate the input scale and initialise b_dec
+    b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zeros"
+    dead_window_tokens: int | None = None  # None: min(10M, total_tokens // 4)
+    autocast_dtype: str | None = None  # e.g. "bfloat16": forward matmuls in that dtype (needs fast bf16 GEMM)
+    device: str | None = None  # None: the SAE's device
+    log_every: int = 10  # steps between log entries (the last step is always logged)
+    final_window_steps: int = 10  # final stats are over the last this-many training batches
+    checkpoint_every: int | None = None  # steps; needs checkpoint_dir
+    resume: bool = False
+    seed: int = (
+        0  # seeds torch's global RNG at the start of a fresh run (restored from checkpoints on resume)
+    )
+
+    def validate(self) -> None:
+        if self.batch_size <= 0:
+            raise LorascopeError(f"batch_size must be positive (got {self.batch_size})", fix="use e.g. 4096")
+        if self.total_tokens is not None and self.total_tokens <= 0:
+            raise LorascopeError(
+                f"total_tokens must be positive (got {self.total_tokens})",
+                fix="pass the number of activation rows to train on",
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise LorascopeError(
+                f"lr must be positive (got {self.lr})", fix="use e.g. lr=2e-4 or leave it unset"
+            )
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_warmup_fraction <= 1:
+            raise LorascopeError(
+                "decay_fraction and sparsity_warmup_fraction must be in [0, 1]",
+                fix="use fractions such as 0.2 and 0.05",
+            )
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise LorascopeError(
+                f"unknown b_dec_init {self.b_dec_init!r}", fix="use 'geometric_median', 'mean' or 'zeros'"
+            )
+        if self.autocast_dtype is not None and self.autocast_dtype not in DTYPES:
+            raise LorascopeError(
+                f"unknown autocast_dtype {self.autocast_dtype!r}",
+                fix=f"use one of {', '.join(DTYPES)} or None",
+            )
+
+
+@dataclass
+class TrainResult:
+    """The trained SAE (folded to raw-activation scale), a log for learning curves, and final stats."""
+
+    sae: SAE
+    log: list[dict[str, float]]  # step, tokens, lr, loss, loss parts, fvu, l0, dead_frac
+    final: dict[
+        str, float
+    ]  # fvu, mse (raw units), cosine, l0, dead_frac, steps, tokens, seconds, tokens_per_s
+    input_scale: float
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def geometric_median(x: torch.Tensor, iters: int = 8, eps: float = 1e-8) -> torch.Tensor:
+    """Weiszfeld iterations for the point minimising sum_n ||x_n - m|| (float64) [d]."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+        m = (w[:, None] * x).sum(0) / w.sum()
+    return m
+
+
+def _adam(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float) -> torch.optim.Adam:
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, foreach=True)
+
+
+def _lr_at(step: int, total: int, base: float, cfg: TrainerConfig) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    decay_steps = int(total * cfg.decay_fraction)
+    if decay_steps > 0 and step >= total - decay_steps:
+        return base * warm * (total - step) / decay_steps
+    return base * warm
+
+
+def _active_ids(out: TrainOutput, n: int, d_sae: int) -> tuple[torch.Tensor, float]:
+    """(fired-in-batch mask [d_sae], L0) from a TrainOutput's ``active``."""
+    if out.active_is_indices:
+        ids = out.active[out.active >= 0]
+        return torch.bincount(ids.reshape(-1), minlength=d_sae) > 0, ids.numel() / n
+    return out.active.any(0), float(out.active.sum()) / n
+
+
+class _State:
+    """Everything a checkpoint restores besides the model and optimiser."""
+
+    def __init__(self, d_sae: int):
+        self.step = 0
+        self.tokens = 0
+        self.scale = 1.0
+        self.since_fired = torch.zeros(d_sae, dtype=torch.int64)
+        self.log: list[dict[str, float]] = []
+        self.window: list[ReconstructionStats] = []
+
+
+def _save_checkpoint(
+    path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig
+) -> None:
+    blob = {
+        "format": "lorascope-sae-checkpoint/1",
+        "sae_config": sae.cfg.to_dict(),
+        "model": sae.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": st.step,
+        "tokens": st.tokens,
+        "scale": st.scale,
+        "since_fired": st.since_fired,
+        "rng": torch.get_rng_state(),
+        "log": st.log,
+        "window": [asdict(w) for w in st.window],
+        "batch_size": cfg.batch_size,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def _load_checkpoint(
+    path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig
+) -> None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / foreign file
+        raise LorascopeError(
+            f"cannot read checkpoint {path}: {exc}",
+            fix="delete it to start over, or point checkpoint_dir elsewhere",
+        ) from exc
+    saved = blob.get("sae_config", {})
+    mine = sae.cfg.to_dict()
+    for key in ("architecture", "d_in", "d_sae", "arch"):
+        if saved.get(key) != mine[key]:
+            raise LorascopeError(
+                f"checkpoint {path} is for a different SAE ({key}: {saved.get(key)!r} vs {mine[key]!r})",
+                fix="resume with the same SAE settings or another folder",
+            )
+    if blob["batch_size"] != cfg.batch_size:
+        raise LorascopeError(
+            f"checkpoint {path} used batch_size {blob['batch_size']}, not {cfg.batch_size}",
+            fix="resume with the same batch_size",
+        )
+    sae.load_state_dict(blob["model"])
+    opt.load_state_dict(blob["optimizer"])
+    st.step, st.tokens, st.scale = int(blob["step"]), int(blob["tokens"]), float(blob["scale"])
+    st.since_fired = blob["since_fired"].clone()
+    st.log = list(blob["log"])
+    st.window = [ReconstructionStats(**w) for w in blob["window"]]
+    torch.set_rng_state(blob["rng"])
+
+
+def _initialise(sae: SAE, head: torch.Tensor, cfg: TrainerConfig) -> float:
+    """Input scale from the first rows; data-driven b_dec (in scaled units)."""
+    head = head.double()
+    scale = 1.0
+    if cfg.scale_inputs:
+        mean_norm = float(head.norm(dim=1).mean())
+        if not math.isfinite(mean_norm) or mean_norm <= 0:
+            raise LorascopeError(
+                f"the first {head.shape[0]} activation rows have mean norm {mean_norm}",
+                fix="check the activations (all zero or non-finite?)",
+            )
+        scale = math.sqrt(sae.d_in) / mean_norm
+    with torch.no_grad():
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(head * scale).to(sae.b_dec.dtype))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_((head * scale).mean(0).to(sae.b_dec.dtype))
+        else:
+            sae.b_dec.zero_()
+    return scale
+
+
+def train_sae(
+    sae: SAE,
+    batches: Any,
+    cfg: TrainerConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``sae`` in place on a stream of [N, d_in] batches (see ``_batches`` for what ``batches`` may be).
+
+    Returns the same SAE folded to raw-activation scale (it applies to un-scaled inputs), a log with one entry
+    every ``cfg.log_every`` steps, and final statistics over the last ``cfg.final_window_steps`` batches.
+    """
+    cfg = cfg or TrainerConfig()
+    cfg.validate()
+    source = BatchSource(batches)
+    total_tokens = cfg.total_tokens or source.total_rows()
+    if not total_tokens:
+        raise LorascopeError(
+            "total_tokens is needed when the batch source has no known length",
+            fix="set TrainerConfig(total_tokens=...)",
+        )
+    total_steps = math.ceil(total_tokens / cfg.batch_size)
+    device = torch.device(cfg.device) if cfg.device else sae.W_enc.device
+    sae.to(device).train()
+    dtype = sae.W_enc.dtype
+    base_lr = cfg.lr or lr_for_width(sae.d_sae)
+    opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, base_lr)
+    window = cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1))
+    st = _State(sae.d_sae)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if cfg.checkpoint_every and ckpt is None:
+        raise LorascopeError(
+            "checkpoint_every is set but no checkpoint_dir was given",
+            fix="pass checkpoint_dir=... to train_sae",
+        )
+
+    resumed = bool(cfg.resume and ckpt is not None and ckpt.exists())
+    if resumed:
+        _load_checkpoint(ckpt, sae, opt, st, cfg)
+        chunks = source.open(st.tokens)
+    else:
+        torch.manual_seed(cfg.seed)
+        head, chunks = take_rows(source.open(0), cfg.init_tokens)
+        if head is None:
+            raise LorascopeError("the batch source is empty", fix="pass at least one batch of activations")
+        sae.check_input(head)
+        st.scale = _initialise(sae, head, cfg)
+
+    amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
+    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None)
+    bar = _progress_bar(total_steps, st.step, progress)
+    t0 = time.perf_counter()
+    tokens_at_start = st.tokens
+    try:
+        for x in rebatch(chunks, cfg.batch_size, limit_rows=total_tokens - st.tokens):
+            _train_step(
+                sae, opt, x.to(device=device, dtype=dtype), st, cfg, total_steps, base_lr, window, amp
+            )
+            bar.update(1)
+            if st.log and st.log[-1]["step"] == st.step:
+                e = st.log[-1]
+                bar.set_postfix(fvu=f"{e['fvu']:.4f}", l0=f"{e['l0']:.1f}", dead=f"{e['dead_frac']:.3f}")
+            if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total_steps:
+                _save_checkpoint(ckpt, sae, opt, st, cfg)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if st.step == 0:
+        raise LorascopeError("no batches were trained on", fix="check that the batch source yields rows")
+    final = _final_stats(st, window, seconds, st.tokens - tokens_at_start)
+    sae.eval()
+    sae.fold_input_scale(st.scale)
+    return TrainResult(
+        sae,
+        st.log,
+        final,
+        st.scale,
+        {
+            **asdict(cfg),
+            "lr": base_lr,
+            "total_steps": total_steps,
+            "dead_window_tokens": window,
+            "resumed": resumed,
+        },
+    )
+
+
+def _train_step(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    st: _State,
+    cfg: TrainerConfig,
+    total_steps: int,
+    base_lr: float,
+    window: int,
+    amp: Any,
+) -> None:
+    if x.ndim != 2 or x.shape[1] != sae.d_in:
+        sae.check_input(x)  # names both widths
+    xs = x * st.scale if st.scale != 1.0 else x
+    warm_steps = cfg.sparsity_warmup_fraction * total_steps
+    ctx = TrainContext(
+        st.step,
+        total_steps,
+        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
+        st.since_fired >= window,
+    )
+    with amp:
+        out = sae.training_loss(xs, ctx)
+    if not bool(torch.isfinite(out.loss)):
+        raise LorascopeError(
+            f"the training loss became {float(out.loss.detach())} at step {st.step} (token {st.tokens})",
+            fix="lower the learning rate (TrainerConfig.lr), and check the "
+            "activations for NaN/inf or extreme norms",
+        )
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.remove_parallel_grad()
+    lr = _lr_at(st.step, total_steps, base_lr, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    sae.post_step()
+
+    n = x.shape[0]
+    fired, l0 = _active_ids(out, n, sae.d_sae)
+    st.since_fired += n
+    st.since_fired[fired.cpu()] = 0
+    st.step += 1
+    st.tokens += n
+    in_window = st.step > total_steps - cfg.final_window_steps
+    is_log = st.step % cfg.log_every == 0 or st.step == total_steps
+    if in_window or is_log:
+        stats = ReconstructionStats()
+        stats.update(xs.detach(), out.x_hat.detach())
+        stats.sum_l0, stats.n_codes = l0 * n, n  # L0 from the selection (no dense codes on sparse paths)
+        if in_window:
+            st.window.append(stats)
+        if is_log:
+            entry = {
+                "step": float(st.step),
+                "tokens": float(st.tokens),
+                "lr": lr,
+                "loss": float(out.loss.detach()),
+            }
+            entry.update({k: float(v) for k, v in out.parts.items()})
+            entry.update(fvu=stats.fvu, l0=l0, dead_frac=float((st.since_fired >= window).float().mean()))
+            st.log.append(entry)
+
+
+def _final_stats(st: _State, window: int, seconds: float, tokens_run: int) -> dict[str, float]:
+    total = ReconstructionStats()
+    for w in st.window:  # merge the per-batch accumulators (sums add up exactly)
+        if total.sum_x is None:
+            total.d, total.sum_x = w.d, torch.zeros_like(w.sum_x)
+        total.n += w.n
+        total.sum_sq_err += w.sum_sq_err
+        total.sum_sq_x += w.sum_sq_x
+        total.sum_x += w.sum_x
+        total.sum_cos += w.sum_cos
+        total.sum_l0 += w.sum_l0
+        total.n_codes += w.n_codes
+    out = {
+        "fvu": total.fvu,
+        "mse": total.mse / st.scale**2,
+        "cosine": total.cosine,
+        "l0": total.l0,
+        "dead_frac": float((st.since_fired >= window).float().mean()),
+        "steps": float(st.step),
+        "tokens": float(st.tokens),
+        "seconds": seconds,
+        "tokens_per_s": tokens_run / seconds if seconds > 0 else float("nan"),
+    }
+    return out
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train SAE", unit="step", leave=False)
+
+
+@torch.no_grad()
+def evaluate_sae(
+    sae: SAE, batches: Any, max_tokens: int | None = None, batch_size: int = 4096
+) -> dict[str, Any]:
+    """Reconstruction and sparsity of ``sae`` on raw activations: fvu, explained_variance, mse, cosine, l0,
+    dead (count of latents never active in the window), n_tokens, and density [d_sae] (float64 tensor)."""
+    was_training = sae.training
+    sae.eval()
+    stats = ReconstructionStats()
+    try:
+        for x in rebatch(BatchSource(batches).open(0), batch_size, limit_rows=max_tokens):
+            x = x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+            sae.check_input(x)
+            codes = sae.encode(x)
+            stats.update(x, sae.decode(codes), codes)
+    finally:
+        sae.train(was_training)
+    if stats.n == 0:
+        raise LorascopeError("no activations to evaluate on", fix="pass at least one batch")
+    return {**stats.as_dict(), "density": stats.density}
