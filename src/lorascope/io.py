@@ -20,6 +20,8 @@ from typing import IO, Any
 from lorascope.errors import LorascopeError
 
 TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,6 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     except OSError as exc:
         raise _disk_error(path, exc) from exc
     tmp_path = Path(tmp)
