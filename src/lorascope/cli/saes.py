@@ -1,0 +1,89 @@
+"""`lorascope train-sae` (on a store) and `lorascope compare` (two dictionaries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorascope.cli import app
+
+
+@app.command("train-sae")
+def train_sae_cmd(
+    store: Path = typer.Option(..., "--store", "-s", help="Activation store folder (from `lorascope extract`)."),
+    layer: int = typer.Option(..., "--layer", "-l", help="Layer to train on."),
+    kind: str = typer.Option("delta", help="delta (adapter SAE), base (reference SAE) or adapted."),
+    adapter: str | None = typer.Option(None, help="Adapter name for delta/adapted (default: the only one)."),
+    architecture: str = typer.Option("topk", "--architecture", "-a", help="topk, batchtopk, relu, jumprelu, sasa."),
+    expansion: int = typer.Option(8, help="d_sae = expansion × d_model."),
+    k: int = typer.Option(32, help="Active latents (topk/batchtopk); for sasa k = s·rank."),
+    l1_coefficient: float = typer.Option(5.0, help="ReLU-L1 sparsity coefficient."),
+    l0_coefficient: float = typer.Option(1e-3, help="JumpReLU L0 coefficient."),
+    sasa_rank: int = typer.Option(4, help="SASA group rank r."),
+    tokens: int = typer.Option(200_000, help="Training token budget."),
+    batch_size: int = typer.Option(1024, help="Batch size (tokens)."),
+    lr: float | None = typer.Option(None, help="Learning rate (default 2e-4/sqrt(d_sae/2^14))."),
+    held_out_fraction: float = typer.Option(0.2, help="Documents held out (never trained on)."),
+    seed: int = typer.Option(0, help="Seed."),
+    out: Path = typer.Option(Path("runs/sae"), "--out", "-o", help="Output folder (SAELens format)."),
+) -> None:
+    """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
+    from lorascope.activations import open_store
+    from lorascope.config import SAECfg
+    from lorascope.io import OutputLock
+    from lorascope.pipeline import sae_arch_kwargs, training_stream
+    from lorascope.saes import create_sae, save_sae
+    from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+
+    c = SAECfg(architecture=architecture, expansion=expansion, k=k, l1_coefficient=l1_coefficient,
+               l0_coefficient=l0_coefficient, sasa_rank=sasa_rank, tokens=tokens, batch_size=batch_size, lr=lr,
+               seeds=[seed])
+    st = open_store(store)
+    with OutputLock(out):
+        d_sae, arch = sae_arch_kwargs(c, st.d_model)
+        sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
+                         metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
+                                   "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)
+        tcfg = TrainerConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                             checkpoint_every=max(1, tokens // batch_size // 10), resume=True)
+        res = train_sae(sae, training_stream(st, layer, kind, adapter, batch_size, seed, held_out_fraction, 0), tcfg,
+                        checkpoint_dir=out / "ckpt")
+        save_sae(res.sae, out)
+        held = st.held_out(layer, adapter, held_out_fraction=held_out_fraction, split_seed=0)
+        x = held.delta if kind == "delta" else held.base if kind == "base" else held.adapted
+        ev = evaluate_sae(res.sae, x) if x.shape[0] else {}
+    print(f"saved {out}; train FVU {res.final.get('fvu', float('nan')):.4f}; held-out FVU "
+          f"{ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, dead {ev.get('dead', 0):.0f}")
+
+
+@app.command("compare")
+def compare_cmd(
+    sae_a: Path = typer.Argument(..., help="First SAE (any supported format)."),
+    sae_b: Path = typer.Argument(..., help="Second SAE."),
+    taus: str = typer.Option("0.5,0.7,0.9", help="Overlap thresholds."),
+    absolute: bool = typer.Option(False, help="Use |cos| (sign-invariant) instead of signed cosines."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the rows to this CSV."),
+) -> None:
+    """Compare two dictionaries: MMCS both ways with the random-dictionary null, overlap@τ, Hungarian matching."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lorascope.geometry import compare_dictionaries
+    from lorascope.io import atomic_path
+    from lorascope.results import rows_to_frame
+    from lorascope.saes import load_sae
+
+    a, b = load_sae(sae_a), load_sae(sae_b)
+    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b",
+                                taus=tuple(float(t) for t in taus.split(",")), absolute=absolute)
+    table = Table(title=f"{sae_a} vs {sae_b}")
+    for col in ("metric", "value", "95% CI", "null"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.metric, f"{r.value:.4f}", f"[{r.ci_low:.4f}, {r.ci_high:.4f}]",
+                      f"{r.null_value:.4f} ({r.null_name})" if r.null_name else "")
+    Console().print(table)
+    if out:
+        with atomic_path(out) as tmp:
+            rows_to_frame(rows).to_csv(tmp, index=False)

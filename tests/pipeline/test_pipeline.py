@@ -1,0 +1,94 @@
+"""A miniature study (tiny random Llama, two ranks, one layer) through the whole pipeline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorascope.config import load_config, parse_config
+from lorascope.errors import LorascopeError
+
+
+def mini_config(model_dir: Path, out: Path, **over) -> dict:
+    cfg = {
+        "name": "mini", "output_dir": str(out), "seed": 0,
+        "model": {"spec": str(model_dir)},
+        "data": {"n_finetune": 48, "n_docs": 40, "held_out_fraction": 0.25, "max_length": 64},
+        "adapters": {"train": {"ranks": [2, 4], "steps": 6, "lr": 0.01, "batch_size": 4}},
+        "extraction": {"layers": [1], "batch_size": 8, "shard_docs": 8, "max_norm_factor": None},
+        "adapter_sae": {"expansion": 2, "k": 4, "tokens": 1024, "batch_size": 128, "seeds": [0, 1]},
+        "reference_sae": {"expansion": 2, "k": 4, "tokens": 1024, "batch_size": 128},
+        "geometry": {"subspace_k": 4, "bootstrap": 20, "cka_max_tokens": 200, "eval_tokens": 400, "splice_docs": 4},
+        "report": {"top_features": 2, "contexts_per_feature": 2},
+    }
+    for key, value in over.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mini_run(tiny_llama_dir, tmp_path_factory):
+    from lorascope.pipeline import run
+
+    out = tmp_path_factory.mktemp("mini_run")
+    cfg = parse_config(mini_config(tiny_llama_dir, out))
+    return cfg, run(cfg, progress=False)
+
+
+def test_every_row_is_finite_and_figures_exist(mini_run):
+    cfg, res = mini_run
+    df = res.table
+    assert len(df) > 50
+    assert set(df.adapter.unique()) >= {"rank_2", "rank_4"}
+    for fam in ("delta_norm", "reconstruction", "density", "decoder_similarity", "subspace", "cka", "splice", "lora"):
+        assert fam in set(df.family), fam
+    bad = df[~df.value.map(math.isfinite)]
+    assert bad.empty, bad[["family", "metric", "layer", "adapter", "value"]]
+    if res.report is not None:
+        assert res.report.is_file()
+        figs = list((res.output_dir / "figures").glob("*.png"))
+        assert figs and all(f.stat().st_size > 0 for f in figs)
+
+
+def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run, tiny_llama_dir):
+    from lorascope.pipeline import run
+
+    cfg, first = mini_run
+    again = run(cfg, progress=False)
+    assert again.work_done == []
+    changed = parse_config(mini_config(tiny_llama_dir, Path(cfg.output_dir), **{"geometry.subspace_k": 3}))
+    third = run(changed, progress=False)
+    assert "geometry" in third.work_done
+    assert not any(w.startswith(("adapters", "extraction", "sae:")) for w in third.work_done)
+
+
+def test_config_errors_name_the_key(tmp_path, tiny_llama_dir):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(mini_config(tiny_llama_dir, tmp_path / "o", **{"adapter_sae.k": -1})))
+    with pytest.raises(LorascopeError, match=r"adapter_sae\.k"):
+        load_config(p)
+    cfg = mini_config(tiny_llama_dir, tmp_path / "o")
+    cfg["extraction"]["layerz"] = [1]
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(LorascopeError, match="unknown key 'extraction.layerz'"):
+        load_config(p)
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(LorascopeError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_layer_out_of_range_and_missing_adapter(tmp_path, tiny_llama_dir):
+    from lorascope.pipeline import run
+
+    cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "o1", **{"extraction.layers": [7],
+                                                                        "adapters.train": None,
+                                                                        "adapters.load": {"x": str(tmp_path)}}))
+    with pytest.raises(LorascopeError, match="no adapter_config.json"):
+        run(cfg, progress=False)
