@@ -1,0 +1,23 @@
+"""Delta activations h_Δ = h_adapted − h_base of the residual stream: extraction (one mixed-batch forward for base
+and every adapter), a sharded resumable store, a seeded streaming reader with a by-document held-out split, and
+per-layer statistics computed while extracting."""
+
+from lorascope.activations.extract import FORWARD_DTYPES, ExtractConfig, adapter_fingerprints, extract, tokenize_docs
+from lorascope.activations.reader import (
+    KINDS,
+    SPLITS,
+    ActivationReader,
+    ActivationStore,
+    Batch,
+    PairedRows,
+    held_out_mask,
+    open_store,
+)
+from lorascope.activations.stats import DeltaStats
+from lorascope.activations.store import DELTA_DEFINITION, finalize_store
+from lorascope.activations.tokens import TOKEN_MODES, TokenSelection, select_positions
+
+__all__ = ["DELTA_DEFINITION", "FORWARD_DTYPES", "KINDS", "SPLITS", "TOKEN_MODES", "ActivationReader",
+           "ActivationStore", "Batch", "DeltaStats", "ExtractConfig", "PairedRows", "TokenSelection",
+           "adapter_fingerprints", "extract", "finalize_store", "held_out_mask", "open_store", "select_positions",
+           "tokenize_docs"]

@@ -1,0 +1,273 @@
+"""Extract base and delta residual-stream activations for several adapters in one mixed-batch forward per batch.
+
+Every batch of ``batch_size`` documents runs once as ``[base rows; adapter-1 rows; …]`` through the PeftModel
+(``adapter_names`` per row), truncated after the deepest captured layer. Rows are selected by
+:mod:`lorascope.activations.tokens`, Δ = adapted − base is taken in float32, statistics are accumulated, and
+each group of ``docs_per_shard`` documents becomes one atomically written shard (see
+:mod:`lorascope.activations.store` for the layout and the resume rule).
+
+Distributed: ``rank``/``world_size`` select the shards this process writes (round-robin); every rank writes its
+own progress file, and ``finalize_store`` merges them once all ranks are done (``extract`` calls it itself when
+``world_size == 1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorascope.activations.reader import ActivationStore, open_store
+from lorascope.activations.store import (
+    STORE_DTYPES,
+    RankProgress,
+    base_key,
+    delta_key,
+    finalize_store,
+    progress_name,
+    rank_shards,
+    shard_docs,
+    shard_name,
+    write_docs,
+    write_shard,
+)
+from lorascope.activations.tokens import TokenSelection, select_positions
+from lorascope.data.chat import TokenizedExample, tokenize_example
+from lorascope.data.examples import Example
+from lorascope.errors import IntegrityError, LorascopeError
+from lorascope.io import OutputLock, clean_tmp_files, read_json, stable_hash
+from lorascope.models.evaluate import BASE
+from lorascope.models.lora import collate
+from lorascope.models.residual import ResidualCapture, check_layers, unwrap_model
+
+FORWARD_DTYPES = ("float32", "bf16-autocast")
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of one extraction; everything here except ``progress`` enters the config hash."""
+
+    layers: list[int]
+    tokens: str = "all"
+    skip_first: int = 1
+    max_norm_factor: float | None = 10.0
+    batch_size: int = 8  # documents per forward; the forward runs (1 + n_adapters) x batch_size rows
+    docs_per_shard: int = 32
+    max_length: int = 256
+    dtype: str = "float32"  # on disk: float32 | bfloat16
+    forward_dtype: str = "float32"  # float32 | bf16-autocast (adds error to deltas: measure before using)
+    progress: bool = field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORE_DTYPES:
+            raise LorascopeError(f"unknown store dtype {self.dtype!r}", fix="use float32 or bfloat16")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise LorascopeError(f"unknown forward dtype {self.forward_dtype!r}", fix="use float32 or bf16-autocast")
+        if self.batch_size < 1 or self.docs_per_shard < 1 or self.max_length < 2:
+            raise LorascopeError("batch_size and docs_per_shard must be >= 1 and max_length >= 2",
+                                 fix="e.g. --batch-size 8 --docs-per-shard 32")
+        _ = self.selection  # validates the token rule
+
+    @property
+    def selection(self) -> TokenSelection:
+        return TokenSelection(self.tokens, self.skip_first, self.max_norm_factor)
+
+
+def _tensor_digest(h: hashlib._Hash, t: torch.Tensor) -> None:
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def adapter_fingerprints(peft_model, adapters: Sequence[str]) -> dict[str, str]:
+    """sha256 (16 hex) of each adapter's LoRA weights and its rank/alpha, so a changed adapter changes the hash."""
+    out = {}
+    state = peft_model.state_dict()
+    for name in adapters:
+        h = hashlib.sha256()
+        cfg = peft_model.peft_config[name]
+        targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules or [])
+        h.update(json_str({"r": cfg.r, "alpha": cfg.lora_alpha, "targets": targets}))
+        for k in sorted(k for k in state if f".{name}." in k):
+            h.update(k.encode())
+            _tensor_digest(h, state[k])
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def json_str(obj) -> bytes:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str).encode()
+
+
+def _model_info(model) -> dict:
+    inner = unwrap_model(model)
+    cfg = inner.config
+    return {"name": str(getattr(cfg, "name_or_path", "") or type(inner).__name__), "model_type": cfg.model_type,
+            "n_layers": len(_blocks(model)), "d_model": int(getattr(cfg, "hidden_size", None) or cfg.n_embd),
+            "dtype": str(next(inner.parameters()).dtype).replace("torch.", ""),
+            "config_hash": stable_hash(cfg.to_dict())}
+
+
+def _blocks(model):
+    from lorascope.models.residual import decoder_blocks
+
+    return decoder_blocks(model)
+
+
+def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int) -> list[TokenizedExample]:
+    docs = [tokenize_example(tokenizer, ex, max_length, with_response=True) for ex in examples]
+    ids = [d.doc_id for d in docs]
+    if len(set(ids)) != len(ids):
+        raise LorascopeError("document ids are not unique", fix="give every example a distinct id")
+    return docs
+
+
+def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int, batch: int, docs: range) -> None:
+    for L in sorted(caps):
+        if not torch.isfinite(caps[L][real]).all():
+            raise IntegrityError(f"non-finite (NaN/inf) activations at layer {L} in shard {shard} batch {batch} "
+                                 f"(documents {docs.start}..{docs.stop - 1})",
+                                 fix="check the model and adapter weights, or use float32 instead of bfloat16")
+
+
+def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: range, s: int, cfg: ExtractConfig,
+               adapters: list[str], pad_id: int, prog: RankProgress, bar) -> tuple[dict[str, torch.Tensor], dict]:
+    layers, A = cap.layers, len(adapters)
+    store_dtype = STORE_DTYPES[cfg.dtype]
+    parts: dict[str, list[torch.Tensor]] = {}
+    counts: dict[str, int] = {}
+    rows_per_doc: list[int] = []
+    autocast = (torch.autocast(device_type=next(cap.model.parameters()).device.type, dtype=torch.bfloat16)
+                if cfg.forward_dtype == "bf16-autocast" else contextlib.nullcontext())
+    for b, start in enumerate(range(doc_range.start, doc_range.stop, cfg.batch_size)):
+        idx = range(start, min(start + cfg.batch_size, doc_range.stop))
+        chunk = [docs[i] for i in idx]
+        B = len(chunk)
+        batch = collate(chunk, pad_id)
+        att = batch["attention_mask"]
+        names = [BASE] * B + [a for a in adapters for _ in range(B)]
+        with autocast:
+            caps = cap(batch["input_ids"].repeat(1 + A, 1), att.repeat(1 + A, 1), names)
+        caps = {L: h.float() for L, h in caps.items()}
+        _check_finite(caps, att.repeat(1 + A, 1).bool(), s, b, idx)
+        norms = {L: caps[L][:B].norm(dim=-1) for L in layers}
+        resp = torch.tensor([d.response_start for d in chunk])
+        keep, c = select_positions(att, resp, norms, cfg.selection)
+        for k, v in c.items():
+            counts[k] = counts.get(k, 0) + v
+        rows_per_doc += keep.sum(1).tolist()
+        bi, ti = keep.nonzero(as_tuple=True)
+        meta = {"doc_index": bi + start, "position": ti.to(torch.int32),
+                "token_id": batch["input_ids"][bi, ti].to(torch.int32)}
+        for k, v in meta.items():
+            parts.setdefault(k, []).append(v)
+        for L in layers:
+            base = caps[L][:B][keep]
+            parts.setdefault(base_key(L), []).append(base.to(store_dtype))
+            for i, a in enumerate(adapters):
+                delta = caps[L][B * (i + 1): B * (i + 2)][keep] - base
+                prog.stats[(L, a)].update(base, delta)
+                parts.setdefault(delta_key(L, a), []).append(delta.to(store_dtype))
+        del caps
+        if bar is not None:
+            bar.update(int(att.sum()))
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    record = {"index": s, "file": shard_name(s), "docs": [doc_range.start, doc_range.stop],
+              "rows_per_doc": rows_per_doc, "n_rows": sum(rows_per_doc), "counts": counts}
+    return tensors, record
+
+
+def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | Path, config: ExtractConfig,
+            adapters: Sequence[str] | None = None, rank: int = 0, world_size: int = 1) -> ActivationStore | None:
+    """Extract base rows and Δ rows [N, d] at ``config.layers`` for each adapter into ``out_dir``.
+
+    ``peft_model``: a PeftModel holding the adapters (``lorascope.models.load_adapters``); ``adapters`` defaults
+    to all of them. Resumable: re-running the same call after an interruption continues where it stopped.
+    Returns the opened store (``None`` on ranks of a multi-rank run: call ``finalize_store`` after all finish).
+    """
+    if getattr(peft_model, "peft_config", None) is None:
+        raise LorascopeError("extract needs a PeftModel with the adapters loaded",
+                             fix="use lorascope.models.load_adapters(base, {name: folder})")
+    adapters = list(adapters) if adapters is not None else list(peft_model.peft_config)
+    unknown = [a for a in adapters if a not in peft_model.peft_config]
+    if unknown or not adapters:
+        raise LorascopeError(f"unknown adapter(s) {unknown}", fix=f"choose from {list(peft_model.peft_config)}")
+    if not 0 <= rank < world_size:
+        raise LorascopeError(f"rank {rank} is not in 0..{world_size - 1}", fix="check the launcher's rank")
+    peft_model.eval()
+    layers = check_layers(peft_model, config.layers)
+    docs = tokenize_docs(tokenizer, examples, config.max_length)
+    if not docs:
+        raise LorascopeError("no documents to extract", fix="give at least one example")
+    info = _model_info(peft_model)
+    docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in docs])
+    settings = {k: v for k, v in asdict(config).items() if k not in ("layers", "progress")}
+    full = {"model": info, "adapters": {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)},
+            "layers": layers, "selection": config.selection.describe(), **settings,
+            "n_docs": len(docs), "docs_hash": docs_hash}
+    config_hash = stable_hash(full)
+    out = Path(out_dir)
+    with OutputLock(out / ".locks" / f"rank{rank:03d}"):
+        if (out / "manifest.json").is_file():
+            store = open_store(out)
+            if store.manifest["config_hash"] != config_hash:
+                raise LorascopeError(f"{out} already holds an activation store with another config",
+                                     fix="choose another --out folder or delete the old one")
+            return store
+        clean_tmp_files(out)
+        if (out / "docs.json").is_file():
+            if read_json(out / "docs.json")["doc_ids"] != [d.doc_id for d in docs]:
+                raise LorascopeError(f"{out} holds an unfinished extraction of other documents",
+                                     fix="choose another --out folder or delete the old one")
+        else:
+            write_docs(out, [d.doc_id for d in docs], [d.input_ids for d in docs], [d.response_start for d in docs])
+        prog_path = out / progress_name(rank)
+        prog = RankProgress(config_hash, layers, adapters, info["d_model"])
+        if prog_path.is_file():
+            prog = RankProgress.load(prog_path, layers, adapters, info["d_model"])
+            if prog.config_hash != config_hash:
+                raise LorascopeError(f"{out} holds an unfinished extraction with another config",
+                                     fix="re-run it with the same options, or choose another --out folder")
+        mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
+        for s in mine:  # shard files not recorded in progress are leftovers of a killed run: redo them
+            if s not in prog.shards:
+                (out / shard_name(s)).unlink(missing_ok=True)
+        todo = [s for s in mine if s not in prog.shards]
+        bar = _bar(config, docs, mine, todo)
+        cap = ResidualCapture(peft_model, layers, truncate=True)
+        try:
+            for s in todo:
+                doc_range = shard_docs(s, config.docs_per_shard, len(docs))
+                tensors, record = _run_shard(cap, docs, doc_range, s, config, adapters, tokenizer.pad_token_id,
+                                             prog, bar)
+                meta = {"config_hash": config_hash, "shard": s, "dtype": config.dtype}
+                record["sha256"] = write_shard(out / record["file"], tensors, meta)
+                prog.shards[s] = record
+                prog.save(prog_path)
+        finally:
+            if bar is not None:
+                bar.close()
+        if world_size > 1:
+            return None
+        finalize_store(out, full, config_hash, world_size=1)
+    return open_store(out)
+
+
+def _bar(config: ExtractConfig, docs: list[TokenizedExample], mine: list[int], todo: list[int]):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    def tokens(shards: list[int]) -> int:
+        return sum(len(docs[i]) for s in shards for i in shard_docs(s, config.docs_per_shard, len(docs)))
+
+    return tqdm(total=tokens(mine), initial=tokens(mine) - tokens(todo), unit="tok", unit_scale=True,
+                desc="extract", dynamic_ncols=True)
+
+
+__all__ = ["FORWARD_DTYPES", "ExtractConfig", "adapter_fingerprints", "extract", "tokenize_docs"]
