@@ -81,7 +81,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from conftest import random_adapters  # tests/activations/conftest.py
     from lorascope.activations import ExtractConfig, extract
     from lorascope.activations.extract import tokenize_docs
     from lorascope.data import make_demo_dataset
@@ -89,6 +88,7 @@ def main() -> None:
     from lorascope.models.evaluate import BASE
     from lorascope.models.lora import collate
     from lorascope.models.residual import ResidualCapture
+    from lorascope.models.testing import random_adapters
 
     layers = [int(x) for x in args.layers.split(",")]
     base = load_base("embedded")

@@ -22,7 +22,7 @@ import torch
 from lorascope import __version__
 from lorascope.config import ExperimentConfig, SAECfg
 from lorascope.errors import LorascopeError
-from lorascope.io import OutputLock, clean_tmp_files, read_json, stable_hash, write_json
+from lorascope.io import OutputLock, atomic_dir, clean_tmp_files, read_json, stable_hash, write_json
 
 RESULTS = "results"
 
@@ -126,7 +126,7 @@ def stage_adapters(st: RunState) -> dict[str, dict[str, Any]]:
                              seed=cfg.seed, autocast_bf16=t.autocast_bf16)
             res = train_lora(base, train, s, output_dir=sd.path / "adapter", progress=st.progress)
             pm = load_adapters(base, {"a": sd.path / "adapter"})
-            losses = held_out_loss(pm, base.tokenizer, held[:32], ["__base__", "a"], max_length=cfg.data.max_length)
+            losses = held_out_loss(pm, base.tokenizer, held[:16], ["__base__", "a"], max_length=cfg.data.max_length)
             pm.unload()
             sd.mark_done({"losses": res.losses, "loss_start": res.loss_start, "loss_end": res.loss_end,
                           "heldout_loss_base": losses["__base__"], "heldout_loss_adapted": losses["a"],
@@ -212,7 +212,7 @@ def train_one_sae(st: RunState, store_path: Path, store_key: str, layer: int, ki
 
     inputs = {"store": store_key, "layer": layer, "kind": kind, "adapter": adapter, "seed": seed,
               "held_out_fraction": st.config.data.held_out_fraction,
-              **c.model_dump(exclude={"seeds", "path", "source"})}
+              **c.model_dump(exclude={"seeds", "path", "source", "allow_pickle"})}
     sd = StageDir.make(st.out, "saes", label, inputs)
     if sd.done:
         return sd.path / "sae"
@@ -224,6 +224,7 @@ def train_one_sae(st: RunState, store_path: Path, store_key: str, layer: int, ki
             "trained_on": kind, "adapter": adapter or "", "lorascope_label": label}
     sae = create_sae(c.architecture, d, d_sae, seed=seed, metadata=meta, **arch)
     tcfg = TrainerConfig(total_tokens=c.tokens, batch_size=c.batch_size, lr=c.lr, seed=seed,
+                         device=st.config.model.device,
                          warmup_steps=min(100, max(1, c.tokens // c.batch_size // 10)),
                          checkpoint_every=max(1, c.tokens // c.batch_size // 5), resume=True)
     _log(f"training {c.architecture} SAE {label} ({d}→{d_sae}, {c.tokens} tokens)", st.progress)
@@ -300,7 +301,7 @@ def stage_geometry(st: RunState, store_path: Path, adapters: dict[str, dict[str,
     parts = sd.path / "parts"
     frac, split_seed = cfg.data.held_out_fraction, cfg.seed
     for layer in cfg.extraction.layers:
-        reference = load_sae(ref[layer])
+        reference = load_sae(ref[layer], allow_pickle=cfg.reference_sae.allow_pickle)
         deltas = {}
         for name, info in adapters.items():
             part = parts / f"L{layer}__{name}.json"
@@ -392,7 +393,7 @@ def _splice_parts(st: RunState, store, adapters, adapter_saes, ref, parts: Path)
     for layer, name in todo:
         _log(f"splice test: layer {layer}, {name} ({len(docs)} docs)", st.progress)
         sae = load_sae(adapter_saes[(layer, name)][0])
-        reference = load_sae(ref[layer])
+        reference = load_sae(ref[layer], allow_pickle=cfg.reference_sae.allow_pickle)
 
         def recon_adapter(hb, hf, sae=sae):
             return sae(hf - hb)
@@ -424,7 +425,8 @@ def _write_results(st: RunState, geo_dir: Path, rows, adapters, store) -> None:
     with atomic_path(res / "results.csv") as tmp:
         df.to_csv(tmp, index=False)
     for f in (geo_dir / "parts").glob("*.npz"):
-        shutil.copyfile(f, res / "arrays" / f.name)
+        with atomic_path(res / "arrays" / f.name) as tmp:
+            shutil.copyfile(f, tmp)
     contexts = []
     for f in sorted((geo_dir / "parts").glob("*.ctx")):
         contexts += read_json(f)
@@ -483,16 +485,12 @@ def _publish(st: RunState, geo: Path) -> Path:
     marker = dst / "source.json"
     if marker.is_file() and read_json(marker).get("geometry") == geo.name:
         return dst
-    tmp = st.out / f".tmp-{RESULTS}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    write_json(tmp / "source.json", {"geometry": geo.name})
-    meta = read_json(tmp / "meta.json")
-    meta["timings"] = st.timings
-    write_json(tmp / "meta.json", meta)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    with atomic_dir(dst) as tmp:  # a killed publish leaves the old results folder or none, never a mixture
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        meta = read_json(tmp / "meta.json")
+        meta["timings"] = st.timings
+        write_json(tmp / "meta.json", meta)
+        write_json(tmp / "source.json", {"geometry": geo.name})
     return dst
 
 

@@ -45,8 +45,19 @@ def run_cmd(
 
 def _summary(res) -> None:
     from rich.console import Console
+    from rich.table import Table
 
     console = Console()
+    df = res.table
+    lora = df[df.family == "lora"].pivot_table(index=["adapter", "rank"], columns="metric", values="value")
+    if not lora.empty:
+        t = Table(title="LoRA adapters: training loss (first/last 5 steps) and held-out loss on the fine-tuning task")
+        for col in ("adapter", "rank", "train loss start", "train loss end", "held-out base", "held-out adapted"):
+            t.add_column(col)
+        for (name, rank), r in lora.sort_index(level="rank").iterrows():
+            t.add_row(name, str(rank), *(f"{r.get(m, float('nan')):.3f}" for m in (
+                "train_loss_start", "train_loss_end", "heldout_loss_base", "heldout_loss_adapted")))
+        console.print(t)
     console.print(f"[bold]results[/]: {res.results_dir / 'results.parquet'} ({len(res.table)} rows)")
     if res.report:
         console.print(f"[bold]report[/]:  {res.report}")

@@ -25,7 +25,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lorascope.data.demo import PREFIX, SUFFIX, _SWAPS
+    from lorascope.data.demo import _SWAPS, PREFIX, SUFFIX
 
     words = set(SPECIAL)
     words.update(string.ascii_letters + string.digits + string.punctuation)
@@ -81,3 +81,24 @@ def build_tiny_model(arch: str, folder: str | Path, seed: int = 0, hidden: int =
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def random_adapters(model, ranks, scale: float = 0.05, seed: int = 0):
+    """PeftModel with non-zero random LoRA adapters ``r{rank}`` (B scaled down to a trained-adapter magnitude)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = None
+    for r in ranks:
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
+                         task_type="CAUSAL_LM")
+        if pm is None:
+            pm = get_peft_model(model, cfg, adapter_name=f"r{r}")
+        else:
+            pm.add_adapter(f"r{r}", cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(scale)
+    pm.eval()
+    return pm
