@@ -12,6 +12,8 @@ without reading them (for resuming a trainer mid-epoch).
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -259,6 +261,12 @@ class ActivationReader:
             carry = {k: v[full:] for k, v in cur.items()}
         if carry is not None and carry["x"].shape[0] and not self.drop_last:
             yield self._out(carry)
+
+    def iter_from(self, row: int) -> Iterator[torch.Tensor | Batch]:
+        """Batches from stream row ``row`` on (the trainer's resume protocol); skipped windows are never read."""
+        clone = copy.copy(self)
+        clone.skip_rows = self.skip_rows + int(row)
+        return iter(clone)
 
     def _out(self, t: dict[str, torch.Tensor]) -> torch.Tensor | Batch:
         if not self.with_meta:

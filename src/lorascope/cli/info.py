@@ -10,8 +10,8 @@ import typer
 from lorascope.cli import app
 
 
-def describe(path: Path) -> list[tuple[str, str]]:
-    """(key, value) lines describing whatever lorascope artefact ``path`` is."""
+def describe(path: Path, allow_pickle: bool = False) -> list[tuple[str, str]]:
+    """(key, value) lines describing whatever lorascope artefact ``path`` is (``allow_pickle``: see load_sae)."""
     from lorascope.errors import LorascopeError
 
     if not path.exists():
@@ -31,30 +31,37 @@ def describe(path: Path) -> list[tuple[str, str]]:
         from lorascope.activations import open_store
 
         st = open_store(path)
-        m = st.manifest
-        return [("kind", "activation store"), ("model", str(m.get("model", {}).get("name", m.get("model")))),
+        m, c = st.manifest, st.manifest.get("config", {})
+        model = c.get("model", {})
+        return [("kind", "activation store"),
+                ("model", str(model.get("name", model) if isinstance(model, dict) else model)),
                 ("d_model", str(st.d_model)), ("layers", str(st.layers)), ("adapters", ", ".join(st.adapters)),
-                ("tokens", str(st.n_tokens)), ("dtype", str(m.get("dtype"))),
-                ("token selection", json.dumps(m.get("selection", {}))), ("shards", str(len(m.get("shards", []))))]
+                ("tokens", str(st.n_tokens)), ("documents", str(c.get("n_docs"))), ("dtype on disk", str(c.get("dtype"))),
+                ("forward", str(c.get("forward_dtype"))), ("token selection", json.dumps(c.get("selection", {}))),
+                ("shards", str(len(m.get("shards", [])))), ("delta", str(m.get("delta_definition", ""))[:90] + "…")]
     if (path / "adapter_config.json").is_file():
         c = json.loads((path / "adapter_config.json").read_text())
         return [("kind", "PEFT LoRA adapter"), ("rank", str(c.get("r"))), ("alpha", str(c.get("lora_alpha"))),
                 ("target modules", str(c.get("target_modules"))), ("base model", str(c.get("base_model_name_or_path")))]
     from lorascope.saes import load_sae
 
-    sae = load_sae(path)
+    sae = load_sae(path, allow_pickle=allow_pickle)
     return [("kind", f"SAE ({sae.cfg.architecture})"), ("d_in", str(sae.d_in)), ("d_sae", str(sae.d_sae)),
             ("arch", json.dumps(sae.cfg.arch)), ("apply_b_dec_to_input", str(sae.cfg.apply_b_dec_to_input)),
             ("metadata", json.dumps(sae.cfg.metadata)[:200])]
 
 
 @app.command("info")
-def info_cmd(path: Path = typer.Argument(..., help="A store, SAE, adapter or results folder.")) -> None:
+def info_cmd(
+    path: Path = typer.Argument(..., help="A store, SAE, adapter or results folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow SAE files that need full unpickling (runs code: trust the file)."),
+) -> None:
     """Describe any lorascope artefact: activation store, SAE (any supported format), adapter, or results."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, title=str(path))
-    for k, v in describe(path):
+    for k, v in describe(path, allow_pickle=allow_pickle):
         table.add_row(k, v)
     Console().print(table)

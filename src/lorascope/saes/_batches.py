@@ -76,6 +76,9 @@ class BatchSource:
             return int(self.obj.shape[0])
         if isinstance(self.obj, list | tuple):
             return sum(int(_as_chunk(c).shape[0]) for c in self.obj)
+        n_rows = getattr(self.obj, "n_rows", None)  # e.g. an activation-store reader
+        if isinstance(n_rows, int):
+            return n_rows - int(getattr(self.obj, "skip_rows", 0))
         return None
 
     def open(self, row: int = 0) -> Iterator[torch.Tensor]:
