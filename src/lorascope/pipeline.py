@@ -433,7 +433,7 @@ def _write_results(st: RunState, geo_dir: Path, rows, adapters, store) -> None:
     write_json(res / "contexts.json", contexts)
     cfg = st.config
     write_json(res / "meta.json", {"name": cfg.name, "model": cfg.model.spec, "d_model": store.d_model,
-                                   "n_layers": store.manifest.get("model", {}).get("num_layers"),
+                                   "n_layers": store.manifest.get("config", {}).get("model", {}).get("n_layers"),
                                    "layers": list(cfg.extraction.layers),
                                    "adapters": {k: v["rank"] for k, v in adapters.items()},
                                    "config": cfg.model_dump(), "lorascope_version": __version__,

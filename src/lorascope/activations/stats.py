@@ -69,22 +69,16 @@ class DeltaStats:
         self.hist_ratio += other.hist_ratio
         return self
 
-    # exact (de)serialisation; StreamingCovariance has no public state API yet, so we read its fields here
+    # exact (de)serialisation for the extraction checkpoint
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
-        c = self.cov
-        d = self.d
-        mean = c._mean if c._mean is not None else torch.zeros(d, dtype=torch.float64)
-        scatter = c._scatter if c._scatter is not None else torch.zeros(d, d, dtype=torch.float64)
-        return {f"{prefix}.cov_n": torch.tensor([c.n], dtype=torch.long), f"{prefix}.cov_mean": mean.contiguous(),
-                f"{prefix}.cov_scatter": scatter.contiguous(), f"{prefix}.sums": self.sums.clone(),
-                f"{prefix}.hist_norm": self.hist_norm.clone(), f"{prefix}.hist_ratio": self.hist_ratio.clone()}
+        cov = {f"{prefix}.cov_{k}": v for k, v in self.cov.state().items()}
+        return {**cov, f"{prefix}.sums": self.sums.clone(), f"{prefix}.hist_norm": self.hist_norm.clone(),
+                f"{prefix}.hist_ratio": self.hist_ratio.clone()}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int) -> DeltaStats:
         s = cls(d)
-        n = int(tensors[f"{prefix}.cov_n"][0])
-        if n:
-            s.cov._merge(n, tensors[f"{prefix}.cov_mean"].clone(), tensors[f"{prefix}.cov_scatter"].clone())
+        s.cov = StreamingCovariance.from_state({k: tensors[f"{prefix}.cov_{k}"] for k in ("n", "mean", "scatter")}, d)
         s.sums = tensors[f"{prefix}.sums"].clone()
         s.hist_norm = tensors[f"{prefix}.hist_norm"].clone()
         s.hist_ratio = tensors[f"{prefix}.hist_ratio"].clone()

@@ -66,6 +66,23 @@ class StreamingCovariance:
             )
         return self._merge(other.n, other._mean, other._scatter)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Exact state for checkpoints: {"n": [1] int64, "mean": [d], "scatter": [d, d]} (float64)."""
+        d = self.d or 0
+        mean = self._mean if self._mean is not None else torch.zeros(d, dtype=torch.float64)
+        scatter = self._scatter if self._scatter is not None else torch.zeros(d, d, dtype=torch.float64)
+        return {"n": torch.tensor([self.n], dtype=torch.long), "mean": mean.contiguous(),
+                "scatter": scatter.contiguous()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], d: int | None = None) -> StreamingCovariance:
+        """Inverse of :meth:`state` (bit-exact)."""
+        cov = cls(d if d is not None else int(state["mean"].shape[0]))
+        n = int(state["n"][0])
+        if n:
+            cov._merge(n, state["mean"].clone(), state["scatter"].clone())
+        return cov
+
     def _need(self, k: int = 1) -> None:
         if self.n < k:
             raise LorascopeError(
