@@ -92,3 +92,16 @@ def test_layer_out_of_range_and_missing_adapter(tmp_path, tiny_llama_dir):
                                                                         "adapters.load": {"x": str(tmp_path)}}))
     with pytest.raises(LorascopeError, match="no adapter_config.json"):
         run(cfg, progress=False)
+
+
+def test_every_sae_has_its_own_initialisation(mini_run):
+    """Shared random inits make two barely-trained SAEs look aligned (cos ≈ 1): the pipeline must never do that."""
+    import json
+
+    cfg, res = mini_run
+    seeds = [json.loads(p.read_text())["metadata"]["init_seed"]
+             for p in Path(cfg.output_dir).glob("saes/*/sae/cfg.json")]
+    assert len(seeds) == 5 and len(set(seeds)) == 5
+    df = res.table
+    mmcs = df[(df.metric == "mmcs_adapter_to_ref")].value
+    assert (mmcs < 0.95).all(), mmcs
