@@ -7,8 +7,11 @@ each group of ``docs_per_shard`` documents becomes one atomically written shard 
 :mod:`lorascope.activations.store` for the layout and the resume rule).
 
 Distributed: ``rank``/``world_size`` select the shards this process writes (round-robin); every rank writes its
-own progress file, and ``finalize_store`` merges them once all ranks are done (``extract`` calls it itself when
-``world_size == 1``).
+own progress file, and ``finalize_store`` merges them once all ranks are done. Under ``torchrun`` (a running
+``torch.distributed`` process group of ``world_size`` ranks) ``extract`` does it all: rank 0 prepares the folder,
+every rank writes its shards, and after a barrier rank 0 merges the manifest; every rank returns the store.
+Ranks started separately (no process group) return None; run :func:`finalize_extraction` once all are done.
+Shard contents do not depend on ``world_size``: a 4-rank store holds the same bytes as a 1-rank one.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ from lorascope.activations.tokens import TokenSelection, select_positions
 from lorascope.data.chat import TokenizedExample, tokenize_example
 from lorascope.data.examples import Example
 from lorascope.errors import IntegrityError, LorascopeError
-from lorascope.io import OutputLock, clean_tmp_files, read_json, stable_hash
+from lorascope.io import TMP_PREFIX, OutputLock, clean_tmp_files, read_json, stable_hash, write_json
 from lorascope.models.evaluate import BASE
 from lorascope.models.lora import collate
 from lorascope.models.residual import ResidualCapture, check_layers, unwrap_model
 
 FORWARD_DTYPES = ("float32", "bf16-autocast")
+RUN_CONFIG = "progress/config.json"
 
 
 @dataclass
@@ -139,6 +143,7 @@ def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: ra
                adapters: list[str], pad_id: int, prog: RankProgress, bar) -> tuple[dict[str, torch.Tensor], dict]:
     layers, A = cap.layers, len(adapters)
     store_dtype = STORE_DTYPES[cfg.dtype]
+    dev = next(cap.model.parameters()).device  # GPU: forward and Δ there, rows go to the CPU for the shard
     parts: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
     rows_per_doc: list[int] = []
@@ -152,10 +157,10 @@ def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: ra
         att = batch["attention_mask"]
         names = [BASE] * B + [a for a in adapters for _ in range(B)]
         with autocast:
-            caps = cap(batch["input_ids"].repeat(1 + A, 1), att.repeat(1 + A, 1), names)
+            caps = cap(batch["input_ids"].repeat(1 + A, 1).to(dev), att.repeat(1 + A, 1).to(dev), names)
         caps = {L: h.float() for L, h in caps.items()}
-        _check_finite(caps, att.repeat(1 + A, 1).bool(), s, b, idx)
-        norms = {L: caps[L][:B].norm(dim=-1) for L in layers}
+        _check_finite(caps, att.repeat(1 + A, 1).bool().to(dev), s, b, idx)
+        norms = {L: caps[L][:B].norm(dim=-1).cpu() for L in layers}
         resp = torch.tensor([d.response_start for d in chunk])
         keep, c = select_positions(att, resp, norms, cfg.selection)
         for k, v in c.items():
@@ -166,11 +171,13 @@ def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: ra
                 "token_id": batch["input_ids"][bi, ti].to(torch.int32)}
         for k, v in meta.items():
             parts.setdefault(k, []).append(v)
+        keep_dev = keep.to(dev)
         for L in layers:
-            base = caps[L][:B][keep]
+            base_dev = caps[L][:B][keep_dev]
+            base = base_dev.cpu()
             parts.setdefault(base_key(L), []).append(base.to(store_dtype))
             for i, a in enumerate(adapters):
-                delta = caps[L][B * (i + 1): B * (i + 2)][keep] - base
+                delta = (caps[L][B * (i + 1): B * (i + 2)][keep_dev] - base_dev).cpu()
                 prog.stats[(L, a)].update(base, delta)
                 parts.setdefault(delta_key(L, a), []).append(delta.to(store_dtype))
         del caps
@@ -187,8 +194,9 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     """Extract base rows and Δ rows [N, d] at ``config.layers`` for each adapter into ``out_dir``.
 
     ``peft_model``: a PeftModel holding the adapters (``lorascope.models.load_adapters``); ``adapters`` defaults
-    to all of them. Resumable: re-running the same call after an interruption continues where it stopped.
-    Returns the opened store (``None`` on ranks of a multi-rank run: call ``finalize_store`` after all finish).
+    to all of them. Resumable: re-running the same call after an interruption continues where it stopped (per
+    rank). Returns the opened store; ``None`` on ranks of a multi-rank run without a ``torch.distributed``
+    process group (then call :func:`finalize_extraction` once every rank has finished).
     """
     if getattr(peft_model, "peft_config", None) is None:
         raise LorascopeError("extract needs a PeftModel with the adapters loaded",
@@ -199,6 +207,13 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
         raise LorascopeError(f"unknown adapter(s) {unknown}", fix=f"choose from {list(peft_model.peft_config)}")
     if not 0 <= rank < world_size:
         raise LorascopeError(f"rank {rank} is not in 0..{world_size - 1}", fix="check the launcher's rank")
+    from lorascope import distributed
+
+    grouped = world_size > 1 and distributed.is_initialized()  # torchrun: barrier + merge here
+    if grouped and (distributed.get_world_size(), distributed.get_rank()) != (world_size, rank):
+        raise LorascopeError(f"extract was called as rank {rank} of {world_size} inside a process group of "
+                             f"{distributed.get_world_size()} (this is rank {distributed.get_rank()})",
+                             fix="pass rank=distributed.get_rank(), world_size=distributed.get_world_size()")
     peft_model.eval()
     layers = check_layers(peft_model, config.layers)
     docs = tokenize_docs(tokenizer, examples, config.max_length)
@@ -219,13 +234,8 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
                 raise LorascopeError(f"{out} already holds an activation store with another config",
                                      fix="choose another --out folder or delete the old one")
             return store
-        clean_tmp_files(out)
-        if (out / "docs.json").is_file():
-            if read_json(out / "docs.json")["doc_ids"] != [d.doc_id for d in docs]:
-                raise LorascopeError(f"{out} holds an unfinished extraction of other documents",
-                                     fix="choose another --out folder or delete the old one")
-        else:
-            write_docs(out, [d.doc_id for d in docs], [d.input_ids for d in docs], [d.response_start for d in docs])
+        mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
+        _prepare(out, docs, {"config": full, "config_hash": config_hash}, rank, world_size, grouped, mine)
         prog_path = out / progress_name(rank)
         prog = RankProgress(config_hash, layers, adapters, info["d_model"])
         if prog_path.is_file():
@@ -233,12 +243,11 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             if prog.config_hash != config_hash:
                 raise LorascopeError(f"{out} holds an unfinished extraction with another config",
                                      fix="re-run it with the same options, or choose another --out folder")
-        mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
         for s in mine:  # shard files not recorded in progress are leftovers of a killed run: redo them
             if s not in prog.shards:
                 (out / shard_name(s)).unlink(missing_ok=True)
         todo = [s for s in mine if s not in prog.shards]
-        bar = _bar(config, docs, mine, todo)
+        bar = _bar(config, docs, mine, todo) if rank == 0 else None
         cap = ResidualCapture(peft_model, layers, truncate=True)
         try:
             for s in todo:
@@ -253,8 +262,53 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             if bar is not None:
                 bar.close()
         if world_size > 1:
-            return None
+            if not grouped:
+                return None
+            distributed.barrier()  # every rank's progress file is complete
+            if rank == 0:
+                finalize_store(out, full, config_hash, world_size=world_size)
+            distributed.barrier()  # the manifest exists
+            return open_store(out)
         finalize_store(out, full, config_hash, world_size=1)
+    return open_store(out)
+
+
+def _prepare(out: Path, docs: list[TokenizedExample], config: dict, rank: int, world_size: int, grouped: bool,
+             mine: list[int]) -> None:
+    """Clean leftovers and write the document table (rank 0 alone when the ranks form a process group)."""
+    from lorascope import distributed
+
+    if world_size == 1:
+        clean_tmp_files(out)
+    else:  # only this rank's own leftovers: other ranks may be writing right now
+        for s in mine:
+            for p in (out / shard_name(s)).parent.glob(TMP_PREFIX + Path(shard_name(s)).name + ".*"):
+                p.unlink(missing_ok=True)
+        for p in (out / "progress").glob(TMP_PREFIX + Path(progress_name(rank)).name + ".*"):
+            p.unlink(missing_ok=True)
+    writer = rank == 0 or not grouped
+    if grouped and not writer:
+        distributed.barrier()  # rank 0 has written docs.json
+    if (out / "docs.json").is_file():
+        if read_json(out / "docs.json")["doc_ids"] != [d.doc_id for d in docs]:
+            raise LorascopeError(f"{out} holds an unfinished extraction of other documents",
+                                 fix="choose another --out folder or delete the old one")
+    elif writer:
+        write_docs(out, [d.doc_id for d in docs], [d.input_ids for d in docs], [d.response_start for d in docs])
+    if writer and world_size > 1:
+        write_json(out / RUN_CONFIG, config)  # lets finalize_extraction merge without re-running the model
+    if grouped and writer:
+        distributed.barrier()
+
+
+def finalize_extraction(out_dir: str | Path, world_size: int) -> ActivationStore:
+    """Merge the progress of ``world_size`` separately started ranks into the manifest; returns the store."""
+    out = Path(out_dir)
+    if not (out / RUN_CONFIG).is_file():
+        raise LorascopeError(f"{out} holds no unfinished extraction ({RUN_CONFIG} is missing)",
+                             fix="run the extraction on every rank first")
+    run = read_json(out / RUN_CONFIG)
+    finalize_store(out, run["config"], run["config_hash"], world_size=world_size)
     return open_store(out)
 
 
@@ -270,4 +324,5 @@ def _bar(config: ExtractConfig, docs: list[TokenizedExample], mine: list[int], t
                 desc="extract", dynamic_ncols=True)
 
 
-__all__ = ["FORWARD_DTYPES", "ExtractConfig", "adapter_fingerprints", "extract", "tokenize_docs"]
+__all__ = ["FORWARD_DTYPES", "ExtractConfig", "adapter_fingerprints", "extract", "finalize_extraction",
+           "tokenize_docs"]

@@ -1,7 +1,12 @@
-"""`lorascope extract`: base and delta residual-stream activations for one or more adapters into a store."""
+"""`lorascope extract`: base and delta residual-stream activations for one or more adapters into a store;
+`lorascope train-saes-distributed`: many independent SAEs (layer × adapter × seed) spread over torchrun ranks.
+
+Both detect ``torchrun`` (RANK / WORLD_SIZE in the environment) and run on every rank; see docs/distributed.md.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -51,24 +56,35 @@ def extract_cmd(
     seed: int = typer.Option(0, help="Seed of the demo data generator."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (tokens/s, ETA)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
+                                            "cuda:N."),
 ) -> None:
-    """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch)."""
+    """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
+
+    Under ``torchrun --nproc_per_node N -m lorascope extract …`` the documents' shards are split over the ranks
+    (round-robin), each rank writes its own shards into the one store, and rank 0 merges the manifest.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from lorascope.activations import ExtractConfig, extract
     from lorascope.data import load_dataset_spec
+    from lorascope.distributed import cleanup, init_distributed
     from lorascope.models import load_adapters, load_base
 
     adapters = _parse_adapters(adapter)
+    dist = init_distributed(device)
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
                         max_norm_factor=max_norm_factor or None, batch_size=batch_size,
                         docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,
-                        forward_dtype=forward_dtype, progress=progress)
+                        forward_dtype=forward_dtype, progress=progress and dist.is_main)
     examples = load_dataset_spec(data, limit=n_docs, seed=seed)
-    base = load_base(model, trust_remote_code=trust_remote_code)
+    base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code)
     peft_model = load_adapters(base, adapters)
-    store = extract(peft_model, base.tokenizer, examples, out, cfg)
+    store = extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
+    cleanup()
+    if not dist.is_main:
+        return
     c = store.manifest["counts"]
     table = Table(title=f"{store.n_tokens} rows from {c['tokens']} tokens of {len(examples)} documents "
                         f"(dropped: {c['skipped_first']} first positions, {c['excluded_norm']} high-norm, "
@@ -82,4 +98,102 @@ def extract_cmd(
             table.add_row(str(L), a, f"{s['delta_norm']['mean']:.4g}", f"{s['relative_norm']['mean']:.4g}",
                           f"{s['energy_ratio']:.4g}", f"{s.get('participation_ratio') or float('nan'):.2f}",
                           str(s.get("n_components_90", "")))
+    Console(width=160).print(table)
+
+
+def _job_label(layer: int, adapter: str | None, seed: int) -> str:
+    return f"L{layer}__{adapter or 'base'}__seed{seed}"
+
+
+@app.command("train-saes-distributed")
+def train_saes_distributed_cmd(
+    store: Path = typer.Option(..., "--store", "-s", help="Activation store folder (from `lorascope extract`)."),
+    layers: str = typer.Option("all", "--layers", "-l", help="Comma-separated layers, or 'all' (the store's)."),
+    adapters: str = typer.Option("all", help="Comma-separated adapter names, or 'all' (ignored for --kind base)."),
+    kind: str = typer.Option("delta", help="delta (adapter SAEs), base (reference SAEs) or adapted."),
+    seeds: str = typer.Option("0", help="Comma-separated SAE seeds (one SAE per seed)."),
+    architecture: str = typer.Option("topk", "--architecture", "-a", help="topk, batchtopk, relu, jumprelu, sasa."),
+    expansion: int = typer.Option(8, help="d_sae = expansion × d_model."),
+    k: int = typer.Option(32, help="Active latents (topk/batchtopk); for sasa k = s·rank."),
+    tokens: int = typer.Option(200_000, help="Training token budget per SAE."),
+    batch_size: int = typer.Option(1024, help="Batch size (tokens)."),
+    lr: float | None = typer.Option(None, help="Learning rate (default 2e-4/sqrt(d_sae/2^14))."),
+    held_out_fraction: float = typer.Option(0.2, help="Documents held out (never trained on)."),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
+                                            "cuda:N."),
+    autocast: str | None = typer.Option(None, help="e.g. bfloat16: mixed precision (GPUs only: slow on CPUs)."),
+    out: Path = typer.Option(Path("runs/saes"), "--out", "-o", help="Root folder: one SAELens folder per SAE."),
+    data_parallel: bool = typer.Option(False, "--data-parallel/--jobs",
+                                       help="--jobs: one SAE per rank at a time; --data-parallel: all ranks train "
+                                            "each SAE together (global batch split over ranks)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (rank 0)."),
+) -> None:
+    """Train one SAE per (layer, adapter, seed) into OUT/L{layer}__{adapter}__seed{seed} (resumable, skipped when
+    done). Under torchrun, ``--jobs`` (default) gives each rank every WORLD_SIZE-th job (layer-major,
+    ``lorascope.distributed.my_jobs``) trained single-process on its device; ``--data-parallel`` trains the jobs
+    one after another with every rank taking its slice of each global batch (for SAEs too big for one device's
+    throughput). Results are the same either way up to float summation order.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from lorascope.activations import open_store
+    from lorascope.config import SAECfg
+    from lorascope.distributed import barrier, cleanup, independent, init_distributed, my_jobs
+    from lorascope.io import OutputLock, read_json, write_json
+    from lorascope.pipeline import sae_arch_kwargs, training_stream
+    from lorascope.saes import create_sae, save_sae
+    from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+
+    dist = init_distributed(device)
+    st = open_store(store)
+    chosen = st.layers if layers.strip() == "all" else _parse_layers(layers)
+    missing = [L for L in chosen if L not in st.layers]
+    if missing:
+        raise LorascopeError(f"layer(s) {missing} are not in the store", fix=f"choose from {st.layers}")
+    names: list[str | None] = [None] if kind == "base" else (
+        st.adapters if adapters.strip() == "all" else [a for a in adapters.split(",") if a])
+    seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    c = SAECfg(architecture=architecture, expansion=expansion, k=k, tokens=tokens, batch_size=batch_size, lr=lr,
+               seeds=seed_list)
+    jobs = [(L, a, sd) for L in chosen for a in names for sd in seed_list]
+    mine = jobs if data_parallel else my_jobs(jobs, dist.rank, dist.world_size)
+    writer = dist.is_main or not data_parallel
+    for layer, adapter, seed in mine:
+        folder = out / _job_label(layer, adapter, seed)
+        if (folder / "done.json").is_file():
+            continue
+        lock = OutputLock(folder) if writer else contextlib.nullcontext()
+        with lock, (contextlib.nullcontext() if data_parallel else independent()):
+            d_sae, arch = sae_arch_kwargs(c, st.d_model)
+            sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
+                             metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
+                                       "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)
+            tcfg = TrainerConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
+                                 device=str(dist.device), autocast_dtype=autocast,
+                                 checkpoint_every=max(1, tokens // batch_size // 10), resume=True)
+            stream = training_stream(st, layer, kind, adapter, batch_size, seed, held_out_fraction, 0)
+            res = train_sae(sae, stream, tcfg, checkpoint_dir=folder / "ckpt", progress=progress and dist.is_main)
+            if writer:
+                save_sae(res.sae, folder)
+                held = st.held_out(layer, adapter, held_out_fraction=held_out_fraction, split_seed=0)
+                x = held.delta if kind == "delta" else held.base if kind == "base" else held.adapted
+                ev = evaluate_sae(res.sae, x) if x.shape[0] else {}
+                write_json(folder / "done.json", {"rank": dist.rank, "final": res.final,
+                                                  "held_out": {n: v for n, v in ev.items() if n != "density"}})
+        if data_parallel:
+            barrier()  # done.json is written before any rank looks at the next job
+    barrier()
+    cleanup()
+    if not dist.is_main:
+        return
+    table = Table(title=f"{len(jobs)} SAEs on {dist.world_size} rank(s) -> {out}")
+    for col in ("SAE", "rank", "train FVU", "held-out FVU", "L0", "tokens/s"):
+        table.add_column(col)
+    for job in jobs:
+        done = read_json(out / _job_label(*job) / "done.json")
+        h = done["held_out"]
+        table.add_row(_job_label(*job), str(done["rank"]), f"{done['final']['fvu']:.4f}",
+                      f"{h.get('fvu', float('nan')):.4f}", f"{h.get('l0', float('nan')):.1f}",
+                      f"{done['final']['tokens_per_s']:.0f}")
     Console(width=160).print(table)

@@ -12,6 +12,12 @@ What the trainer does (shared/REFERENCE.md "SAE training practice"):
 - checkpoints (weights, optimiser, step, tokens, RNG, dead tracking, input scale, log) atomically every
   ``checkpoint_every`` steps; ``resume=True`` continues from the last one and ends at bit-identical weights
   (CPU) provided the batch source yields the same rows again (see ``_batches`` for what can be passed).
+
+Data-parallel (``torchrun``, after ``lorascope.distributed.init_distributed``): detected from
+``torch.distributed``; the single-process path is unchanged. Every rank reads the same stream, rank r trains on
+rows [floor(r·n/W), floor((r+1)·n/W)) of each global batch of n rows, and gradients are summed with weights
+n_r/n (``lorascope.distributed.DataParallel``), so the update equals the single-process one for the same global
+batch up to float summation order. docs/distributed.md lists what is exact and what is approximate.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 import torch
 
+from lorascope.distributed import DataParallel
 from lorascope.errors import LorascopeError
 from lorascope.geometry.metrics import ReconstructionStats
 from lorascope.io import atomic_path
@@ -243,7 +250,8 @@ def train_sae(
             fix="set TrainerConfig(total_tokens=...)",
         )
     total_steps = math.ceil(total_tokens / cfg.batch_size)
-    device = torch.device(cfg.device) if cfg.device else sae.W_enc.device
+    dp = DataParallel.detect()
+    device = _device(cfg.device, sae, dp)
     sae.to(device).train()
     dtype = sae.W_enc.dtype
     base_lr = cfg.lr or lr_for_width(sae.d_sae)
@@ -258,6 +266,9 @@ def train_sae(
         )
 
     resumed = bool(cfg.resume and ckpt is not None and ckpt.exists())
+    if dp is not None:
+        dp.check_agree(resumed, f"the checkpoint {ckpt} is visible on some ranks only",
+                       "put checkpoint_dir on a filesystem every rank can read")
     if resumed:
         _load_checkpoint(ckpt, sae, opt, st, cfg)
         chunks = source.open(st.tokens)
@@ -271,20 +282,26 @@ def train_sae(
 
     amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
     amp = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None)
-    bar = _progress_bar(total_steps, st.step, progress)
+    if dp is not None:
+        dp.start(sae)
+    bar = _progress_bar(total_steps, st.step, progress and (dp is None or dp.is_main))
     t0 = time.perf_counter()
     tokens_at_start = st.tokens
     try:
         for x in rebatch(chunks, cfg.batch_size, limit_rows=total_tokens - st.tokens):
-            _train_step(
-                sae, opt, x.to(device=device, dtype=dtype), st, cfg, total_steps, base_lr, window, amp
-            )
+            if dp is None:
+                _train_step(
+                    sae, opt, x.to(device=device, dtype=dtype), st, cfg, total_steps, base_lr, window, amp
+                )
+            else:
+                _train_step_dp(sae, opt, x, st, cfg, total_steps, base_lr, window, amp, dp, device)
             bar.update(1)
             if st.log and st.log[-1]["step"] == st.step:
                 e = st.log[-1]
                 bar.set_postfix(fvu=f"{e['fvu']:.4f}", l0=f"{e['l0']:.1f}", dead=f"{e['dead_frac']:.3f}")
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total_steps:
-                _save_checkpoint(ckpt, sae, opt, st, cfg)
+                if dp is None or dp.is_main:  # every rank holds the same state: one writer
+                    _save_checkpoint(ckpt, sae, opt, st, cfg)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -348,28 +365,85 @@ def _train_step(
 
     n = x.shape[0]
     fired, l0 = _active_ids(out, n, sae.d_sae)
-    st.since_fired += n
-    st.since_fired[fired.cpu()] = 0
-    st.step += 1
-    st.tokens += n
-    in_window = st.step > total_steps - cfg.final_window_steps
-    is_log = st.step % cfg.log_every == 0 or st.step == total_steps
+    _advance(st, n, fired)
+    in_window, is_log = _wants_stats(st, cfg, total_steps)
     if in_window or is_log:
         stats = ReconstructionStats()
         stats.update(xs.detach(), out.x_hat.detach())
         stats.sum_l0, stats.n_codes = l0 * n, n  # L0 from the selection (no dense codes on sparse paths)
-        if in_window:
-            st.window.append(stats)
-        if is_log:
-            entry = {
-                "step": float(st.step),
-                "tokens": float(st.tokens),
-                "lr": lr,
-                "loss": float(out.loss.detach()),
-            }
-            entry.update({k: float(v) for k, v in out.parts.items()})
-            entry.update(fvu=stats.fvu, l0=l0, dead_frac=float((st.since_fired >= window).float().mean()))
-            st.log.append(entry)
+        parts = {k: float(v) for k, v in out.parts.items()}
+        _record(st, window, stats, in_window, is_log, lr, float(out.loss.detach()), parts, l0)
+
+
+def _train_step_dp(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _State, cfg: TrainerConfig,
+                   total_steps: int, base_lr: float, window: int, amp: Any, dp: DataParallel,
+                   device: torch.device) -> None:
+    """One data-parallel step on this rank's slice of the global batch ``x`` (same update on every rank)."""
+    if x.ndim != 2 or x.shape[1] != sae.d_in:
+        sae.check_input(x)
+    n = x.shape[0]
+    share = dp.share(n)
+    lo, hi = dp.bounds(n)
+    xl = x[lo:hi].to(device=device, dtype=sae.W_enc.dtype)
+    xs = xl * st.scale if st.scale != 1.0 else xl
+    warm_steps = cfg.sparsity_warmup_fraction * total_steps
+    ctx = TrainContext(
+        st.step,
+        total_steps,
+        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
+        st.since_fired >= window,
+    )
+    with dp.step(share), amp:
+        out = sae.training_loss(xs, ctx)
+    opt.zero_grad(set_to_none=True)
+    (out.loss * share.weight).backward()
+    fired_local, l0 = _active_ids(out, xs.shape[0], sae.d_sae)
+    loss, fired = dp.reduce_grads(sae, out.loss.detach() * share.weight, fired_local)
+    if not math.isfinite(loss):
+        raise LorascopeError(
+            f"the training loss became {loss} at step {st.step} (token {st.tokens})",
+            fix="lower the learning rate (TrainerConfig.lr), and check the "
+            "activations for NaN/inf or extreme norms",
+        )
+    sae.remove_parallel_grad()
+    lr = _lr_at(st.step, total_steps, base_lr, cfg)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    sae.post_step()
+    dp.sync_state(sae)
+    _advance(st, n, fired)
+    in_window, is_log = _wants_stats(st, cfg, total_steps)
+    if in_window or is_log:
+        stats = ReconstructionStats()
+        if dp.contributes_stats(share):
+            stats.update(xs.detach(), out.x_hat.detach())
+            stats.sum_l0, stats.n_codes = l0 * xs.shape[0], xs.shape[0]
+        parts = {k: float(v) * share.weight for k, v in out.parts.items()}
+        stats, parts, l0 = dp.reduce_stats(stats, parts, l0 * share.weight, sae.d_in, device)
+        _record(st, window, stats, in_window, is_log, lr, loss, parts, l0)
+
+
+def _advance(st: _State, n: int, fired: torch.Tensor) -> None:
+    st.since_fired += n
+    st.since_fired[fired.cpu()] = 0
+    st.step += 1
+    st.tokens += n
+
+
+def _wants_stats(st: _State, cfg: TrainerConfig, total_steps: int) -> tuple[bool, bool]:
+    return st.step > total_steps - cfg.final_window_steps, st.step % cfg.log_every == 0 or st.step == total_steps
+
+
+def _record(st: _State, window: int, stats: ReconstructionStats, in_window: bool, is_log: bool, lr: float,
+            loss: float, parts: dict[str, float], l0: float) -> None:
+    if in_window:
+        st.window.append(stats)
+    if is_log:
+        entry = {"step": float(st.step), "tokens": float(st.tokens), "lr": lr, "loss": loss}
+        entry.update(parts)
+        entry.update(fvu=stats.fvu, l0=l0, dead_frac=float((st.since_fired >= window).float().mean()))
+        st.log.append(entry)
 
 
 def _final_stats(st: _State, window: int, seconds: float, tokens_run: int) -> dict[str, float]:
@@ -396,6 +470,18 @@ def _final_stats(st: _State, window: int, seconds: float, tokens_run: int) -> di
         "tokens_per_s": tokens_run / seconds if seconds > 0 else float("nan"),
     }
     return out
+
+
+def _device(spec: str | None, sae: SAE, dp: DataParallel | None) -> torch.device:
+    """cfg.device resolved ("cuda" = cuda:LOCAL_RANK under torchrun); default: the SAE's device, or this rank's GPU
+    when the process group runs on NCCL."""
+    from lorascope.distributed import select_device
+
+    if spec:
+        return select_device(spec)
+    if dp is not None and dp.backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return sae.W_enc.device
 
 
 def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
