@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorascope.distributed import batch_topk
 from lorascope.errors import LorascopeError
 from lorascope.saes._sparse import Selection
 from lorascope.saes.base import SAEConfig, register
@@ -45,7 +46,7 @@ class BatchTopKSAE(TopKSAE):
 
     def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Selection]:
         n = pre.shape[0]
-        v, flat = F.relu(pre).reshape(-1).topk(min(n * self.k, pre.numel()), sorted=False)
+        v, flat = batch_topk(F.relu(pre).reshape(-1), self.k, n)
         keep = v > 0
         flat, perm = flat[keep].sort()
         v = v[keep][perm]

@@ -34,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lorascope.distributed import batch_denominator
 from lorascope.errors import LorascopeError
 from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
 
@@ -167,7 +168,7 @@ class SASA(SAE):
         idx, sel = self.select(x, self.train_s(ctx))
         lat = self._latent_indices(idx)
         x_hat = self._sparse_decode(lat, sel.flatten(1)) + self.b_dec
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = batch_denominator(x).clamp_min(1e-12)
         sq_err = (x_hat - x).pow(2).sum()
         recon = sq_err / total_var
         lam = float(self.cfg.arch["nuclear_coefficient"]) * float(ctx.sparsity_scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lorascope.distributed import batch_denominator
 from lorascope.errors import LorascopeError
 from lorascope.saes._sparse import Selection, decode_sparse, encode_values, topk_rows
 from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
@@ -155,5 +156,5 @@ class TopKSAE(SAE):
         glob = dead[local]  # dead ids ascend, so rows stay sorted
         sel = Selection.from_topk(glob, self.d_sae)
         _, e_hat = self._codes_and_recon(x, pre_g, v.reshape(-1), sel)
-        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = batch_denominator(residual).clamp_min(1e-12)
         return (e_hat.float() - residual).pow(2).sum() / denom
