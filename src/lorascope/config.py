@@ -93,6 +93,8 @@ class ReferenceCfg(SAECfg):
     source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
     path: str | None = Field(None, description="pretrained SAE folder/file per layer: use {layer} in the path")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
+                                                  "that needs full unpickling): only for files you trust")
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceCfg:

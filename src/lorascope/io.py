@@ -2,7 +2,11 @@
 
 Nothing lorascope writes is ever half-written: every file goes to a temporary sibling, is fsync'ed and then
 renamed over the target (rename is atomic on POSIX). A killed process leaves either the old file or the new one,
-plus at worst a ``.tmp-*`` sibling that the next run ignores and cleans.
+plus at worst a ``.tmp-*`` sibling that the next run ignores and cleans. Folders (an SAE, a PEFT adapter, a
+results folder) are written the same way with :func:`atomic_dir`.
+
+Temporary names carry the writer's pid (``.tmp-<name>.<pid>.<random>``), so :func:`clean_tmp_files` never
+removes a file that a live process on this machine (another rank of the same run) is still writing.
 """
 
 from __future__ import annotations
@@ -12,14 +16,20 @@ import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from lorascope.errors import LorascopeError
 
 TMP_PREFIX = ".tmp-"
+_TMP_PID = re.compile(r"\.(\d+)\.[^.]*$")  # the pid field of a temporary name (see tmp_prefix)
+# safetensors >= 0.7 (Rust ``tempfile`` crate) writes ``.tmpXXXXXX`` beside its target and renames it: a kill
+# mid-write leaves one behind, as big as the file (a whole shard).
+_FOREIGN_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -33,11 +43,32 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def tmp_prefix(name: str) -> str:
+    """Prefix for a temporary sibling of ``name`` (mkstemp/mkdtemp add a random suffix without dots)."""
+    return f"{TMP_PREFIX}{name}.{os.getpid()}."
+
+
+def _writer_alive(name: str) -> bool:
+    m = _TMP_PID.search(name)
+    if m is None or int(m.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
 def _disk_error(path: Path, exc: OSError) -> LorascopeError:
     if exc.errno == errno.ENOSPC:
         return LorascopeError(f"disk full while writing {path}", fix="free space or choose another output folder")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LorascopeError(f"cannot write {path}: {exc.strerror}", fix="choose a writable output folder")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return LorascopeError(f"cannot write {path}: part of that path is an existing file, not a folder",
+                              fix="choose another output folder, or move the file out of the way")
     return LorascopeError(f"cannot write {path}: {exc}", fix="check the output folder")
 
 
@@ -51,7 +82,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), dir=path.parent)
         os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     except OSError as exc:
@@ -120,13 +151,70 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def clean_tmp_files(folder: str | os.PathLike) -> int:
-    """Remove ``.tmp-*`` leftovers of killed writers below ``folder``; returns how many were removed."""
-    n = 0
-    for p in Path(folder).rglob(TMP_PREFIX + "*"):
+def _fsync_tree(folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
         if p.is_file():
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+    for p in sorted((d for d in folder.rglob("*") if d.is_dir()), reverse=True):
+        _fsync_dir(p)
+    _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder next to ``path``; on success fsync it and swap it in for ``path``.
+
+    A killed process leaves either the old folder or the new one complete (or, between the two renames, no
+    folder at all), never a mixture. Entries of an existing ``path`` whose names are in ``keep`` (a checkpoint
+    folder, a ``.lock`` file) are moved into the new folder first, so they survive the swap (a held lock stays
+    held: the file is renamed, not recreated). On any exception the temporary folder is removed.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), dir=path.parent))
+    except OSError as exc:
+        raise _disk_error(path, exc) from exc
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            for name in keep:
+                if (path / name).exists() and not (tmp / name).exists():
+                    os.replace(path / name, tmp / name)
+            old = path.parent / f"{tmp_prefix('old-' + path.name)}{os.urandom(4).hex()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(path, exc) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_tmp_files(folder: str | os.PathLike) -> int:
+    """Remove leftovers of killed writers below ``folder`` (``.tmp-*`` files and folders, and the ``.tmpXXXXXX``
+    files of safetensors' own writer); returns how many. Call it only while holding the folder's lock.
+
+    ``.tmp-*`` leftovers whose writer (the pid in the name) is still alive on this machine are kept.
+    """
+    n = 0
+    for p in sorted(Path(folder).rglob(".tmp*")):
+        if not p.name.startswith(TMP_PREFIX) and not (_FOREIGN_TMP.match(p.name) and p.is_file()):
+            continue
+        if not p.exists() or _writer_alive(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
             p.unlink(missing_ok=True)
-            n += 1
+        n += 1
     return n
 
 

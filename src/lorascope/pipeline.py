@@ -459,10 +459,52 @@ class RunResult:
         return pd.read_parquet(self.results_dir / "results.parquet")
 
 
+def check_inputs(config: ExperimentConfig) -> None:
+    """Fail fast, before any training, on inputs that would otherwise fail only in a late stage: adapter folders
+    without adapter_config.json, layers out of range (local model folders, read from config.json) and reference
+    SAEs that are missing, unreadable, pickled without ``reference_sae.allow_pickle`` or of the wrong width."""
+    from lorascope.saes import load_sae
+
+    for name, path in config.adapters.load.items():
+        if not (Path(path).expanduser() / "adapter_config.json").is_file():
+            raise LorascopeError(f"adapters.load.{name}: {path} is not a PEFT adapter folder (no adapter_config.json)",
+                                 fix="point at a folder saved by PEFT, or remove the entry")
+    folder = Path(config.model.spec).expanduser()
+    mc: dict[str, Any] = {}
+    if (folder / "config.json").is_file():
+        mc = read_json(folder / "config.json")
+        mc = {**mc.get("text_config", {}), **mc}
+    n = mc.get("num_hidden_layers", mc.get("n_layer"))
+    bad = [x for x in config.extraction.layers if n is not None and not 0 <= x < int(n)]
+    if bad:
+        raise LorascopeError(f"extraction.layers: layer {bad[0]} is out of range: this model has {n} blocks",
+                             fix=f"choose layers in 0..{int(n) - 1}")
+    r = config.reference_sae
+    if r.source != "path":
+        return
+    width = mc.get("hidden_size", mc.get("n_embd"))
+    for layer in config.extraction.layers:
+        p = Path(r.path.format(layer=layer)).expanduser()
+        if not p.exists():
+            raise LorascopeError(f"reference_sae.path for layer {layer}: {p} does not exist",
+                                 fix="use {layer} in the path to name one SAE per layer")
+        try:
+            sae = load_sae(p, allow_pickle=r.allow_pickle)
+        except LorascopeError as exc:
+            if "allow_pickle" not in (exc.fix or ""):
+                raise
+            raise LorascopeError(exc.problem, fix="re-save it as a state dict, or, only if you trust the file, "
+                                                  "set reference_sae.allow_pickle: true") from exc
+        if width is not None and sae.d_in != int(width):
+            raise LorascopeError(f"reference_sae.path for layer {layer}: {p} has d_in = {sae.d_in}, but the model's "
+                                 f"residual width is {width}", fix="use SAEs trained on this model's residual stream")
+
+
 def run(config: ExperimentConfig, progress: bool = True, report: bool = True) -> RunResult:
     """Run (or resume, or re-use) the whole study described by ``config``."""
     out = Path(config.output_dir).expanduser()
     t_start = time.perf_counter()
+    check_inputs(config)
     with OutputLock(out):
         clean_tmp_files(out)
         write_json(out / "config.json", config.model_dump())
@@ -472,7 +514,9 @@ def run(config: ExperimentConfig, progress: bool = True, report: bool = True) ->
         adapter_saes, ref = stage_saes(st, store_path, store_key, adapters)
         upstream = {"store": store_key, "adapter_saes": {f"{k[0]}:{k[1]}": [p.parent.name for p in v]
                                                          for k, v in adapter_saes.items()},
-                    "ref": {str(k): str(v) for k, v in ref.items()}, "splice_model": config.model.spec}
+                    # relative inside the run folder, so a moved run folder keeps its cached geometry
+                    "ref": {str(k): str(v.relative_to(out) if v.is_relative_to(out) else v) for k, v in ref.items()},
+                    "splice_model": config.model.spec}
         geo = stage_geometry(st, store_path, adapters, adapter_saes, ref, upstream)
         results = _publish(st, geo)
         report_path = _report(st, results, geo) if report else None

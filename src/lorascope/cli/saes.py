@@ -31,7 +31,7 @@ def train_sae_cmd(
     """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
     from lorascope.activations import open_store
     from lorascope.config import SAECfg
-    from lorascope.io import OutputLock
+    from lorascope.io import OutputLock, clean_tmp_files
     from lorascope.pipeline import sae_arch_kwargs, training_stream
     from lorascope.saes import create_sae, save_sae
     from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
@@ -41,6 +41,7 @@ def train_sae_cmd(
                seeds=[seed])
     st = open_store(store)
     with OutputLock(out):
+        clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
         d_sae, arch = sae_arch_kwargs(c, st.d_model)
         sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
                          metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
@@ -64,6 +65,8 @@ def compare_cmd(
     taus: str = typer.Option("0.5,0.7,0.9", help="Overlap thresholds."),
     absolute: bool = typer.Option(False, help="Use |cos| (sign-invariant) instead of signed cosines."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the rows to this CSV."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="Allow SAE files that need full unpickling (runs code: trust the file)."),
 ) -> None:
     """Compare two dictionaries: MMCS both ways with the random-dictionary null, overlap@τ, Hungarian matching."""
     from rich.console import Console
@@ -74,7 +77,7 @@ def compare_cmd(
     from lorascope.results import rows_to_frame
     from lorascope.saes import load_sae
 
-    a, b = load_sae(sae_a), load_sae(sae_b)
+    a, b = load_sae(sae_a, allow_pickle=allow_pickle), load_sae(sae_b, allow_pickle=allow_pickle)
     rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b",
                                 taus=tuple(float(t) for t in taus.split(",")), absolute=absolute)
     table = Table(title=f"{sae_a} vs {sae_b}")

@@ -172,21 +172,19 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
 
 
 def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Save one adapter in PEFT's format atomically (temporary sibling folder, then rename)."""
+    """Save one adapter in PEFT's format atomically (temporary sibling folder, fsync, then swapped in)."""
     import shutil
-    import tempfile
+
+    from lorascope.io import atomic_dir
 
     out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}.", dir=out.parent))
-    try:
-        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
-        src = tmp / adapter_name if (tmp / adapter_name).is_dir() and adapter_name != "default" else tmp
-        if out.exists():
-            shutil.rmtree(out)
-        src.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp:
+        peft_model.save_pretrained(tmp / "peft", selected_adapters=[adapter_name])
+        src = tmp / "peft" / adapter_name if adapter_name != "default" and (tmp / "peft" / adapter_name).is_dir() \
+            else tmp / "peft"
+        for entry in src.iterdir():
+            shutil.move(str(entry), str(tmp / entry.name))
+        shutil.rmtree(tmp / "peft", ignore_errors=True)
     return out
 
 

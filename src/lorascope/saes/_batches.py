@@ -36,6 +36,11 @@ def _as_chunk(chunk: Any) -> torch.Tensor:
             f"the batch source yielded shape {tuple(chunk.shape)}, expected [rows, d_in]",
             fix="flatten batch and sequence dimensions into rows first",
         )
+    if not chunk.is_floating_point():
+        raise LorascopeError(
+            f"the batch source yielded {str(chunk.dtype).removeprefix('torch.')} rows; activations are floating point",
+            fix="pass residual-stream activations (float32 or bfloat16), not token ids or indices",
+        )
     return chunk
 
 

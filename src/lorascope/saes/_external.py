@@ -99,7 +99,8 @@ def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             raise LorascopeError(
                 f"{path} needs full unpickling (it stores Python objects, not only tensors), "
                 "which can run arbitrary code",
-                fix="re-save it as a state dict, or pass allow_pickle=True if you trust the file",
+                fix="re-save it as a state dict, or, only if you trust the file, pass allow_pickle=True "
+                "(on the command line: --allow-pickle)",
             ) from exc
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.io import TMP_PREFIX, read_json
+from lorascope.io import atomic_dir, read_json
 from lorascope.saes.base import DTYPES, SAE, SAEConfig, sae_class
 
 CFG_NAME = "cfg.json"
@@ -68,28 +66,16 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
 
 def save_sae(sae: SAE, folder: str | os.PathLike) -> Path:
     """Write ``sae`` to ``folder`` (cfg.json + sae_weights.safetensors), atomically: a killed save leaves the
-    previous folder (or none), never a half-written one. Returns the folder."""
+    previous folder (or none), never a half-written one. Other entries of an existing ``folder`` (a training
+    checkpoint, a lock file) are kept. Returns the folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + folder.name + ".", dir=folder.parent))
-    try:
+    keep = [e.name for e in folder.iterdir() if e.name not in (CFG_NAME, WEIGHTS_NAME)] if folder.is_dir() else []
+    with atomic_dir(folder, keep=keep) as tmp:
         tensors = {k: v.cpu() for k, v in sae.state_for_save().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CFG_NAME).write_text(
-            json.dumps(saelens_config(sae), indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        old = None
-        if folder.exists():
-            old = folder.parent / f"{TMP_PREFIX}old-{folder.name}-{os.getpid()}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CFG_NAME).write_text(json.dumps(saelens_config(sae), indent=2, default=str) + "\n", encoding="utf-8")
     return folder
 
 

@@ -1,0 +1,74 @@
+"""Atomic folder writes and leftover cleaning (lorascope.io), the building blocks the fault-injection tests rely on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.io import OutputLock, atomic_dir, clean_tmp_files, tmp_prefix
+
+
+def test_atomic_dir_swaps_whole_folders_and_keeps_named_entries(tmp_path):
+    target = tmp_path / "sae"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("old")
+    (target / "ckpt").mkdir()
+    (target / "ckpt" / "c.pt").write_text("state")
+    with OutputLock(target) as lock:
+        with atomic_dir(target, keep=["ckpt", ".lock"]) as tmp:
+            (tmp / "a.txt").write_text("new")
+        assert (target / "a.txt").read_text() == "new" and (target / "ckpt" / "c.pt").read_text() == "state"
+        assert os.path.samefile(target / ".lock", f"/proc/self/fd/{lock._fh.fileno()}")  # same file, still held
+        with pytest.raises(LorascopeError, match="another lorascope process"):
+            OutputLock(target).__enter__()
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temporary folder left
+
+
+def test_clean_tmp_files_spares_live_writers(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        live = tmp_path / f".tmp-shard_000001.safetensors.{child.pid}.abc123"
+        stale = tmp_path / f".tmp-shard_000002.safetensors.{dead}.xyz789"
+        own = tmp_path / f"{tmp_prefix('x.json')}q1w2e3"
+        legacy = tmp_path / ".tmp-results"  # no pid: an older lorascope's name
+        rust = tmp_path / "shards" / ".tmpAb12Cd"  # safetensors' own temporary file
+        (tmp_path / "shards").mkdir()
+        for p in (live, stale, own, rust):
+            p.write_bytes(b"x")
+        legacy.mkdir()
+        (legacy / "f").write_text("x")
+        keep = tmp_path / "shards" / "shard_000000.safetensors"
+        keep.write_bytes(b"y")
+        assert clean_tmp_files(tmp_path) == 4
+        assert live.exists() and keep.exists()
+        assert not any(p.exists() for p in (stale, own, legacy, rust))
+    finally:
+        child.kill()
+        child.wait()
+    assert clean_tmp_files(tmp_path) == 1 and not live.exists()
+
+
+def test_saved_sae_folder_keeps_checkpoint_and_lock(tmp_path):
+    from lorascope.saes import create_sae, load_sae, save_sae
+
+    out = tmp_path / "sae"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "checkpoint.pt").write_bytes(b"ckpt")
+    with OutputLock(out):
+        save_sae(create_sae("topk", 8, 16, k=2, seed=1), out)
+        sae = create_sae("topk", 8, 16, k=2, seed=2)
+        save_sae(sae, out)
+        assert (out / ".lock").exists() and (out / "ckpt" / "checkpoint.pt").read_bytes() == b"ckpt"
+    assert torch.equal(load_sae(out).W_dec, sae.W_dec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
