@@ -10,27 +10,7 @@ import yaml
 
 from lorascope.config import load_config, parse_config
 from lorascope.errors import LorascopeError
-
-
-def mini_config(model_dir: Path, out: Path, **over) -> dict:
-    cfg = {
-        "name": "mini", "output_dir": str(out), "seed": 0,
-        "model": {"spec": str(model_dir)},
-        "data": {"n_finetune": 48, "n_docs": 40, "held_out_fraction": 0.25, "max_length": 64},
-        "adapters": {"train": {"ranks": [2, 4], "steps": 6, "lr": 0.01, "batch_size": 4}},
-        "extraction": {"layers": [1], "batch_size": 8, "shard_docs": 8, "max_norm_factor": None},
-        "adapter_sae": {"expansion": 2, "k": 4, "tokens": 1024, "batch_size": 128, "seeds": [0, 1]},
-        "reference_sae": {"expansion": 2, "k": 4, "tokens": 1024, "batch_size": 128},
-        "geometry": {"subspace_k": 4, "bootstrap": 20, "cka_max_tokens": 200, "eval_tokens": 400, "splice_docs": 4},
-        "report": {"top_features": 2, "contexts_per_feature": 2},
-    }
-    for key, value in over.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+from lorascope.models.testing import miniature_study_config as mini_config
 
 
 @pytest.fixture(scope="module")

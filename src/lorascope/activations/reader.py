@@ -13,7 +13,6 @@ without reading them (for resuming a trainer mid-epoch).
 from __future__ import annotations
 
 import copy
-
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass

@@ -36,7 +36,8 @@ def describe(path: Path, allow_pickle: bool = False) -> list[tuple[str, str]]:
         return [("kind", "activation store"),
                 ("model", str(model.get("name", model) if isinstance(model, dict) else model)),
                 ("d_model", str(st.d_model)), ("layers", str(st.layers)), ("adapters", ", ".join(st.adapters)),
-                ("tokens", str(st.n_tokens)), ("documents", str(c.get("n_docs"))), ("dtype on disk", str(c.get("dtype"))),
+                ("tokens", str(st.n_tokens)), ("documents", str(c.get("n_docs"))),
+                ("dtype on disk", str(c.get("dtype"))),
                 ("forward", str(c.get("forward_dtype"))), ("token selection", json.dumps(c.get("selection", {}))),
                 ("shards", str(len(m.get("shards", [])))), ("delta", str(m.get("delta_definition", ""))[:90] + "…")]
     if (path / "adapter_config.json").is_file():
