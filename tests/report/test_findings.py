@@ -97,6 +97,13 @@ def test_density_trend_by_spearman_sign_per_layer():
     assert one_rank.verdict == NOT_MEASURED
 
 
+def test_density_uses_alive_latents_when_topk_fixes_l0():
+    rows = _l0_rows({3: [16, 16, 16, 16]}) + [_row("alive_latents_adapter_sae", 3, r, v)
+                                              for r, v in zip((4, 8, 16, 32), (900, 950, 1000, 1100), strict=True)]
+    f = _find(rows, "density_rank")
+    assert f.verdict == HOLDS and f.text.startswith("L0 is fixed at 16") and "alive latents 900→1.1e+03" in f.text
+
+
 def test_splice_subspace_and_effective_rank_rules():
     splice = [_row("kl_recovered_adapter_sae", 3, 4, 0.9, 0.88, 0.92),
               _row("kl_recovered_ref_diff", 3, 4, 0.4, 0.38, 0.42),

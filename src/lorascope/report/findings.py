@@ -13,6 +13,7 @@ The headline numbers quote the deepest layer and the largest rank that have the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -149,6 +150,19 @@ def trend_finding(tab: Tab, key: str, metric: str, title: str, what: str) -> Fin
     return Finding(key, title, _verdict(passes), text, rule, nums)
 
 
+def density_finding(tab: Tab) -> Finding:
+    """L0 rises with rank; when the architecture fixes L0 (TopK: L0 = k everywhere), alive latents are used."""
+    title = "Feature density rises with rank"
+    l0 = [tab.value("l0_adapter_sae", *c) for c in tab.cells("l0_adapter_sae")]
+    l0 = [v for v in l0 if math.isfinite(v)]
+    if len(l0) > 1 and max(l0) - min(l0) < 1e-9 and tab.cells("alive_latents_adapter_sae"):
+        f = trend_finding(tab, "density_rank", "alive_latents_adapter_sae", title, "alive latents")
+        note = (f"L0 is fixed at {_f(l0[0])} by the SAE architecture (TopK), so density is read as the number of "
+                "latents alive on held-out Δ. ")
+        return dataclasses.replace(f, text=note + f.text)
+    return trend_finding(tab, "density_rank", "l0_adapter_sae", title, "L0")
+
+
 def effective_rank_finding(tab: Tab) -> Finding:
     title = "Δ spreads beyond the LoRA rank"
     rule = ("at a cell of known rank r, holds if more than r principal components are needed for 90% of Δ's variance "
@@ -236,7 +250,7 @@ def compute_findings(df) -> list[Finding]:
     """All findings of a results table, in report order."""
     tab = Tab(normalize_frame(df))
     return [reconstruction_finding(tab), alignment_finding(tab),
-            trend_finding(tab, "density_rank", "l0_adapter_sae", "Feature density rises with rank", "L0"),
+            density_finding(tab),
             trend_finding(tab, "delta_norm_rank", "delta_norm_mean", "Δ norm grows with rank", "mean ‖Δ‖"),
             effective_rank_finding(tab), splice_finding(tab), subspace_finding(tab), cka_finding(tab)]
 
