@@ -36,3 +36,14 @@ def same_dim(a: torch.Tensor, b: torch.Tensor, name_a: str = "A", name_b: str = 
     if a.shape[-1] != b.shape[-1]:
         raise LorascopeError(f"{name_a} has dimension {a.shape[-1]} but {name_b} has {b.shape[-1]}",
                              fix="compare objects from the same model width (same d)")
+
+
+def paired_activations(h_base, h_ft) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_base, h_ft [n, d] of the same tokens as float64 tensors; clear errors for mismatched width or count."""
+    hb = as_tensor(h_base, "h_base", torch.float64, ndim=2)
+    hf = as_tensor(h_ft, "h_ft", torch.float64, ndim=2)
+    same_dim(hb, hf, "h_base", "h_ft")
+    if hb.shape[0] != hf.shape[0]:
+        raise LorascopeError(f"h_base has {hb.shape[0]} tokens but h_ft has {hf.shape[0]}",
+                             fix="pass base and adapted activations of the same tokens")
+    return hb, hf

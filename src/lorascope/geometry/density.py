@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.geometry._array import as_tensor, same_dim
+from lorascope.geometry._array import as_tensor, paired_activations
 from lorascope.geometry.metrics import feature_density, l0
 from lorascope.results import ResultRow
 
@@ -180,14 +180,7 @@ class DeltaNormStats:
         self.d = 0
 
     def update(self, h_base, h_ft) -> None:
-        hb = as_tensor(h_base, "h_base", torch.float64, ndim=2)
-        hf = as_tensor(h_ft, "h_ft", torch.float64, ndim=2)
-        same_dim(hb, hf, "h_base", "h_ft")
-        if hb.shape[0] != hf.shape[0]:
-            raise LorascopeError(
-                f"h_base has {hb.shape[0]} tokens but h_ft has {hf.shape[0]}",
-                fix="pass base and adapted activations of the same tokens",
-            )
+        hb, hf = paired_activations(h_base, h_ft)
         self.d = hb.shape[1]
         dn = (hf - hb).norm(dim=1)
         self._norms.append(dn.cpu())

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.geometry._array import as_tensor, same_dim
+from lorascope.geometry._array import as_tensor, paired_activations, same_dim
 from lorascope.geometry.bootstrap import bootstrap_fvu_ci
 from lorascope.geometry.metrics import ReconstructionStats
 from lorascope.results import ResultRow
@@ -121,14 +121,7 @@ class DeltaReconstruction:
     @torch.no_grad()
     def update(self, h_base, h_ft) -> None:
         """Add a batch: h_base, h_ft [n, d] activations of the same tokens."""
-        hb = as_tensor(h_base, "h_base", torch.float64, ndim=2)
-        hf = as_tensor(h_ft, "h_ft", torch.float64, ndim=2)
-        same_dim(hb, hf, "h_base", "h_ft")
-        if hb.shape[0] != hf.shape[0]:
-            raise LorascopeError(
-                f"h_base has {hb.shape[0]} tokens but h_ft has {hf.shape[0]}",
-                fix="pass base and adapted activations of the same tokens",
-            )
+        hb, hf = paired_activations(h_base, h_ft)
         _check_sae(self.ref, "reference SAE", hb.shape[1])
         dev = self.ref.W_dec.device
         hb, hf = hb.to(dev), hf.to(dev)

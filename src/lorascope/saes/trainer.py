@@ -325,6 +325,13 @@ def train_sae(
     )
 
 
+def _context(st: _State, total_steps: int, cfg: TrainerConfig, window: int) -> TrainContext:
+    """What the SAE sees this step: step counts, sparsity-coefficient warmup factor, dead-latent mask."""
+    warm_steps = cfg.sparsity_warmup_fraction * total_steps
+    return TrainContext(st.step, total_steps,
+                        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0, st.since_fired >= window)
+
+
 def _train_step(
     sae: SAE,
     opt: torch.optim.Optimizer,
@@ -339,13 +346,7 @@ def _train_step(
     if x.ndim != 2 or x.shape[1] != sae.d_in:
         sae.check_input(x)  # names both widths
     xs = x * st.scale if st.scale != 1.0 else x
-    warm_steps = cfg.sparsity_warmup_fraction * total_steps
-    ctx = TrainContext(
-        st.step,
-        total_steps,
-        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
-        st.since_fired >= window,
-    )
+    ctx = _context(st, total_steps, cfg, window)
     with amp:
         out = sae.training_loss(xs, ctx)
     if not bool(torch.isfinite(out.loss)):
@@ -386,13 +387,7 @@ def _train_step_dp(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _S
     lo, hi = dp.bounds(n)
     xl = x[lo:hi].to(device=device, dtype=sae.W_enc.dtype)
     xs = xl * st.scale if st.scale != 1.0 else xl
-    warm_steps = cfg.sparsity_warmup_fraction * total_steps
-    ctx = TrainContext(
-        st.step,
-        total_steps,
-        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
-        st.since_fired >= window,
-    )
+    ctx = _context(st, total_steps, cfg, window)
     with dp.step(share), amp:
         out = sae.training_loss(xs, ctx)
     opt.zero_grad(set_to_none=True)
