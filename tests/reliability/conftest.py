@@ -141,4 +141,5 @@ def rel() -> SimpleNamespace:
     """The helpers above, for test modules (which cannot import each other under --import-mode=importlib)."""
     return SimpleNamespace(**{f.__name__: f for f in (
         lorascope_cmd, console_script, run_to_end, run_and_kill, exists, any_of, changed_times, tmp_leftovers,
-        safetensors_content, assert_same_safetensors, assert_same_store, assert_same_sae, mini_config)}, ENV=ENV)
+        safetensors_content, assert_same_safetensors, assert_same_store, assert_same_sae)}, ENV=ENV,
+        mini_config=mini_config)
