@@ -111,3 +111,17 @@ def test_report_renders_in_headless_chromium(reported_run, tmp_path):
     shot = tmp_path / "report.png"
     _chromium([f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri()], tmp_path)
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 50_000
+
+
+def test_absorption_rows_from_the_cli_join_the_report(tmp_path):
+    """`lorascope absorption --out RUN/absorption` writes absorption.csv; the report of RUN then shows them."""
+    from lorascope.report.run import load_run, read_results
+
+    source = write_fake_run(tmp_path / "src", seed=0, with_absorption=True)
+    rows = read_results(source)
+    run_dir = write_fake_run(tmp_path / "r", seed=0)
+    assert "absorption" not in set(load_run(run_dir).df.family)
+    (run_dir / "absorption").mkdir()
+    rows[rows.family == "absorption"].to_csv(run_dir / "absorption" / "absorption.csv", index=False)
+    df = load_run(run_dir).df
+    assert set(df[df.family == "absorption"].metric) >= {"absorption_fraction", "full_absorption_rate"}

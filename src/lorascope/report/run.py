@@ -101,6 +101,12 @@ def load_run(run_dir: str | Path) -> RunData:
     if not run_dir.is_dir():
         raise LorascopeError(f"run folder {run_dir} does not exist", fix="check the path")
     df = read_results(run_dir)
+    extra = run_dir / "absorption" / "absorption.csv"  # written by `lorascope absorption --out RUN_DIR/absorption`
+    if extra.is_file():
+        import pandas as pd
+
+        rows = normalize_frame(pd.read_csv(extra, keep_default_na=False, na_values=["", "nan", "NaN"]))
+        df = pd.concat([df[df.family != "absorption"], rows], ignore_index=True)
     contexts = _read_json(run_dir / "results" / "contexts.json", [])
     meta = _read_json(run_dir / "results" / "meta.json", {})
     if not isinstance(contexts, list):
