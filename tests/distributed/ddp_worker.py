@@ -10,10 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lorascope.distributed import batch_denominator, batch_topk
-from lorascope.saes._sparse import Selection, topk_rows
 from lorascope.saes.base import SAEConfig, sae_class
 from lorascope.saes.batchtopk import BatchTopKSAE
 from lorascope.saes.topk import TopKSAE
@@ -22,45 +20,14 @@ from lorascope.saes.trainer import TrainerConfig, train_sae
 D, D_SAE, N = 16, 48, 358  # 7 batches of 51 rows (split 25 / 26) and a last batch of 1 row (whole on every rank)
 
 
-class GlobalAuxTopK(TopKSAE):
-    """TopK whose AuxK normaliser is over the global batch (the proposed one-line change to topk.py)."""
-
-    def _auxk_loss(self, x, pre, pre_g, residual, dead_mask):
-        if dead_mask is None or self.auxk_coefficient == 0:
-            return None
-        dead = torch.nonzero(dead_mask, as_tuple=True)[0]
-        if dead.numel() == 0:
-            return None
-        k_aux = min(self.k_aux, dead.numel())
-        v, local = topk_rows(pre[:, dead], k_aux)
-        sel = Selection.from_topk(dead[local], self.d_sae)
-        _, e_hat = self._codes_and_recon(x, pre_g, v.reshape(-1), sel)
-        denom = batch_denominator(residual).clamp_min(1e-12)
-        return (e_hat.float() - residual).pow(2).sum() / denom
-
-
-class GlobalBatchTopK(BatchTopKSAE):
-    """BatchTopK whose top-(N·k) is over the global batch (the proposed one-line change to batchtopk.py)."""
-
-    def _select(self, pre):
-        n = pre.shape[0]
-        v, flat = batch_topk(F.relu(pre).reshape(-1), self.k, n)
-        keep = v > 0
-        flat, perm = flat[keep].sort()
-        v = v[keep][perm]
-        if self.training and v.numel():
-            self._update_threshold(v.min())
-        return v, Selection.from_flat(flat, n, self.d_sae)
-
-
 BASE = dict(batch_size=51, lr=1e-2, warmup_steps=3, log_every=2, init_tokens=120, final_window_steps=3)
 # name -> (class, arch fields, trainer overrides)
 CASES = {
     "topk": (TopKSAE, {"k": 4}, {"dead_window_tokens": 10**9}),  # no dead latents: AuxK never runs
-    "topk_aux_global": (GlobalAuxTopK, {"k": 4, "k_aux": 8}, {"dead_window_tokens": 60}),
-    "batchtopk_global": (GlobalBatchTopK, {"k": 4}, {"dead_window_tokens": 10**9}),
+    "topk_aux_global": (TopKSAE, {"k": 4, "k_aux": 8}, {"dead_window_tokens": 60}),
+    "batchtopk_global": (BatchTopKSAE, {"k": 4}, {"dead_window_tokens": 10**9}),
     "relu": (sae_class("relu"), {"l1_coefficient": 1.0}, {}),
-    "batchtopk": (BatchTopKSAE, {"k": 4}, {"dead_window_tokens": 10**9}),  # per-rank top-k: approximate
+    "batchtopk": (BatchTopKSAE, {"k": 4}, {"dead_window_tokens": 10**9}),
 }
 
 
