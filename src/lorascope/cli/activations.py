@@ -139,7 +139,7 @@ def train_saes_distributed_cmd(
 
     from lorascope.activations import open_store
     from lorascope.config import parse_sae_section
-    from lorascope.distributed import barrier, cleanup, independent, init_distributed, my_jobs
+    from lorascope.distributed import barrier, cleanup, init_distributed, my_jobs
     from lorascope.io import OutputLock, read_json, write_json
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
@@ -162,9 +162,10 @@ def train_saes_distributed_cmd(
         if (folder / "done.json").is_file():
             continue
         lock = OutputLock(folder) if writer else contextlib.nullcontext()
-        with lock, (contextlib.nullcontext() if data_parallel else independent()):
+        with lock:
             job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
-            tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast)
+            tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast,
+                                  data_parallel=data_parallel)
             res = train_sae_job(st, job, c, tcfg, folder if writer else None, folder / "ckpt",
                                 progress and dist.is_main)
             if writer:

@@ -34,15 +34,16 @@ class SAEJob:
 
 
 def trainer_config(section: Any, seed: int, checkpoints: int, warmup_steps: int | None = None,
-                   device: str | None = None, autocast: str | None = None):
-    """TrainerConfig for an SAE section (tokens, batch_size, lr): ``checkpoints`` resumable checkpoints per run."""
+                   device: str | None = None, autocast: str | None = None, data_parallel: bool = True):
+    """TrainerConfig for an SAE section (tokens, batch_size, lr): ``checkpoints`` resumable checkpoints per run;
+    ``data_parallel=False`` trains on this rank alone inside a process group (one SAE per rank)."""
     from lorascope.saes.trainer import TrainerConfig
 
     steps = section.tokens // section.batch_size
     extra = {} if warmup_steps is None else {"warmup_steps": warmup_steps}
     return TrainerConfig(total_tokens=section.tokens, batch_size=section.batch_size, lr=section.lr, seed=seed,
                          device=device, autocast_dtype=autocast, checkpoint_every=max(1, steps // checkpoints),
-                         resume=True, **extra)
+                         resume=True, data_parallel=data_parallel, **extra)
 
 
 def train_sae_job(store, job: SAEJob, section: Any, trainer, sae_dir: Path | None, checkpoint_dir: Path,
