@@ -1,6 +1,7 @@
 """Train any registered SAE on any stream of [N, d_in] activation batches; evaluate it.
 
-What the trainer does (shared/REFERENCE.md "SAE training practice"):
+What the trainer does (the practice of Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and of
+EleutherAI sparsify's trainer):
 - scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows)
   and folds that constant back into the weights at the end, so the returned SAE applies to raw activations;
 - initialises b_dec from the same rows (geometric median by Weiszfeld iterations, mean, or zeros);
