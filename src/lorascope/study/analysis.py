@@ -79,7 +79,7 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
     out.rows += _reconstruction(hb, h_ft, inp, s, where)
     codes_ad, codes_ref, alive = _density(out, inp, delta, s, where)
     _decoder_similarity(out, inp, delta, alive, s, where)
-    _subspaces(out, inp, hb, h_ft, delta, codes_ad, alive, s, where)
+    _subspaces(out, inp, hb, delta, codes_ad, alive, s, where)
     n, d = delta.shape
     m = min(n, s.cka_max_tokens)
     if m >= 4:
@@ -187,7 +187,7 @@ def _decoder_similarity(out: LayerAdapterResult, inp: LayerAdapterInputs, delta,
         out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], W_seed).cosine.float().numpy()
 
 
-def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, h_ft, delta, codes_ad, alive, s: Settings,
+def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, delta, codes_ad, alive, s: Settings,
                where: dict) -> None:
     """Rank-k subspaces (never the full spans of overcomplete dictionaries): Δ's PCA, the most used atoms of both
     SAEs, and the LoRA update's column space."""
@@ -196,6 +196,7 @@ def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, h_ft, delta
     if k < 1:
         return
     W_ad, W_ref = inp.adapter_saes[0].W_dec.detach().float(), inp.reference.W_dec.detach().float()
+    h_ft = hb + delta
     pca = pca_basis(delta, k)
     ref_diff = _codes(inp.reference, h_ft) - _codes(inp.reference, hb)
     ref_top = top_k_atoms(W_ref, atom_energy(ref_diff, W_ref), k)
