@@ -117,3 +117,22 @@ def test_mean_max_decoder_cosine_golden():
     # maxima excluding self: rows 0, 1 -> 1 (each other); row 2 -> 1/√2 (row 3); row 3 -> 1/√2
     want = (1 + 1 + 1 / math.sqrt(2) + 1 / math.sqrt(2)) / 4
     assert mean_max_decoder_cosine(sae, chunk=3) == pytest.approx(want, rel=1e-12)
+
+
+def test_cli_evaluate_writes_metrics_and_rejects_missing_layer(tiny, tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from lorascope.cli import main
+    from lorascope.saes.formats import save_sae
+
+    base, _ = tiny
+    folder = save_sae(_identity_relu(base.d_model), tmp_path / "ident")
+    out = tmp_path / "core.json"
+    main(["evaluate", "--model", str(tiny_llama_dir), "--sae", str(folder), "--layer", "1", "--n-docs", "3",
+          "--out", str(out)])
+    m = json.loads(out.read_text())
+    assert m["ce_score"] == 1.0 and m["kl_score"] == 1.0 and m["fvu"] == 0.0 and m["n_docs"] == 3
+    assert "ce_score" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--model", str(tiny_llama_dir), "--sae", str(folder)])
+    assert exc.value.code == 2 and "pass --layer L" in capsys.readouterr().err

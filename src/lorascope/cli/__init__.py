@@ -35,7 +35,7 @@ def _load_commands() -> None:
     # Imported for their side effect of registering commands on `app`. A module that is not written yet is skipped.
     import importlib
 
-    for mod in ("models", "activations", "saes", "geometry", "pipeline", "evals", "info"):
+    for mod in ("models", "activations", "saes", "geometry", "pipeline", "evals", "info", "evaluate"):
         try:
             importlib.import_module(f"lorascope.cli.{mod}")
         except ModuleNotFoundError as exc:
