@@ -136,3 +136,16 @@ def test_cli_evaluate_writes_metrics_and_rejects_missing_layer(tiny, tiny_llama_
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--model", str(tiny_llama_dir), "--sae", str(folder)])
     assert exc.value.code == 2 and "pass --layer L" in capsys.readouterr().err
+
+
+def test_reference_cache_gives_identical_numbers(tiny):
+    base, docs = tiny
+    sae = create_sae("topk", base.d_model, 64, k=4, seed=3)
+    cache: dict = {}
+    first = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2, cache=cache)
+    again = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2, cache=cache)
+    plain = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2)
+    assert first == again == plain and 0 < first["fvu"] and first["l0"] == 4.0
+    other = core_metrics(base.model, base.tokenizer, sae, 2, docs, batch_size=2, cache=cache)  # new key: recomputed
+    assert other == core_metrics(base.model, base.tokenizer, sae, 2, docs, batch_size=2)
+    assert other["fvu"] != first["fvu"]

@@ -1,0 +1,311 @@
+"""Fair token-budget experiment: at which budget does SASA reach each comparator's final quality?
+
+Claim under test (SASA, arXiv 2606.06333): SASA matches standard SAEs at about half the token budget.
+
+Protocol (each point is its own training run with its own full LR schedule: warm-up over the first 5% of
+steps, linear decay to 0 over the last 20% — never a checkpoint of a longer run):
+- budgets T/8, T/4, T/2, T; seeds 0, 1, 2 (init and data order);
+- SASA = the published recipe (saes/sasa.py ``recipe="published"``: per-token LayerNorm, encoder renorm,
+  λ·mean_g‖D_g‖_* against raw SSE, AuxK over dead latents), only LR, warm-up and λ adapted to these short runs;
+- comparators TopK (k = SASA's active dims s·r), BatchTopK (same k) and ReLU-L1 (lorascope's decoder-norm-weighted
+  L1 on trainer-scaled inputs), each at SASA's width and at 2× width;
+- LR ∈ {3e-3, 1e-2, 3e-2} (and SASA's λ ∈ {1, 100}, ReLU's L1 coefficient ∈ {1, 5}) picked per architecture
+  and width by held-out FVU in a sweep at budget T/4 on a separate seed (100) on the planted data, then used
+  for every budget, seed and dataset (inputs are normalised in all of them:
+  LayerNorm for SASA, the trainer's global scale for the others);
+- (a) planted data (evals/synthetic.py): d = 64, 24 features of intrinsic dims 1, 2, 4, 8, 16, 2 active;
+  SASA 32 groups × rank 16 (r ≥ every d_i), s = 2 -> width 512, 32 active dims;
+  (b) SmolLM2-135M base residual after block 15 (of 30) on the demo data (embedded model, cached under
+  benchmarks/out/), held-out documents for evaluation; SASA 144 groups × rank 4, s = 8 -> width 576 (1× d), 32 dims;
+- metrics: held-out FVU (Σ‖x − x̂‖² / Σ‖x − μ‖²); for (b) also SAEBench CE-loss and KL scores of the SAE spliced
+  into the model (lorascope.evals.core) on held-out documents.
+- "budget to reach": per SASA seed, the smallest budget at which SASA's held-out FVU ≤ the comparator's mean final
+  FVU (budget T), linearly interpolated in log budget; "< T/8" / "> T" when outside the range.
+
+    python benchmarks/sample_efficiency.py            # both parts (sized for ~15 min on 2 busy cores)
+    python benchmarks/sample_efficiency.py --quick    # a smoke run: 1 seed, short budgets
+    python benchmarks/sample_efficiency.py --part planted
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import lorascope.saes  # noqa: F401  (registers the architectures)
+from lorascope.evals.synthetic import PlantedConfig, PlantedFeatures
+from lorascope.saes.base import create_sae
+from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+
+OUT = Path(__file__).resolve().parent / "out"
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
+LRS = (3e-3, 1e-2, 3e-2)
+SASA_LAMBDAS = (1.0, 100.0)
+RELU_L1 = (1.0, 5.0)
+
+
+def model_specs(d: int, groups: int, rank: int, s: int) -> dict[str, tuple[str, int, dict]]:
+    """name -> (architecture, d_sae, arch kwargs)."""
+    width, k = groups * rank, s * rank
+    # nuclear_form="gram": the nuclear norm from the r×r Gram's eigenvalues, as the authors compute it (and much
+    # faster than a batched SVD of the [r, d] blocks on a CPU)
+    specs = {"sasa": ("sasa", width, {"groups": groups, "rank": rank, "s": s, "nuclear_form": "gram"})}
+    for mult, tag in ((1, ""), (2, "_2x")):
+        specs[f"topk{tag}"] = ("topk", mult * width, {"k": k})
+        specs[f"batchtopk{tag}"] = ("batchtopk", mult * width, {"k": k})
+        specs[f"relu_l1{tag}"] = ("relu", mult * width, {"l1_coefficient": 5.0})
+    return specs
+
+
+def train_one(spec: tuple[str, int, dict], d: int, stream, tokens: int, batch: int, lr: float, seed: int,
+              lam: float | None = None):
+    """One run with its own schedule; ``lam`` = SASA's nuclear coefficient or ReLU's L1 coefficient."""
+    arch, d_sae, kw = spec
+    kw = dict(kw)
+    if lam is not None:
+        kw["nuclear_coefficient" if arch == "sasa" else "l1_coefficient"] = lam
+    torch.manual_seed(seed)
+    sae = create_sae(arch, d, d_sae, seed=seed, **kw)
+    steps = max(1, tokens // batch)
+    tc = TrainerConfig(total_tokens=steps * batch, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20),
+                       decay_fraction=0.2, init_tokens=min(4096, 8 * batch), seed=seed, log_every=10**9)
+    return train_sae(sae, stream(seed), tc, progress=False).sae
+
+
+def held_out_fvu(sae, x: torch.Tensor) -> tuple[float, float]:
+    ev = evaluate_sae(sae, x)
+    return float(ev["fvu"]), float(ev["l0"])
+
+
+def pick_settings(specs, d, stream, x_eval, tokens, batch) -> dict[str, tuple[float, float | None]]:
+    """Best (lr, λ) per model by held-out FVU at ``tokens`` on seed 100 (λ: SASA nuclear / ReLU L1 coefficient)."""
+    best = {}
+    for name, spec in specs.items():
+        extra = {"sasa": SASA_LAMBDAS, "relu": RELU_L1}.get(spec[0], (None,))
+        grid = [(lr, lam) for lr in LRS for lam in extra]
+        scored = [(held_out_fvu(train_one(spec, d, stream, tokens, batch, lr, 100, lam), x_eval)[0], lr, lam)
+                  for lr, lam in grid]
+        f, lr, lam = min(scored, key=lambda t: t[0] if math.isfinite(t[0]) else math.inf)
+        best[name] = (lr, lam)
+        print(f"  sweep {name:12s} best lr={lr:g}" + (f" λ={lam:g}" if lam is not None else "") + f" (FVU {f:.4f})",
+              flush=True)
+    return best
+
+
+def budget_to_reach(budgets: list[int], fvus: list[float], target: float) -> float:
+    """Smallest budget with FVU ≤ target, interpolated in log budget (0 if already at the first, inf if never)."""
+    if fvus[0] <= target:
+        return 0.0
+    for i in range(1, len(budgets)):
+        b0, f0, b1, f1 = budgets[i - 1], fvus[i - 1], budgets[i], fvus[i]
+        if f1 <= target:
+            t = (f0 - target) / (f0 - f1)
+            return math.exp(math.log(b0) + t * (math.log(b1) - math.log(b0)))
+    return math.inf
+
+
+def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings, splice=None) -> list[dict]:
+    rows = []
+    budgets = [max(batch, int(total * f) // batch * batch) for f in FRACTIONS]
+    for name, spec in specs.items():
+        lr, lam = settings[name]
+        for seed in seeds:
+            for b in budgets:
+                t0 = time.perf_counter()
+                sae = train_one(spec, d, stream, b, batch, lr, seed, lam)
+                fvu, l0 = held_out_fvu(sae, x_eval)
+                row = {"part": part, "model": name, "d_sae": spec[1], "seed": seed, "tokens": b, "lr": lr,
+                       "coefficient": lam if lam is not None else "", "fvu": fvu, "l0": l0,
+                       "seconds": time.perf_counter() - t0}
+                if splice is not None:
+                    row.update(splice(sae))
+                rows.append(row)
+            print(f"  {part} {name:12s} seed {seed}: FVU " + " ".join(f"{r['fvu']:.4f}" for r in rows[-4:]),
+                  flush=True)
+    return rows
+
+
+def reach_table(rows: list[dict], seeds) -> list[dict]:
+    budgets = sorted({r["tokens"] for r in rows})
+    total = budgets[-1]
+
+    def fv(model, seed):
+        return [next(r["fvu"] for r in rows if r["model"] == model and r["seed"] == seed and r["tokens"] == b)
+                for b in budgets]
+
+    out = []
+    for comp in sorted({r["model"] for r in rows} - {"sasa"}):
+        target = sum(fv(comp, s)[-1] for s in seeds) / len(seeds)
+        fr = sorted(budget_to_reach(budgets, fv("sasa", s), target) / total for s in seeds)
+        sasa_final = sum(fv("sasa", s)[-1] for s in seeds) / len(seeds)
+        out.append({"part": rows[0]["part"], "comparator": comp, "comparator_final_fvu": target,
+                    "sasa_final_fvu": sasa_final, "budget_fraction_median": fr[len(fr) // 2],
+                    "budget_fraction_min": fr[0], "budget_fraction_max": fr[-1]})
+    return out
+
+
+def _fmt_frac(f: float) -> str:
+    if f == 0.0:
+        return "≤ T/8"
+    return "> T" if math.isinf(f) else f"{f:.2f}·T"
+
+
+def print_tables(rows: list[dict], reach: list[dict]) -> None:
+    budgets = sorted({r["tokens"] for r in rows})
+    part = rows[0]["part"]
+    extra = [k for k in ("ce_score", "kl_score") if k in rows[0]]
+    print(f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)" + (", CE/KL score at T" if extra else ""))
+    print("| model | d_sae | " + " | ".join(f"{b:,} tok" for b in budgets) + " | L0 |"
+          + "".join(f" {k} |" for k in extra))
+    print("|---" * (3 + len(budgets) + len(extra)) + "|")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = []
+        for b in budgets:
+            v = torch.tensor([r["fvu"] for r in rows if r["model"] == model and r["tokens"] == b], dtype=torch.float64)
+            cells.append(f"{float(v.mean()):.4f} ± {float(v.std()) if len(v) > 1 else 0.0:.4f}")
+        at_t = [r for r in rows if r["model"] == model and r["tokens"] == budgets[-1]]
+        l0 = sum(r["l0"] for r in at_t) / len(at_t)
+        ex = "".join(f" {sum(r[k] for r in at_t) / len(at_t):.4f} |" for k in extra)
+        print(f"| {model} | {at_t[0]['d_sae']} | " + " | ".join(cells) + f" | {l0:.1f} |" + ex)
+    print(f"\n[{part}] budget at which SASA reaches the comparator's final (budget T) FVU: median [min–max] over seeds")
+    print("| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency |")
+    print("|---|---|---|---|---|")
+    for r in reach:
+        med = r["budget_fraction_median"]
+        eff = "—" if med in (0.0, math.inf) else f"{1 / med:.2f}×"
+        print(f"| {r['comparator']} | {r['comparator_final_fvu']:.4f} | {r['sasa_final_fvu']:.4f} | "
+              f"{_fmt_frac(med)} [{_fmt_frac(r['budget_fraction_min'])}–{_fmt_frac(r['budget_fraction_max'])}] | "
+              f"{eff} |")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def planted_part(args, seeds) -> tuple[dict, list[dict]]:
+    gen = PlantedFeatures(PlantedConfig(d=64, n_features=24, dims=(1, 2, 4, 8, 16), active=2, seed=0))
+    x_eval = gen.sample(4096, seed=987_654).x
+    specs = model_specs(64, groups=32, rank=16, s=2)
+    total = args.planted_steps * args.batch
+    pool = gen.sample(total, seed=1).x  # one pool of T fresh samples; each run streams its own shuffle of it
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed + 1)
+        while True:
+            perm = torch.randperm(pool.shape[0], generator=g)
+            for i in range(0, pool.shape[0] - args.batch + 1, args.batch):
+                yield pool[perm[i:i + args.batch]]
+
+    print(f"(a) planted: d=64, 24 features of dims 1/2/4/8/16, 2 active; T = {total:,} tokens", flush=True)
+    settings = pick_settings(specs, 64, stream, x_eval, total // 4, args.batch)
+    if args.part == "real":  # the sweep only: its settings are used on SmolLM2
+        return settings, []
+    return settings, run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings)
+
+
+def real_activations(args) -> dict:
+    """Base residual after block ``args.layer`` of the embedded SmolLM2 on the demo data (cached)."""
+    path = OUT / f"smollm2_block{args.layer}_demo{args.docs}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    from lorascope.data import make_demo_dataset, tokenize_example
+    from lorascope.models import load_base
+    from lorascope.models.lora import collate
+    from lorascope.models.residual import ResidualCapture
+
+    base = load_base("embedded")
+    docs = [tokenize_example(base.tokenizer, ex) for ex in make_demo_dataset(args.docs, seed=0)]
+    cap = ResidualCapture(base.model, [args.layer])
+    rows = []
+    for i in range(0, len(docs), 16):
+        batch = collate(docs[i:i + 16], base.tokenizer.pad_token_id or 0)
+        h = cap(batch["input_ids"], batch["attention_mask"])[args.layer].float()
+        for j, doc in enumerate(docs[i:i + 16]):
+            rows.append(h[j, 1:len(doc)])  # skip position 0 (attention sink), drop padding
+    n_eval = args.eval_docs
+    blob = {"train": torch.cat(rows[n_eval:]), "eval": torch.cat(rows[:n_eval]),
+            "eval_ids": [d.input_ids for d in docs[:n_eval]], "layer": args.layer}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, path)
+    return blob
+
+
+def real_part(args, seeds, settings_planted) -> list[dict]:
+    t0 = time.perf_counter()
+    blob = real_activations(args)
+    train_x, x_eval = blob["train"], blob["eval"]
+    print(f"(b) SmolLM2 block {args.layer}: {train_x.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    specs = model_specs(train_x.shape[1], groups=144, rank=4, s=8)
+    settings = {name: settings_planted[name] for name in specs}
+
+    def stream(seed):
+        g = torch.Generator().manual_seed(seed + 1)
+        while True:
+            yield train_x[torch.randint(0, train_x.shape[0], (args.batch,), generator=g)]
+
+    from lorascope.evals.core import core_metrics
+    from lorascope.models import load_base
+
+    base = load_base("embedded")
+    cache: dict = {}
+    splice_ids = blob["eval_ids"][: args.splice_docs]
+
+    def splice(sae):
+        m = core_metrics(base.model, base.tokenizer, sae, args.layer, splice_ids, batch_size=args.splice_docs,
+                         cache=cache)
+        return {k: m[k] for k in ("ce_score", "kl_score", "frac_alive", "mean_max_decoder_cos")}
+
+    total = args.real_steps * args.batch
+    print(f"  T = {total:,} tokens; CE/KL on {len(splice_ids)} held-out documents", flush=True)
+    return run_part("smollm2", specs, train_x.shape[1], stream, x_eval, total, args.batch, seeds, settings, splice)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("planted", "real", "both"), default="both")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, short budgets")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--planted-steps", type=int, default=320, help="steps at budget T (planted)")
+    ap.add_argument("--real-steps", type=int, default=96, help="steps at budget T (SmolLM2)")
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--docs", type=int, default=256)
+    ap.add_argument("--eval-docs", type=int, default=32)
+    ap.add_argument("--splice-docs", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = [0] if args.quick else [0, 1, 2]
+    if args.quick:
+        args.planted_steps, args.real_steps, args.docs, args.splice_docs = 64, 16, 64, 2
+    t0 = time.perf_counter()
+    all_rows, reach = [], []
+    settings, rows = planted_part(args, seeds)
+    if args.part in ("planted", "both"):
+        all_rows += rows
+        reach += reach_table(rows, seeds)
+        print_tables(rows, reach_table(rows, seeds))
+    if args.part in ("real", "both"):
+        rows = real_part(args, seeds, settings)
+        all_rows += rows
+        reach += reach_table(rows, seeds)
+        print_tables(rows, reach_table(rows, seeds))
+    suffix = "_quick" if args.quick else ""
+    write_csv(OUT / f"sample_efficiency_runs{suffix}.csv", all_rows)
+    write_csv(OUT / f"sample_efficiency_reach{suffix}.csv", reach)
+    print(f"\nwall time {time.perf_counter() - t0:.0f}s; CSV under {OUT}")
+
+
+if __name__ == "__main__":
+    main()
