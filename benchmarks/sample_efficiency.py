@@ -10,15 +10,18 @@ steps, linear decay to 0 over the last 20% — never a checkpoint of a longer ru
 - comparators TopK (k = SASA's active dims s·r), BatchTopK (same k) and ReLU-L1 (lorascope's decoder-norm-weighted
   L1 on trainer-scaled inputs), each at SASA's width and at 2× width;
 - LR ∈ {3e-3, 1e-2, 3e-2} (and SASA's λ ∈ {1, 100}, ReLU's L1 coefficient ∈ {1, 5}) picked per architecture
-  and width by held-out FVU in a sweep at budget T/4 on a separate seed (100) on the planted data, then used
-  for every budget, seed and dataset (inputs are normalised in all of them:
-  LayerNorm for SASA, the trainer's global scale for the others);
-- (a) planted data (evals/synthetic.py): d = 64, 24 features of intrinsic dims 1, 2, 4, 8, 16, 2 active;
+  and width by held-out FVU in a sweep of 80-step runs (20,480 tokens) on a separate seed (100) on the planted
+  data, cached in benchmarks/out/sample_efficiency_settings.json, then used for every budget, seed and dataset
+  (inputs are normalised in all of them: LayerNorm for SASA, the trainer's global scale for the others);
+- (a) planted data (evals/synthetic.py): d = 64, 24 features of intrinsic dims 1, 2, 4, 8, 16, 2 active, one pool
+  of 81,920 samples (each run streams its own shuffle); T = 160 steps × 256 = 40,960 tokens;
   SASA 32 groups × rank 16 (r ≥ every d_i), s = 2 -> width 512, 32 active dims;
-  (b) SmolLM2-135M base residual after block 15 (of 30) on the demo data (embedded model, cached under
-  benchmarks/out/), held-out documents for evaluation; SASA 144 groups × rank 4, s = 8 -> width 576 (1× d), 32 dims;
-- metrics: held-out FVU (Σ‖x − x̂‖² / Σ‖x − μ‖²); for (b) also SAEBench CE-loss and KL scores of the SAE spliced
-  into the model (lorascope.evals.core) on held-out documents.
+  (b) SmolLM2-135M base residual after block 15 (of 30) on 256 demo documents (embedded model; cached under
+  benchmarks/out/), 32 held-out documents for evaluation; T = 128 steps × 128 = 16,384 tokens;
+  SASA 144 groups × rank 4, s = 8 -> width 576 (1× d), 32 active dims;
+- the two parts run in parallel processes (``--jobs 2``), one thread each;
+- metrics: held-out FVU (Σ‖x − x̂‖² / Σ‖x − μ‖²); for (b) also, at budget T, SAEBench CE-loss and KL scores of the
+  SAE spliced into the model (lorascope.evals.core) on 3 held-out documents.
 - "budget to reach": per SASA seed, the smallest budget at which SASA's held-out FVU ≤ the comparator's mean final
   FVU (budget T), linearly interpolated in log budget; "< T/8" / "> T" when outside the range.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -122,7 +126,7 @@ def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings,
                 row = {"part": part, "model": name, "d_sae": spec[1], "seed": seed, "tokens": b, "lr": lr,
                        "coefficient": lam if lam is not None else "", "fvu": fvu, "l0": l0,
                        "seconds": time.perf_counter() - t0}
-                if splice is not None:
+                if splice is not None and b == budgets[-1]:  # spliced CE/KL at budget T (the model is slow here)
                     row.update(splice(sae))
                 rows.append(row)
             print(f"  {part} {name:12s} seed {seed}: FVU " + " ".join(f"{r['fvu']:.4f}" for r in rows[-4:]),
@@ -158,7 +162,7 @@ def _fmt_frac(f: float) -> str:
 def print_tables(rows: list[dict], reach: list[dict]) -> None:
     budgets = sorted({r["tokens"] for r in rows})
     part = rows[0]["part"]
-    extra = [k for k in ("ce_score", "kl_score") if k in rows[0]]
+    extra = [k for k in ("ce_score", "kl_score") if k in rows[-1]]
     print(f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)" + (", CE/KL score at T" if extra else ""))
     print("| model | d_sae | " + " | ".join(f"{b:,} tok" for b in budgets) + " | L0 |"
           + "".join(f" {k} |" for k in extra))
@@ -194,12 +198,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def planted_part(args, seeds) -> tuple[dict, list[dict]]:
+def planted_setup(args, n_pool: int):
     gen = PlantedFeatures(PlantedConfig(d=64, n_features=24, dims=(1, 2, 4, 8, 16), active=2, seed=0))
     x_eval = gen.sample(4096, seed=987_654).x
     specs = model_specs(64, groups=32, rank=16, s=2)
-    total = args.planted_steps * args.batch
-    pool = gen.sample(total, seed=1).x  # one pool of T fresh samples; each run streams its own shuffle of it
+    pool = gen.sample(n_pool, seed=1).x  # one pool of fresh samples; each run streams its own shuffle of it
 
     def stream(seed):
         g = torch.Generator().manual_seed(seed + 1)
@@ -208,24 +211,44 @@ def planted_part(args, seeds) -> tuple[dict, list[dict]]:
             for i in range(0, pool.shape[0] - args.batch + 1, args.batch):
                 yield pool[perm[i:i + args.batch]]
 
+    return specs, stream, x_eval
+
+
+def get_settings(args) -> dict[str, tuple[float, float | None]]:
+    """The sweep's (lr, λ) per model, computed once and cached in benchmarks/out (keyed by the sweep setup)."""
+    key = {"lrs": LRS, "sasa_lambdas": SASA_LAMBDAS, "relu_l1": RELU_L1, "steps": args.sweep_steps,
+           "batch": args.batch, "seed": 100, "planted": "d64_f24_dims1-16_a2", "pool": args.pool}
+    key = json.loads(json.dumps(key))
+    path = OUT / ("sample_efficiency_settings" + ("_quick" if args.quick else "") + ".json")
+    if path.exists():
+        blob = json.loads(path.read_text())
+        if blob.get("key") == key:
+            print(f"sweep settings from {path}", flush=True)
+            return {k: tuple(v) for k, v in blob["settings"].items()}
+    specs, stream, x_eval = planted_setup(args, args.pool)
+    print(f"sweep on planted data at {args.sweep_steps * args.batch:,} tokens, seed 100", flush=True)
+    settings = pick_settings(specs, 64, stream, x_eval, args.sweep_steps * args.batch, args.batch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "settings": settings}, indent=1) + "\n")
+    return settings
+
+
+def planted_part(args, seeds, settings) -> list[dict]:
+    total = args.planted_steps * args.batch
+    specs, stream, x_eval = planted_setup(args, args.pool)
     print(f"(a) planted: d=64, 24 features of dims 1/2/4/8/16, 2 active; T = {total:,} tokens", flush=True)
-    settings = pick_settings(specs, 64, stream, x_eval, total // 4, args.batch)
-    if args.part == "real":  # the sweep only: its settings are used on SmolLM2
-        return settings, []
-    return settings, run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings)
+    return run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings)
 
 
-def real_activations(args) -> dict:
+def real_activations(args, base) -> dict:
     """Base residual after block ``args.layer`` of the embedded SmolLM2 on the demo data (cached)."""
     path = OUT / f"smollm2_block{args.layer}_demo{args.docs}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     from lorascope.data import make_demo_dataset, tokenize_example
-    from lorascope.models import load_base
     from lorascope.models.lora import collate
     from lorascope.models.residual import ResidualCapture
 
-    base = load_base("embedded")
     docs = [tokenize_example(base.tokenizer, ex) for ex in make_demo_dataset(args.docs, seed=0)]
     cap = ResidualCapture(base.model, [args.layer])
     rows = []
@@ -243,8 +266,12 @@ def real_activations(args) -> dict:
 
 
 def real_part(args, seeds, settings_planted) -> list[dict]:
+    from lorascope.evals.core import core_metrics
+    from lorascope.models import load_base
+
     t0 = time.perf_counter()
-    blob = real_activations(args)
+    base = load_base("embedded")
+    blob = real_activations(args, base)
     train_x, x_eval = blob["train"], blob["eval"]
     print(f"(b) SmolLM2 block {args.layer}: {train_x.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -254,12 +281,8 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
     def stream(seed):
         g = torch.Generator().manual_seed(seed + 1)
         while True:
-            yield train_x[torch.randint(0, train_x.shape[0], (args.batch,), generator=g)]
+            yield train_x[torch.randint(0, train_x.shape[0], (args.real_batch,), generator=g)]
 
-    from lorascope.evals.core import core_metrics
-    from lorascope.models import load_base
-
-    base = load_base("embedded")
     cache: dict = {}
     splice_ids = blob["eval_ids"][: args.splice_docs]
 
@@ -268,9 +291,25 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
                          cache=cache)
         return {k: m[k] for k in ("ce_score", "kl_score", "frac_alive", "mean_max_decoder_cos")}
 
-    total = args.real_steps * args.batch
+    total = args.real_steps * args.real_batch
     print(f"  T = {total:,} tokens; CE/KL on {len(splice_ids)} held-out documents", flush=True)
-    return run_part("smollm2", specs, train_x.shape[1], stream, x_eval, total, args.batch, seeds, settings, splice)
+    return run_part("smollm2", specs, train_x.shape[1], stream, x_eval, total, args.real_batch, seeds, settings,
+                    splice)
+
+
+def _run_part(job):
+    """One part in this process; its rows are also written at once (a failure in the other part loses nothing)."""
+    name, args, seeds, settings = job
+    torch.set_num_threads(1)
+    try:
+        rows = planted_part(args, seeds, settings) if name == "planted" else real_part(args, seeds, settings)
+    except Exception:  # report and go on with the other part
+        import traceback
+
+        traceback.print_exc()
+        return []
+    write_csv(OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv", rows)
+    return rows
 
 
 def main() -> None:
@@ -278,8 +317,12 @@ def main() -> None:
     ap.add_argument("--part", choices=("planted", "real", "both"), default="both")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, short budgets")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--planted-steps", type=int, default=320, help="steps at budget T (planted)")
-    ap.add_argument("--real-steps", type=int, default=96, help="steps at budget T (SmolLM2)")
+    ap.add_argument("--planted-steps", type=int, default=160, help="steps at budget T (planted)")
+    ap.add_argument("--sweep-steps", type=int, default=80, help="steps of the LR/λ sweep runs (planted)")
+    ap.add_argument("--pool", type=int, default=81_920, help="planted samples drawn once; runs stream shuffles")
+    ap.add_argument("--real-steps", type=int, default=128, help="steps at budget T (SmolLM2)")
+    ap.add_argument("--real-batch", type=int, default=128)
+    ap.add_argument("--jobs", type=int, default=2, help="run the two parts in parallel processes")
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--eval-docs", type=int, default=32)
@@ -288,16 +331,21 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
-        args.planted_steps, args.real_steps, args.docs, args.splice_docs = 64, 16, 64, 2
+        args.planted_steps, args.sweep_steps, args.real_steps, args.docs, args.splice_docs = 32, 16, 16, 64, 2
+        args.pool = 8192
     t0 = time.perf_counter()
+    settings = get_settings(args)
+    parts = [p for p in ("planted", "real") if args.part in (p, "both")]
+    jobs = [(p, args, seeds, settings) for p in parts]
+    if args.jobs > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(min(args.jobs, len(jobs))) as pool:
+            results = pool.map(_run_part, jobs)
+    else:
+        results = [_run_part(j) for j in jobs]
     all_rows, reach = [], []
-    settings, rows = planted_part(args, seeds)
-    if args.part in ("planted", "both"):
-        all_rows += rows
-        reach += reach_table(rows, seeds)
-        print_tables(rows, reach_table(rows, seeds))
-    if args.part in ("real", "both"):
-        rows = real_part(args, seeds, settings)
+    for rows in (r for r in results if r):
         all_rows += rows
         reach += reach_table(rows, seeds)
         print_tables(rows, reach_table(rows, seeds))
