@@ -41,7 +41,15 @@ def test_published_is_the_default_and_records_its_settings():
     assert (a["recon_loss"], a["auxk_over"], a["auxk_coefficient"], a["k_aux"]) == ("sse", "latents", 1.0, 512)
     assert a["nuclear_warmup"] is False
     assert sae.trainer_defaults() == PUBLISHED_TRAINER
-    assert _pub(recipe="lorascope").trainer_defaults() == {}
+    lor = _pub(recipe="lorascope")
+    assert lor.trainer_defaults() == {} and lor.cfg.arch["nuclear_target"] == "map"
+    assert _pub(nuclear_coefficient=3.0).cfg.arch["nuclear_coefficient"] == 3.0  # explicit values win
+    from lorascope.errors import LorascopeError
+
+    with pytest.raises(LorascopeError, match="recipe"):
+        _pub(recipe="paper")
+    with pytest.raises(LorascopeError, match="encoder_renorm"):
+        _pub(encoder_renorm="yes")
 
 
 def test_layernorm_round_trip_gives_raw_units():
@@ -132,12 +140,12 @@ def test_penalty_is_mean_over_groups_of_decoder_block_nuclear_norms_times_coeffi
     blocks = sae.W_dec.detach().double().view(5, 3, 12).numpy()
     want = np.mean([np.linalg.svd(b, compute_uv=False).sum() for b in blocks])
     for ramp in (0.0, 0.3, 1.0):  # no warm-up of λ in the published recipe
-        pen, nuc = sae.nuclear_penalty(TrainContext(0, 10, ramp, None))
+        pen, nuc = (t.detach() for t in sae.nuclear_penalty(TrainContext(0, 10, ramp, None)))
         np.testing.assert_allclose(float(nuc), want, rtol=1e-5)
         np.testing.assert_allclose(float(pen), 100.0 * want, rtol=1e-5)
     with torch.no_grad():  # the target is the decoder block, not the encoder
         sae.W_enc.normal_(generator=torch.Generator().manual_seed(12))
-    np.testing.assert_allclose(float(sae.nuclear_penalty(TrainContext(0, 10, 1.0, None))[1]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(sae.nuclear_penalty(TrainContext(0, 10, 1.0, None))[1].detach()), want, rtol=1e-5)
     # total loss = Σ_d (x − x̂)² averaged over tokens (raw units) + λ·mean_g ‖D_g‖_*
     x = _raw(seed=13)
     out = sae.training_loss(x, TrainContext(0, 10, 1.0, None))

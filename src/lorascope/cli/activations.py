@@ -138,12 +138,10 @@ def train_saes_distributed_cmd(
     from rich.table import Table
 
     from lorascope.activations import open_store
-    from lorascope.config import SAECfg
+    from lorascope.config import parse_sae_section
     from lorascope.distributed import barrier, cleanup, independent, init_distributed, my_jobs
     from lorascope.io import OutputLock, read_json, write_json
-    from lorascope.pipeline import sae_arch_kwargs, training_stream
-    from lorascope.saes import create_sae, save_sae
-    from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+    from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
     dist = init_distributed(device)
     st = open_store(store)
@@ -154,8 +152,8 @@ def train_saes_distributed_cmd(
     names: list[str | None] = [None] if kind == "base" else (
         st.adapters if adapters.strip() == "all" else [a for a in adapters.split(",") if a])
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    c = SAECfg(architecture=architecture, expansion=expansion, k=k, tokens=tokens, batch_size=batch_size, lr=lr,
-               seeds=seed_list)
+    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k, "tokens": tokens,
+                           "batch_size": batch_size, "lr": lr, "seeds": seed_list}, "train-saes-distributed")
     jobs = [(L, a, sd) for L in chosen for a in names for sd in seed_list]
     mine = jobs if data_parallel else my_jobs(jobs, dist.rank, dist.world_size)
     writer = dist.is_main or not data_parallel
@@ -165,20 +163,12 @@ def train_saes_distributed_cmd(
             continue
         lock = OutputLock(folder) if writer else contextlib.nullcontext()
         with lock, (contextlib.nullcontext() if data_parallel else independent()):
-            d_sae, arch = sae_arch_kwargs(c, st.d_model)
-            sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
-                             metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
-                                       "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)
-            tcfg = TrainerConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                                 device=str(dist.device), autocast_dtype=autocast,
-                                 checkpoint_every=max(1, tokens // batch_size // 10), resume=True)
-            stream = training_stream(st, layer, kind, adapter, batch_size, seed, held_out_fraction, 0)
-            res = train_sae(sae, stream, tcfg, checkpoint_dir=folder / "ckpt", progress=progress and dist.is_main)
+            job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
+            tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast)
+            res = train_sae_job(st, job, c, tcfg, folder if writer else None, folder / "ckpt",
+                                progress and dist.is_main)
             if writer:
-                save_sae(res.sae, folder)
-                held = st.held_out(layer, adapter, held_out_fraction=held_out_fraction, split_seed=0)
-                x = held.delta if kind == "delta" else held.base if kind == "base" else held.adapted
-                ev = evaluate_sae(res.sae, x) if x.shape[0] else {}
+                ev = evaluate_held_out(st, job, res.sae)
                 write_json(folder / "done.json", {"rank": dist.rank, "final": res.final,
                                                   "held_out": {n: v for n, v in ev.items() if n != "density"}})
         if data_parallel:

@@ -10,39 +10,37 @@ kept at norm 1 (the trainer projects out the parallel gradient and renormalises 
 weight is exactly 1 and the penalty reduces to the plain L1 of the codes; both settings are valid, they differ
 in whether code magnitudes or decoder norms carry the scale.
 
-Arch fields: ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in) as the trainer does),
-``unit_decoder`` (default False).
+Settings (:class:`ReLUSettings`): ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in)
+as the trainer does), ``unit_decoder`` (default False).
 """
 
 from __future__ import annotations
 
 import torch
 
-from lorascope.errors import LorascopeError
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
-from lorascope.saes.topk import check_nonnegative
+from lorascope.saes.base import SAE, NonNegativeFloat, SAESettings, StrictBool, TrainContext, TrainOutput, register
 
 
-@register("relu")
+class ReLUSettings(SAESettings):
+    """ReLU SAE settings (one line per field)."""
+
+    l1_coefficient: NonNegativeFloat = 5.0
+    unit_decoder: StrictBool = False
+
+
+@register("relu", ReLUSettings)
 class ReLUSAE(SAE):
     """Standard ReLU SAE (SAELens ``standard``)."""
 
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        check_nonnegative(cfg, "l1_coefficient")
-        if not isinstance(cfg.arch.get("unit_decoder", False), bool):
-            raise LorascopeError(
-                "relu SAE: unit_decoder must be true or false",
-                fix="pass unit_decoder=True or unit_decoder=False",
-            )
+    settings: ReLUSettings
 
     @property
     def l1_coefficient(self) -> float:
-        return float(self.cfg.arch.get("l1_coefficient", 5.0))
+        return self.settings.l1_coefficient
 
     @property
     def unit_decoder(self) -> bool:
-        return bool(self.cfg.arch.get("unit_decoder", False))
+        return self.settings.unit_decoder
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -9,7 +9,7 @@ to group j // rank). Group g's decoder rows W_dec[g·r : g·r + r] span its subs
 *signed, linear* encoder coordinates of that block. Per token only the ``s`` groups with the largest score
 are kept (block sparsity, s·r active latents); the rest are zeroed.
 
-Two recipes (``recipe`` in cfg.arch; every option is read in :func:`sasa_settings`, one place):
+Two recipes (``recipe`` in cfg.arch; every option lives in :class:`SASASettings`, one place):
 
 ``recipe="published"`` (default) — what the authors' code does (model.py ``TopKSASA`` /
 ``TopKSASAConfig``; train_sasa.py):
@@ -54,14 +54,25 @@ Other options (both recipes): ``score="output"`` (‖c W_g‖), ``nuclear_form="
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, Strict, model_validator
 
 from lorascope.distributed import batch_denominator
-from lorascope.errors import LorascopeError
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
+from lorascope.saes.base import (
+    SAE,
+    NonNegativeFloat,
+    OptionalPositiveInt,
+    PositiveInt,
+    SAEConfig,
+    SAESettings,
+    StrictBool,
+    TrainContext,
+    TrainOutput,
+    register,
+)
 
 RECIPES = ("published", "lorascope")
 _RECIPE_DEFAULTS: dict[str, dict] = {
@@ -72,95 +83,68 @@ _RECIPE_DEFAULTS: dict[str, dict] = {
                   "nuclear_reduce": "sum", "nuclear_coefficient": 1e-4, "nuclear_warmup": True,
                   "recon_loss": "fvu", "auxk_over": "groups", "auxk_coefficient": 1 / 32, "k_aux": 0},
 }
-_COMMON_DEFAULTS = {"nuclear_form": "svd", "score": "coords", "s_start": 0, "anneal_fraction": 0.0}
-_CHOICES = {"input_norm": ("layer_norm", "none"), "nuclear_target": ("map", "decoder"),
-            "nuclear_reduce": ("mean", "sum"), "recon_loss": ("sse", "fvu"), "auxk_over": ("latents", "groups"),
-            "nuclear_form": ("svd", "gram"), "score": ("coords", "output")}
 # what the authors' training script passes to SAELens's runner (scripts/train_sasa.py)
 PUBLISHED_TRAINER = {"lr": 2e-4, "warmup_steps": 1000, "decay_fraction": 0.2, "betas": (0.9, 0.999),
                      "scale_inputs": False, "b_dec_init": "zeros", "sparsity_warmup_fraction": 0.0}
 LN_EPS = 1e-5  # SAELens's layer_norm eps (added to the std)
 
 
-@dataclass(frozen=True)
-class SASASettings:
-    """Every SASA option, resolved from cfg.arch (recipe defaults filled in) and validated."""
+class SASASettings(SAESettings):
+    """SASA settings (one line per field); ``groups`` None: d_sae // rank. Fields left out take the defaults of
+    ``recipe`` (``_RECIPE_DEFAULTS``), so cfg.json records the recipe and every value it implied."""
 
-    groups: int
-    rank: int
-    s: int
-    recipe: str
-    input_norm: str
-    encoder_renorm: bool
-    nuclear_target: str
-    nuclear_reduce: str
-    nuclear_coefficient: float
-    nuclear_warmup: bool
-    nuclear_form: str
-    recon_loss: str
-    auxk_over: str
-    auxk_coefficient: float
-    k_aux: int
-    score: str
-    s_start: int
-    anneal_fraction: float
+    rank: PositiveInt
+    s: PositiveInt
+    groups: OptionalPositiveInt = None
+    recipe: Literal["published", "lorascope"] = "published"
+    input_norm: Literal["layer_norm", "none"]
+    encoder_renorm: StrictBool
+    nuclear_target: Literal["map", "decoder"]
+    nuclear_reduce: Literal["mean", "sum"]
+    nuclear_coefficient: NonNegativeFloat
+    nuclear_warmup: StrictBool
+    recon_loss: Literal["sse", "fvu"]
+    auxk_over: Literal["latents", "groups"]
+    auxk_coefficient: NonNegativeFloat
+    k_aux: Annotated[int, Strict(), Field(ge=0)]
+    nuclear_form: Literal["svd", "gram"] = "svd"
+    score: Literal["coords", "output"] = "coords"
+    s_start: int = 0
+    anneal_fraction: float = 0.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        recipe = data.get("recipe", "published")
+        return {**_RECIPE_DEFAULTS.get(recipe, {}), **data}
 
-def _int_field(arch: dict, name: str) -> int:
-    v = arch.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise LorascopeError(f"SASA needs a positive integer {name!r} (got {v!r})",
-                             fix=f"pass {name}=<int ≥ 1> when creating the SAE")
-    return v
+    def for_width(self, d_in: int, d_sae: int) -> SASASettings:
+        if self.groups is None and d_sae % self.rank == 0:
+            return self.model_copy(update={"groups": d_sae // self.rank})
+        return self
 
-
-def _check_number(arch: dict, name: str) -> None:
-    v = arch[name]
-    if isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0:
-        raise LorascopeError(f"SASA {name} must be a number ≥ 0 (got {v!r})",
-                             fix=f"set {name} to a non-negative value (0 disables the term)")
-
-
-def sasa_settings(cfg: SAEConfig) -> SASASettings:
-    """Fill cfg.arch with the recipe's defaults (so cfg.json records them), validate, return typed settings."""
-    a = cfg.arch
-    r0 = a.get("rank")
-    if "groups" not in a and isinstance(r0, int) and r0 > 0 and cfg.d_sae % r0 == 0:
-        a["groups"] = cfg.d_sae // r0
-    g, r, s = _int_field(a, "groups"), _int_field(a, "rank"), _int_field(a, "s")
-    if s > g:
-        raise LorascopeError(f"SASA s={s} exceeds groups={g}", fix="choose s ≤ groups (active groups per token)")
-    if r > cfg.d_in:
-        raise LorascopeError(f"SASA rank={r} exceeds d_in={cfg.d_in}", fix="choose rank ≤ d_in")
-    if cfg.d_sae != g * r:
-        raise LorascopeError(f"SASA d_sae={cfg.d_sae} must equal groups·rank = {g}·{r} = {g * r}",
-                             fix=f"pass d_sae={g * r}")
-    recipe = a.setdefault("recipe", "published")
-    if recipe not in RECIPES:
-        raise LorascopeError(f"unknown SASA recipe {recipe!r}", fix="use 'published' or 'lorascope'")
-    for k, v in {**_RECIPE_DEFAULTS[recipe], **_COMMON_DEFAULTS}.items():
-        a.setdefault(k, v)
-    for name, allowed in _CHOICES.items():
-        if a[name] not in allowed:
-            raise LorascopeError(f"unknown SASA {name} {a[name]!r}", fix=f"use one of {', '.join(allowed)}")
-    for name in ("nuclear_coefficient", "auxk_coefficient", "k_aux", "s_start", "anneal_fraction"):
-        _check_number(a, name)
-    fields = SASASettings.__dataclass_fields__
-    return SASASettings(**{k: a[k] for k in fields if k not in ("groups", "rank", "s")}, groups=g, rank=r, s=s)
+    def check_width(self, d_in: int, d_sae: int) -> None:
+        g, r = self.groups, self.rank
+        if g is None or d_sae != g * r:
+            raise ValueError(f"SASA d_sae={d_sae} must equal groups·rank = {g}·{r}"
+                             + (f" = {g * r}" if g is not None else ""))
+        if self.s > g:
+            raise ValueError(f"SASA s={self.s} exceeds groups={g} (active groups per token)")
+        if r > d_in:
+            raise ValueError(f"SASA rank={r} exceeds d_in={d_in}")
 
 
-@register("sasa")
+@register("sasa", SASASettings)
 class SASA(SAE):
     """Groups × rank block-sparse SAE with signed in-group codes and Top-s group gating."""
 
+    settings: SASASettings
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        self.settings = sasa_settings(cfg)
         self._ln_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        sasa_settings(cfg)
 
     @property
     def groups(self) -> int:
