@@ -49,7 +49,7 @@ from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
 OUT = Path(__file__).resolve().parent / "out"
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 LRS = (3e-3, 1e-2, 3e-2)
-SASA_LAMBDAS = (1.0, 100.0)
+SASA_LAMBDAS = (0.0, 0.01, 0.1, 1.0, 100.0)
 RELU_L1 = (1.0, 5.0)
 
 
@@ -214,28 +214,46 @@ def planted_setup(args, n_pool: int):
     return specs, stream, x_eval
 
 
+def _grid_key(args, spec) -> dict:
+    extra = {"sasa": SASA_LAMBDAS, "relu": RELU_L1}.get(spec[0], ())
+    key = {"lrs": LRS, "coefficients": extra, "steps": args.sweep_steps, "batch": args.batch, "seed": 100,
+           "planted": "d64_f24_dims1-16_a2", "pool": args.pool}
+    return json.loads(json.dumps(key))
+
+
 def get_settings(args) -> dict[str, tuple[float, float | None]]:
-    """The sweep's (lr, λ) per model, computed once and cached in benchmarks/out (keyed by the sweep setup)."""
-    key = {"lrs": LRS, "sasa_lambdas": SASA_LAMBDAS, "relu_l1": RELU_L1, "steps": args.sweep_steps,
-           "batch": args.batch, "seed": 100, "planted": "d64_f24_dims1-16_a2", "pool": args.pool}
-    key = json.loads(json.dumps(key))
+    """The sweep's (lr, λ) per model, cached per model in benchmarks/out (keyed by that model's sweep grid): a
+    model whose grid changed is swept again, the others are reused."""
     path = OUT / ("sample_efficiency_settings" + ("_quick" if args.quick else "") + ".json")
-    if path.exists():
-        blob = json.loads(path.read_text())
-        if blob.get("key") == key:
-            print(f"sweep settings from {path}", flush=True)
-            return {k: tuple(v) for k, v in blob["settings"].items()}
+    blob = json.loads(path.read_text()) if path.exists() else {}
     specs, stream, x_eval = planted_setup(args, args.pool)
-    print(f"sweep on planted data at {args.sweep_steps * args.batch:,} tokens, seed 100", flush=True)
-    settings = pick_settings(specs, 64, stream, x_eval, args.sweep_steps * args.batch, args.batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key, "settings": settings}, indent=1) + "\n")
+    settings, todo = {}, {}
+    for name, spec in specs.items():
+        entry = blob.get(name)
+        if isinstance(entry, dict) and entry.get("key") == _grid_key(args, spec):
+            settings[name] = tuple(entry["best"])
+        else:
+            todo[name] = spec
+    if todo:
+        print(f"sweep {', '.join(todo)} on planted data at {args.sweep_steps * args.batch:,} tokens, seed 100",
+              flush=True)
+        for name, best in pick_settings(todo, 64, stream, x_eval, args.sweep_steps * args.batch, args.batch).items():
+            settings[name] = best
+            blob[name] = {"key": _grid_key(args, todo[name]), "best": best}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(blob, indent=1) + "\n")
+    print("settings (lr, coefficient): " + ", ".join(f"{k} {v}" for k, v in settings.items()), flush=True)
     return settings
+
+
+def only(specs: dict, args) -> dict:
+    return {k: v for k, v in specs.items() if not args.models or k in args.models.split(",")}
 
 
 def planted_part(args, seeds, settings) -> list[dict]:
     total = args.planted_steps * args.batch
     specs, stream, x_eval = planted_setup(args, args.pool)
+    specs = only(specs, args)
     print(f"(a) planted: d=64, 24 features of dims 1/2/4/8/16, 2 active; T = {total:,} tokens", flush=True)
     return run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings)
 
@@ -275,7 +293,7 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
     train_x, x_eval = blob["train"], blob["eval"]
     print(f"(b) SmolLM2 block {args.layer}: {train_x.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    specs = model_specs(train_x.shape[1], groups=144, rank=4, s=8)
+    specs = only(model_specs(train_x.shape[1], groups=144, rank=4, s=8), args)
     settings = {name: settings_planted[name] for name in specs}
 
     def stream(seed):
@@ -308,8 +326,46 @@ def _run_part(job):
 
         traceback.print_exc()
         return []
-    write_csv(OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv", rows)
+    path = OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv"
+    if args.models and path.exists():  # rerun of some models: keep the others' rows
+        rows = [r for r in read_rows(path) if r["model"] not in {x["model"] for x in rows}] + rows
+    write_csv(path, rows)
     return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a per-part CSV with numbers parsed back."""
+    def parse(v: str):
+        if v == "":
+            return v
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with path.open(newline="") as f:
+        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def report(args) -> None:
+    """Tables and the combined CSVs from the per-part CSVs already written (e.g. parts run separately)."""
+    all_rows, reach = [], []
+    for name in ("planted", "real"):
+        path = OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv"
+        if not path.exists():
+            print(f"(no {path.name})")
+            continue
+        rows = read_rows(path)
+        seeds = sorted({r["seed"] for r in rows})
+        all_rows += rows
+        reach += reach_table(rows, seeds)
+        print_tables(rows, reach_table(rows, seeds))
+    suffix = "_quick" if args.quick else ""
+    write_csv(OUT / f"sample_efficiency_runs{suffix}.csv", all_rows)
+    write_csv(OUT / f"sample_efficiency_reach{suffix}.csv", reach)
 
 
 def main() -> None:
@@ -327,7 +383,12 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--eval-docs", type=int, default=32)
     ap.add_argument("--splice-docs", type=int, default=3)
+    ap.add_argument("--report", action="store_true", help="only print tables from the per-part CSVs")
+    ap.add_argument("--models", default="", help="comma list: run only these models (rows merged into the CSV)")
     args = ap.parse_args()
+    if args.report:
+        report(args)
+        return
     torch.set_num_threads(1)
     seeds = [0] if args.quick else [0, 1, 2]
     if args.quick:
