@@ -9,19 +9,21 @@ steps, linear decay to 0 over the last 20% — never a checkpoint of a longer ru
   λ·mean_g‖D_g‖_* against raw SSE, AuxK over dead latents), only LR, warm-up and λ adapted to these short runs;
 - comparators TopK (k = SASA's active dims s·r), BatchTopK (same k) and ReLU-L1 (lorascope's decoder-norm-weighted
   L1 on trainer-scaled inputs), each at SASA's width and at 2× width;
-- LR ∈ {3e-3, 1e-2, 3e-2} (and SASA's λ ∈ {1, 100}, ReLU's L1 coefficient ∈ {1, 5}) picked per architecture
-  and width by held-out FVU in a sweep of 80-step runs (20,480 tokens) on a separate seed (100) on the planted
-  data, cached in benchmarks/out/sample_efficiency_settings.json, then used for every budget, seed and dataset
+- LR ∈ {3e-3, 1e-2, 3e-2} (and SASA's λ ∈ {0, 0.01, 0.1, 1, 100}, ReLU's L1 coefficient ∈ {1, 5}) picked per
+  architecture and width by held-out FVU in a sweep of 80-step runs (20,480 tokens) on a separate seed (100) on the
+  planted data, cached per model in benchmarks/out/sample_efficiency_settings.json (a model whose grid changes is
+  swept again), then used for every budget, seed and dataset
   (inputs are normalised in all of them: LayerNorm for SASA, the trainer's global scale for the others);
 - (a) planted data (evals/synthetic.py): d = 64, 24 features of intrinsic dims 1, 2, 4, 8, 16, 2 active, one pool
   of 81,920 samples (each run streams its own shuffle); T = 160 steps × 256 = 40,960 tokens;
   SASA 32 groups × rank 16 (r ≥ every d_i), s = 2 -> width 512, 32 active dims;
-  (b) SmolLM2-135M base residual after block 15 (of 30) on 256 demo documents (embedded model; cached under
-  benchmarks/out/), 32 held-out documents for evaluation; T = 128 steps × 128 = 16,384 tokens;
+  (b) SmolLM2-135M base residual after block 15 (of 30) on 128 demo documents (embedded model; cached under
+  benchmarks/out/), 16 held-out documents for evaluation; T = 48 steps × 128 = 6,144 tokens;
   SASA 144 groups × rank 4, s = 8 -> width 576 (1× d), 32 active dims;
-- the two parts run in parallel processes (``--jobs 2``), one thread each;
-- metrics: held-out FVU (Σ‖x − x̂‖² / Σ‖x − μ‖²); for (b) also, at budget T, SAEBench CE-loss and KL scores of the
-  SAE spliced into the model (lorascope.evals.core) on 3 held-out documents.
+- the two parts run in parallel processes (``--jobs 2``), one thread each; ``--models a,b`` runs some models
+  only (own CSV; ``--report`` merges the CSVs and prints the tables);
+- metrics: held-out FVU (Σ‖x − x̂‖² / Σ‖x − μ‖²); for (b) also, at budget T for seed 0, SAEBench CE-loss and KL
+  scores of the SAE spliced into the model (lorascope.evals.core) on 3 held-out documents.
 - "budget to reach": per SASA seed, the smallest budget at which SASA's held-out FVU ≤ the comparator's mean final
   FVU (budget T), linearly interpolated in log budget; "< T/8" / "> T" when outside the range.
 
@@ -113,7 +115,10 @@ def budget_to_reach(budgets: list[int], fvus: list[float], target: float) -> flo
     return math.inf
 
 
-def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings, splice=None) -> list[dict]:
+def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings, splice=None,
+             save=None) -> list[dict]:
+    """Every (model, seed, budget) run; ``splice(sae)`` adds spliced scores at budget T for the seeds in
+    ``splice.seeds``; ``save(rows)`` is called after each (model, seed)."""
     rows = []
     budgets = [max(batch, int(total * f) // batch * batch) for f in FRACTIONS]
     for name, spec in specs.items():
@@ -126,11 +131,13 @@ def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings,
                 row = {"part": part, "model": name, "d_sae": spec[1], "seed": seed, "tokens": b, "lr": lr,
                        "coefficient": lam if lam is not None else "", "fvu": fvu, "l0": l0,
                        "seconds": time.perf_counter() - t0}
-                if splice is not None and b == budgets[-1]:  # spliced CE/KL at budget T (the model is slow here)
+                if splice is not None and b == budgets[-1] and seed in splice.seeds:  # the model is slow here
                     row.update(splice(sae))
                 rows.append(row)
             print(f"  {part} {name:12s} seed {seed}: FVU " + " ".join(f"{r['fvu']:.4f}" for r in rows[-4:]),
                   flush=True)
+            if save is not None:
+                save(rows)
     return rows
 
 
@@ -147,9 +154,12 @@ def reach_table(rows: list[dict], seeds) -> list[dict]:
         target = sum(fv(comp, s)[-1] for s in seeds) / len(seeds)
         fr = sorted(budget_to_reach(budgets, fv("sasa", s), target) / total for s in seeds)
         sasa_final = sum(fv("sasa", s)[-1] for s in seeds) / len(seeds)
+        # the reverse question: where does the comparator reach SASA's final FVU?
+        back = sorted(budget_to_reach(budgets, fv(comp, s), sasa_final) / total for s in seeds)
         out.append({"part": rows[0]["part"], "comparator": comp, "comparator_final_fvu": target,
                     "sasa_final_fvu": sasa_final, "budget_fraction_median": fr[len(fr) // 2],
-                    "budget_fraction_min": fr[0], "budget_fraction_max": fr[-1]})
+                    "budget_fraction_min": fr[0], "budget_fraction_max": fr[-1],
+                    "comparator_reaches_sasa_final_median": back[len(back) // 2]})
     return out
 
 
@@ -177,14 +187,15 @@ def print_tables(rows: list[dict], reach: list[dict]) -> None:
         ex = "".join(f" {sum(r[k] for r in at_t) / len(at_t):.4f} |" for k in extra)
         print(f"| {model} | {at_t[0]['d_sae']} | " + " | ".join(cells) + f" | {l0:.1f} |" + ex)
     print(f"\n[{part}] budget at which SASA reaches the comparator's final (budget T) FVU: median [min–max] over seeds")
-    print("| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency |")
-    print("|---|---|---|---|---|")
+    print("| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency "
+          "| comparator reaches SASA's FVU at T at |")
+    print("|---|---|---|---|---|---|")
     for r in reach:
         med = r["budget_fraction_median"]
         eff = "—" if med in (0.0, math.inf) else f"{1 / med:.2f}×"
         print(f"| {r['comparator']} | {r['comparator_final_fvu']:.4f} | {r['sasa_final_fvu']:.4f} | "
               f"{_fmt_frac(med)} [{_fmt_frac(r['budget_fraction_min'])}–{_fmt_frac(r['budget_fraction_max'])}] | "
-              f"{eff} |")
+              f"{eff} | {_fmt_frac(r['comparator_reaches_sasa_final_median'])} |")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -255,7 +266,8 @@ def planted_part(args, seeds, settings) -> list[dict]:
     specs, stream, x_eval = planted_setup(args, args.pool)
     specs = only(specs, args)
     print(f"(a) planted: d=64, 24 features of dims 1/2/4/8/16, 2 active; T = {total:,} tokens", flush=True)
-    return run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings)
+    return run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings,
+                    save=part_saver("planted", args))
 
 
 def real_activations(args, base) -> dict:
@@ -309,10 +321,22 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
                          cache=cache)
         return {k: m[k] for k in ("ce_score", "kl_score", "frac_alive", "mean_max_decoder_cos")}
 
+    splice.seeds = set(seeds[: args.splice_seeds])
+
     total = args.real_steps * args.real_batch
     print(f"  T = {total:,} tokens; CE/KL on {len(splice_ids)} held-out documents", flush=True)
     return run_part("smollm2", specs, train_x.shape[1], stream, x_eval, total, args.real_batch, seeds, settings,
-                    splice)
+                    splice, part_saver("real", args))
+
+
+def part_path(name: str, args) -> Path:
+    """Per-part CSV; a run restricted with --models writes its own file (parts may run as several processes)."""
+    tag = "__" + args.models.replace(",", "+") if args.models else ""
+    return OUT / f"sample_efficiency_{name}{tag}{'_quick' if args.quick else ''}.csv"
+
+
+def part_saver(name: str, args):
+    return lambda rows: write_csv(part_path(name, args), rows)
 
 
 def _run_part(job):
@@ -326,10 +350,7 @@ def _run_part(job):
 
         traceback.print_exc()
         return []
-    path = OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv"
-    if args.models and path.exists():  # rerun of some models: keep the others' rows
-        rows = [r for r in read_rows(path) if r["model"] not in {x["model"] for x in rows}] + rows
-    write_csv(path, rows)
+    write_csv(part_path(name, args), rows)
     return rows
 
 
@@ -350,15 +371,29 @@ def read_rows(path: Path) -> list[dict]:
         return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+def _by_model(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["model"], []).append(r)
+    return out
+
+
 def report(args) -> None:
     """Tables and the combined CSVs from the per-part CSVs already written (e.g. parts run separately)."""
     all_rows, reach = [], []
     for name in ("planted", "real"):
-        path = OUT / f"sample_efficiency_{name}{'_quick' if args.quick else ''}.csv"
-        if not path.exists():
-            print(f"(no {path.name})")
+        # the full-part file, overridden model by model by files of --models runs
+        by_model: dict[str, list[dict]] = {}
+        files = sorted(OUT.glob(f"sample_efficiency_{name}*.csv"), key=lambda f: ("__" in f.name, f.name))
+        for f in files:
+            if f.name.endswith("_quick.csv") != bool(args.quick):
+                continue
+            for model, group in _by_model(read_rows(f)).items():
+                by_model[model] = group
+        rows = [r for group in by_model.values() for r in group]
+        if not rows:
+            print(f"(no sample_efficiency_{name}*.csv)")
             continue
-        rows = read_rows(path)
         seeds = sorted({r["seed"] for r in rows})
         all_rows += rows
         reach += reach_table(rows, seeds)
@@ -376,13 +411,14 @@ def main() -> None:
     ap.add_argument("--planted-steps", type=int, default=160, help="steps at budget T (planted)")
     ap.add_argument("--sweep-steps", type=int, default=80, help="steps of the LR/λ sweep runs (planted)")
     ap.add_argument("--pool", type=int, default=81_920, help="planted samples drawn once; runs stream shuffles")
-    ap.add_argument("--real-steps", type=int, default=128, help="steps at budget T (SmolLM2)")
+    ap.add_argument("--real-steps", type=int, default=48, help="steps at budget T (SmolLM2)")
     ap.add_argument("--real-batch", type=int, default=128)
     ap.add_argument("--jobs", type=int, default=2, help="run the two parts in parallel processes")
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--docs", type=int, default=256)
-    ap.add_argument("--eval-docs", type=int, default=32)
+    ap.add_argument("--docs", type=int, default=128)
+    ap.add_argument("--eval-docs", type=int, default=16)
     ap.add_argument("--splice-docs", type=int, default=3)
+    ap.add_argument("--splice-seeds", type=int, default=1, help="seeds whose budget-T SAE is spliced (CE/KL)")
     ap.add_argument("--report", action="store_true", help="only print tables from the per-part CSVs")
     ap.add_argument("--models", default="", help="comma list: run only these models (rows merged into the CSV)")
     args = ap.parse_args()
