@@ -163,6 +163,11 @@ def reach_table(rows: list[dict], seeds) -> list[dict]:
     return out
 
 
+def _mean_of(rows: list[dict], key: str) -> str:
+    vals = [r[key] for r in rows if isinstance(r.get(key), float)]
+    return f"{sum(vals) / len(vals):.4f}" if vals else "—"
+
+
 def _fmt_frac(f: float) -> str:
     if f == 0.0:
         return "≤ T/8"
@@ -172,8 +177,9 @@ def _fmt_frac(f: float) -> str:
 def print_tables(rows: list[dict], reach: list[dict]) -> None:
     budgets = sorted({r["tokens"] for r in rows})
     part = rows[0]["part"]
-    extra = [k for k in ("ce_score", "kl_score") if k in rows[-1]]
-    print(f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)" + (", CE/KL score at T" if extra else ""))
+    extra = [k for k in ("ce_score", "kl_score") if any(isinstance(r.get(k), float) for r in rows)]
+    print(f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)"
+          + (", CE-loss / KL score at T (spliced seeds)" if extra else ""))
     print("| model | d_sae | " + " | ".join(f"{b:,} tok" for b in budgets) + " | L0 |"
           + "".join(f" {k} |" for k in extra))
     print("|---" * (3 + len(budgets) + len(extra)) + "|")
@@ -184,7 +190,7 @@ def print_tables(rows: list[dict], reach: list[dict]) -> None:
             cells.append(f"{float(v.mean()):.4f} ± {float(v.std()) if len(v) > 1 else 0.0:.4f}")
         at_t = [r for r in rows if r["model"] == model and r["tokens"] == budgets[-1]]
         l0 = sum(r["l0"] for r in at_t) / len(at_t)
-        ex = "".join(f" {sum(r[k] for r in at_t) / len(at_t):.4f} |" for k in extra)
+        ex = "".join(f" {_mean_of(at_t, k)} |" for k in extra)
         print(f"| {model} | {at_t[0]['d_sae']} | " + " | ".join(cells) + f" | {l0:.1f} |" + ex)
     print(f"\n[{part}] budget at which SASA reaches the comparator's final (budget T) FVU: median [min–max] over seeds")
     print("| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency "
