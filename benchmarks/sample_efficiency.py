@@ -142,6 +142,8 @@ def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings,
 
 
 def reach_table(rows: list[dict], seeds) -> list[dict]:
+    if not any(r["model"] == "sasa" for r in rows):  # a --models run without SASA: nothing to compare here
+        return []
     budgets = sorted({r["tokens"] for r in rows})
     total = budgets[-1]
 
