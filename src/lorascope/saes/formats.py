@@ -61,6 +61,9 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
     }
     if cfg.architecture == "topk":
         out.update(k=int(cfg.arch["k"]), rescale_acts_by_decoder_norm=False)
+    own = getattr(sae, "saelens_fields", None)  # architecture-specific SAELens keys (SASA: topk_sasa, layer_norm)
+    if callable(own):
+        out.update(own())
     return out
 
 
