@@ -39,7 +39,7 @@ Differences from the authors' code that remain (all small):
 - train_matched_budget.py (the paper's matched-budget comparison) used 0 warm-up steps, train_sasa.py 1,000;
   paper settings: GPT-2 small layer 7 (resid_pre) K = 2048 groups, r = 6, s = 10; Mistral-7B 8192, 4, 15.
 
-``recipe="lorascope"`` — lorascope's earlier variant (kept for comparison; shared/ benchmarks used it):
+``recipe="lorascope"`` — lorascope's earlier variant (kept for comparison; benchmarks/sasa.py uses it):
 no input normalisation (the trainer's global scale), no encoder renorm, the penalty on each group's
 encode-decode map W_enc,g W_dec,g (``nuclear_target="map"``; singular values from the r×r product of QR
 R-factors), *summed* over groups, λ = 1e-4 against a batch-FVU reconstruction term and ramped by the trainer's
