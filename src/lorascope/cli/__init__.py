@@ -41,8 +41,10 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
     _STATE["debug"] = debug
+    _STATE["command"] = f"lorascope {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "lorascope"
 
 
 def _load_commands() -> None:
@@ -81,10 +83,7 @@ def signals_raise_interrupted() -> Iterator[None]:
 
 
 def _command_name() -> str:
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    return ctx.command_path if ctx is not None else "lorascope"
+    return str(_STATE.get("command") or "lorascope")
 
 
 def option_name(field: str) -> str:
@@ -92,15 +91,17 @@ def option_name(field: str) -> str:
     return "--" + str(field).replace("_", "-")
 
 
-def validation_error_line(exc: Any, rename: dict[str, str] | None = None, command: str = "lorascope") -> str:
-    """One line for a pydantic ``ValidationError`` raised by option values: the option, its value, the rule."""
+def option_error(exc: Any, rename: dict[str, str] | None = None, command: str = "lorascope") -> LorascopeError:
+    """The user-facing error for a pydantic ``ValidationError`` raised by option values: the option, its value,
+    the rule it breaks (first error only), and where to look up the option."""
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
     field = loc[0] if loc else ""
     name = (rename or {}).get(field, option_name(field)) if field else "an option"
-    got = f" {err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+    value = err.get("input")
+    got = f" {value}" if field and isinstance(value, (int, float, str)) else ""
     rule = err["msg"].removeprefix("Value error, ")
-    return LorascopeError(f"{name}{got}: {rule}", fix=f"change {name} (see `{command} --help`)").one_line()
+    return LorascopeError(f"{name}{got}: {rule}", fix=f"change {name} (see `{command} --help`)")
 
 
 def check_options(model: Any, rename: dict[str, str] | None = None, **values: Any) -> Any:
@@ -117,12 +118,12 @@ def check_options(model: Any, rename: dict[str, str] | None = None, **values: An
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        raise LorascopeError(validation_error_line(exc, rename, _command_name())) from exc
+        raise option_error(exc, rename, _command_name()) from exc
 
 
 def _usage_error_line(exc: Any) -> str:
     ctx = getattr(exc, "ctx", None)
-    command = ctx.command_path if ctx is not None else "lorascope"
+    command = f"lorascope {ctx.info_name}" if ctx is not None and ctx.parent is not None else "lorascope"
     return LorascopeError(exc.format_message(), fix=f"see `{command} --help`").one_line()
 
 
@@ -133,6 +134,7 @@ def _fail(line: str, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _load_commands()
+    _STATE["command"] = "lorascope"
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LORASCOPE_DEBUG") == "1"
     try:
         with signals_raise_interrupted():
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         if type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic: an option's value
-            _fail(validation_error_line(exc), 2)
+            _fail(option_error(exc, command=_command_name()).one_line(), 2)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # a click/typer usage error
             _fail(_usage_error_line(exc), exc.exit_code)
         if type(exc).__name__ == "Abort":
