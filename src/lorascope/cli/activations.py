@@ -71,6 +71,7 @@ def extract_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
                                             "cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds something else."),
 ) -> None:
     """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
 
@@ -86,6 +87,7 @@ def extract_cmd(
     from lorascope.config import DataCfg, ExtractionCfg
     from lorascope.data import load_dataset_spec
     from lorascope.distributed import cleanup, init_distributed
+    from lorascope.io import claimed_output
     from lorascope.models import load_adapters, load_base
 
     # Every count and threshold is checked before anything is loaded (same rules as the experiment YAML).
@@ -98,6 +100,14 @@ def extract_cmd(
         if not Path(path).exists():
             raise LorascopeError(f"adapter {name!r}: {path} does not exist", fix="check the --adapter path")
     dist = init_distributed(device)
+    if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
+        settings = {"model": model, "adapters": {k: str(Path(v).resolve()) for k, v in adapters.items()},
+                    "data": data, "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
+                    "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length,
+                    "dtype": dtype, "forward_dtype": forward_dtype, "skip_first": skip_first,
+                    "max_norm_factor": max_norm_factor}
+        with claimed_output(out, "activation store", settings, overwrite):
+            pass
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
                         max_norm_factor=max_norm_factor or None, batch_size=batch_size,
                         docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,

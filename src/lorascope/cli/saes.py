@@ -27,11 +27,12 @@ def train_sae_cmd(
     held_out_fraction: float = typer.Option(0.2, help="Documents held out (never trained on)."),
     seed: int = typer.Option(0, help="Seed."),
     out: Path = typer.Option(Path("runs/sae"), "--out", "-o", help="Output folder (SAELens format)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another SAE."),
 ) -> None:
     """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
     from lorascope.activations import open_store
     from lorascope.config import SAECfg
-    from lorascope.io import OutputLock, clean_tmp_files
+    from lorascope.io import claimed_output, clean_tmp_files
     from lorascope.pipeline import sae_arch_kwargs, training_stream
     from lorascope.saes import create_sae, save_sae
     from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
@@ -40,7 +41,9 @@ def train_sae_cmd(
                l0_coefficient=l0_coefficient, sasa_rank=sasa_rank, tokens=tokens, batch_size=batch_size, lr=lr,
                seeds=[seed])
     st = open_store(store)
-    with OutputLock(out):
+    with claimed_output(out, "SAE", {"sae": c.model_dump(), "store": st.manifest.get("config_hash"), "layer": layer,
+                                     "kind": kind, "adapter": adapter, "held_out_fraction": held_out_fraction},
+                        overwrite, not_inside=[("the activation store", store)]):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
         d_sae, arch = sae_arch_kwargs(c, st.d_model)
         sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
