@@ -209,6 +209,17 @@ def _load_saelens(folder: Path) -> SAE:
     return build_sae(cfg, tensors, folder)
 
 
+def nonfinite_tensors(sae: SAE) -> dict[str, int]:
+    """{tensor name: count of NaN/inf entries} for every tensor of ``sae`` that has any (empty when all finite)."""
+    out = {}
+    for name, t in sae.state_for_save().items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                out[name] = bad
+    return out
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
 _CONTENT_NAMES = {"safetensors": "a safetensors file", "npz": "a NumPy .npz archive", "npy": "a NumPy .npy array",
                   "torch": "a torch.save zip archive", "pickle": "a Python pickle", "zip": "a zip archive",
