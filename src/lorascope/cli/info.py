@@ -27,13 +27,22 @@ def describe(path: Path, allow_pickle: bool = False) -> list[tuple[str, str]]:
                 ("layers", str(sorted(int(x) for x in df.layer.unique() if x >= 0))),
                 ("adapters", ", ".join(sorted(a for a in df.adapter.unique() if a))),
                 ("model", str(meta.get("model", "?")))]
+    if (path / "progress").is_dir() and not (path / "manifest.json").is_file():
+        return [("kind", "activation store"),
+                ("WARNING", "incomplete: the extraction was interrupted (no manifest.json yet); re-run the same "
+                            "extract command to resume it")]
     if (path / "manifest.json").is_file():
         from lorascope.activations import open_store
+        from lorascope.activations.store import missing_shards
 
         st = open_store(path)
         m, c = st.manifest, st.manifest.get("config", {})
         model = c.get("model", {})
-        return [("kind", "activation store"),
+        missing = missing_shards(path, m)
+        status = [("WARNING", f"incomplete: {len(missing)} of {len(st.shards)} shard files are missing (first: "
+                              f"{missing[0]}); re-run the extraction into a fresh folder")] if missing \
+            else [("status", f"complete ({len(st.shards)} shards)")]
+        return [("kind", "activation store"), *status,
                 ("model", str(model.get("name", model) if isinstance(model, dict) else model)),
                 ("d_model", str(st.d_model)), ("layers", str(st.layers)), ("adapters", ", ".join(st.adapters)),
                 ("tokens", str(st.n_tokens)), ("documents", str(c.get("n_docs"))),
