@@ -40,3 +40,11 @@ class Interrupted(BaseException):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(f"interrupted by signal {signum}")
+
+
+def warn(problem: str, fix: str | None = None) -> None:
+    """Print one ``warning: <problem>. Fix: <fix>.`` line on stderr: for input that works but is probably not
+    what the user meant (an adapter recorded for another base model, non-finite SAE weights)."""
+    import sys
+
+    print(f"warning: {LorascopeError(problem, fix).one_line()}", file=sys.stderr)

@@ -195,6 +195,6 @@ def missing_shards(path: str | Path, manifest: dict | None = None) -> list[str]:
     return [rec["file"] for rec in manifest.get("shards", []) if not (path / rec["file"]).is_file()]
 
 
-__all__ = ["DELTA_DEFINITION", "STORE_DTYPES", "RankProgress", "base_key", "delta_key", "finalize_store", "missing_shards",
-           "n_shards", "progress_name", "rank_shards", "read_manifest", "shard_docs", "shard_name", "write_docs",
-           "write_shard"]
+__all__ = ["DELTA_DEFINITION", "STORE_DTYPES", "RankProgress", "base_key", "delta_key", "finalize_store",
+           "missing_shards", "n_shards", "progress_name", "rank_shards", "read_manifest", "shard_docs", "shard_name",
+           "write_docs", "write_shard"]
