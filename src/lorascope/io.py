@@ -279,20 +279,7 @@ def claim_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite:
     _refuse_inside(folder, not_inside, option)
     digest = stable_hash(settings)
     record_path = folder / OUTPUT_RECORD
-    record = read_json(record_path) if record_path.is_file() else None
-    if record is not None and record.get("kind") == kind and record.get("settings_hash") == digest:
-        return
-    if record is not None:
-        what = f"another {record.get('kind', 'artefact')}" if record.get("kind") != kind \
-            else f"{_article(kind)} {kind} made with other settings"
-    else:
-        foreign = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".")) if folder.is_dir() else []
-        what = f"files of another run or program ({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''})" \
-            if foreign else None
-    if what is not None:
-        if not overwrite:
-            raise LorascopeError(f"{option} {folder} already holds {what}",
-                                 fix=f"choose another {option} folder, or pass --overwrite to replace its contents")
+    if _refuse_other(folder, kind, digest, overwrite, option):
         for entry in folder.iterdir():
             if entry.name == ".lock":
                 continue
@@ -301,6 +288,33 @@ def claim_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite:
             else:
                 entry.unlink()
     write_json(record_path, {"kind": kind, "settings_hash": digest, "settings": settings})
+
+
+def _refuse_other(folder: Path, kind: str, digest: str, overwrite: bool, option: str) -> bool:
+    """True when ``folder`` holds something else that ``overwrite`` allows replacing; raises without it."""
+    record_path = folder / OUTPUT_RECORD
+    record = read_json(record_path) if record_path.is_file() else None
+    if record is not None and record.get("kind") == kind and record.get("settings_hash") == digest:
+        return False
+    content = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".")) if folder.is_dir() else []
+    if not content:  # empty, or only a record/lock of a run that wrote nothing yet
+        return False
+    if record is not None:
+        what = f"another {record.get('kind', 'artefact')}" if record.get("kind") != kind \
+            else f"{_article(kind)} {kind} made with other settings"
+    else:
+        what = f"files of another run or program ({', '.join(content[:3])}{', …' if len(content) > 3 else ''})"
+    if not overwrite:
+        raise LorascopeError(f"{option} {folder} already holds {what}",
+                             fix=f"choose another {option} folder, or pass --overwrite to replace its contents")
+    return True
+
+
+def check_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
+                 option: str = "--out") -> None:
+    """The refusals of :func:`claim_output` without touching anything (to fail before expensive work; claim the
+    folder later, when writing starts)."""
+    _refuse_other(Path(folder), kind, stable_hash(settings), overwrite, option)
 
 
 def _article(noun: str) -> str:

@@ -87,7 +87,7 @@ def extract_cmd(
     from lorascope.config import DataCfg, ExtractionCfg
     from lorascope.data import load_dataset_spec
     from lorascope.distributed import cleanup, init_distributed
-    from lorascope.io import claimed_output
+    from lorascope.io import check_output, claimed_output
     from lorascope.models import load_adapters, load_base
 
     # Every count and threshold is checked before anything is loaded (same rules as the experiment YAML).
@@ -100,14 +100,13 @@ def extract_cmd(
         if not Path(path).exists():
             raise LorascopeError(f"adapter {name!r}: {path} does not exist", fix="check the --adapter path")
     dist = init_distributed(device)
-    if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
-        settings = {"model": model, "adapters": {k: str(Path(v).resolve()) for k, v in adapters.items()},
+    settings = {"model": model, "adapters": {k: str(Path(v).resolve()) for k, v in adapters.items()},
                     "data": data, "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
                     "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length,
                     "dtype": dtype, "forward_dtype": forward_dtype, "skip_first": skip_first,
                     "max_norm_factor": max_norm_factor}
-        with claimed_output(out, "activation store", settings, overwrite):
-            pass
+    if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
+        check_output(out, "activation store", settings, overwrite)  # nothing is created before the loads succeed
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
                         max_norm_factor=max_norm_factor or None, batch_size=batch_size,
                         docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,
@@ -117,6 +116,9 @@ def extract_cmd(
     base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code,
                      check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, max_length))
     peft_model = load_adapters(base, adapters)
+    if dist.world_size == 1:
+        with claimed_output(out, "activation store", settings, overwrite):
+            pass
     store = extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
     cleanup()
     if not dist.is_main:
