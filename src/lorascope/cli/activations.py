@@ -100,11 +100,14 @@ def extract_cmd(
         if not Path(path).exists():
             raise LorascopeError(f"adapter {name!r}: {path} does not exist", fix="check the --adapter path")
     dist = init_distributed(device)
-    settings = {"model": model, "adapters": {k: str(Path(v).resolve()) for k, v in adapters.items()},
-                    "data": data, "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
-                    "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length,
-                    "dtype": dtype, "forward_dtype": forward_dtype, "skip_first": skip_first,
-                    "max_norm_factor": max_norm_factor}
+
+    def where(spec: str) -> str:  # paths count by location, so a re-run from another folder still matches
+        return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    settings = {"model": where(model), "adapters": {k: where(v) for k, v in adapters.items()}, "data": where(data),
+                "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
+                "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length, "dtype": dtype,
+                "forward_dtype": forward_dtype, "skip_first": skip_first, "max_norm_factor": max_norm_factor}
     if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
         check_output(out, "activation store", settings, overwrite)  # nothing is created before the loads succeed
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
