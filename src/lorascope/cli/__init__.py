@@ -87,8 +87,10 @@ def option_name(field: str) -> str:
 def option_error(exc: Any, rename: dict[str, str] | None = None, command: str = "lorascope") -> LorascopeError:
     """The user-facing error for a pydantic ``ValidationError`` raised by option values: the option, its value,
     the rule it breaks (first error only), and where to look up the option."""
+    from lorascope.saes import known_architectures
+
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if str(p) not in known_architectures()]  # drop a union's architecture tag
     field = loc[0] if loc else ""
     name = (rename or {}).get(field, option_name(field)) if field else "an option"
     value = err.get("input")

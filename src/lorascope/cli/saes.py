@@ -31,14 +31,21 @@ def train_sae_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another SAE."),
 ) -> None:
     """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
+    from pydantic import TypeAdapter, ValidationError
+
     from lorascope.activations import open_store
-    from lorascope.config import parse_sae_section
+    from lorascope.cli import option_error
+    from lorascope.config import SAECfg
     from lorascope.io import claimed_output, clean_tmp_files
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
-    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k,
-                           "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank,
-                           "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": [seed]}, "train-sae")
+    try:  # checked before the store is opened; a bad value names its option
+        c = TypeAdapter(SAECfg).validate_python(
+            {"architecture": architecture, "expansion": expansion, "k": k, "l1_coefficient": l1_coefficient,
+             "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank, "tokens": tokens, "batch_size": batch_size,
+             "lr": lr, "seeds": [seed]})
+    except ValidationError as exc:
+        raise option_error(exc, command="lorascope train-sae") from exc
     st = open_store(store)
     job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
     with claimed_output(out, "SAE", {"sae": c.model_dump(), "store": st.manifest.get("config_hash"), "layer": layer,
