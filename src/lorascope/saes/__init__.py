@@ -1,7 +1,7 @@
 """SAEs: one interface (base.SAE), a registry by architecture name, a trainer over any batch iterator, and
 loaders for the dictionaries people already have. Never imports transformers."""
 
-from lorascope.saes import batchtopk, jumprelu, relu, sasa, topk  # noqa: F401  (register the architectures)
+from lorascope.saes import batchtopk, jumprelu, paper_a, relu, sasa, topk  # noqa: F401  (register the architectures)
 from lorascope.saes.base import (
     SAE,
     SAEConfig,

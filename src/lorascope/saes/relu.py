@@ -10,11 +10,16 @@ kept at norm 1 (the trainer projects out the parallel gradient and renormalises 
 weight is exactly 1 and the penalty reduces to the plain L1 of the codes; both settings are valid, they differ
 in whether code magnitudes or decoder norms carry the scale.
 
+``l1_penalty="plain"`` drops the weighting (Loss = mse + λ Σ_i f_i, the plain L1 of Bricken et al. 2023 and of
+arXiv 2605.28896); pair it with ``unit_decoder=True``, which rules out the shrink-codes/grow-decoder escape.
+
 Arch fields: ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in) as the trainer does),
-``unit_decoder`` (default False).
+``unit_decoder`` (default False), ``l1_penalty`` ("decoder_norm" default, or "plain").
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
@@ -22,10 +27,16 @@ from lorascope.errors import LorascopeError
 from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
 from lorascope.saes.topk import check_nonnegative
 
+L1_PENALTIES = ("decoder_norm", "plain")
+
 
 @register("relu")
 class ReLUSAE(SAE):
     """Standard ReLU SAE (SAELens ``standard``)."""
+
+    default_l1_coefficient: ClassVar[float] = 5.0
+    default_unit_decoder: ClassVar[bool] = False
+    default_l1_penalty: ClassVar[str] = "decoder_norm"
 
     @classmethod
     def validate_config(cls, cfg: SAEConfig) -> None:
@@ -35,14 +46,23 @@ class ReLUSAE(SAE):
                 "relu SAE: unit_decoder must be true or false",
                 fix="pass unit_decoder=True or unit_decoder=False",
             )
+        if cfg.arch.get("l1_penalty", cls.default_l1_penalty) not in L1_PENALTIES:
+            raise LorascopeError(
+                f"relu SAE: unknown l1_penalty {cfg.arch.get('l1_penalty')!r}",
+                fix=f"use one of: {', '.join(L1_PENALTIES)}",
+            )
 
     @property
     def l1_coefficient(self) -> float:
-        return float(self.cfg.arch.get("l1_coefficient", 5.0))
+        return float(self.cfg.arch.get("l1_coefficient", self.default_l1_coefficient))
 
     @property
     def unit_decoder(self) -> bool:
-        return bool(self.cfg.arch.get("unit_decoder", False))
+        return bool(self.cfg.arch.get("unit_decoder", self.default_unit_decoder))
+
+    @property
+    def l1_penalty(self) -> str:
+        return str(self.cfg.arch.get("l1_penalty", self.default_l1_penalty))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -52,7 +72,7 @@ class ReLUSAE(SAE):
         f = torch.relu(self.pre_acts(x.to(self.W_enc.dtype)))
         x_hat = f @ self.W_dec + self.b_dec
         mse = (x_hat.float() - x.float()).pow(2).sum(1).mean()
-        l1 = (f @ self.W_dec.norm(dim=1)).mean()
+        l1 = f.float().sum(1).mean() if self.l1_penalty == "plain" else (f @ self.W_dec.norm(dim=1)).mean()
         loss = mse + self.l1_coefficient * ctx.sparsity_scale * l1
         return TrainOutput(loss, x_hat, f.detach() > 0, {"mse": mse.detach(), "l1": l1.detach()})
 
