@@ -1,0 +1,26 @@
+"""configs/paper_a_smollm2.yaml parses and states the paper's protocol (arXiv 2605.28896)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorascope.config import load_config
+from lorascope.saes import create_sae
+from lorascope.saes.paper_a import PaperASAE
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_a_smollm2.yaml"
+
+
+def test_paper_a_config_parses_and_states_the_protocol():
+    cfg = load_config(CONFIG)
+    assert cfg.model.spec == "embedded"
+    assert cfg.adapters.train.ranks == [4, 8, 16, 32]
+    layers = cfg.extraction.layers
+    assert len(layers) >= 3 and min(layers) <= 6 and max(layers) >= 24  # spread over SmolLM2's 30 blocks
+    assert 0 < cfg.data.held_out_fraction < 1  # held-out Δ for every evaluation
+    assert cfg.adapter_sae.architecture == "paper_a"
+    assert len(cfg.adapter_sae.seeds) >= 2
+    assert cfg.reference_sae.source == "train"  # the reference SAE is trained on base activations
+    sae = create_sae(cfg.adapter_sae.architecture, 576, 576 * cfg.adapter_sae.expansion,
+                     l1_coefficient=cfg.adapter_sae.l1_coefficient)
+    assert isinstance(sae, PaperASAE) and sae.l1_penalty == "plain" and sae.input_norm == "mean_norm"
