@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorascope.config import load_config
-from lorascope.saes import create_sae
+from lorascope.saes import PaperASettings, create_sae
 from lorascope.saes.paper_a import PaperASAE
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_a_smollm2.yaml"
@@ -21,6 +21,10 @@ def test_paper_a_config_parses_and_states_the_protocol():
     assert cfg.adapter_sae.architecture == "paper_a"
     assert len(cfg.adapter_sae.seeds) >= 2
     assert cfg.reference_sae.source == "train"  # the reference SAE is trained on base activations
-    sae = create_sae(cfg.adapter_sae.architecture, 576, 576 * cfg.adapter_sae.expansion,
-                     l1_coefficient=cfg.adapter_sae.l1_coefficient)
-    assert isinstance(sae, PaperASAE) and sae.l1_penalty == "plain" and sae.input_norm == "mean_norm"
+    assert isinstance(cfg.adapter_sae, PaperASettings)
+    assert cfg.adapter_sae.sae_settings() == {"l1_coefficient": 0.2, "unit_decoder": True, "l1_penalty": "plain"}
+    # what the study builds from it (create_sae with the section's settings) is the paper's SAE
+    sae = create_sae(cfg.adapter_sae.architecture, 576, cfg.adapter_sae.sae_width(576),
+                     **cfg.adapter_sae.sae_settings())
+    assert isinstance(sae, PaperASAE) and sae.d_sae == 2304 and sae.input_norm == "mean_norm"
+    assert cfg.reference_sae.architecture == "relu" and cfg.reference_sae.l1_penalty == "decoder_norm"

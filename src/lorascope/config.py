@@ -8,10 +8,18 @@ Every field has a documented default; ``configs/quickstart.yaml`` is the embedde
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from lorascope.errors import LorascopeError
 
@@ -75,21 +83,28 @@ class ExtractionCfg(_Strict):
     shard_docs: int = Field(64, gt=0, description="documents per shard")
 
 
-class SAECfg(_Strict):
-    architecture: str = "topk"
+class SAETrainingCfg(_Strict):
+    """What the study needs besides an architecture's own settings (those come from the class registered with the
+    architecture, e.g. :class:`lorascope.saes.TopKSettings`, so a new setting there is a new YAML key here)."""
+
     expansion: int = Field(8, gt=0, description="d_sae = expansion × d_model (for sasa: groups × rank)")
-    k: int = Field(32, gt=0, description="TopK/BatchTopK active latents (sasa: s·rank)")
-    l1_coefficient: float = Field(5.0, ge=0)
-    l0_coefficient: float = Field(1e-3, ge=0)
-    sasa_rank: int = Field(4, gt=0)
     tokens: int = Field(200_000, gt=0, description="training token budget")
     batch_size: int = Field(1024, gt=0)
     lr: float | None = Field(None, gt=0, description="None: 2e-4/sqrt(d_sae/2^14)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
                              description="two or more seeds give the seed-vs-seed alignment ceiling")
 
+    def sae_width(self, d_model: int) -> int:
+        return self.expansion * d_model
 
-class ReferenceCfg(SAECfg):
+    def sae_settings(self) -> dict[str, Any]:
+        """The architecture's own settings (what ``create_sae(architecture, …, **settings)`` takes)."""
+        from lorascope.saes import settings_class
+
+        return self.model_dump(include=set(settings_class(self.architecture).model_fields))
+
+
+class ReferenceExtrasCfg(SAETrainingCfg):
     source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
     path: str | None = Field(None, description="pretrained SAE folder/file per layer: use {layer} in the path")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
@@ -97,10 +112,61 @@ class ReferenceCfg(SAECfg):
                                                   "that needs full unpickling): only for files you trust")
 
     @model_validator(mode="after")
-    def _path(self) -> ReferenceCfg:
+    def _path(self) -> ReferenceExtrasCfg:
         if self.source == "path" and not self.path:
             raise ValueError("reference_sae.source is 'path' but reference_sae.path is empty")
         return self
+
+
+# study defaults of the settings an architecture requires (create_sae has no default for them)
+STUDY_DEFAULTS: dict[str, dict[str, Any]] = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "sasa": {"k": 32}}
+# keys of the flat pre-union section, each read by some architectures only: ignored by the others, as before
+LEGACY_KEYS = ("k", "l1_coefficient", "l0_coefficient", "sasa_rank")
+LEGACY_SASA_RANK = 4
+
+
+def _legacy_sasa(data: dict[str, Any]) -> dict[str, Any]:
+    """sasa from the flat keys: ``sasa_rank`` is its rank, ``k`` its active latents s·rank."""
+    rank = data.get("rank", data.get("sasa_rank", LEGACY_SASA_RANK))
+    out = {**data, "rank": rank}
+    if "s" not in data:
+        k = data.get("k", STUDY_DEFAULTS["sasa"]["k"])
+        if isinstance(rank, int) and rank > 0 and isinstance(k, int) and k % rank:
+            raise ValueError(f"sasa needs k divisible by sasa_rank (k={k}, rank={rank}): k = s·rank, "
+                             "e.g. k=32 with sasa_rank=4")
+        out["s"] = k // rank if isinstance(rank, int) and rank > 0 and isinstance(k, int) else k
+    return out
+
+
+def _upgrade_sae_section(data: Any) -> Any:
+    """A new dict for the union: ``architecture`` defaults to topk, required settings get the study defaults,
+    and the old flat keys map onto the chosen architecture (the input is not changed)."""
+    if not isinstance(data, dict):
+        return data
+    arch = data.get("architecture", "topk")
+    from lorascope.saes import known_architectures, settings_class
+
+    if arch not in known_architectures():
+        return {**data, "architecture": arch}
+    fields = settings_class(arch).model_fields
+    out = {"architecture": arch, **STUDY_DEFAULTS.get(arch, {}), **data}
+    if arch == "sasa":
+        out = _legacy_sasa(out)
+    return {key: v for key, v in out.items() if key not in LEGACY_KEYS or key in fields}
+
+
+def _sae_union(base: type[SAETrainingCfg], prefix: str) -> Any:
+    """``base`` × every registered architecture's settings, discriminated by ``architecture``."""
+    from lorascope.saes import known_architectures, settings_class
+
+    members = tuple(create_model(f"{prefix}{name.title()}Cfg", __base__=(base, settings_class(name)),
+                                 architecture=(Literal[name], name)) for name in known_architectures())
+    return Annotated[Union[members], Field(discriminator="architecture"),  # noqa: UP007
+                     BeforeValidator(_upgrade_sae_section)]
+
+
+SAECfg = _sae_union(SAETrainingCfg, "AdapterSAE")
+ReferenceCfg = _sae_union(ReferenceExtrasCfg, "ReferenceSAE")
 
 
 class GeometryCfg(_Strict):
@@ -126,15 +192,21 @@ class ExperimentConfig(_Strict):
     data: DataCfg = Field(default_factory=DataCfg)
     adapters: AdaptersCfg = Field(default_factory=AdaptersCfg)
     extraction: ExtractionCfg = Field(default_factory=ExtractionCfg)
-    adapter_sae: SAECfg = Field(default_factory=SAECfg)
-    reference_sae: ReferenceCfg = Field(default_factory=ReferenceCfg)
+    adapter_sae: SAECfg = Field(default_factory=lambda: {"architecture": "topk"}, validate_default=True)
+    reference_sae: ReferenceCfg = Field(default_factory=lambda: {"architecture": "topk"}, validate_default=True)
     geometry: GeometryCfg = Field(default_factory=GeometryCfg)
     report: ReportCfg = Field(default_factory=ReportCfg)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    from lorascope.saes import known_architectures
+
+    parts = [str(p) for p in err["loc"]]
+    tag = 1 if parts[:1] in (["adapter_sae"], ["reference_sae"]) else 0  # the union's architecture tag
+    if len(parts) > tag + 1 and parts[tag] in known_architectures():
+        parts = parts[:tag] + parts[tag + 1:]
+    loc = ".".join(parts) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'"
     return f"{source}: {loc}: {err['msg']}"
@@ -146,6 +218,18 @@ def parse_config(data: dict, source: str = "config") -> ExperimentConfig:
     except ValidationError as exc:
         raise LorascopeError(_format_validation_error(exc, source),
                              fix="see configs/quickstart.yaml for every key and its default") from exc
+
+
+def parse_sae_section(data: dict[str, Any], source: str = "adapter_sae") -> Any:
+    """One ``adapter_sae``-style section (a dict with ``architecture`` and its settings) validated alone, as the
+    CLI commands that train a single SAE build it."""
+    from pydantic import TypeAdapter
+
+    try:
+        return TypeAdapter(SAECfg).validate_python(data)
+    except ValidationError as exc:
+        raise LorascopeError(_format_validation_error(exc, source),
+                             fix="check the SAE settings (architecture, k, …)") from exc
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:

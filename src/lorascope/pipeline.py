@@ -170,22 +170,6 @@ def stage_extract(st: RunState, adapters: dict[str, dict[str, Any]]) -> tuple[Pa
 
 
 # ---- stage 3/4: SAEs ----------------------------------------------------------------------------------------------
-def sae_arch_kwargs(c: SAECfg, d: int) -> tuple[int, dict[str, Any]]:
-    d_sae = c.expansion * d
-    if c.architecture == "sasa":
-        if c.k % c.sasa_rank:
-            raise LorascopeError(f"sasa needs k divisible by sasa_rank (k={c.k}, rank={c.sasa_rank})",
-                                 fix="k = s·rank, e.g. k=32 with sasa_rank=4")
-        return d_sae, {"groups": d_sae // c.sasa_rank, "rank": c.sasa_rank, "s": c.k // c.sasa_rank}
-    if c.architecture in ("topk", "batchtopk"):
-        return d_sae, {"k": c.k}
-    if c.architecture == "relu":
-        return d_sae, {"l1_coefficient": c.l1_coefficient}
-    if c.architecture == "jumprelu":
-        return d_sae, {"l0_coefficient": c.l0_coefficient}
-    return d_sae, {}
-
-
 def training_stream(store, layer: int, kind: str, adapter: str | None, batch: int, seed: int, frac: float,
                     split_seed: int):
     """A re-openable, endless, deterministic stream of training rows (a new shuffle each epoch)."""
@@ -219,7 +203,7 @@ def train_one_sae(st: RunState, store_path: Path, store_key: str, layer: int, ki
     t0 = time.perf_counter()
     store = open_store(store_path)
     d = store.d_model
-    d_sae, arch = sae_arch_kwargs(c, d)
+    d_sae, arch = c.sae_width(d), c.sae_settings()
     meta = {"model_name": st.config.model.spec, "layer": layer, "hook_name": f"blocks.{layer}.hook_resid_post",
             "trained_on": kind, "adapter": adapter or "", "lorascope_label": label}
     # every SAE gets its own initialisation: SAEs sharing a random init start with identical decoders, which

@@ -61,4 +61,64 @@ def row_from_record(rec: dict[str, Any]) -> ResultRow:
     return ResultRow(**{k: v for k, v in rec.items() if k in known})
 
 
-__all__ = ["COLUMNS", "ResultRow", "rows_to_frame", "row_from_record", "asdict"]
+KEY = ["family", "metric", "layer", "adapter", "rank"]
+FLOAT_COLUMNS = ["value", "ci_low", "ci_high", "null_value"]
+
+
+@dataclass
+class TableDiff:
+    """How two results tables differ: rows only in one, and (key, column, a, b) for values that disagree."""
+
+    only_a: list[tuple]
+    only_b: list[tuple]
+    changed: list[tuple]
+    n_rows: int
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.changed)
+
+    def lines(self, limit: int = 50) -> list[str]:
+        out = [f"{self.n_rows} rows compared: {len(self.only_a)} only in A, {len(self.only_b)} only in B, "
+               f"{len(self.changed)} differing values"]
+        out += [f"only in A: {k}" for k in self.only_a[:limit]]
+        out += [f"only in B: {k}" for k in self.only_b[:limit]]
+        out += [f"differs: {k} {col}: {a!r} vs {b!r}" for k, col, a, b in self.changed[:limit]]
+        return out
+
+
+def _same(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        a, b = float(a), float(b)
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
+    return a == b
+
+
+def compare_tables(a, b, rtol: float = 1e-9, atol: float = 1e-12) -> TableDiff:
+    """Compare two results tables (DataFrames with :data:`COLUMNS`) row by row on :data:`KEY`: float columns to
+    ``rtol``/``atol`` (NaN equals NaN), every other column exactly. Duplicate keys are compared in order."""
+    def index(df) -> dict[tuple, dict[str, Any]]:
+        out: dict[tuple, dict[str, Any]] = {}
+        for rec in df.to_dict("records"):
+            key = tuple(rec[c] for c in KEY)
+            while key in out:  # a repeated key (should not happen): keep both, numbered
+                key = (*key, "#")
+            out[key] = rec
+        return out
+
+    ia, ib = index(a), index(b)
+    changed = []
+    for key in sorted(set(ia) & set(ib), key=str):
+        for col in [c for c in COLUMNS if c not in KEY]:
+            va, vb = ia[key].get(col), ib[key].get(col)
+            tol = (rtol, atol) if col in FLOAT_COLUMNS else (0.0, 0.0)
+            if not _same(va, vb, *tol):
+                changed.append((key, col, va, vb))
+    return TableDiff(sorted(set(ia) - set(ib), key=str), sorted(set(ib) - set(ia), key=str), changed,
+                     len(set(ia) | set(ib)))
+
+
+__all__ = ["COLUMNS", "KEY", "ResultRow", "TableDiff", "asdict", "compare_tables", "row_from_record",
+           "rows_to_frame"]

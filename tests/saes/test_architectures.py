@@ -71,11 +71,11 @@ def test_jumprelu_reaches_stated_fvu_and_l0():
 def test_validate_config_rejects_impossible_values():
     with pytest.raises(LorascopeError, match="larger than d_sae"):
         create_sae("topk", 8, 16, k=17)
-    with pytest.raises(LorascopeError, match="positive integer"):
+    with pytest.raises(LorascopeError, match="k: Input should be greater than 0"):
         create_sae("topk", 8, 16, k=0)
     with pytest.raises(LorascopeError, match="needs k"):
         create_sae("batchtopk", 8, 16)
-    with pytest.raises(LorascopeError, match="l1_coefficient must be a number >= 0"):
+    with pytest.raises(LorascopeError, match="l1_coefficient: Input should be greater than or equal to 0"):
         create_sae("relu", 8, 16, l1_coefficient=-1.0)
     with pytest.raises(LorascopeError, match="l0_coefficient"):
         create_sae("jumprelu", 8, 16, l0_coefficient=-0.5)

@@ -206,7 +206,7 @@ def test_sparsify_folder(tmp_path):
     f = torch.zeros_like(pre).scatter(1, i, v)
     assert torch.allclose(sae.encode(x), f, atol=1e-5)
     assert torch.allclose(sae.forward(x), f @ W_dec + b_dec, atol=1e-4)
-    assert load_sae(tmp_path / "layers.3").cfg.arch == {"k": 4}
+    assert load_sae(tmp_path / "layers.3").cfg.arch["k"] == 4
 
 
 def _dl_folder(tmp_path, name, state, trainer):

@@ -138,10 +138,10 @@ def train_saes_distributed_cmd(
     from rich.table import Table
 
     from lorascope.activations import open_store
-    from lorascope.config import SAECfg
+    from lorascope.config import parse_sae_section
     from lorascope.distributed import barrier, cleanup, independent, init_distributed, my_jobs
     from lorascope.io import OutputLock, read_json, write_json
-    from lorascope.pipeline import sae_arch_kwargs, training_stream
+    from lorascope.pipeline import training_stream
     from lorascope.saes import create_sae, save_sae
     from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
 
@@ -154,8 +154,8 @@ def train_saes_distributed_cmd(
     names: list[str | None] = [None] if kind == "base" else (
         st.adapters if adapters.strip() == "all" else [a for a in adapters.split(",") if a])
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    c = SAECfg(architecture=architecture, expansion=expansion, k=k, tokens=tokens, batch_size=batch_size, lr=lr,
-               seeds=seed_list)
+    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k, "tokens": tokens,
+                           "batch_size": batch_size, "lr": lr, "seeds": seed_list}, "train-saes-distributed")
     jobs = [(L, a, sd) for L in chosen for a in names for sd in seed_list]
     mine = jobs if data_parallel else my_jobs(jobs, dist.rank, dist.world_size)
     writer = dist.is_main or not data_parallel
@@ -165,7 +165,7 @@ def train_saes_distributed_cmd(
             continue
         lock = OutputLock(folder) if writer else contextlib.nullcontext()
         with lock, (contextlib.nullcontext() if data_parallel else independent()):
-            d_sae, arch = sae_arch_kwargs(c, st.d_model)
+            d_sae, arch = c.sae_width(st.d_model), c.sae_settings()
             sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
                              metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
                                        "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)

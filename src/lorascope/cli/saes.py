@@ -30,19 +30,19 @@ def train_sae_cmd(
 ) -> None:
     """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
     from lorascope.activations import open_store
-    from lorascope.config import SAECfg
+    from lorascope.config import parse_sae_section
     from lorascope.io import OutputLock, clean_tmp_files
-    from lorascope.pipeline import sae_arch_kwargs, training_stream
+    from lorascope.pipeline import training_stream
     from lorascope.saes import create_sae, save_sae
     from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
 
-    c = SAECfg(architecture=architecture, expansion=expansion, k=k, l1_coefficient=l1_coefficient,
-               l0_coefficient=l0_coefficient, sasa_rank=sasa_rank, tokens=tokens, batch_size=batch_size, lr=lr,
-               seeds=[seed])
+    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k,
+                           "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank,
+                           "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": [seed]}, "train-sae")
     st = open_store(store)
     with OutputLock(out):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
-        d_sae, arch = sae_arch_kwargs(c, st.d_model)
+        d_sae, arch = c.sae_width(st.d_model), c.sae_settings()
         sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
                          metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
                                    "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)

@@ -6,16 +6,20 @@ Inference:   encode(x [N, d_in]) -> codes [N, d_sae] (dense, zeros for inactive 
 Training:    training_loss(x, ctx) -> TrainOutput; the trainer owns optimisation, data and checkpoints and calls
              post_step() after every optimiser step (decoder renormalisation and the like).
 
-A new architecture is one file with a subclass decorated by ``@register("name")``.
+A new architecture is one file with a settings class (its fields, defaults and checks, a pydantic model, as
+SAELens pairs each architecture with a config class in ``sae_lens/registry.py``) and an SAE subclass decorated
+by ``@register("name", SettingsClass)``. The settings are validated once, when the SAE is built; the SAE reads
+them from ``self.settings`` and saves them (defaults filled in) as ``cfg.arch``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from torch import nn
 
 from lorascope.errors import LorascopeError
@@ -57,18 +61,82 @@ class TrainOutput(NamedTuple):
     active_is_indices: bool = False
 
 
+# field types of architecture settings: strict, so a bool is never taken for a number nor a string for an int
+# (an int is accepted for a float)
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+OptionalPositiveInt = Annotated[int | None, Strict(), Field(gt=0)]
+NonNegativeFloat = Annotated[float, Strict(), Field(ge=0)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+StrictBool = Annotated[bool, Strict()]
+
+
+class SAESettings(BaseModel):
+    """An architecture's own hyperparameters (``cfg.arch``): one subclass per architecture, each field with its
+    one default. Checks that need the SAE's width go in :meth:`check_width`; fields that follow from the width
+    (left ``None`` by the user) are filled by :meth:`for_width`, which returns a new object."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check_width(self, d_in: int, d_sae: int) -> None:
+        """Raise ValueError when these settings cannot work at this width."""
+
+    def for_width(self, d_in: int, d_sae: int) -> SAESettings:
+        """These settings with width-dependent fields filled in (default: unchanged)."""
+        return self
+
+
 _REGISTRY: dict[str, type[SAE]] = {}
 
 
-def register(name: str):
-    """Class decorator: make an SAE architecture available by name (``create_sae(name, …)``, cfg.json)."""
+def register(name: str, settings: type[SAESettings] = SAESettings):
+    """Class decorator: make an SAE architecture available by name (``create_sae(name, …)``, cfg.json), with the
+    settings class that validates its ``cfg.arch``."""
 
     def deco(cls: type[SAE]) -> type[SAE]:
         cls.architecture = name
+        cls.settings_class = settings
         _REGISTRY[name] = cls
         return cls
 
     return deco
+
+
+def settings_class(name: str) -> type[SAESettings]:
+    """The settings class registered with architecture ``name``."""
+    return sae_class(name).settings_class
+
+
+def parse_settings(architecture: str, arch: dict[str, Any], d_in: int | None = None,
+                   d_sae: int | None = None) -> SAESettings:
+    """Validate ``arch`` for ``architecture`` (and, given the width, fill width-dependent fields); bad values
+    raise one LorascopeError naming the setting."""
+    cls = settings_class(architecture)
+    try:
+        s = cls.model_validate(arch)
+        if d_in is not None and d_sae is not None:
+            s = s.for_width(d_in, d_sae)
+            s.check_width(d_in, d_sae)
+    except ValidationError as exc:
+        raise settings_error(architecture, exc, cls) from exc
+    except ValueError as exc:
+        raise LorascopeError(f"{architecture} SAE: {exc}", fix="change that setting") from exc
+    return s
+
+
+def settings_error(architecture: str, exc: ValidationError, cls: type[BaseModel]) -> LorascopeError:
+    """One readable line for the first error pydantic found in an architecture's settings."""
+    err = exc.errors()[0]
+    name = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        return LorascopeError(f"{architecture} SAE needs {name} (the setting {name!r} is missing)",
+                              fix=f"pass {name}=<value> when creating the SAE")
+    if err["type"] == "extra_forbidden":
+        return LorascopeError(f"{architecture} SAE has no setting {name!r}",
+                              fix=f"use one of: {', '.join(cls.model_fields)}")
+    ctx_err = (err.get("ctx") or {}).get("error")
+    msg = f" {ctx_err}" if ctx_err is not None else f": {err['msg']}"
+    return LorascopeError(f"{architecture} SAE: {name}{msg}" if name else f"{architecture} SAE:{msg}",
+                          fix="change that setting")
 
 
 def known_architectures() -> list[str]:
@@ -98,6 +166,7 @@ class SAE(nn.Module):
     """Base class: shared parameters, encode/decode plumbing, decoder-norm handling, scale folding."""
 
     architecture: ClassVar[str] = "base"
+    settings_class: ClassVar[type[SAESettings]] = SAESettings
     has_threshold: ClassVar[bool] = False
     # W_enc starts as encoder_init_scale * W_dec.T. TopK-style SAEs use 1/sqrt(3) (the row norm of a default
     # nn.Linear init, as sparsify does): measured to reach a lower FVU at equal tokens than 1.0.
@@ -105,8 +174,9 @@ class SAE(nn.Module):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        self.cfg = cfg
-        self.validate_config(cfg)
+        self.settings = parse_settings(cfg.architecture, cfg.arch, cfg.d_in, cfg.d_sae)
+        # a new config (the caller's is not changed) recording every setting, defaults included, for cfg.json
+        self.cfg = replace(cfg, arch=self.settings.model_dump())
         dt = DTYPES[cfg.dtype]
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, dtype=dt))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
@@ -114,11 +184,6 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dt))
         if self.has_threshold:
             self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
-
-    # ---- configuration -------------------------------------------------------------------------------------
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        """Raise LorascopeError for impossible hyperparameters (override to check arch fields)."""
 
     @property
     def d_in(self) -> int:
@@ -204,5 +269,6 @@ class SAE(nn.Module):
 
 
 def lr_for_width(d_sae: int, base: float = 2e-4) -> float:
-    """Default learning rate scaled with width: 2e-4 / sqrt(d_sae / 2^14) (shared/REFERENCE.md)."""
+    """Default learning rate scaled with width: 2e-4 / sqrt(d_sae / 2^14) (EleutherAI sparsify's default,
+    ``sparsify/trainer.py``, following the 1/sqrt(width) scaling of Gao et al. 2024)."""
     return base / math.sqrt(d_sae / 2**14)

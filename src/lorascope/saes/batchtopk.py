@@ -2,42 +2,42 @@
 batch of N tokens (so L0 averages k but varies per token); a global threshold, the running average of the
 smallest kept activation, turns the trained SAE into a JumpReLU for inference (saved as SAELens ``jumprelu``).
 
-Arch fields: ``k`` (required), ``k_aux``, ``auxk_coefficient`` as for TopK, ``threshold_momentum`` (EMA
-rate of the threshold estimate, default 0.01; the first training step sets it directly).
+Settings (:class:`BatchTopKSettings`): ``k`` (required), ``k_aux``, ``auxk_coefficient`` as for TopK,
+``threshold_momentum`` (EMA rate of the threshold estimate, default 0.01; the first training step sets it
+directly).
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field, Strict
 
 from lorascope.distributed import batch_topk
-from lorascope.errors import LorascopeError
 from lorascope.saes._sparse import Selection
 from lorascope.saes.base import SAEConfig, register
-from lorascope.saes.topk import TopKSAE
+from lorascope.saes.topk import TopKSAE, TopKSettings
 
 
-@register("batchtopk")
+class BatchTopKSettings(TopKSettings):
+    """TopK's settings plus the EMA rate of the inference threshold."""
+
+    threshold_momentum: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.01
+
+
+@register("batchtopk", BatchTopKSettings)
 class BatchTopKSAE(TopKSAE):
     """BatchTopK at training time, JumpReLU with a shared threshold (stored per latent) at inference."""
 
+    settings: BatchTopKSettings
     has_threshold = True
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.threshold.requires_grad_(False)  # estimated, not learned
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
-
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        super().validate_config(cfg)
-        m = cfg.arch.get("threshold_momentum", 0.01)
-        if isinstance(m, bool) or not isinstance(m, int | float) or not 0 < m <= 1:
-            raise LorascopeError(
-                f"batchtopk SAE: threshold_momentum must be in (0, 1] (got {m!r})",
-                fix="use e.g. threshold_momentum=0.01",
-            )
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -63,7 +63,7 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, smallest_kept: torch.Tensor) -> None:
-        m = float(self.cfg.arch.get("threshold_momentum", 0.01))
+        m = self.settings.threshold_momentum
         value = smallest_kept.to(self.threshold.dtype)
         if int(self.threshold_updates) == 0:
             self.threshold.fill_(value)

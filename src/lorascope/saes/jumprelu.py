@@ -7,8 +7,9 @@ bandwidth eps:
 Loss = mean_tokens ||x - x_hat||^2 + l0_coefficient * sparsity_scale * mean_tokens sum_i H(pre_i - theta_i),
 with sparsity_scale the trainer's linear warmup of the coefficient.
 
-Arch fields: ``l0_coefficient`` (default 1.0), ``bandwidth`` (eps, default 0.05), ``threshold_init``
-(default 0.1). Units: the trainer scales inputs to mean norm sqrt(d_in), so pre-activations are O(1).
+Settings (:class:`JumpReLUSettings`): ``l0_coefficient`` (default 1e-3, the value the study has always
+used), ``bandwidth`` (eps, default 0.05), ``threshold_init`` (default 0.1). Units: the trainer scales inputs
+to mean norm sqrt(d_in), so pre-activations are O(1).
 ``threshold`` [d_sae] is the inference parameter (what is saved); ``log_threshold`` is what the optimiser
 updates, copied into ``threshold`` after every step.
 """
@@ -20,9 +21,16 @@ import math
 import torch
 from torch import nn
 
-from lorascope.errors import LorascopeError
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
-from lorascope.saes.topk import check_nonnegative
+from lorascope.saes.base import (
+    SAE,
+    NonNegativeFloat,
+    PositiveFloat,
+    SAEConfig,
+    SAESettings,
+    TrainContext,
+    TrainOutput,
+    register,
+)
 
 
 def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,10 +69,19 @@ class _Step(torch.autograd.Function):
         return None, g_theta * theta, None
 
 
-@register("jumprelu")
+class JumpReLUSettings(SAESettings):
+    """JumpReLU settings: L0 penalty, straight-through bandwidth, initial threshold."""
+
+    l0_coefficient: NonNegativeFloat = 1e-3
+    bandwidth: PositiveFloat = 0.05
+    threshold_init: PositiveFloat = 0.1
+
+
+@register("jumprelu", JumpReLUSettings)
 class JumpReLUSAE(SAE):
     """JumpReLU SAE; see module docstring."""
 
+    settings: JumpReLUSettings
     has_threshold = True
 
     def __init__(self, cfg: SAEConfig):
@@ -72,29 +89,18 @@ class JumpReLUSAE(SAE):
         self.threshold.requires_grad_(False)
         self.log_threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.threshold.dtype))
 
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        check_nonnegative(cfg, "l0_coefficient")
-        for name in ("bandwidth", "threshold_init"):
-            v = cfg.arch.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v > 0):
-                raise LorascopeError(
-                    f"jumprelu SAE: {name} must be a number > 0 (got {v!r})",
-                    fix=f"set {name} to a small positive value, e.g. 0.05",
-                )
-
     @property
     def bandwidth(self) -> float:
-        return float(self.cfg.arch.get("bandwidth", 0.05))
+        return self.settings.bandwidth
 
     @property
     def l0_coefficient(self) -> float:
-        return float(self.cfg.arch.get("l0_coefficient", 1.0))
+        return self.settings.l0_coefficient
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
         super().reset_parameters(generator)
-        self.log_threshold.fill_(math.log(float(self.cfg.arch.get("threshold_init", 0.1))))
+        self.log_threshold.fill_(math.log(self.settings.threshold_init))
         self.sync_threshold()
 
     @torch.no_grad()

@@ -21,17 +21,23 @@ Saved in SAELens layout as a ``standard`` SAE (inference is a plain ReLU SAE); t
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from lorascope.saes.base import register
-from lorascope.saes.relu import ReLUSAE
+from lorascope.saes.base import NonNegativeFloat, StrictBool, register
+from lorascope.saes.relu import ReLUSAE, ReLUSettings
 
 
-@register("paper_a")
+class PaperASettings(ReLUSettings):
+    """The paper's recipe as defaults: plain L1, λ₁ = 0.2 in mean-norm-1 units, unit decoder rows in training."""
+
+    l1_coefficient: NonNegativeFloat = 0.2
+    unit_decoder: StrictBool = True
+    l1_penalty: Literal["decoder_norm", "plain"] = "plain"
+
+
+@register("paper_a", PaperASettings)
 class PaperASAE(ReLUSAE):
     """ReLU + plain L1 on mean-norm-normalised Δ (arXiv 2605.28896, its eqs. for h̃_Δ, z, ĥ and L)."""
 
+    settings: PaperASettings
     input_norm: ClassVar[str] = "mean_norm"
-    default_l1_coefficient: ClassVar[float] = 0.2
-    default_unit_decoder: ClassVar[bool] = True
-    default_l1_penalty: ClassVar[str] = "plain"

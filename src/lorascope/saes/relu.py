@@ -13,56 +13,44 @@ in whether code magnitudes or decoder norms carry the scale.
 ``l1_penalty="plain"`` drops the weighting (Loss = mse + λ Σ_i f_i, the plain L1 of Bricken et al. 2023 and of
 arXiv 2605.28896); pair it with ``unit_decoder=True``, which rules out the shrink-codes/grow-decoder escape.
 
-Arch fields: ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in) as the trainer does),
-``unit_decoder`` (default False), ``l1_penalty`` ("decoder_norm" default, or "plain").
+Settings (:class:`ReLUSettings`): ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in)
+as the trainer does), ``unit_decoder`` (default False), ``l1_penalty`` ("decoder_norm" default, or "plain").
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Literal
 
 import torch
 
-from lorascope.errors import LorascopeError
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
-from lorascope.saes.topk import check_nonnegative
-
-L1_PENALTIES = ("decoder_norm", "plain")
+from lorascope.saes.base import SAE, NonNegativeFloat, SAESettings, StrictBool, TrainContext, TrainOutput, register
 
 
-@register("relu")
+class ReLUSettings(SAESettings):
+    """ReLU SAE settings (one line per field)."""
+
+    l1_coefficient: NonNegativeFloat = 5.0
+    unit_decoder: StrictBool = False
+    l1_penalty: Literal["decoder_norm", "plain"] = "decoder_norm"
+
+
+@register("relu", ReLUSettings)
 class ReLUSAE(SAE):
     """Standard ReLU SAE (SAELens ``standard``)."""
 
-    default_l1_coefficient: ClassVar[float] = 5.0
-    default_unit_decoder: ClassVar[bool] = False
-    default_l1_penalty: ClassVar[str] = "decoder_norm"
-
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        check_nonnegative(cfg, "l1_coefficient")
-        if not isinstance(cfg.arch.get("unit_decoder", False), bool):
-            raise LorascopeError(
-                "relu SAE: unit_decoder must be true or false",
-                fix="pass unit_decoder=True or unit_decoder=False",
-            )
-        if cfg.arch.get("l1_penalty", cls.default_l1_penalty) not in L1_PENALTIES:
-            raise LorascopeError(
-                f"relu SAE: unknown l1_penalty {cfg.arch.get('l1_penalty')!r}",
-                fix=f"use one of: {', '.join(L1_PENALTIES)}",
-            )
+    settings: ReLUSettings
 
     @property
     def l1_coefficient(self) -> float:
-        return float(self.cfg.arch.get("l1_coefficient", self.default_l1_coefficient))
+        return self.settings.l1_coefficient
 
     @property
     def unit_decoder(self) -> bool:
-        return bool(self.cfg.arch.get("unit_decoder", self.default_unit_decoder))
+        return self.settings.unit_decoder
 
     @property
     def l1_penalty(self) -> str:
-        return str(self.cfg.arch.get("l1_penalty", self.default_l1_penalty))
+        return self.settings.l1_penalty
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

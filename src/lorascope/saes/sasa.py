@@ -30,70 +30,71 @@ are kept (block sparsity, s·r active latents); the rest are zeroed.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from lorascope.distributed import batch_denominator
-from lorascope.errors import LorascopeError
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
-
-_DEFAULTS = {"nuclear_coefficient": 1e-4, "nuclear_form": "svd", "score": "coords",
-             "auxk_coefficient": 1 / 32, "nuclear_target": "map", "s_start": 0, "anneal_fraction": 0.0}
-
-
-def _int_field(arch: dict, name: str) -> int:
-    v = arch.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise LorascopeError(f"SASA needs a positive integer {name!r} (got {v!r})",
-                             fix=f"pass {name}=<int ≥ 1> when creating the SAE")
-    return v
+from lorascope.saes.base import (
+    SAE,
+    NonNegativeFloat,
+    OptionalPositiveInt,
+    PositiveInt,
+    SAESettings,
+    TrainContext,
+    TrainOutput,
+    register,
+)
 
 
-@register("sasa")
+class SASASettings(SAESettings):
+    """SASA settings (one line per field); ``groups`` None: d_sae // rank."""
+
+    rank: PositiveInt
+    s: PositiveInt
+    groups: OptionalPositiveInt = None
+    nuclear_coefficient: NonNegativeFloat = 1e-4
+    nuclear_form: Literal["svd", "gram"] = "svd"
+    score: Literal["coords", "output"] = "coords"
+    auxk_coefficient: NonNegativeFloat = 1 / 32
+    nuclear_target: Literal["map", "decoder"] = "map"
+    s_start: int = 0
+    anneal_fraction: float = 0.0
+
+    def for_width(self, d_in: int, d_sae: int) -> SASASettings:
+        if self.groups is None and d_sae % self.rank == 0:
+            return self.model_copy(update={"groups": d_sae // self.rank})
+        return self
+
+    def check_width(self, d_in: int, d_sae: int) -> None:
+        g, r = self.groups, self.rank
+        if g is None or d_sae != g * r:
+            raise ValueError(f"SASA d_sae={d_sae} must equal groups·rank = {g}·{r}"
+                             + (f" = {g * r}" if g is not None else ""))
+        if self.s > g:
+            raise ValueError(f"SASA s={self.s} exceeds groups={g} (active groups per token)")
+        if r > d_in:
+            raise ValueError(f"SASA rank={r} exceeds d_in={d_in}")
+
+
+@register("sasa", SASASettings)
 class SASA(SAE):
     """Groups × rank block-sparse SAE with signed in-group codes and Top-s group gating."""
 
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        a = cfg.arch
-        r0 = a.get("rank")
-        if "groups" not in a and isinstance(r0, int) and r0 > 0 and cfg.d_sae % r0 == 0:
-            a["groups"] = cfg.d_sae // r0
-        g, r, s = _int_field(a, "groups"), _int_field(a, "rank"), _int_field(a, "s")
-        if s > g:
-            raise LorascopeError(f"SASA s={s} exceeds groups={g}",
-                                 fix="choose s ≤ groups (active groups per token)")
-        if r > cfg.d_in:
-            raise LorascopeError(f"SASA rank={r} exceeds d_in={cfg.d_in}", fix="choose rank ≤ d_in")
-        if cfg.d_sae != g * r:
-            raise LorascopeError(f"SASA d_sae={cfg.d_sae} must equal groups·rank = {g}·{r} = {g * r}",
-                                 fix=f"pass d_sae={g * r}")
-        for k, v in _DEFAULTS.items():
-            a.setdefault(k, v)
-        if not (isinstance(a["nuclear_coefficient"], int | float) and a["nuclear_coefficient"] >= 0):
-            raise LorascopeError(f"SASA nuclear_coefficient must be ≥ 0 (got {a['nuclear_coefficient']!r})",
-                                 fix="use a value in 3e-5..1e-3, or 0 to disable")
-        if a["nuclear_form"] not in ("svd", "gram"):
-            raise LorascopeError(f"unknown SASA nuclear_form {a['nuclear_form']!r}",
-                                 fix="use 'svd' or 'gram'")
-        if a["nuclear_target"] not in ("map", "decoder"):
-            raise LorascopeError(f"unknown SASA nuclear_target {a['nuclear_target']!r}",
-                                 fix="use 'map' or 'decoder'")
-        if a["score"] not in ("coords", "output"):
-            raise LorascopeError(f"unknown SASA score {a['score']!r}", fix="use 'coords' or 'output'")
+    settings: SASASettings
 
     @property
     def groups(self) -> int:
-        return int(self.cfg.arch["groups"])
+        return int(self.settings.groups)
 
     @property
     def rank(self) -> int:
-        return int(self.cfg.arch["rank"])
+        return int(self.settings.rank)
 
     @property
     def s(self) -> int:
-        return int(self.cfg.arch["s"])
+        return int(self.settings.s)
 
     # ---- encoding ---------------------------------------------------------------------------------------
     def group_coords(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,7 @@ class SASA(SAE):
 
     def group_scores(self, coords: torch.Tensor) -> torch.Tensor:
         """Group scores [N, G] used for Top-s gating (see module docstring)."""
-        if self.cfg.arch["score"] == "output":
+        if self.settings.score == "output":
             w = self.W_dec.view(self.groups, self.rank, self.d_in)
             gram = w @ w.transpose(1, 2)  # [G, r, r]
             return torch.einsum("ngr,grq,ngq->ng", coords, gram, coords).clamp_min(0).sqrt()
@@ -136,16 +137,16 @@ class SASA(SAE):
     def nuclear_norms(self) -> torch.Tensor:
         """Nuclear norm of each group's decoder block [G] (differentiable; form per ``nuclear_form``)."""
         w = self.W_dec.view(self.groups, self.rank, self.d_in).float()
-        if self.cfg.arch["nuclear_target"] == "map":
+        if self.settings.nuclear_target == "map":
             return torch.linalg.svdvals(self._map_core(w)).sum(1)
-        if self.cfg.arch["nuclear_form"] == "gram":
+        if self.settings.nuclear_form == "gram":
             ev = torch.linalg.eigvalsh(w @ w.transpose(1, 2))
             return (ev.clamp_min(0) + 1e-6).sqrt().sum(1)
         return torch.linalg.svdvals(w).sum(1)
 
     def train_s(self, ctx: TrainContext) -> int:
         """Active groups at this step: anneals linearly from ``s_start`` to ``s`` over ``anneal_fraction``."""
-        s0, frac = int(self.cfg.arch["s_start"]), float(self.cfg.arch["anneal_fraction"])
+        s0, frac = int(self.settings.s_start), float(self.settings.anneal_fraction)
         if s0 <= self.s or frac <= 0 or ctx.total_steps <= 0:
             return self.s
         t = min(1.0, ctx.step / (frac * ctx.total_steps))
@@ -171,13 +172,13 @@ class SASA(SAE):
         total_var = batch_denominator(x).clamp_min(1e-12)
         sq_err = (x_hat - x).pow(2).sum()
         recon = sq_err / total_var
-        lam = float(self.cfg.arch["nuclear_coefficient"]) * float(ctx.sparsity_scale)
+        lam = float(self.settings.nuclear_coefficient) * float(ctx.sparsity_scale)
         nuc = self.nuclear_norms().sum() if lam > 0 else x.new_zeros(())
         loss = recon + lam * nuc
         parts = {"mse": (sq_err / x.numel()).detach(), "fvu": recon.detach(), "nuclear": nuc.detach()}
         aux = self._auxk(x, x_hat, ctx.dead_mask)
         if aux is not None:
-            loss = loss + float(self.cfg.arch["auxk_coefficient"]) * aux
+            loss = loss + float(self.settings.auxk_coefficient) * aux
             parts["auxk"] = aux.detach()
         return TrainOutput(loss, x_hat, lat, parts, active_is_indices=True)
 

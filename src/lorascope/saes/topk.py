@@ -1,6 +1,6 @@
 """TopK SAE (Gao et al. 2024): keep the k largest pre-activations of each token, ReLU them.
 
-Arch fields (cfg.arch): ``k`` (required, 1..d_sae), ``k_aux`` (AuxK latents, default d_in // 2),
+Settings (:class:`TopKSettings`): ``k`` (required, 1..d_sae), ``k_aux`` (AuxK latents, default d_in // 2),
 ``auxk_coefficient`` (default 1/32).
 
 Loss = mean_tokens ||x - x_hat||^2 + auxk_coefficient * AuxK,
@@ -18,69 +18,56 @@ import torch
 import torch.nn.functional as F
 
 from lorascope.distributed import batch_denominator
-from lorascope.errors import LorascopeError
 from lorascope.saes._sparse import Selection, decode_sparse, encode_values, topk_rows
-from lorascope.saes.base import SAE, SAEConfig, TrainContext, TrainOutput, register
+from lorascope.saes.base import (
+    SAE,
+    NonNegativeFloat,
+    OptionalPositiveInt,
+    PositiveInt,
+    SAESettings,
+    TrainContext,
+    TrainOutput,
+    register,
+)
 
 
-def check_nonnegative(cfg: SAEConfig, *names: str) -> None:
-    """Reject negative (or non-numeric) coefficients in cfg.arch."""
-    for name in names:
-        value = cfg.arch.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
-            raise LorascopeError(
-                f"{cfg.architecture} SAE: {name} must be a number >= 0 (got {value!r})",
-                fix=f"set {name} to a non-negative value",
-            )
+def check_at_most(name: str, value: int | None, limit: int, what: str) -> None:
+    """Raise ValueError when ``value`` exceeds ``limit`` (a size such as d_sae)."""
+    if value is not None and value > limit:
+        raise ValueError(f"{name} = {value} is larger than {what} = {limit}")
 
 
-def check_k(cfg: SAEConfig, name: str = "k", required: bool = True) -> None:
-    k = cfg.arch.get(name)
-    if k is None:
-        if required:
-            raise LorascopeError(
-                f"{cfg.architecture} SAE needs {name} (active latents per token)",
-                fix=f"pass {name}=<int>, e.g. {name}=32",
-            )
-        return
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise LorascopeError(
-            f"{cfg.architecture} SAE: {name} must be a positive integer (got {k!r})",
-            fix=f"pass {name} between 1 and d_sae = {cfg.d_sae}",
-        )
-    if k > cfg.d_sae:
-        raise LorascopeError(
-            f"{cfg.architecture} SAE: {name} = {k} is larger than d_sae = {cfg.d_sae}",
-            fix=f"choose {name} <= {cfg.d_sae} or a wider SAE",
-        )
+class TopKSettings(SAESettings):
+    """TopK settings: active latents per token, and the AuxK term on dead latents."""
+
+    k: PositiveInt  # active latents per token
+    k_aux: OptionalPositiveInt = None  # AuxK latents; None: d_in // 2
+    auxk_coefficient: NonNegativeFloat = 1 / 32
+
+    def check_width(self, d_in: int, d_sae: int) -> None:
+        check_at_most("k", self.k, d_sae, "d_sae")
+        check_at_most("k_aux", self.k_aux, d_sae, "d_sae")
 
 
-@register("topk")
+@register("topk", TopKSettings)
 class TopKSAE(SAE):
     """TopK SAE; see module docstring."""
 
+    settings: TopKSettings
     sparse_kernels: bool = True
     encoder_init_scale = 3 ** -0.5
 
-    @classmethod
-    def validate_config(cls, cfg: SAEConfig) -> None:
-        check_k(cfg, "k")
-        check_k(cfg, "k_aux", required=False)
-        check_nonnegative(cfg, "auxk_coefficient")
-
     @property
     def k(self) -> int:
-        return int(self.cfg.arch["k"])
+        return self.settings.k
 
     @property
     def k_aux(self) -> int:
-        return int(self.cfg.arch.get("k_aux") or max(self.d_in // 2, 1))
+        return self.settings.k_aux or max(self.d_in // 2, 1)
 
     @property
     def auxk_coefficient(self) -> float:
-        return float(self.cfg.arch.get("auxk_coefficient", 1 / 32))
+        return self.settings.auxk_coefficient
 
     # ---- inference -----------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
