@@ -41,3 +41,19 @@ def test_cached_prefix_residuals_equal_separate_forwards(tiny_llama_dir):
     slow = word_residuals(base.model, data.test, layer, batch_size=2, pad_token_id=base.tokenizer.pad_token_id)
     assert fast.shape == slow.shape and len(data.test) > 4
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_small_splits_keep_their_examples_and_an_empty_prefix_runs(tiny_llama_dir):
+    """A split smaller than words_per_prefix is cut into groups that still have max_icl examples to draw from;
+    with max_icl = 0 every prompt is the word alone (empty prefix) and still matches the separate forward."""
+    from lorascope.models import load_base
+
+    base = load_base(tiny_llama_dir)
+    data = build_shared_prefix_data(base.tokenizer, words_per_prefix=64, max_icl=3, seed=0, max_words=20)
+    for split in (data.train, data.test):
+        assert len(split) > 0 and min(split.positions) > 0  # every prompt has a few-shot prefix
+    bare = build_shared_prefix_data(base.tokenizer, words_per_prefix=8, max_icl=0, seed=0, max_words=16)
+    assert set(bare.test.positions) == {0}
+    fast = shared_prefix_residuals(base.model, bare.test, 1)
+    slow = word_residuals(base.model, bare.test, 1, pad_token_id=base.tokenizer.pad_token_id)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

@@ -55,6 +55,7 @@ def _shared_split(tokenizer, words: list[str], rng: random.Random, template: str
                   per_prefix: int, dropped: list[str]) -> FirstLetterSplit:
     order = list(words)
     rng.shuffle(order)
+    per_prefix = max(1, min(per_prefix, len(words) - max_icl))  # every group keeps max_icl examples to draw from
     kept, ids, pos, prompts = [], [], [], []
     for lo in range(0, len(order), per_prefix):
         group = order[lo: lo + per_prefix]
@@ -101,12 +102,12 @@ def shared_prefix_residuals(model: torch.nn.Module, split: FirstLetterSplit, lay
     try:
         for prefix, members in groups.items():
             device = next(model.parameters()).device
-            pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True) if prefix else None
             for lo in range(0, len(members), batch_size):
                 idx = members[lo: lo + batch_size]
-                cache = _repeat_cache(pre.past_key_values, len(idx))
                 words = torch.tensor([[split.input_ids[i][split.positions[i]]] for i in idx], device=device)
-                hs = model(input_ids=words, use_cache=True, output_hidden_states=True, **{cache_key: cache})\
+                past = {cache_key: _repeat_cache(pre.past_key_values, len(idx))} if pre is not None else {}
+                hs = model(input_ids=words, use_cache=pre is not None, output_hidden_states=True, **past)\
                     .hidden_states[layer + 1][:, -1].float().cpu()
                 if out is None:
                     out = torch.empty(len(split), hs.shape[1], dtype=torch.float32)
