@@ -87,3 +87,20 @@ def test_planted_denser_data_is_denser_at_matched_fvu():
     for m in (sparse, dense):
         near = m.nearest()
         assert abs(near.fvu - 0.1) < 0.05
+
+
+def test_search_starts_at_the_architectures_default_coefficient(monkeypatch):
+    import lorascope.saes.density as density
+
+    tried: list[float] = []
+
+    def fake(train, held_out, c, spec):
+        tried.append(c)
+        return analytic(c)
+
+    monkeypatch.setattr(density, "density_at_coefficient", fake)
+    x = torch.randn(8, 4)
+    for arch, first in (("paper_a", 0.2), ("relu", 5.0), ("jumprelu", 1e-3)):
+        tried.clear()
+        got = density_at_matched_fvu(x, x, 0.1, DensitySpec(d_sae=8, architecture=arch), max_runs=8)
+        assert tried[0] == first and got.bracketed, arch

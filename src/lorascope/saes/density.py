@@ -26,11 +26,10 @@ from typing import Any
 
 from lorascope.errors import LorascopeError
 from lorascope.results import ResultRow
-from lorascope.saes.base import create_sae
+from lorascope.saes.base import create_sae, settings_class
 from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
 
 COEFFICIENT_NAME = {"paper_a": "l1_coefficient", "relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
-DEFAULT_COEFFICIENT = {"paper_a": 0.2, "relu": 5.0, "jumprelu": 1.0}
 
 
 @dataclass(frozen=True)
@@ -103,11 +102,13 @@ def density_at_matched_fvu(train: Any, held_out: Any, target_fvu: float, spec: D
                            start: float | None = None, factor: float = 4.0, max_runs: int = 8,
                            fvu_rtol: float = 0.05) -> MatchedDensity:
     """L0 of ``spec`` SAEs at the coefficient where held-out FVU reaches ``target_fvu`` (one training run per
-    coefficient tried, at most ``max_runs``); see the module docstring for the search."""
+    coefficient tried, at most ``max_runs``, the first at ``start``: default, the architecture's default
+    coefficient); see the module docstring for the search."""
     spec.check()
     if not 0 < target_fvu < 1:
         raise LorascopeError(f"target_fvu = {target_fvu} must be in (0, 1)", fix="use e.g. 0.1")
-    first = DEFAULT_COEFFICIENT[spec.architecture] if start is None else start
+    name = COEFFICIENT_NAME[spec.architecture]
+    first = float(settings_class(spec.architecture).model_fields[name].default) if start is None else start
     return search_matched_fvu(lambda c: density_at_coefficient(train, held_out, c, spec), target_fvu,
                               start=first, factor=factor, max_runs=max_runs, fvu_rtol=fvu_rtol)
 
