@@ -85,34 +85,62 @@ def shares_prefixes(split: FirstLetterSplit) -> bool:
     return len(prefixes) < len(split)
 
 
+class _Stop(Exception):
+    """Raised by the hook on block ``layer``: nothing above it is needed."""
+
+
 @torch.no_grad()
 def shared_prefix_residuals(model: torch.nn.Module, split: FirstLetterSplit, layer: int,
                             batch_size: int = 256) -> torch.Tensor:
     """Residual stream after block ``layer`` at each prompt's word token, float32 [N, d_model]: prompts with the
-    same prefix (``input_ids[:position]``) run the prefix once and the words as one-token continuations."""
+    same prefix (``input_ids[:position]``) run the prefix once (its cache filled up to block ``layer``) and the
+    words as one-token continuations; every forward stops after block ``layer``."""
+    from transformers import DynamicCache
+
+    from lorascope.models.residual import check_layers, decoder_blocks
+
+    layer = check_layers(model, [layer])[0]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, p) in enumerate(zip(split.input_ids, split.positions, strict=True)):
         groups.setdefault(tuple(ids[:p]), []).append(i)
     if not groups:
         raise LorascopeError("no prompts to run", fix="use a larger vocabulary or max_words")
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    def run(ids: torch.Tensor, cache) -> torch.Tensor:
+        captured.clear()
+        try:
+            model(input_ids=ids, use_cache=cache is not None, **({cache_key: cache} if cache is not None else {}))
+        except _Stop:
+            pass
+        return captured[0]
+
+    device = next(model.parameters()).device
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
     was_training = model.training
     model.eval()
-    out: torch.Tensor | None = None
+    out = None
     try:
         for prefix, members in groups.items():
-            device = next(model.parameters()).device
-            pre = model(input_ids=torch.tensor([prefix], device=device), use_cache=True) if prefix else None
+            prefix_cache = None
+            if prefix:
+                prefix_cache = DynamicCache()
+                run(torch.tensor([prefix], device=device), prefix_cache)
             for lo in range(0, len(members), batch_size):
                 idx = members[lo: lo + batch_size]
                 words = torch.tensor([[split.input_ids[i][split.positions[i]]] for i in idx], device=device)
-                past = {cache_key: _repeat_cache(pre.past_key_values, len(idx))} if pre is not None else {}
-                hs = model(input_ids=words, use_cache=pre is not None, output_hidden_states=True, **past)\
-                    .hidden_states[layer + 1][:, -1].float().cpu()
+                cache = _repeat_cache(prefix_cache, len(idx)) if prefix_cache is not None else None
+                hs = run(words, cache)[:, -1].float().cpu()
                 if out is None:
                     out = torch.empty(len(split), hs.shape[1], dtype=torch.float32)
                 out[torch.tensor(idx)] = hs
     finally:
+        handle.remove()
         model.train(was_training)
     return out
 
