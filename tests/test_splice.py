@@ -2,7 +2,7 @@ import torch
 
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_adapters, load_base
-from lorascope.splice import splice_kl
+from lorascope.study.splice import splice_kl
 
 
 def _setup(tiny_llama_dir, tiny_adapters):

@@ -6,19 +6,19 @@
   single-process unchanged.
 - :func:`my_jobs` splits independent jobs (layer × adapter × seed SAEs) round-robin over ranks.
 - :func:`max_batch_size` is a memory-aware SAE batch size (formula in its docstring).
-- Helpers an SAE's ``training_loss`` may call so that batch-level statistics are computed over the *global*
-  batch when the trainer runs data-parallel (:func:`batch_denominator`, :func:`batch_topk`); they are exactly
-  the single-process expressions when no distributed training step is active.
+- Helpers an SAE's ``training_loss`` calls with the step's share (``TrainContext.share``) so that batch-level
+  statistics are computed over the *global* batch when the trainer runs data-parallel
+  (:func:`batch_denominator`, :func:`batch_topk`); with no share (a single process) they are exactly the
+  single-process expressions.
 
 See docs/distributed.md for launch commands (multi-GPU, multi-node, Slurm).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -90,12 +90,12 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
         return torch.device("cpu")
     if spec == "mps":
         if not torch.backends.mps.is_available():
-            raise LorascopeError("device 'mps' was asked for but Metal is not available", fix="use --device cpu")
+            raise LorascopeError("device 'mps' was asked for but Metal is not available", fix="use the device cpu")
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise LorascopeError(f"device {spec!r} was asked for but no CUDA GPU is visible",
-                                 fix="use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+                                 fix="use the device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
         n = torch.cuda.device_count()
         if spec == "cuda":
             index = local_rank if launched_by_torchrun() else torch.cuda.current_device()
@@ -106,7 +106,7 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
                 raise LorascopeError(f"device {spec!r} is not cuda:N", fix="e.g. cuda:0") from exc
         if not 0 <= index < n:
             raise LorascopeError(f"device cuda:{index} does not exist ({n} GPU(s) visible)",
-                                 fix=f"use cuda:0..cuda:{n - 1}, or --nproc_per_node <= {n}")
+                                 fix=f"use cuda:0..cuda:{n - 1}, or at most {n} processes per node")
         return torch.device("cuda", index)
     raise LorascopeError(f"unknown device {spec!r}", fix="use cpu, cuda, cuda:N, mps or auto")
 
@@ -191,19 +191,6 @@ def my_jobs(jobs: Sequence[T], rank: int | None = None, world_size: int | None =
     return list(jobs[rank::world_size])
 
 
-_INDEPENDENT: list[bool] = []
-
-
-@contextlib.contextmanager
-def independent() -> Iterator[None]:
-    """Inside this block ``train_sae`` trains single-process even in a process group (one SAE per rank jobs)."""
-    _INDEPENDENT.append(True)
-    try:
-        yield
-    finally:
-        _INDEPENDENT.pop()
-
-
 def rank_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rows [lo, hi) of an n-row global batch that ``rank`` trains on: floor(rank·n/W), floor((rank+1)·n/W)."""
     return rank * n // world_size, (rank + 1) * n // world_size
@@ -273,34 +260,16 @@ class StepShare:
         return self.n_local / self.n_global if self.split else 1.0 / get_world_size()
 
 
-_STEP: list[StepShare] = []
-
-
-@contextlib.contextmanager
-def training_step(share: StepShare) -> Iterator[None]:
-    """Used by the trainer around a data-parallel step: the helpers below then reduce over all ranks."""
-    _STEP.append(share)
-    try:
-        yield
-    finally:
-        _STEP.pop()
-
-
-def current_step() -> StepShare | None:
-    """The active data-parallel step, or None (single process / outside training)."""
-    return _STEP[-1] if _STEP and is_initialized() else None
-
-
-def batch_denominator(t: torch.Tensor) -> torch.Tensor:
+def batch_denominator(t: torch.Tensor, share: StepShare | None = None) -> torch.Tensor:
     """Σ_n ||t_n − mean(t)||² over the batch, as a normaliser of a loss term  Σ_local(...) / denominator.
 
+    ``share`` is the step's data-parallel share (``TrainContext.share``; None in a single process).
     Single process: exactly ``(t - t.mean(0)).pow(2).sum()``. In a split data-parallel step: the global centred
     sum of squares D (from all-reduced Σt, Σ||t||², n, in float64) times this rank's weight n_local / n_global,
     so that the trainer's weighted gradient sum equals the gradient of Σ_global(...) / D exactly. ``t`` is
     treated as a constant (no gradient flows through the normaliser, as with the detached AuxK residual).
     """
-    share = current_step()
-    if share is None or not share.split:
+    if share is None or not share.split or not is_initialized():
         return (t - t.mean(0)).pow(2).sum()
     with torch.no_grad():
         t64 = t.detach().double()
@@ -313,7 +282,8 @@ def batch_denominator(t: torch.Tensor) -> torch.Tensor:
         return (total * share.weight).to(t.dtype)
 
 
-def batch_topk(values: torch.Tensor, k_per_row: int, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_topk(values: torch.Tensor, k_per_row: int, n_rows: int,
+               share: StepShare | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchTopK selection: the ``n_rows·k_per_row`` largest entries of the flat ``values`` of the batch.
 
     Returns (values, flat indices), unsorted. Single process: ``values.topk(min(n·k, numel))``. In a split
@@ -321,8 +291,7 @@ def batch_topk(values: torch.Tensor, k_per_row: int, n_rows: int) -> tuple[torch
     its local top candidates, one all-gather finds the global N·k-th largest value τ, and this rank keeps its
     entries ≥ τ. Exact except for ties at τ (then every tied entry is kept).
     """
-    share = current_step()
-    if share is None or not share.split:
+    if share is None or not share.split or not is_initialized():
         return values.topk(min(n_rows * k_per_row, values.numel()), sorted=False)
     world = get_world_size()
     k_global = share.n_global * k_per_row
@@ -364,7 +333,7 @@ class DataParallel:
     @classmethod
     def detect(cls) -> DataParallel | None:
         """An instance when a process group with > 1 rank is running, else None (single-process path)."""
-        return cls() if is_initialized() and not _INDEPENDENT else None
+        return cls() if is_initialized() else None
 
     @property
     def is_main(self) -> bool:
@@ -401,9 +370,6 @@ class DataParallel:
     def bounds(self, n: int) -> tuple[int, int]:
         """This rank's rows of an n-row batch; batches with fewer rows than ranks run whole on every rank."""
         return rank_bounds(n, self.rank, self.world) if n >= self.world else (0, n)
-
-    def step(self, share: StepShare) -> contextlib.AbstractContextManager[None]:
-        return training_step(share)
 
     def reduce_grads(self, sae: torch.nn.Module, loss_w: torch.Tensor,
                      fired: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -456,6 +422,6 @@ class DataParallel:
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DataParallel", "DistInfo", "StepShare", "available_memory", "barrier",
-           "batch_denominator", "batch_topk", "choose_backend", "cleanup", "current_step", "env_ranks", "get_rank",
-           "get_world_size", "independent", "init_distributed", "is_initialized", "is_main_process",
-           "launched_by_torchrun", "max_batch_size", "my_jobs", "rank_bounds", "select_device", "training_step"]
+           "batch_denominator", "batch_topk", "choose_backend", "cleanup", "env_ranks", "get_rank",
+           "get_world_size", "init_distributed", "is_initialized", "is_main_process",
+           "launched_by_torchrun", "max_batch_size", "my_jobs", "rank_bounds", "select_device"]

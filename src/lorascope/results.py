@@ -7,7 +7,7 @@ table (Parquet + CSV) and the report reads only that table. A statistic without 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 COLUMNS = ["family", "metric", "layer", "adapter", "rank", "value", "ci_low", "ci_high", "null_value",
@@ -19,7 +19,8 @@ class ResultRow:
     """One statistic.
 
     family: group of metrics ("delta_norm", "reconstruction", "decoder_similarity", "subspace", "cka",
-            "density", "splice", "absorption", …); metric: the statistic's name within it ("mmcs_adapter_to_ref").
+            "density", "splice", "absorption", …); metric: the statistic's name within it ("mmcs_adapter_to_ref");
+            every name a study writes is in :mod:`lorascope.results_schema`.
     layer/adapter/rank: where it was measured (-1 / "" when not applicable).
     value, ci_low, ci_high: point estimate and bootstrap interval (NaN when none).
     null_value, null_name: the control it should be read against ("random_isotropic", "seed_vs_seed", …).
@@ -40,10 +41,9 @@ class ResultRow:
     d: int = 0
     dtype: str = "float32"
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def as_record(self) -> dict[str, Any]:
-        rec = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        rec = {f.name: getattr(self, f.name) for f in fields(self)}
         rec["value"] = float(rec["value"])
         return rec
 

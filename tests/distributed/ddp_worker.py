@@ -68,12 +68,12 @@ def main(out: Path) -> None:
     # the global-batch helpers against the same computation on the concatenated batch
     g = torch.Generator().manual_seed(1)
     full_pre = torch.randn(10, D_SAE, generator=g).relu()
-    from lorascope.distributed import StepShare, rank_bounds, training_step
+    from lorascope.distributed import StepShare, rank_bounds
 
     lo, hi = rank_bounds(10, rank, 2)
-    with training_step(StepShare(hi - lo, 10, True)):
-        v, i = batch_topk(full_pre[lo:hi].reshape(-1), 3, hi - lo)
-        den = batch_denominator(full_pre[lo:hi])
+    share = StepShare(hi - lo, 10, True)  # what the trainer passes in TrainContext.share
+    v, i = batch_topk(full_pre[lo:hi].reshape(-1), 3, hi - lo, share)
+    den = batch_denominator(full_pre[lo:hi], share)
     results["helpers"] = {"values": v, "flat": i + lo * D_SAE, "denominator": den, "weight": (hi - lo) / 10}
     torch.save(results, out / f"rank{rank}.pt")
     cleanup()

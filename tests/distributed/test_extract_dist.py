@@ -113,7 +113,6 @@ def test_separately_started_ranks_resume_and_finalize(peft, single, tmp_path, mo
 
 def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tmp_path):
     from lorascope.io import read_json
-    from lorascope.pipeline import training_stream
     from lorascope.saes import create_sae, load_sae
     from lorascope.saes.trainer import TrainerConfig, train_sae
 
@@ -129,7 +128,7 @@ def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tm
             assert read_json(out / f"L{L}__{a}__seed0" / "done.json")["rank"] == r
     L, a = jobs[-1]  # trained by rank 1: the same SAE as a single-process run
     sae = create_sae("topk", store.d_model, 2 * store.d_model, seed=0, k=4)
-    res = train_sae(sae, training_stream(store, L, "delta", a, 64, 0, 0.2, 0),
+    res = train_sae(sae, store.training_stream(L, "delta", a, 64, 0, 0.2, 0),
                     TrainerConfig(total_tokens=256, batch_size=64, seed=0, device="cpu", checkpoint_every=1,
                                   resume=True), checkpoint_dir=tmp_path / "ck", progress=False)
     got = load_sae(out / f"L{L}__{a}__seed0")

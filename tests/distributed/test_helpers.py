@@ -76,9 +76,9 @@ def test_global_helpers_are_the_plain_expressions_outside_a_process_group():
     v, i = D.batch_topk(flat, 3, 9)
     ref_v, ref_i = flat.topk(27, sorted=False)
     assert torch.equal(v, ref_v) and torch.equal(i, ref_i)
-    with D.training_step(D.StepShare(4, 9, True)):  # no process group: still the single-process expressions
-        assert D.current_step() is None
-        assert torch.equal(D.batch_denominator(t), (t - t.mean(0)).pow(2).sum())
+    share = D.StepShare(4, 9, True)  # a share but no process group: still the single-process expressions
+    assert torch.equal(D.batch_denominator(t, share), (t - t.mean(0)).pow(2).sum())
+    assert torch.equal(D.batch_topk(flat, 3, 9, share)[0], ref_v)
 
 
 def test_trainer_device_and_cpu_bf16_autocast():

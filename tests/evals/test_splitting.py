@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorascope.evals.first_letter import LETTERS, fit_logistic
+from lorascope.evals.first_letter import LETTERS
+from lorascope.evals.probe import LogisticProbe
 from lorascope.evals.splitting import (
     balanced_probe,
     decoder_rows,
@@ -72,10 +73,11 @@ def test_balanced_probe_is_the_sklearn_optimum():
     s = torch.where(y, 300 / (2 * yd.sum()), 300 / (2 * (1 - yd).sum()))
     r = s * (torch.sigmoid(xd @ w.double() + b.double()) - yd)
     assert float((w.double() + xd.T @ r).abs().max()) < 1e-4 and abs(float(r.sum())) < 1e-4
-    # the generic L-BFGS solver reaches the same optimum (same objective divided by N)
-    w2, b2 = fit_logistic(x, y[:, None].float(), l2=1 / 300, balanced=True, standardize=False)
-    torch.testing.assert_close(w2[0], w, atol=1e-4, rtol=0)
-    torch.testing.assert_close(b2[0], b, atol=1e-4, rtol=0)
+    # the multi-column probe fits each column as its own balanced problem: column 0 is the same optimum
+    probe = LogisticProbe(c=1.0).fit(x, torch.stack([y, ~y], 1))
+    torch.testing.assert_close(probe.weight[0], w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(probe.weight[1], -w, atol=1e-4, rtol=0)  # the complement flips the sign
+    assert probe.predict(x)[:, 0].tolist() == (x @ w + b > 0).tolist()
 
 
 def test_normalised_codes_fold_decoder_norms():

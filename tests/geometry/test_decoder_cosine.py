@@ -128,7 +128,8 @@ def test_compare_dictionaries_rows():
     assert r.ci_low <= r.value <= r.ci_high and r.layer == 3 and r.null_name == "random_isotropic"
     # random dictionaries: the value sits near its isotropic null
     assert r.value == pytest.approx(r.null_value, rel=0.1)
-    assert {"overlap0.5_adapter_to_ref", "overlap0.9_ref_to_adapter", "matched_cosine_adapter_ref"} <= set(by)
+    assert {"overlap_adapter_to_ref@0.5", "overlap_ref_to_adapter@0.9", "hungarian_mean_cos"} <= set(by)
     assert all(r.family == "decoder_similarity" and r.note.startswith("signed") for r in rows)
-    s = seed_vs_seed(A, A * 2, "adapter")[0]
+    s = seed_vs_seed(A, A * 2)[0]
+    assert s.metric == "mmcs_seed_vs_seed"
     assert s.value == pytest.approx(1.0, abs=1e-6) and s.null_name == "seed_vs_seed"

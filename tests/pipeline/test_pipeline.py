@@ -10,12 +10,12 @@ import yaml
 
 from lorascope.config import load_config, parse_config
 from lorascope.errors import LorascopeError
-from lorascope.models.testing import miniature_study_config as mini_config
+from tiny_models import miniature_study_config as mini_config
 
 
 @pytest.fixture(scope="module")
 def mini_run(tiny_llama_dir, tmp_path_factory):
-    from lorascope.pipeline import run
+    from lorascope.study import run
 
     out = tmp_path_factory.mktemp("mini_run")
     cfg = parse_config(mini_config(tiny_llama_dir, out))
@@ -38,7 +38,7 @@ def test_every_row_is_finite_and_figures_exist(mini_run):
 
 
 def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run, tiny_llama_dir):
-    from lorascope.pipeline import run
+    from lorascope.study import run
 
     cfg, first = mini_run
     again = run(cfg, progress=False)
@@ -65,7 +65,7 @@ def test_config_errors_name_the_key(tmp_path, tiny_llama_dir):
 
 
 def test_layer_out_of_range_and_missing_adapter(tmp_path, tiny_llama_dir):
-    from lorascope.pipeline import run
+    from lorascope.study import run
 
     cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "o1", **{"extraction.layers": [7],
                                                                         "adapters.train": None,
@@ -85,3 +85,14 @@ def test_every_sae_has_its_own_initialisation(mini_run):
     df = res.table
     mmcs = df[(df.metric == "mmcs_adapter_to_ref")].value
     assert (mmcs < 0.95).all(), mmcs
+
+
+def test_every_metric_is_declared_in_the_schema(mini_run):
+    from lorascope.results_schema import lookup
+
+    _, res = mini_run
+    for (family, metric, null_name), _rows in res.table.groupby(["family", "metric", "null_name"]):
+        m = lookup(metric)
+        assert m is not None, metric
+        assert m.family == family, (metric, m.family, family)
+        assert m.null == null_name or (metric.startswith("fvu_noise") and null_name == "analytic_expectation"), metric

@@ -289,7 +289,7 @@ def test_foreign_adapter(capsys, tiny_llama_dir, tmp_path):
 
     from lorascope.models import load_base
     from lorascope.models.lora import save_adapter
-    from lorascope.models.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     other = load_base(build_tiny_model("llama", tmp_path / "wide", hidden=48))
     folder = save_adapter(get_peft_model(other.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
@@ -334,7 +334,7 @@ def test_pickle_refused_unless_allow_pickle(capsys, pickled_sae, sae_dir):
 
 def test_pickled_reference_sae_in_config(rel, pickled_sae, tiny_llama_dir, tmp_path):
     from lorascope.config import parse_config
-    from lorascope.pipeline import check_inputs, run
+    from lorascope.study import check_inputs, run
 
     over = {"reference_sae.source": "path", "reference_sae.path": str(pickled_sae)}
     cfg = parse_config(rel.mini_config(tiny_llama_dir, tmp_path / "run", **over))
@@ -347,8 +347,8 @@ def test_pickled_reference_sae_in_config(rel, pickled_sae, tiny_llama_dir, tmp_p
 
 def test_reference_sae_of_wrong_width(rel, tiny_llama_dir, tmp_path):
     from lorascope.config import parse_config
-    from lorascope.pipeline import check_inputs
     from lorascope.saes import create_sae, save_sae
+    from lorascope.study import check_inputs
 
     save_sae(create_sae("topk", 16, 32, k=4), tmp_path / "ref_L1")
     over = {"reference_sae.source": "path", "reference_sae.path": str(tmp_path / "ref_L{layer}")}

@@ -101,7 +101,7 @@ def test_train_sae_killed_three_times_resumes_to_identical_weights(rel, ref_stor
 @pytest.mark.slow
 def test_pipeline_killed_in_every_stage_resumes_to_identical_results(rel, tiny_llama_dir, tmp_path):
     from lorascope.config import parse_config
-    from lorascope.pipeline import run
+    from lorascope.study import run
 
     ref = run(parse_config(rel.mini_config(tiny_llama_dir, tmp_path / "ref")), progress=False)
     out = tmp_path / "killed"

@@ -167,6 +167,25 @@ class ActivationStore:
         return ActivationReader(self, layer, kind, adapter, self.split_docs(split, held_out_fraction, split_seed),
                                 batch_size, seed, epoch, shuffle, window_shards, skip_rows, drop_last, with_meta)
 
+    def training_stream(self, layer: int, kind: str = "delta", adapter: str | None = None, batch_size: int = 4096,
+                        seed: int = 0, held_out_fraction: float = 0.1, split_seed: int = 0):
+        """A re-openable, endless, deterministic stream of training rows: a factory whose iterators read the
+        train split epoch after epoch, a new shuffle each epoch (what ``train_sae`` takes for resumable runs)."""
+
+        def factory() -> Iterator[torch.Tensor]:
+            epoch = 0
+            while True:
+                reader = self.reader(layer, kind=kind, adapter=adapter, split="train", batch_size=batch_size,
+                                     seed=seed, epoch=epoch, held_out_fraction=held_out_fraction,
+                                     split_seed=split_seed)
+                if len(reader) == 0:
+                    raise LorascopeError(f"no training tokens at layer {layer}",
+                                         fix="extract more documents or lower the held-out fraction")
+                yield from reader
+                epoch += 1
+
+        return factory
+
     def held_out(self, layer: int, adapter: str | None = None, held_out_fraction: float = 0.1, split_seed: int = 0,
                  split: str = "held_out") -> PairedRows:
         """All rows of ``split`` at ``layer`` in store order: base, Δ (and adapted = base + Δ), with metadata."""

@@ -139,11 +139,9 @@ def train_saes_distributed_cmd(
 
     from lorascope.activations import open_store
     from lorascope.config import parse_sae_section
-    from lorascope.distributed import barrier, cleanup, independent, init_distributed, my_jobs
+    from lorascope.distributed import barrier, cleanup, init_distributed, my_jobs
     from lorascope.io import OutputLock, read_json, write_json
-    from lorascope.pipeline import training_stream
-    from lorascope.saes import create_sae, save_sae
-    from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+    from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
     dist = init_distributed(device)
     st = open_store(store)
@@ -164,21 +162,14 @@ def train_saes_distributed_cmd(
         if (folder / "done.json").is_file():
             continue
         lock = OutputLock(folder) if writer else contextlib.nullcontext()
-        with lock, (contextlib.nullcontext() if data_parallel else independent()):
-            d_sae, arch = c.sae_width(st.d_model), c.sae_settings()
-            sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
-                             metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
-                                       "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)
-            tcfg = TrainerConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                                 device=str(dist.device), autocast_dtype=autocast,
-                                 checkpoint_every=max(1, tokens // batch_size // 10), resume=True)
-            stream = training_stream(st, layer, kind, adapter, batch_size, seed, held_out_fraction, 0)
-            res = train_sae(sae, stream, tcfg, checkpoint_dir=folder / "ckpt", progress=progress and dist.is_main)
+        with lock:
+            job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
+            tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast,
+                                  data_parallel=data_parallel)
+            res = train_sae_job(st, job, c, tcfg, folder if writer else None, folder / "ckpt",
+                                progress and dist.is_main)
             if writer:
-                save_sae(res.sae, folder)
-                held = st.held_out(layer, adapter, held_out_fraction=held_out_fraction, split_seed=0)
-                x = held.delta if kind == "delta" else held.base if kind == "base" else held.adapted
-                ev = evaluate_sae(res.sae, x) if x.shape[0] else {}
+                ev = evaluate_held_out(st, job, res.sae)
                 write_json(folder / "done.json", {"rank": dist.rank, "final": res.final,
                                                   "held_out": {n: v for n, v in ev.items() if n != "density"}})
         if data_parallel:

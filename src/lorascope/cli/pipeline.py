@@ -33,7 +33,7 @@ def run_cmd(
 ) -> None:
     """Run the whole study (adapters → extraction → SAEs → geometry → report); cached stages are skipped."""
     from lorascope.config import load_config
-    from lorascope.pipeline import run
+    from lorascope.study import run
 
     overrides = _parse_set(set_)
     if output_dir:

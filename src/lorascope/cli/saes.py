@@ -32,28 +32,17 @@ def train_sae_cmd(
     from lorascope.activations import open_store
     from lorascope.config import parse_sae_section
     from lorascope.io import OutputLock, clean_tmp_files
-    from lorascope.pipeline import training_stream
-    from lorascope.saes import create_sae, save_sae
-    from lorascope.saes.trainer import TrainerConfig, evaluate_sae, train_sae
+    from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
     c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k,
                            "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank,
                            "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": [seed]}, "train-sae")
     st = open_store(store)
+    job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
     with OutputLock(out):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
-        d_sae, arch = c.sae_width(st.d_model), c.sae_settings()
-        sae = create_sae(architecture, st.d_model, d_sae, seed=seed,
-                         metadata={"layer": layer, "trained_on": kind, "adapter": adapter or "",
-                                   "hook_name": f"blocks.{layer}.hook_resid_post"}, **arch)
-        tcfg = TrainerConfig(total_tokens=tokens, batch_size=batch_size, lr=lr, seed=seed,
-                             checkpoint_every=max(1, tokens // batch_size // 10), resume=True)
-        res = train_sae(sae, training_stream(st, layer, kind, adapter, batch_size, seed, held_out_fraction, 0), tcfg,
-                        checkpoint_dir=out / "ckpt")
-        save_sae(res.sae, out)
-        held = st.held_out(layer, adapter, held_out_fraction=held_out_fraction, split_seed=0)
-        x = held.delta if kind == "delta" else held.base if kind == "base" else held.adapted
-        ev = evaluate_sae(res.sae, x) if x.shape[0] else {}
+        res = train_sae_job(st, job, c, trainer_config(c, seed, checkpoints=10), out, out / "ckpt")
+        ev = evaluate_held_out(st, job, res.sae)
     print(f"saved {out}; train FVU {res.final.get('fvu', float('nan')):.4f}; held-out FVU "
           f"{ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, dead {ev.get('dead', 0):.0f}")
 

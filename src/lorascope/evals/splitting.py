@@ -2,8 +2,8 @@
 
 For each letter:
 1. an L1-regularised one-vs-rest probe on all latents ranks them (SAEBench: BCE with class-balancing
-   positive weights + ``l1_decay``·mean over letters of Σ|w|, Adam 1e-2 → 1e-5 exponential decay, 50 epochs,
-   batch 4096; here zero-initialised and with a seeded shuffle so it is deterministic);
+   positive weights + ``l1_decay``·mean over letters of Σ|w|, fitted there by Adam; here the same objective
+   solved exactly by scikit-learn, :class:`lorascope.evals.probe.LogisticProbe`);
 2. for k = 1..max_k, the k latents with the largest (signed, not absolute) L1-probe weight for that letter are
    fitted by a class-balanced L2 logistic regression (sklearn's
    ``LogisticRegression(class_weight="balanced")``, C = 1) and scored by F1 on the test words (logit > 0);
@@ -17,13 +17,13 @@ inverse scale on the codes) changes nothing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from lorascope.errors import LorascopeError
 from lorascope.evals.first_letter import LETTERS, binary_f1
+from lorascope.evals.probe import LogisticProbe
 
 F1_JUMP_THRESHOLD = 0.03
 MAX_K = 10
@@ -62,79 +62,33 @@ def normalised_codes(sae, x: torch.Tensor, batch_size: int = 4096) -> torch.Tens
 
 
 # ---- probes ------------------------------------------------------------------------------------------------
-def l1_selection_probe(
-    codes: torch.Tensor,
-    labels: torch.Tensor,
-    n_classes: int = len(LETTERS),
-    l1_decay: float = 0.01,
-    epochs: int = 50,
-    batch_size: int = 4096,
-    lr: float = 1e-2,
-    end_lr: float = 1e-5,
-    weight_decay: float = 1e-6,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Weights [n_classes, F] of the L1-regularised one-vs-rest probe that ranks latents (see module doc)."""
-    n, f = codes.shape
-    y = torch.nn.functional.one_hot(labels.long(), n_classes).float()
-    n_pos = y.sum(0)
-    pos_weight = (n - n_pos) / n_pos.clamp_min(1.0)
-    w = torch.zeros(n_classes, f, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
-    gamma = math.exp(math.log(end_lr / lr) / max(epochs, 1))
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for lo in range(0, n, batch_size):
-            idx = perm[lo : lo + batch_size]
-            opt.zero_grad()
-            loss = loss_fn(codes[idx] @ w.T + b, y[idx]) + l1_decay * w.abs().sum(1).mean()
-            loss.backward()
-            opt.step()
-        sched.step()
-    return w.detach()
+def l1_selection_probe(codes: torch.Tensor, labels: torch.Tensor, n_classes: int = len(LETTERS),
+                       l1_decay: float = 0.01, seed: int = 0) -> torch.Tensor:
+    """Weights [n_classes, F] of the L1-regularised one-vs-rest probe that ranks latents (see module doc).
+
+    Per letter, SAEBench's objective  mean_i pw_i·BCE_i + l1_decay·‖w‖₁  (pw: positives weighted n_neg/n_pos)
+    equals, up to a factor, sklearn's  ‖w‖₁ + C·Σ_i s_i·logloss_i  with balanced weights s and
+    C = 2·n_neg / (N²·l1_decay); it is solved exactly (liblinear) instead of by Adam."""
+    n = codes.shape[0]
+    y = torch.nn.functional.one_hot(labels.long(), n_classes).bool()
+    present = [j for j in range(n_classes) if bool(y[:, j].any()) and not bool(y[:, j].all())]
+    w = torch.zeros(n_classes, codes.shape[1])
+    if present:
+        cs = [2.0 * float((~y[:, j]).sum()) / (n * n * l1_decay) for j in present]
+        probe = LogisticProbe(penalty="l1", seed=seed).fit(codes, y[:, present], c_per_class=cs)
+        w[present] = probe.weight
+    return w
 
 
-def balanced_probe(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 100,
-                   tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_probe(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn ``LogisticRegression(C=c, class_weight="balanced")`` on x [N, k], binary y [N]:
-    minimises ½‖w‖² + c·Σ_i s_i·logloss_i (s = N / (2·class count)) by damped Newton in float64.
-    Returns (w [k], b scalar)."""
-    xd = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
-    yd = y.double().reshape(-1)
-    n_pos, n_neg = float(yd.sum()), float((1 - yd).sum())
-    if n_pos == 0 or n_neg == 0:
+    minimises ½‖w‖² + c·Σ_i s_i·logloss_i (s = N / (2·class count)). Returns (w [k], b scalar)."""
+    yb = y.reshape(-1).bool()
+    if bool(yb.all()) or not bool(yb.any()):
         raise LorascopeError("a k-sparse probe needs both positive and negative training words",
                              fix="use more words (max_words) so every letter has examples")
-    s = torch.where(yd > 0, yd.numel() / (2 * n_pos), yd.numel() / (2 * n_neg))
-    reg = torch.full((xd.shape[1],), 1.0 / c, dtype=torch.float64)
-    reg[-1] = 0.0  # the intercept is not penalised
-
-    def objective(t: torch.Tensor) -> float:
-        z = xd @ t
-        return float(0.5 * (reg * t * t).sum() + (s * torch.nn.functional.softplus(torch.where(yd > 0, -z, z))).sum())
-
-    theta = torch.zeros(xd.shape[1], dtype=torch.float64)
-    f_old = objective(theta)
-    for _ in range(max_iter):  # Newton with backtracking: exact for this small convex problem
-        prob = torch.sigmoid(xd @ theta)
-        grad = reg * theta + xd.T @ (s * (prob - yd))
-        hess = (xd * (s * prob * (1 - prob))[:, None]).T @ xd + torch.diag(reg + 1e-12)
-        step = torch.linalg.solve(hess, grad)
-        t = 1.0
-        while t > 1e-10:
-            cand = theta - t * step
-            f_new = objective(cand)
-            if f_new <= f_old - 1e-4 * t * float(grad @ step):
-                break
-            t *= 0.5
-        theta, f_prev, f_old = cand, f_old, f_new
-        if f_prev - f_new <= tol * max(1.0, abs(f_new)):
-            break
-    return theta[:-1].float(), theta[-1].float()
+    probe = LogisticProbe(c=c).fit(x, yb)
+    return probe.weight[0], probe.bias[0]
 
 
 @dataclass
@@ -171,8 +125,6 @@ def k_sparse_splitting(
     max_k: int = MAX_K,
     f1_jump_threshold: float = F1_JUMP_THRESHOLD,
     l1_decay: float = 0.01,
-    epochs: int = 50,
-    batch_size: int = 4096,
     seed: int = 0,
 ) -> dict[str, LetterSplitting]:
     """k-sparse probing and splitting for ``letters`` (indices; default all) from codes [N, F], labels [N]."""
@@ -180,9 +132,7 @@ def k_sparse_splitting(
         raise LorascopeError(
             "train and test codes have different widths", fix="encode both with the same SAE"
         )
-    l1w = l1_selection_probe(
-        train_codes.float(), train_labels, l1_decay=l1_decay, epochs=epochs, batch_size=batch_size, seed=seed
-    )
+    l1w = l1_selection_probe(train_codes.float(), train_labels, l1_decay=l1_decay, seed=seed)
     max_k = min(max_k, train_codes.shape[1])
     out: dict[str, LetterSplitting] = {}
     for c in letters if letters is not None else range(len(LETTERS)):

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lorascope import results_schema as schema
 from lorascope.geometry._array import as_tensor, same_dim
 from lorascope.geometry.bootstrap import bootstrap_ci
 from lorascope.geometry.cosine import best_match_both
@@ -36,9 +37,9 @@ def compare_dictionaries(
     - ``mmcs_{a}_to_{b}`` and ``mmcs_{b}_to_{a}``: mean best cosine, percentile bootstrap CI over atoms
       (seeded), null = exact expected MMCS against random isotropic atoms of the target's size
       ("random_isotropic").
-    - ``overlap{tau}_{a}_to_{b}`` (and reverse): fraction of atoms with best cosine >= tau; null = exact
+    - ``overlap_{a}_to_{b}@{tau}`` (and reverse): fraction of atoms with best cosine >= tau; null = exact
       P(best >= tau) for random isotropic atoms.
-    - ``matched_cosine_{a}_{b}``: mean cosine over the Hungarian matching of alive atoms (only when both
+    - ``hungarian_mean_cos``: mean cosine over the Hungarian matching of alive atoms (only when both
       sides have <= MAX_DENSE_ATOMS alive atoms unless ``match=True``, which then uses the top-32-candidate
       sparse matching).
     ``note`` records signed/absolute cosines. ``where``: layer=, adapter=, rank=.
@@ -70,7 +71,7 @@ def compare_dictionaries(
         for tau in taus:
             rows.append(
                 ResultRow(
-                    metric=f"overlap{tau:g}_{src}_to_{dst}",
+                    metric=schema.overlap(src, dst, tau),
                     value=float((cos >= tau).double().mean()),
                     null_value=overlap_null_isotropic(tau, f_dst, d, absolute),
                     null_name="random_isotropic",
@@ -83,7 +84,7 @@ def compare_dictionaries(
         pairs = hungarian_match(A, B, alive_a, alive_b, absolute, candidates=None if dense_ok else 32)
         rows.append(
             ResultRow(
-                metric=f"matched_cosine_{name_a}_{name_b}",
+                metric=schema.HUNGARIAN_MEAN_COS,
                 family=FAMILY,
                 value=matched_cosine_mean(pairs, absolute),
                 n=len(pairs),
@@ -96,22 +97,21 @@ def compare_dictionaries(
     return rows
 
 
-def seed_vs_seed(A_seed0, A_seed1, name: str, absolute: bool = False, **where: Any) -> list[ResultRow]:
+def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, **where: Any) -> list[ResultRow]:
     """MMCS between two training seeds of the same SAE (mean of both directions), labelled as the seed-vs-seed
-    control: metric ``mmcs_seed_vs_seed_{name}``, null_name "seed_vs_seed". Read cross-SAE MMCS against it."""
+    control: metric ``mmcs_seed_vs_seed``, null_name "seed_vs_seed". Read cross-SAE MMCS against it."""
     ab, ba = best_match_both(A_seed0, A_seed1, absolute, with_index=False)
     d = as_tensor(A_seed0, "A_seed0", ndim=2).shape[1]
     vals = torch.cat([ab.cosine, ba.cosine]).double()
     return [
         ResultRow(
             family=FAMILY,
-            metric=f"mmcs_seed_vs_seed_{name}",
+            metric=schema.MMCS_SEED_VS_SEED,
             value=float(vals.mean()),
             null_name="seed_vs_seed",
             n=vals.numel(),
             d=d,
             note=f"{'absolute' if absolute else 'signed'} cosines, mean of both directions",
-            extra={"a_to_b": float(ab.cosine.double().mean()), "b_to_a": float(ba.cosine.double().mean())},
             **where,
         )
     ]

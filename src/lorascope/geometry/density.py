@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lorascope import results_schema as schema
 from lorascope.errors import LorascopeError
 from lorascope.geometry._array import as_tensor, paired_activations
 from lorascope.geometry.metrics import feature_density, l0
@@ -195,15 +196,13 @@ class DeltaNormStats:
         }
 
     def rows(self, **where) -> list[ResultRow]:
-        """Rows (family "delta_norm"): mean, median, p90, p99 of ‖Δ‖ and ‖Δ‖/‖h_base‖."""
+        """Rows (family "delta_norm"): mean, median, p90, p99 of ‖Δ‖ (``delta_norm_*``) and ‖Δ‖/‖h_base‖
+        (``rel_delta_norm_*``)."""
         n = sum(int(t.numel()) for t in self._norms)
-        return [
-            ResultRow(
-                family="delta_norm", metric=f"{name}_{stat}", value=v, n=n, d=self.d, dtype="float64", **where
-            )
-            for name, stats in self.summary().items()
-            for stat, v in stats.items()
-        ]
+        summary = self.summary()
+        named = [(schema.delta_norm, summary["delta_norm"]), (schema.rel_delta_norm, summary["relative_delta_norm"])]
+        return [ResultRow(family=schema.DELTA_NORM, metric=name(stat), value=v, n=n, d=self.d, dtype="float64",
+                          **where) for name, stats in named for stat, v in stats.items()]
 
 
 def mean_active_features(codes) -> float:

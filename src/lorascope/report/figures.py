@@ -1,7 +1,7 @@
 """The report's figures, each written as PNG + SVG.
 
 Every figure function has the signature ``fig(df, out_dir, arrays=None) -> list[Path]``: ``df`` is the tidy
-results table, ``arrays`` the per-(layer, adapter) npz contents (see RESULTS_SCHEMA.md). A figure whose data is
+results table, ``arrays`` the per-(layer, adapter) npz contents (see lorascope.results_schema). A figure whose data is
 absent returns ``[]`` and writes nothing. :data:`FIGURES` lists them in report order with a caption that says how
 to read each one and what its null is.
 """
@@ -15,16 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from lorascope import results_schema as schema
 from lorascope.report import _plot as P
 from lorascope.report._table import Tab
 from lorascope.report.run import load_run, normalize_frame
 
 Arrays = dict[tuple[int, str], dict[str, np.ndarray]]
 
-FVU_SERIES = [("fvu_adapter_sae", "adapter SAE"), ("fvu_ref_on_delta", "reference SAE on Δ"),
-              ("fvu_ref_diff", "ref: SAE(h_ft) − SAE(h_base)"), ("fvu_ref_lstsq_active", "ref: lstsq on active atoms"),
-              ("fvu_noise", "null: isotropic noise")]
-KL_SERIES = [("kl_recovered_adapter_sae", "adapter SAE Δ̂"), ("kl_recovered_ref_diff", "ref: SAE(h_ft) − SAE(h_base)")]
+FVU_SERIES = [(schema.FVU_ADAPTER_SAE, "adapter SAE"), (schema.FVU_REF_ON_DELTA, "reference SAE on Δ"),
+              (schema.FVU_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)"),
+              (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"), (schema.FVU_NOISE, "null: isotropic noise")]
+KL_SERIES = [(schema.KL_RECOVERED_ADAPTER_SAE, "adapter SAE Δ̂"),
+             (schema.KL_RECOVERED_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)")]
 
 
 def _tab(df) -> Tab:
@@ -34,19 +36,19 @@ def _tab(df) -> Tab:
 def delta_norms(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """Layer × adapter heatmaps of mean ‖Δ‖ and mean ‖Δ‖/‖h_base‖."""
     tab = _tab(df)
-    if not tab.has("delta_norm_mean", "rel_delta_norm_mean"):
+    if not tab.has(schema.DELTA_NORM_MEAN, schema.REL_DELTA_NORM_MEAN):
         return []
     fig = P.new_figure(10, 0.6 * len(tab.layers()) + 2.2)
     a1, a2 = fig.subplots(1, 2)
-    P.layer_adapter_heat(a1, tab, "delta_norm_mean", "mean ‖Δ‖ per token")
-    P.layer_adapter_heat(a2, tab, "rel_delta_norm_mean", "mean ‖Δ‖ / ‖h_base‖")
+    P.layer_adapter_heat(a1, tab, schema.DELTA_NORM_MEAN, "mean ‖Δ‖ per token")
+    P.layer_adapter_heat(a2, tab, schema.REL_DELTA_NORM_MEAN, "mean ‖Δ‖ / ‖h_base‖")
     return P.save(fig, out_dir, "delta_norms")
 
 
 def reconstruction_fvu(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """FVU on held-out Δ: adapter SAE, reference SAE and the controls, grouped per layer × adapter, with CIs."""
     tab = _tab(df)
-    if not tab.has("fvu_adapter_sae", "fvu_ref_on_delta"):
+    if not tab.has(schema.FVU_ADAPTER_SAE, schema.FVU_REF_ON_DELTA):
         return []
     n = len(tab.cells(*[m for m, _ in FVU_SERIES]))
     fig = P.new_figure(max(7.0, 1.4 * n + 2), 4.2)
@@ -58,11 +60,12 @@ def reconstruction_fvu(df, out_dir: str | Path, arrays: Arrays | None = None) ->
 def reconstruction_improvement(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """Improvement % of the adapter SAE's FVU over the reference SAE's, against LoRA rank, one line per layer."""
     tab = _tab(df)
-    if not tab.has("recon_improvement_pct"):
+    if not tab.has(schema.RECON_IMPROVEMENT_PCT):
         return []
     fig = P.new_figure(5.5, 3.6)
     ax = fig.subplots()
-    P.vs_rank(ax, tab, "recon_improvement_pct", "FVU improvement of adapter SAE over reference", "improvement (%)")
+    P.vs_rank(ax, tab, schema.RECON_IMPROVEMENT_PCT, "FVU improvement of adapter SAE over reference",
+              "improvement (%)")
     ax.axhline(0, color=P.NULL_COLOR, lw=1)
     return P.save(fig, out_dir, "reconstruction_improvement")
 
@@ -70,12 +73,13 @@ def reconstruction_improvement(df, out_dir: str | Path, arrays: Arrays | None = 
 def feature_density(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """L0 and alive latents of the adapter SAE against rank, one line per layer (reference SAE's L0 dashed)."""
     tab = _tab(df)
-    if not tab.has("l0_adapter_sae", "alive_latents_adapter_sae"):
+    if not tab.has(schema.L0_ADAPTER_SAE, schema.ALIVE_LATENTS_ADAPTER_SAE):
         return []
     fig = P.new_figure(10, 3.6)
     a1, a2 = fig.subplots(1, 2)
-    P.vs_rank(a1, tab, "l0_adapter_sae", "L0 on held-out Δ", "active latents per token", ref="l0_ref_on_delta")
-    P.vs_rank(a2, tab, "alive_latents_adapter_sae", "Alive latents", "latents firing at least once")
+    P.vs_rank(a1, tab, schema.L0_ADAPTER_SAE, "L0 on held-out Δ", "active latents per token",
+              ref=schema.L0_REF_ON_DELTA)
+    P.vs_rank(a2, tab, schema.ALIVE_LATENTS_ADAPTER_SAE, "Alive latents", "latents firing at least once")
     return P.save(fig, out_dir, "feature_density")
 
 
@@ -110,8 +114,8 @@ def density_histograms(df, out_dir: str | Path, arrays: Arrays | None = None) ->
 def feature_overlap(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """Overlap@τ curves (fraction of adapter atoms with best reference match ≥ τ) and MMCS with null and ceiling."""
     tab = _tab(df)
-    over = sorted(tab.metrics("overlap_adapter_to_ref@"), key=lambda m: float(m.split("@")[1]))
-    if not over and not tab.has("mmcs_adapter_to_ref"):
+    over = sorted(tab.metrics(schema.OVERLAP_ADAPTER_TO_REF), key=schema.overlap_tau)
+    if not over and not tab.has(schema.MMCS_ADAPTER_TO_REF):
         return []
     fig = P.new_figure(11, 3.9)
     a1, a2 = fig.subplots(1, 2)
@@ -172,7 +176,7 @@ def _kd_null(tab: Tab, name: str, layer: int, adapter: str, k: int) -> float:
     s = tab.get(f"mean_cos2_{name}", layer, adapter)
     if s is not None and np.isfinite(s.null):
         return s.null
-    d = next((st.d for m in tab.metrics("mean_cos2_") if (st := tab.get(m, layer, adapter)) and st.d > 0), 0)
+    d = next((st.d for m in tab.metrics(schema.MEAN_COS2) if (st := tab.get(m, layer, adapter)) and st.d > 0), 0)
     return k / d if d else float("nan")
 
 
@@ -213,7 +217,7 @@ def principal_angles(df, out_dir: str | Path, arrays: Arrays | None = None) -> l
 def cka(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
     """Per layer: adapter × adapter linear CKA of Δ on the same held-out tokens (diagonal = 1)."""
     tab = _tab(df)
-    pref = "cka_delta_vs_"
+    pref = schema.CKA_DELTA_VS
     ms = tab.metrics(pref)
     if not ms:
         return []
@@ -256,11 +260,11 @@ def summary(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]
     tab = _tab(df)
     fig = P.new_figure(15, 8.5)
     ax = fig.subplots(2, 3)
-    drew = [P.layer_adapter_heat(ax[0, 0], tab, "rel_delta_norm_mean", "‖Δ‖ / ‖h_base‖"),
+    drew = [P.layer_adapter_heat(ax[0, 0], tab, schema.REL_DELTA_NORM_MEAN, "‖Δ‖ / ‖h_base‖"),
             P.grouped_bars(ax[0, 1], tab, [FVU_SERIES[0], FVU_SERIES[1], FVU_SERIES[4]], "FVU on held-out Δ",
                            "FVU"),
-            P.vs_rank(ax[0, 2], tab, "recon_improvement_pct", "FVU improvement over reference", "%"),
-            P.vs_rank(ax[1, 0], tab, "l0_adapter_sae", "Adapter SAE L0", "active latents / token"),
+            P.vs_rank(ax[0, 2], tab, schema.RECON_IMPROVEMENT_PCT, "FVU improvement over reference", "%"),
+            P.vs_rank(ax[1, 0], tab, schema.L0_ADAPTER_SAE, "Adapter SAE L0", "active latents / token"),
             P.mmcs_panel(ax[1, 1], tab),
             P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered", "fraction", log_if_wide=False)]
     if not any(drew):

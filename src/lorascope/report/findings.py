@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lorascope import results_schema as schema
 from lorascope.report._table import Stat, Tab
 from lorascope.report.run import normalize_frame
 
@@ -69,23 +70,24 @@ def reconstruction_finding(tab: Tab) -> Finding:
     title = "Adapter SAE reconstructs Δ better than the reference SAE"
     rule = ("holds at a layer×adapter cell if the CI upper bound of the adapter SAE's FVU is below the CI lower bound "
             "of the reference SAE's FVU on the same held-out Δ; holds overall if at every cell")
-    cells = [c for c in tab.cells("fvu_adapter_sae") if tab.get("fvu_ref_on_delta", *c)]
+    cells = [c for c in tab.cells(schema.FVU_ADAPTER_SAE) if tab.get(schema.FVU_REF_ON_DELTA, *c)]
     if not cells:
         return Finding("reconstruction", title, NOT_MEASURED, "FVU of adapter and reference SAEs not in the table.",
                        rule)
-    passes = [tab.get("fvu_adapter_sae", *c).upper() < tab.get("fvu_ref_on_delta", *c).lower() for c in cells]
+    passes = [tab.get(schema.FVU_ADAPTER_SAE, *c).upper() < tab.get(schema.FVU_REF_ON_DELTA, *c).lower()
+              for c in cells]
     c = cells[-1]
-    a, r = tab.get("fvu_adapter_sae", *c), tab.get("fvu_ref_on_delta", *c)
-    imp = tab.value("recon_improvement_pct", *c)
+    a, r = tab.get(schema.FVU_ADAPTER_SAE, *c), tab.get(schema.FVU_REF_ON_DELTA, *c)
+    imp = tab.value(schema.RECON_IMPROVEMENT_PCT, *c)
     imp = imp if math.isfinite(imp) else 100 * (r.value - a.value) / r.value if r.value else math.nan
-    ctrl = {m: tab.value(m, *c) for m in ("fvu_ref_diff", "fvu_ref_lstsq_active", "fvu_noise")}
-    names = {"fvu_ref_diff": "SAE(h_ft)−SAE(h_base)", "fvu_ref_lstsq_active": "lstsq on active ref atoms",
-             "fvu_noise": "noise null"}
+    ctrl = {m: tab.value(m, *c) for m in (schema.FVU_REF_DIFF, schema.FVU_REF_LSTSQ_ACTIVE, schema.FVU_NOISE)}
+    names = {schema.FVU_REF_DIFF: "SAE(h_ft)−SAE(h_base)", schema.FVU_REF_LSTSQ_ACTIVE: "lstsq on active ref atoms",
+             schema.FVU_NOISE: "noise null"}
     ctrl_txt = ", ".join(f"{names[m]} {_f(v)}" for m, v in ctrl.items() if math.isfinite(v))
     text = (f"FVU {_f(a.value)}{_ci(a)} for the adapter SAE vs {_f(r.value)}{_ci(r)} for the reference SAE "
             f"(improvement {_f(imp)}%, {_where(tab, *c)})" + (f"; controls: {ctrl_txt}" if ctrl_txt else "")
             + f". Better at {_count(passes, 'cells')}.")
-    nums = {"fvu_adapter_sae": a.value, "fvu_ref_on_delta": r.value, "improvement_pct": imp, **ctrl,
+    nums = {schema.FVU_ADAPTER_SAE: a.value, schema.FVU_REF_ON_DELTA: r.value, "improvement_pct": imp, **ctrl,
             "layer": c[0], "adapter": c[1], "cells": len(cells), "cells_passing": int(sum(passes))}
     return Finding("reconstruction", title, _verdict(passes), text, rule, nums)
 
@@ -95,20 +97,20 @@ def alignment_finding(tab: Tab) -> Finding:
     rule = ("alignment at a cell is weak if MMCS(adapter→reference) is below the midpoint between the "
             "random-dictionary null and the seed-vs-seed ceiling (ceiling 1 when no second seed was trained); "
             "holds if weak at every cell")
-    cells = tab.cells("mmcs_adapter_to_ref")
+    cells = tab.cells(schema.MMCS_ADAPTER_TO_REF)
     if not cells:
         return Finding("alignment", title, NOT_MEASURED, "MMCS adapter→reference not in the table.", rule)
     passes, above = [], []
     for c in cells:
-        s = tab.get("mmcs_adapter_to_ref", *c)
+        s = tab.get(schema.MMCS_ADAPTER_TO_REF, *c)
         null = s.null if math.isfinite(s.null) else 0.0
-        ceil = tab.value("mmcs_seed_vs_seed", *c)
+        ceil = tab.value(schema.MMCS_SEED_VS_SEED, *c)
         ceil = ceil if math.isfinite(ceil) else 1.0
         passes.append(s.value < (null + ceil) / 2)
         above.append(s.lower() > null)
     c = cells[-1]
-    s = tab.get("mmcs_adapter_to_ref", *c)
-    ceil = tab.value("mmcs_seed_vs_seed", *c)
+    s = tab.get(schema.MMCS_ADAPTER_TO_REF, *c)
+    ceil = tab.value(schema.MMCS_SEED_VS_SEED, *c)
     ceil_txt = f"seed-vs-seed ceiling {_f(ceil)}" if math.isfinite(ceil) else "no seed-vs-seed ceiling (1 assumed)"
     text = (f"MMCS(adapter→reference) {_f(s.value)}{_ci(s)} vs random-dictionary null {_f(s.null)} and {ceil_txt} "
             f"({_where(tab, *c)}). Weak at {_count(passes, 'cells')}; above the null at {_count(above, 'cells')}.")
@@ -153,29 +155,29 @@ def trend_finding(tab: Tab, key: str, metric: str, title: str, what: str) -> Fin
 def density_finding(tab: Tab) -> Finding:
     """L0 rises with rank; when the architecture fixes L0 (TopK: L0 = k everywhere), alive latents are used."""
     title = "Feature density rises with rank"
-    l0 = [tab.value("l0_adapter_sae", *c) for c in tab.cells("l0_adapter_sae")]
+    l0 = [tab.value(schema.L0_ADAPTER_SAE, *c) for c in tab.cells(schema.L0_ADAPTER_SAE)]
     l0 = [v for v in l0 if math.isfinite(v)]
-    if len(l0) > 1 and max(l0) - min(l0) < 1e-9 and tab.cells("alive_latents_adapter_sae"):
-        f = trend_finding(tab, "density_rank", "alive_latents_adapter_sae", title, "alive latents")
+    if len(l0) > 1 and max(l0) - min(l0) < 1e-9 and tab.cells(schema.ALIVE_LATENTS_ADAPTER_SAE):
+        f = trend_finding(tab, "density_rank", schema.ALIVE_LATENTS_ADAPTER_SAE, title, "alive latents")
         note = (f"L0 is fixed at {_f(l0[0])} by the SAE architecture (TopK), so density is read as the number of "
                 "latents alive on held-out Δ. ")
         return dataclasses.replace(f, text=note + f.text)
-    return trend_finding(tab, "density_rank", "l0_adapter_sae", title, "L0")
+    return trend_finding(tab, "density_rank", schema.L0_ADAPTER_SAE, title, "L0")
 
 
 def effective_rank_finding(tab: Tab) -> Finding:
     title = "Δ spreads beyond the LoRA rank"
     rule = ("at a cell of known rank r, holds if more than r principal components are needed for 90% of Δ's variance "
             "(pca_k90 > r): the residual Δ carries downstream effects, so it is not confined to rank r")
-    cells = [c for c in tab.cells("pca_k90") if tab.rank(c[1]) >= 0]
+    cells = [c for c in tab.cells(schema.PCA_K90) if tab.rank(c[1]) >= 0]
     if not cells:
         return Finding("effective_rank", title, NOT_MEASURED, "PCA spectrum of Δ not in the table.", rule)
-    passes = [tab.value("pca_k90", *c) > tab.rank(c[1]) for c in cells]
+    passes = [tab.value(schema.PCA_K90, *c) > tab.rank(c[1]) for c in cells]
     c = cells[-1]
-    k90, pr = tab.value("pca_k90", *c), tab.value("effective_rank_pr", *c)
+    k90, pr = tab.value(schema.PCA_K90, *c), tab.value(schema.EFFECTIVE_RANK_PR, *c)
     text = (f"{_f(k90)} components hold 90% of Δ's variance at LoRA rank {tab.rank(c[1])} (layer {c[0]}; "
             f"participation ratio {_f(pr)}). Exceeds the rank at {_count(passes, 'cells')}.")
-    nums = {"pca_k90": k90, "participation_ratio": pr, "rank": tab.rank(c[1]), "layer": c[0],
+    nums = {schema.PCA_K90: k90, "participation_ratio": pr, "rank": tab.rank(c[1]), "layer": c[0],
             "cells": len(cells), "cells_passing": int(sum(passes))}
     return Finding("effective_rank", title, _verdict(passes), text, rule, nums)
 
@@ -184,21 +186,21 @@ def splice_finding(tab: Tab) -> Finding:
     title = "Adapter SAE reconstruction keeps the adapter's behaviour"
     rule = ("at a cell, holds if the CI of the KL fraction recovered with the adapter SAE's Δ̂ lies above that of the "
             "SAE(h_ft)−SAE(h_base) control (above 0, the removed-adapter null, when the control is absent)")
-    cells = tab.cells("kl_recovered_adapter_sae")
+    cells = tab.cells(schema.KL_RECOVERED_ADAPTER_SAE)
     if not cells:
         return Finding("splice", title, NOT_MEASURED, "Splice KL not in the table.", rule)
     passes = []
     for c in cells:
-        ctrl = tab.get("kl_recovered_ref_diff", *c)
-        passes.append(tab.get("kl_recovered_adapter_sae", *c).lower() > (ctrl.upper() if ctrl else 0.0))
+        ctrl = tab.get(schema.KL_RECOVERED_REF_DIFF, *c)
+        passes.append(tab.get(schema.KL_RECOVERED_ADAPTER_SAE, *c).lower() > (ctrl.upper() if ctrl else 0.0))
     c = cells[-1]
-    s, ctrl = tab.get("kl_recovered_adapter_sae", *c), tab.get("kl_recovered_ref_diff", *c)
-    kl = tab.value("kl_adapted_vs_base", *c)
+    s, ctrl = tab.get(schema.KL_RECOVERED_ADAPTER_SAE, *c), tab.get(schema.KL_RECOVERED_REF_DIFF, *c)
+    kl = tab.value(schema.KL_ADAPTED_VS_BASE, *c)
     text = (f"KL recovered {_f(s.value)}{_ci(s)} with the adapter SAE"
             + (f" vs {_f(ctrl.value)}{_ci(ctrl)} for SAE(h_ft)−SAE(h_base)" if ctrl else "")
             + f" (KL(adapted‖base) {_f(kl)} nats/token, {_where(tab, *c)}). Better at {_count(passes, 'cells')}.")
-    nums = {"kl_recovered_adapter_sae": s.value, "kl_recovered_ref_diff": ctrl.value if ctrl else math.nan,
-            "kl_adapted_vs_base": kl, "layer": c[0], "adapter": c[1], "cells": len(cells),
+    nums = {schema.KL_RECOVERED_ADAPTER_SAE: s.value, schema.KL_RECOVERED_REF_DIFF: ctrl.value if ctrl else math.nan,
+            schema.KL_ADAPTED_VS_BASE: kl, "layer": c[0], "adapter": c[1], "cells": len(cells),
             "cells_passing": int(sum(passes))}
     return Finding("splice", title, _verdict(passes), text, rule, nums)
 
@@ -207,7 +209,7 @@ def subspace_finding(tab: Tab) -> Finding:
     title = "Δ's subspace overlaps the reference subspace beyond chance"
     rule = ("for every mean_cos2_* comparison at every cell, holds there if its CI lower bound exceeds k/d, the "
             "expected mean cos² of random k-dim subspaces")
-    pairs = [(m, c) for m in tab.metrics("mean_cos2_") for c in tab.cells(m)]
+    pairs = [(m, c) for m in tab.metrics(schema.MEAN_COS2) for c in tab.cells(m)]
     pairs = [(m, c) for m, c in pairs if math.isfinite(tab.get(m, *c).null)]
     if not pairs:
         return Finding("subspace", title, NOT_MEASURED, "Subspace comparisons with a k/d null not in the table.", rule)
@@ -228,7 +230,7 @@ def cka_finding(tab: Tab) -> Finding:
     title = "Adapters of different ranks change similar directions"
     rule = (f"per layer, mean linear CKA of Δ over adapter pairs; holds at a layer if ≥ {CKA_SHARED} (a convention, "
             "not a test: CKA has no null here)")
-    ms = tab.metrics("cka_delta_vs_")
+    ms = tab.metrics(schema.CKA_DELTA_VS)
     by_layer: dict[int, list[float]] = {}
     for m in ms:
         for layer, a in tab.cells(m):
@@ -251,7 +253,7 @@ def compute_findings(df) -> list[Finding]:
     tab = Tab(normalize_frame(df))
     return [reconstruction_finding(tab), alignment_finding(tab),
             density_finding(tab),
-            trend_finding(tab, "delta_norm_rank", "delta_norm_mean", "Δ norm grows with rank", "mean ‖Δ‖"),
+            trend_finding(tab, "delta_norm_rank", schema.DELTA_NORM_MEAN, "Δ norm grows with rank", "mean ‖Δ‖"),
             effective_rank_finding(tab), splice_finding(tab), subspace_finding(tab), cka_finding(tab)]
 
 

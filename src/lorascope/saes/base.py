@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from torch import nn
 
+from lorascope.distributed import StepShare
 from lorascope.errors import LorascopeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -45,12 +46,15 @@ class SAEConfig:
 
 
 class TrainContext(NamedTuple):
-    """What the trainer tells the SAE at each step."""
+    """What the trainer tells the SAE at each step. ``share`` is this rank's part of the global batch when the
+    trainer runs data-parallel (None in a single process): losses with batch-level statistics pass it to
+    ``lorascope.distributed.batch_denominator`` / ``batch_topk`` so those are over the global batch."""
 
     step: int
     total_steps: int
     sparsity_scale: float  # warmup factor in [0, 1] for the sparsity penalty coefficient
     dead_mask: torch.Tensor | None  # bool [d_sae]: latents that have not fired for a long window (for AuxK)
+    share: StepShare | None = None
 
 
 class TrainOutput(NamedTuple):

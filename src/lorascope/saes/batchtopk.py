@@ -17,7 +17,7 @@ from pydantic import Field, Strict
 
 from lorascope.distributed import batch_topk
 from lorascope.saes._sparse import Selection
-from lorascope.saes.base import SAEConfig, register
+from lorascope.saes.base import SAEConfig, TrainContext, register
 from lorascope.saes.topk import TopKSAE, TopKSettings
 
 
@@ -44,9 +44,9 @@ class BatchTopKSAE(TopKSAE):
         pre = self.pre_acts(x)
         return F.relu(pre) * (pre > self.threshold)
 
-    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Selection]:
+    def _select(self, pre: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, Selection]:
         n = pre.shape[0]
-        v, flat = batch_topk(F.relu(pre).reshape(-1), self.k, n)
+        v, flat = batch_topk(F.relu(pre).reshape(-1), self.k, n, ctx.share)
         keep = v > 0
         flat, perm = flat[keep].sort()
         v = v[keep][perm]

@@ -169,7 +169,7 @@ class SASA(SAE):
         idx, sel = self.select(x, self.train_s(ctx))
         lat = self._latent_indices(idx)
         x_hat = self._sparse_decode(lat, sel.flatten(1)) + self.b_dec
-        total_var = batch_denominator(x).clamp_min(1e-12)
+        total_var = batch_denominator(x, ctx.share).clamp_min(1e-12)
         sq_err = (x_hat - x).pow(2).sum()
         recon = sq_err / total_var
         lam = float(self.settings.nuclear_coefficient) * float(ctx.sparsity_scale)

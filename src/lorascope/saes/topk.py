@@ -77,7 +77,7 @@ class TopKSAE(SAE):
         return torch.zeros_like(pre).scatter_(1, i, F.relu(v))
 
     # ---- training ------------------------------------------------------------------------------------------
-    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, Selection]:
+    def _select(self, pre: torch.Tensor, ctx: TrainContext) -> tuple[torch.Tensor, Selection]:
         """Training-time selection from detached pre-activations: (pre values [nnz], Selection)."""
         v, i = topk_rows(pre, self.k)
         return v.reshape(-1), Selection.from_topk(i, self.d_sae)
@@ -112,13 +112,13 @@ class TopKSAE(SAE):
         else:
             pre_g = self.pre_acts(x)
             pre = pre_g.detach()
-        vals, sel = self._select(pre)
+        vals, sel = self._select(pre, ctx)
         codes, recon = self._codes_and_recon(x, pre_g, vals, sel)
         x_hat = recon + self.b_dec
         err = x_hat.float() - x.float()
         mse = err.pow(2).sum(1).mean()
         loss, parts = mse, {"mse": mse.detach()}
-        aux = self._auxk_loss(x, pre, pre_g, -err.detach(), ctx.dead_mask)
+        aux = self._auxk_loss(x, pre, pre_g, -err.detach(), ctx)
         if aux is not None:
             loss = loss + self.auxk_coefficient * aux
             parts["auxk"] = aux.detach()
@@ -130,12 +130,12 @@ class TopKSAE(SAE):
         pre: torch.Tensor,
         pre_g: torch.Tensor | None,
         residual: torch.Tensor,
-        dead_mask: torch.Tensor | None,
+        ctx: TrainContext,
     ) -> torch.Tensor | None:
         """||residual - e_hat||^2 / ||residual - mean||^2, e_hat decoded from the top-k_aux dead latents."""
-        if dead_mask is None or self.auxk_coefficient == 0:
+        if ctx.dead_mask is None or self.auxk_coefficient == 0:
             return None
-        dead = torch.nonzero(dead_mask, as_tuple=True)[0]
+        dead = torch.nonzero(ctx.dead_mask, as_tuple=True)[0]
         if dead.numel() == 0:
             return None
         k_aux = min(self.k_aux, dead.numel())
@@ -143,5 +143,5 @@ class TopKSAE(SAE):
         glob = dead[local]  # dead ids ascend, so rows stay sorted
         sel = Selection.from_topk(glob, self.d_sae)
         _, e_hat = self._codes_and_recon(x, pre_g, v.reshape(-1), sel)
-        denom = batch_denominator(residual).clamp_min(1e-12)
+        denom = batch_denominator(residual, ctx.share).clamp_min(1e-12)
         return (e_hat.float() - residual).pow(2).sum() / denom

@@ -1,6 +1,7 @@
 """Train any registered SAE on any stream of [N, d_in] activation batches; evaluate it.
 
-What the trainer does (shared/REFERENCE.md "SAE training practice"):
+What the trainer does (the practice of Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and of
+EleutherAI sparsify's trainer):
 - scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows;
   ``input_norm="mean_norm"`` divides by the mean norm instead, as arXiv 2605.28896 normalises Δ)
   and folds that constant back into the weights at the end, so the returned SAE applies to raw activations;
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lorascope.distributed import DataParallel
+from lorascope.distributed import DataParallel, StepShare
 from lorascope.errors import LorascopeError
 from lorascope.geometry.metrics import ReconstructionStats
 from lorascope.io import atomic_path
@@ -68,9 +69,8 @@ class TrainerConfig:
     final_window_steps: int = 10  # final stats are over the last this-many training batches
     checkpoint_every: int | None = None  # steps; needs checkpoint_dir
     resume: bool = False
-    seed: int = (
-        0  # seeds torch's global RNG at the start of a fresh run (restored from checkpoints on resume)
-    )
+    seed: int = 0  # seeds torch's global RNG at the start of a fresh run (restored from checkpoints on resume)
+    data_parallel: bool = True  # in a running process group, train over all ranks (False: this rank alone)
 
     def validate(self) -> None:
         if self.batch_size <= 0:
@@ -239,6 +239,19 @@ def _initialise(sae: SAE, head: torch.Tensor, cfg: TrainerConfig) -> float:
     return scale
 
 
+@dataclass
+class _Run:
+    """What every step of one training run shares."""
+
+    cfg: TrainerConfig
+    total_steps: int
+    base_lr: float
+    window: int  # dead-latent window in tokens
+    device: torch.device
+    amp: Any  # autocast context (disabled unless cfg.autocast_dtype)
+    dp: DataParallel | None  # data parallelism across a process group, or None
+
+
 def train_sae(
     sae: SAE,
     batches: Any,
@@ -260,174 +273,139 @@ def train_sae(
             "total_tokens is needed when the batch source has no known length",
             fix="set TrainerConfig(total_tokens=...)",
         )
-    total_steps = math.ceil(total_tokens / cfg.batch_size)
-    dp = DataParallel.detect()
-    device = _device(cfg.device, sae, dp)
-    sae.to(device).train()
-    dtype = sae.W_enc.dtype
-    base_lr = cfg.lr or lr_for_width(sae.d_sae)
-    opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, base_lr)
-    window = cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1))
-    st = _State(sae.d_sae)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if cfg.checkpoint_every and ckpt is None:
         raise LorascopeError(
             "checkpoint_every is set but no checkpoint_dir was given",
             fix="pass checkpoint_dir=... to train_sae",
         )
+    dp = DataParallel.detect() if cfg.data_parallel else None
+    device = _device(cfg.device, sae, dp)
+    sae.to(device).train()
+    base_lr = cfg.lr or lr_for_width(sae.d_sae)
+    amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
+    run = _Run(cfg, math.ceil(total_tokens / cfg.batch_size), base_lr,
+               cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1)), device,
+               torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None), dp)
+    opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, base_lr)
+    st = _State(sae.d_sae)
+    resumed, chunks = _start(sae, opt, st, source, ckpt, run)
+    t0 = time.perf_counter()
+    tokens_at_start = st.tokens
+    _loop(sae, opt, st, rebatch(chunks, cfg.batch_size, limit_rows=total_tokens - st.tokens), ckpt, run, progress)
+    seconds = time.perf_counter() - t0
+    if st.step == 0:
+        raise LorascopeError("no batches were trained on", fix="check that the batch source yields rows")
+    final = _final_stats(st, run.window, seconds, st.tokens - tokens_at_start)
+    sae.eval()
+    sae.fold_input_scale(st.scale)
+    return TrainResult(sae, st.log, final, st.scale,
+                       {**asdict(cfg), "lr": base_lr, "total_steps": run.total_steps,
+                        "dead_window_tokens": run.window, "resumed": resumed})
 
-    resumed = bool(cfg.resume and ckpt is not None and ckpt.exists())
-    if dp is not None:
-        dp.check_agree(resumed, f"the checkpoint {ckpt} is visible on some ranks only",
-                       "put checkpoint_dir on a filesystem every rank can read")
+
+def _start(sae: SAE, opt: torch.optim.Optimizer, st: _State, source: BatchSource, ckpt: Path | None,
+           run: _Run) -> tuple[bool, Any]:
+    """Resume from the checkpoint, or seed, scale the inputs and initialise b_dec from the first rows. Returns
+    (resumed, the batch chunks still to train on)."""
+    resumed = bool(run.cfg.resume and ckpt is not None and ckpt.exists())
+    if run.dp is not None:
+        run.dp.check_agree(resumed, f"the checkpoint {ckpt} is visible on some ranks only",
+                           "put checkpoint_dir on a filesystem every rank can read")
     if resumed:
-        _load_checkpoint(ckpt, sae, opt, st, cfg)
+        _load_checkpoint(ckpt, sae, opt, st, run.cfg)
         chunks = source.open(st.tokens)
     else:
-        torch.manual_seed(cfg.seed)
-        head, chunks = take_rows(source.open(0), cfg.init_tokens)
+        torch.manual_seed(run.cfg.seed)
+        head, chunks = take_rows(source.open(0), run.cfg.init_tokens)
         if head is None:
             raise LorascopeError("the batch source is empty", fix="pass at least one batch of activations")
         sae.check_input(head)
-        st.scale = _initialise(sae, head, cfg)
+        st.scale = _initialise(sae, head, run.cfg)
+    if run.dp is not None:
+        run.dp.start(sae)
+    return resumed, chunks
 
-    amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
-    amp = torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None)
-    if dp is not None:
-        dp.start(sae)
-    bar = _progress_bar(total_steps, st.step, progress and (dp is None or dp.is_main))
-    t0 = time.perf_counter()
-    tokens_at_start = st.tokens
+
+def _loop(sae: SAE, opt: torch.optim.Optimizer, st: _State, batches: Any, ckpt: Path | None, run: _Run,
+          progress: bool) -> None:
+    """The training loop: a step per global batch, the progress bar, periodic checkpoints."""
+    bar = _progress_bar(run.total_steps, st.step, progress and (run.dp is None or run.dp.is_main))
     try:
-        for x in rebatch(chunks, cfg.batch_size, limit_rows=total_tokens - st.tokens):
-            if dp is None:
-                _train_step(
-                    sae, opt, x.to(device=device, dtype=dtype), st, cfg, total_steps, base_lr, window, amp
-                )
-            else:
-                _train_step_dp(sae, opt, x, st, cfg, total_steps, base_lr, window, amp, dp, device)
+        for x in batches:
+            _train_step(sae, opt, x, st, run)
             bar.update(1)
             if st.log and st.log[-1]["step"] == st.step:
                 e = st.log[-1]
                 bar.set_postfix(fvu=f"{e['fvu']:.4f}", l0=f"{e['l0']:.1f}", dead=f"{e['dead_frac']:.3f}")
-            if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total_steps:
-                if dp is None or dp.is_main:  # every rank holds the same state: one writer
-                    _save_checkpoint(ckpt, sae, opt, st, cfg)
+            every = run.cfg.checkpoint_every
+            if every and st.step % every == 0 and st.step < run.total_steps:
+                if run.dp is None or run.dp.is_main:  # every rank holds the same state: one writer
+                    _save_checkpoint(ckpt, sae, opt, st, run.cfg)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    if st.step == 0:
-        raise LorascopeError("no batches were trained on", fix="check that the batch source yields rows")
-    final = _final_stats(st, window, seconds, st.tokens - tokens_at_start)
-    sae.eval()
-    sae.fold_input_scale(st.scale)
-    return TrainResult(
-        sae,
-        st.log,
-        final,
-        st.scale,
-        {
-            **asdict(cfg),
-            "lr": base_lr,
-            "total_steps": total_steps,
-            "dead_window_tokens": window,
-            "resumed": resumed,
-        },
-    )
 
 
-def _context(st: _State, total_steps: int, cfg: TrainerConfig, window: int) -> TrainContext:
-    """What the SAE sees this step: step counts, sparsity-coefficient warmup factor, dead-latent mask."""
-    warm_steps = cfg.sparsity_warmup_fraction * total_steps
-    return TrainContext(st.step, total_steps,
-                        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0, st.since_fired >= window)
+def _context(st: _State, run: _Run, share: StepShare | None) -> TrainContext:
+    """What the SAE sees this step: step counts, sparsity-coefficient warmup factor, dead-latent mask and, under
+    data parallelism, this rank's share of the global batch (for global-batch statistics)."""
+    warm_steps = run.cfg.sparsity_warmup_fraction * run.total_steps
+    return TrainContext(st.step, run.total_steps,
+                        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
+                        st.since_fired >= run.window, share)
 
 
-def _train_step(
-    sae: SAE,
-    opt: torch.optim.Optimizer,
-    x: torch.Tensor,
-    st: _State,
-    cfg: TrainerConfig,
-    total_steps: int,
-    base_lr: float,
-    window: int,
-    amp: Any,
-) -> None:
+def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _State, run: _Run) -> None:
+    """One optimiser step on the global batch ``x``. Under data parallelism this rank trains on its slice of the
+    rows, its gradients (weighted by its share of the rows) are summed over ranks, and every rank applies the
+    same update; in a single process the slice is the whole batch and nothing is reduced."""
     if x.ndim != 2 or x.shape[1] != sae.d_in:
         sae.check_input(x)  # names both widths
-    xs = x * st.scale if st.scale != 1.0 else x
-    ctx = _context(st, total_steps, cfg, window)
-    with amp:
-        out = sae.training_loss(xs, ctx)
-    if not bool(torch.isfinite(out.loss)):
-        raise LorascopeError(
-            f"the training loss became {float(out.loss.detach())} at step {st.step} (token {st.tokens})",
-            fix="lower the learning rate (TrainerConfig.lr), and check the "
-            "activations for NaN/inf or extreme norms",
-        )
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    sae.remove_parallel_grad()
-    lr = _lr_at(st.step, total_steps, base_lr, cfg)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
-    sae.post_step()
-
-    n = x.shape[0]
-    fired, l0 = _active_ids(out, n, sae.d_sae)
-    _advance(st, n, fired)
-    in_window, is_log = _wants_stats(st, cfg, total_steps)
-    if in_window or is_log:
-        stats = ReconstructionStats()
-        stats.update(xs.detach(), out.x_hat.detach())
-        stats.sum_l0, stats.n_codes = l0 * n, n  # L0 from the selection (no dense codes on sparse paths)
-        parts = {k: float(v) for k, v in out.parts.items()}
-        _record(st, window, stats, in_window, is_log, lr, float(out.loss.detach()), parts, l0)
-
-
-def _train_step_dp(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _State, cfg: TrainerConfig,
-                   total_steps: int, base_lr: float, window: int, amp: Any, dp: DataParallel,
-                   device: torch.device) -> None:
-    """One data-parallel step on this rank's slice of the global batch ``x`` (same update on every rank)."""
-    if x.ndim != 2 or x.shape[1] != sae.d_in:
-        sae.check_input(x)
-    n = x.shape[0]
-    share = dp.share(n)
-    lo, hi = dp.bounds(n)
-    xl = x[lo:hi].to(device=device, dtype=sae.W_enc.dtype)
+    n, dp = x.shape[0], run.dp
+    share = dp.share(n) if dp is not None else None
+    lo, hi = dp.bounds(n) if dp is not None else (0, n)
+    xl = x[lo:hi].to(device=run.device, dtype=sae.W_enc.dtype)
     xs = xl * st.scale if st.scale != 1.0 else xl
-    ctx = _context(st, total_steps, cfg, window)
-    with dp.step(share), amp:
-        out = sae.training_loss(xs, ctx)
+    with run.amp:
+        out = sae.training_loss(xs, _context(st, run, share))
     opt.zero_grad(set_to_none=True)
-    (out.loss * share.weight).backward()
-    fired_local, l0 = _active_ids(out, xs.shape[0], sae.d_sae)
-    loss, fired = dp.reduce_grads(sae, out.loss.detach() * share.weight, fired_local)
+    (out.loss if share is None else out.loss * share.weight).backward()
+    fired, l0 = _active_ids(out, xs.shape[0], sae.d_sae)
+    if dp is None:
+        loss = float(out.loss.detach())
+    else:  # the data-parallel lines: sum the weighted gradients, fired masks and losses over ranks
+        loss, fired = dp.reduce_grads(sae, out.loss.detach() * share.weight, fired)
     if not math.isfinite(loss):
         raise LorascopeError(
             f"the training loss became {loss} at step {st.step} (token {st.tokens})",
-            fix="lower the learning rate (TrainerConfig.lr), and check the "
-            "activations for NaN/inf or extreme norms",
+            fix="lower the learning rate (TrainerConfig.lr), and check the activations for NaN/inf or extreme norms",
         )
     sae.remove_parallel_grad()
-    lr = _lr_at(st.step, total_steps, base_lr, cfg)
+    lr = _lr_at(st.step, run.total_steps, run.base_lr, run.cfg)
     for group in opt.param_groups:
         group["lr"] = lr
     opt.step()
     sae.post_step()
-    dp.sync_state(sae)
+    if dp is not None:
+        dp.sync_state(sae)  # estimated state (BatchTopK's threshold) agrees on every rank
     _advance(st, n, fired)
-    in_window, is_log = _wants_stats(st, cfg, total_steps)
+    in_window, is_log = _wants_stats(st, run.cfg, run.total_steps)
     if in_window or is_log:
-        stats = ReconstructionStats()
-        if dp.contributes_stats(share):
-            stats.update(xs.detach(), out.x_hat.detach())
-            stats.sum_l0, stats.n_codes = l0 * xs.shape[0], xs.shape[0]
-        parts = {k: float(v) * share.weight for k, v in out.parts.items()}
-        stats, parts, l0 = dp.reduce_stats(stats, parts, l0 * share.weight, sae.d_in, device)
-        _record(st, window, stats, in_window, is_log, lr, loss, parts, l0)
+        stats, parts, l0 = _step_stats(sae, out, xs, l0, share, run)
+        _record(st, run.window, stats, in_window, is_log, lr, loss, parts, l0)
+
+
+def _step_stats(sae: SAE, out: TrainOutput, xs: torch.Tensor, l0: float, share: StepShare | None,
+                run: _Run) -> tuple[ReconstructionStats, dict[str, float], float]:
+    """Reconstruction statistics, loss parts and L0 of this step (merged over ranks under data parallelism)."""
+    stats = ReconstructionStats()
+    if run.dp is None or run.dp.contributes_stats(share):
+        stats.update(xs.detach(), out.x_hat.detach())
+        stats.sum_l0, stats.n_codes = l0 * xs.shape[0], xs.shape[0]  # L0 from the selection (no dense codes)
+    if run.dp is None:
+        return stats, {k: float(v) for k, v in out.parts.items()}, l0
+    parts = {k: float(v) * share.weight for k, v in out.parts.items()}
+    return run.dp.reduce_stats(stats, parts, l0 * share.weight, sae.d_in, run.device)
 
 
 def _advance(st: _State, n: int, fired: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ e.g. the adapter SAE applied to Δ = h_ft − h_base). With next-token distribut
 1 means the splice reproduces the adapted outputs; 0 means it is no better than dropping the adapter's change at
 that layer (values < 0 are possible: worse than the base residual). Sums run over the selected tokens (padding
 and the first ``skip_first`` positions excluded; those positions keep their true adapted residual). Needs the
-model, so it lives beside the pipeline rather than in geometry/.
+model, so it lives in the study rather than in geometry/.
 """
 
 from __future__ import annotations
