@@ -28,3 +28,25 @@ def test_paper_a_config_parses_and_states_the_protocol():
                      **cfg.adapter_sae.sae_settings())
     assert isinstance(sae, PaperASAE) and sae.d_sae == 2304 and sae.input_norm == "mean_norm"
     assert cfg.reference_sae.architecture == "relu" and cfg.reference_sae.l1_penalty == "decoder_norm"
+
+
+def test_miniature_study_with_the_paper_a_adapter_sae(tiny_llama_dir, tmp_path):
+    """The study trains paper_a adapter SAEs end to end: saved SAEs load as PaperASAE, apply to raw Δ, and their
+    held-out L0 is free (not pinned at a k), so the density rows carry information."""
+    import math
+
+    from lorascope.config import parse_config
+    from lorascope.saes import load_sae
+    from lorascope.study import run
+    from tiny_models import miniature_study_config
+
+    cfg = parse_config(miniature_study_config(tiny_llama_dir, tmp_path / "mini", **{"adapter_sae": {
+        "architecture": "paper_a", "expansion": 2, "l1_coefficient": 0.1, "tokens": 1024, "batch_size": 128,
+        "seeds": [0, 1]}}))
+    result = run(cfg, progress=False, report=False)
+    saes = sorted((tmp_path / "mini").glob("saes/*/sae"))
+    adapter = [load_sae(p) for p in saes if load_sae(p).cfg.metadata.get("trained_on") == "delta"]
+    assert len(adapter) == 4 and all(isinstance(s, PaperASAE) for s in adapter)
+    table = result.table
+    l0 = table[table.metric == "l0_adapter_sae"].value.tolist()
+    assert len(l0) == 2 and all(math.isfinite(v) and 0 < v < adapter[0].d_sae for v in l0)
