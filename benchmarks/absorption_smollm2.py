@@ -1,6 +1,7 @@
 """First-letter probe, feature splitting and absorption on the real SmolLM2-135M (base residuals), CPU.
 
-1. First-letter data from the tokenizer (``--max-words`` words, 80/20 split by word, SAEBench few-shot prompts),
+1. First-letter data from the tokenizer (every alphabetic single token, or ``--max-words`` of them; 80/20 split by
+   word; SAEBench few-shot prompts, ``--words-per-prefix`` words sharing one prefix whose cache is reused),
    residuals after block ``--layer`` at the word token, the 26-way probe, per-letter test F1.
 2. SAE training data from the same forward passes (all positions of the train prompts, attention-sink positions
    dropped) plus the Alpaca seed tasks (/work/shared/data, benchmark only): a TopK (d_sae 4608, k 32) and a SASA
@@ -8,7 +9,8 @@
 3. Splitting / absorption of both with SAEBench's definitions (scored even if the probe is below the bar, and
    then labelled "forced").
 
-    python benchmarks/absorption_smollm2.py --layer 12 --max-words 2000
+    python benchmarks/absorption_smollm2.py --layer 12 --no-saes      # the probe over the whole vocabulary
+    python benchmarks/absorption_smollm2.py --layer 12 --max-words 2000 --words-per-prefix 1   # SAEs too
 
 CPU note (measured here, 2 shared cores): one torch thread was 3x faster than two, and bfloat16 autocast was
 ~10x slower than float32 (626 vs 63 tok/s for a 32x80 batch through 13 blocks), so the defaults are fp32 and
@@ -61,7 +63,9 @@ def drop_sinks(x: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=12)
-    ap.add_argument("--max-words", type=int, default=2000)
+    ap.add_argument("--max-words", type=int, default=None, help="default: every alphabetic single token")
+    ap.add_argument("--words-per-prefix", type=int, default=64,
+                    help="words sharing one few-shot prefix (1 = SAEBench's own prefix per word)")
     ap.add_argument("--max-icl", type=int, default=10)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model forward")
     ap.add_argument("--threads", type=int, default=1)
@@ -78,6 +82,7 @@ def main() -> None:
 
     from lorascope.evals.absorption import evaluate_absorption, prepare_probe
     from lorascope.evals.first_letter import build_first_letter_data
+    from lorascope.evals.shared_prefix import build_shared_prefix_data
     from lorascope.models import load_base
 
     timings: dict[str, float] = {}
@@ -86,11 +91,17 @@ def main() -> None:
     timings["load model"] = time.time() - t
     tok = base.tokenizer
     t = time.time()
-    data = build_first_letter_data(tok, max_words=args.max_words, seed=0, max_icl=args.max_icl)
+    if args.words_per_prefix > 1:
+        data = build_shared_prefix_data(tok, words_per_prefix=args.words_per_prefix, max_words=args.max_words,
+                                        seed=0, max_icl=args.max_icl)
+    else:
+        data = build_first_letter_data(tok, max_words=args.max_words, seed=0, max_icl=args.max_icl)
+    timings["build prompts"] = time.time() - t
+    t = time.time()
     collect: dict[int, torch.Tensor] = {}
     autocast = torch.bfloat16 if args.bf16 else None
     probe = prepare_probe(base.model, tok, args.layer, data=data, autocast_dtype=autocast, l2=args.l2,
-                          collect_train=collect)
+                          collect_train=None if args.no_saes else collect)
     n_tok = sum(p + 1 for p in data.train.positions) + sum(p + 1 for p in data.test.positions)
     timings["probe data + fit"] = time.time() - t
     if args.save_probe_data is not None:

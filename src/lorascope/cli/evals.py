@@ -23,7 +23,10 @@ def absorption_cmd(
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Folder for absorption.csv (tidy rows, family 'absorption') and "
                                          "absorption.json (per-letter details)."),
-    max_words: int = typer.Option(4000, help="Words sampled from the tokenizer's alphabetic tokens (CPU budget)."),
+    max_words: int | None = typer.Option(None, help="Sample this many words of the tokenizer's alphabetic tokens "
+                                                     "(default: all of them)."),
+    words_per_prefix: int = typer.Option(64, help="Words sharing one few-shot prefix (its cache is reused: the whole "
+                                                  "vocabulary at CPU cost); 1 = SAEBench's own prefix per word."),
     seed: int = typer.Option(0, help="Seed of the word sample, split and few-shot examples."),
     batch_size: int = typer.Option(32, help="Prompts per forward pass."),
     bf16: bool = typer.Option(False, "--bf16", help="Run the model under bfloat16 autocast. Measure first: on a CPU "
@@ -52,6 +55,7 @@ def absorption_cmd(
         layer = int(layers.pop())
     base = load_base(model)
     probe = prepare_probe(base.model, base.tokenizer, layer, max_words=max_words, seed=seed, batch_size=batch_size,
+                          words_per_prefix=words_per_prefix,
                           autocast_dtype=torch.bfloat16 if bf16 else None)
     reports = [evaluate_absorption(probe, s, label, force=force, seed=seed) for label, s in saes]
     console = Console()
@@ -78,5 +82,6 @@ def absorption_cmd(
         with atomic_path(out / "absorption.csv") as tmp:
             frame.to_csv(tmp, index=False)
         write_json(out / "absorption.json", {"model": base.name, "layer": layer, "max_words": max_words,
+                                              "words_per_prefix": words_per_prefix,
                                               "seed": seed, "reports": [asdict(r) for r in reports]})
         console.print(f"wrote {out / 'absorption.csv'} and {out / 'absorption.json'}")

@@ -147,24 +147,33 @@ def prepare_probe(
     layer: int,
     *,
     data: FirstLetterData | None = None,
-    max_words: int | None = 4000,
+    max_words: int | None = None,
     seed: int = 0,
     batch_size: int = 32,
     l2: float = 1e-2,
     autocast_dtype: torch.dtype | None = None,
     collect_train: dict[int, torch.Tensor] | None = None,
+    words_per_prefix: int = 64,
 ) -> ProbeData:
     """Build the first-letter data, read residuals after block ``layer`` at the word token, fit the probe.
 
-    ``collect_train`` receives the train prompts' residuals at all positions (see ``word_residuals``).
+    Default data: every alphabetic single token of the tokenizer (``max_words`` samples a subset), with
+    ``words_per_prefix`` words sharing each few-shot prefix so the whole vocabulary runs at CPU cost
+    (``evals/shared_prefix.py``; 1 = SAEBench's own prefix per word). ``collect_train`` receives the train
+    prompts' residuals at all positions (see ``word_residuals``).
     """
     from lorascope.evals.first_letter import build_first_letter_data, word_residuals
+    from lorascope.evals.shared_prefix import build_shared_prefix_data, shared_prefix_residuals, shares_prefixes
 
     if data is None:
-        data = build_first_letter_data(tokenizer, max_words=max_words, seed=seed)
+        data = (build_shared_prefix_data(tokenizer, words_per_prefix=words_per_prefix, max_words=max_words, seed=seed)
+                if words_per_prefix > 1 else build_first_letter_data(tokenizer, max_words=max_words, seed=seed))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    xtr = word_residuals(model, data.train, layer, batch_size, autocast_dtype, pad, collect_train)
-    xte = word_residuals(model, data.test, layer, batch_size, autocast_dtype, pad)
+    fast = autocast_dtype is None and shares_prefixes(data.train) and shares_prefixes(data.test)
+    xtr = (shared_prefix_residuals(model, data.train, layer) if fast and collect_train is None
+           else word_residuals(model, data.train, layer, batch_size, autocast_dtype, pad, collect_train))
+    xte = (shared_prefix_residuals(model, data.test, layer) if fast
+           else word_residuals(model, data.test, layer, batch_size, autocast_dtype, pad))
     probe = train_letter_probe(xtr, data.train.labels, l2=l2)
     return ProbeData(
         layer,

@@ -1,7 +1,7 @@
 """SAEs: one interface (base.SAE), a registry by architecture name, a trainer over any batch iterator, and
 loaders for the dictionaries people already have. Never imports transformers."""
 
-from lorascope.saes import batchtopk, jumprelu, relu, sasa, topk  # noqa: F401  (register the architectures)
+from lorascope.saes import batchtopk, jumprelu, paper_a, relu, sasa, topk  # noqa: F401  (register the architectures)
 from lorascope.saes.base import (
     SAE,
     SAEConfig,
@@ -18,6 +18,7 @@ from lorascope.saes.base import (
 from lorascope.saes.batchtopk import BatchTopKSettings
 from lorascope.saes.formats import load_sae, save_sae
 from lorascope.saes.jumprelu import JumpReLUSettings
+from lorascope.saes.paper_a import PaperASettings
 from lorascope.saes.relu import ReLUSettings
 from lorascope.saes.sasa import SASASettings
 from lorascope.saes.topk import TopKSettings
@@ -27,6 +28,7 @@ __all__ = [
     "SAE",
     "BatchTopKSettings",
     "JumpReLUSettings",
+    "PaperASettings",
     "ReLUSettings",
     "SAEConfig",
     "SAESettings",

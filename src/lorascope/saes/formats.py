@@ -29,7 +29,8 @@ from lorascope.saes.base import DTYPES, SAE, SAEConfig, sae_class
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (v6: nested metadata)
-TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
+TO_SAELENS = {"relu": "standard", "paper_a": "standard", "topk": "topk", "batchtopk": "jumprelu",
+              "jumprelu": "jumprelu"}
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
 

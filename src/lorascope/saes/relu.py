@@ -10,11 +10,16 @@ kept at norm 1 (the trainer projects out the parallel gradient and renormalises 
 weight is exactly 1 and the penalty reduces to the plain L1 of the codes; both settings are valid, they differ
 in whether code magnitudes or decoder norms carry the scale.
 
+``l1_penalty="plain"`` drops the weighting (Loss = mse + λ Σ_i f_i, the plain L1 of Bricken et al. 2023 and of
+arXiv 2605.28896); pair it with ``unit_decoder=True``, which rules out the shrink-codes/grow-decoder escape.
+
 Settings (:class:`ReLUSettings`): ``l1_coefficient`` (default 5.0, for inputs scaled to mean norm sqrt(d_in)
-as the trainer does), ``unit_decoder`` (default False).
+as the trainer does), ``unit_decoder`` (default False), ``l1_penalty`` ("decoder_norm" default, or "plain").
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -26,6 +31,7 @@ class ReLUSettings(SAESettings):
 
     l1_coefficient: NonNegativeFloat = 5.0
     unit_decoder: StrictBool = False
+    l1_penalty: Literal["decoder_norm", "plain"] = "decoder_norm"
 
 
 @register("relu", ReLUSettings)
@@ -42,6 +48,10 @@ class ReLUSAE(SAE):
     def unit_decoder(self) -> bool:
         return self.settings.unit_decoder
 
+    @property
+    def l1_penalty(self) -> str:
+        return self.settings.l1_penalty
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return torch.relu(self.pre_acts(x))
@@ -50,7 +60,7 @@ class ReLUSAE(SAE):
         f = torch.relu(self.pre_acts(x.to(self.W_enc.dtype)))
         x_hat = f @ self.W_dec + self.b_dec
         mse = (x_hat.float() - x.float()).pow(2).sum(1).mean()
-        l1 = (f @ self.W_dec.norm(dim=1)).mean()
+        l1 = f.float().sum(1).mean() if self.l1_penalty == "plain" else (f @ self.W_dec.norm(dim=1)).mean()
         loss = mse + self.l1_coefficient * ctx.sparsity_scale * l1
         return TrainOutput(loss, x_hat, f.detach() > 0, {"mse": mse.detach(), "l1": l1.detach()})
 

@@ -2,7 +2,8 @@
 
 What the trainer does (the practice of Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and of
 EleutherAI sparsify's trainer):
-- scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows)
+- scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows;
+  ``input_norm="mean_norm"`` divides by the mean norm instead, as arXiv 2605.28896 normalises Δ)
   and folds that constant back into the weights at the end, so the returned SAE applies to raw activations;
 - initialises b_dec from the same rows (geometric median by Weiszfeld iterations, mean, or zeros);
 - Adam (fused when available), linear LR warmup, linear decay to 0 over the last ``decay_fraction`` of steps,
@@ -39,6 +40,7 @@ from lorascope.saes._batches import BatchSource, rebatch, take_rows
 from lorascope.saes.base import DTYPES, SAE, TrainContext, TrainOutput, lr_for_width
 
 CHECKPOINT_NAME = "checkpoint.pt"
+INPUT_NORMS = ("sqrt_d_in", "mean_norm")
 
 
 @dataclass
@@ -53,7 +55,11 @@ class TrainerConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
     sparsity_warmup_fraction: float = 0.05  # sparsity coefficient ramps 0 -> 1 over this first fraction
-    scale_inputs: bool = True  # scale to mean norm sqrt(d_in); folded back into the weights at the end
+    scale_inputs: bool = True  # scale by one constant (see input_norm); folded back into the weights at the end
+    # "sqrt_d_in": mean norm -> sqrt(d_in); "mean_norm": divide by sigma = mean ||x|| (arXiv 2605.28896 eq. 6,
+    # mean norm 1); None: the SAE class's ``input_norm`` attribute, else "sqrt_d_in". Estimated on the first
+    # init_tokens rows (exact over the training set when init_tokens >= its rows).
+    input_norm: str | None = None
     init_tokens: int = 4096  # rows used to estimate the input scale and initialise b_dec
     b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zeros"
     dead_window_tokens: int | None = None  # None: min(10M, total_tokens // 4)
@@ -86,6 +92,10 @@ class TrainerConfig:
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise LorascopeError(
                 f"unknown b_dec_init {self.b_dec_init!r}", fix="use 'geometric_median', 'mean' or 'zeros'"
+            )
+        if self.input_norm not in (None, *INPUT_NORMS):
+            raise LorascopeError(
+                f"unknown input_norm {self.input_norm!r}", fix=f"use one of {', '.join(INPUT_NORMS)} or None"
             )
         if self.autocast_dtype is not None and self.autocast_dtype not in DTYPES:
             raise LorascopeError(
@@ -227,7 +237,8 @@ def _initialise(sae: SAE, head: torch.Tensor, cfg: TrainerConfig) -> float:
                 f"the first {head.shape[0]} activation rows have mean norm {mean_norm}",
                 fix="check the activations (all zero or non-finite?)",
             )
-        scale = math.sqrt(sae.d_in) / mean_norm
+        norm = cfg.input_norm or getattr(sae, "input_norm", None) or "sqrt_d_in"
+        scale = 1.0 / mean_norm if norm == "mean_norm" else math.sqrt(sae.d_in) / mean_norm
     with torch.no_grad():
         if cfg.b_dec_init == "geometric_median":
             sae.b_dec.copy_(geometric_median(head * scale).to(sae.b_dec.dtype))
