@@ -11,6 +11,7 @@ from lorascope.activations.template import (
     first_position_means,
     pad_masks,
     subtract_position_means,
+    template_activation_share,
 )
 from lorascope.data import make_demo_dataset
 from lorascope.data.chat import tokenize_example
@@ -103,6 +104,15 @@ def test_first_position_means_exact_and_subtraction():
     centred = subtract_position_means(delta, pm)
     torch.testing.assert_close(centred[:, 4:], delta[:, 4:])
     torch.testing.assert_close(centred[:, 0].mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_template_activation_share():
+    codes = torch.tensor([[2.0, 0.0, 1.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [4.0, 0.0, 0.0]])
+    excluded = torch.tensor([True, True, False, False])
+    share = template_activation_share(codes, excluded)
+    assert share[0].item() == 0.5 and torch.isnan(share[1]) and share[2].item() == 0.25
+    with pytest.raises(LorascopeError, match="one exclusion flag"):
+        template_activation_share(codes, excluded[:2])
 
 
 @pytest.mark.slow

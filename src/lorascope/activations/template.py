@@ -155,6 +155,18 @@ def pad_masks(masks: Sequence[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
+def template_activation_share(codes: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """Per feature, the fraction of its activation mass on excluded (scaffolding) positions: ``codes`` [N, F]
+    (non-negative activations), ``excluded`` bool [N]. Features above ~0.5 fire mainly on the template and should
+    be flagged rather than ranked first; NaN for a feature that never fires."""
+    if codes.ndim != 2 or excluded.shape != (codes.shape[0],):
+        raise LorascopeError(f"codes [N, F] and excluded [N] expected, got {tuple(codes.shape)} and "
+                             f"{tuple(excluded.shape)}", fix="one exclusion flag per activation row")
+    a = codes.double().clamp_min(0)
+    total = a.sum(0)
+    return torch.where(total > 0, a[excluded.bool()].sum(0) / total, torch.full_like(total, float("nan")))
+
+
 @dataclass
 class PositionMeans:
     """Mean Δ at each of the first positions: ``mean`` [P, d], ``count`` [P] documents; ``norm`` = ‖mean‖ [P]."""
@@ -204,4 +216,4 @@ def subtract_position_means(delta: torch.Tensor, means: PositionMeans) -> torch.
 
 
 __all__ = ["FirstPositionMeans", "PositionMeans", "TemplateExclusion", "detect_template_positions",
-           "first_position_means", "pad_masks", "subtract_position_means"]
+           "first_position_means", "pad_masks", "subtract_position_means", "template_activation_share"]
