@@ -133,9 +133,10 @@ def rank_features(saes: list, delta: torch.Tensor, scaffold: torch.Tensor) -> tu
         stability = pd.Series(float("nan"), index=idx, name="stability")
     table = rank_by_stability(stability.fillna(1.0) if len(saes) == 1 else stability, energy)
     share = template_activation_share(codes, scaffold)
-    table["template_share"] = share[table["feature"].to_numpy()].numpy()
+    feats = torch.as_tensor(table["feature"].to_numpy().copy(), dtype=torch.long)
+    table["template_share"] = share[feats].numpy()
     table["template_flag"] = table["template_share"] > TEMPLATE_SHARE_FLAG
-    table["density"] = (codes[:, table["feature"].to_numpy()] > 0).double().mean(0).numpy()
+    table["density"] = (codes[:, feats] > 0).double().mean(0).numpy()
     # stability × energy first; among equal scores (e.g. no feature reproduced by another seed) the energy decides
     table = table.sort_values(["template_flag", "score", "delta_energy", "feature"],
                               ascending=[True, False, False, True], ignore_index=True)
