@@ -143,8 +143,10 @@ def rank_features(saes: list, delta: torch.Tensor, scaffold: torch.Tensor) -> tu
     return table, codes
 
 
-def feature_windows(st: RunState, store, codes: torch.Tensor, held, feature: int) -> list[dict]:
-    """De-duplicated top windows of one feature over the held-out documents (activating token highlighted)."""
+def feature_windows(st: RunState, store, codes: torch.Tensor, held, feature: int,
+                    doc_cache: dict[int, list[str]]) -> list[dict]:
+    """De-duplicated top windows of one feature over the held-out documents (activating token highlighted);
+    ``doc_cache`` keeps each document's decoded tokens across features."""
     from lorascope.activations.feature_export import top_windows
 
     tok = st.base().tokenizer
@@ -154,9 +156,10 @@ def feature_windows(st: RunState, store, codes: torch.Tensor, held, feature: int
         return []
     strings, acts = [], []
     for d in docs:
-        ids = store.doc_tokens(d)
-        strings.append([tok.decode([t]) for t in ids])
-        a = [0.0] * len(ids)
+        if d not in doc_cache:
+            doc_cache[d] = [tok.decode([t]) for t in store.doc_tokens(d)]
+        strings.append(doc_cache[d])
+        a = [0.0] * len(doc_cache[d])
         rows = torch.nonzero(held.doc_index == d).flatten()
         for r in rows.tolist():
             a[int(held.position[r])] = float(col[r])
@@ -188,12 +191,12 @@ def explain_features(st: RunState, store, adapter: Adapter, layer: int, saes: St
     table, codes = rank_features(sae_list, held.delta[:n], scaffold)
     top = table.feature[:ex.top_features].astype(int).tolist()
     dec = sae_list[0].W_dec.detach()
-    records = []
+    records, doc_cache = [], {}
     for f in top:
         info = table[table.feature == f].iloc[0]
         extra = {k: (bool(info[k]) if k == "template_flag" else float(info[k]))
                  for k in ("stability", "delta_energy", "score", "template_share", "template_flag", "density")}
-        records.append(feature_record(f, dec[f], feature_windows(st, store, codes, held, f), extra))
+        records.append(feature_record(f, dec[f], feature_windows(st, store, codes, held, f, doc_cache), extra))
     export_features_json(out / f"features_{adapter.name}.json", cfg.model.spec, layer, adapter.name, records)
     table.to_csv(out / f"ranking_{adapter.name}.csv", index=False)
     return {"top": top, "table": table, "sae": sae_list[0], "delta_rows": held.delta[:n], "base_rows": held.base[:n],
