@@ -145,3 +145,13 @@ def test_gate_excludes_a_diverged_adapter_and_refuses_when_none_is_left(tiny_ada
     assert any(w.kind == "non_finite" and w.exclude and w.adapter == "diverged" for w in warnings)
     with pytest.raises(LorascopeError, match="every adapter failed the sanity gate"):
         gate_adapters(st, [Adapter("diverged", bad, 2, "k0")])
+
+
+def test_explain_layer_not_extracted_fails_before_any_work(tiny_llama_dir, tmp_path):
+    from lorascope.errors import LorascopeError
+    from lorascope.study import run
+
+    cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "o", **{"explain": {"layer": 2}}))
+    with pytest.raises(LorascopeError, match=r"explain\.layer 2 is not among extraction\.layers \[1\]"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "o" / "adapters").exists()

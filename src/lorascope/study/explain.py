@@ -85,9 +85,11 @@ def gate_adapters(st: RunState, adapters: list[Adapter]) -> tuple[list[Adapter],
 
 
 # ---- features ---------------------------------------------------------------------------------------------------
-def explain_layer(st: RunState) -> int:
-    layers = list(st.config.extraction.layers)
-    chosen = st.config.explain.layer
+def explain_layer(config) -> int:
+    """The layer the stage explains (``explain.layer``, or the middle of the extracted layers); raises early for a
+    layer that is not extracted."""
+    layers = list(config.extraction.layers)
+    chosen = config.explain.layer
     if chosen is None:
         return sorted(layers)[len(layers) // 2]
     if chosen not in layers:
@@ -245,7 +247,7 @@ def stage_explain(st: RunState, extracted: Extracted, adapters: list[Adapter], s
     ex = st.config.explain
     if not ex.enabled:
         return measured
-    layer = explain_layer(st)
+    layer = explain_layer(st.config)
     inputs = {"measured": measured.name, "explain": ex.model_dump(), "layer": layer,
               "warnings": [asdict(w) for w in warnings], "finetune": st.config.data.finetune}
     sd = StageDir.make(st.out, "explain", "tables", inputs)

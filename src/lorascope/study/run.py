@@ -22,7 +22,7 @@ from lorascope.io import OutputLock, clean_tmp_files, read_json, write_json
 from lorascope.study import publish
 from lorascope.study.adapters import check_adapter_folder, stage_adapters
 from lorascope.study.cache import RunState
-from lorascope.study.explain import gate_adapters, stage_explain
+from lorascope.study.explain import explain_layer, gate_adapters, stage_explain
 from lorascope.study.extract import Extracted, stage_extract
 from lorascope.study.measure import stage_measure
 from lorascope.study.saes import StudySAEs, reference_path, stage_saes
@@ -114,3 +114,5 @@ def check_inputs(config: ExperimentConfig) -> None:
                              fix=f"choose layers in 0..{int(n) - 1}")
     if config.reference_sae.source == "path":
         _check_reference(config, mc.get("hidden_size", mc.get("n_embd")))
+    if config.explain.enabled:
+        explain_layer(config)
