@@ -237,6 +237,22 @@ def _explain_adapter(st: RunState, store, adapter: Adapter, layer: int, saes: St
     feats = explain_features(st, store, adapter, layer, saes, out)
     rows = feats["rows"] + causal_rows(st, adapter, layer, feats, out)
     write_json(part, [r.as_record() for r in rows])
+    st.log(summary_line(adapter.name, rows, feats["top"]))
+
+
+def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
+    """One line of the run's output with the causal numbers of an adapter (value vs the random-feature control)."""
+    by = {r.metric: r for r in rows}
+    parts = [f"explain {adapter}: top features {top}"]
+    for name, label in ((schema.steer_kl_closed("top_features"), "KL closed by steering"),
+                        (schema.ABLATE_EFFECT_LOST, "effect lost by ablation"),
+                        (schema.marker_rate("steer_top_features"), "marker rate of the steered base")):
+        if name in by:
+            parts.append(f"{label} {by[name].value:.3g} (random features {by[name].null_value:.3g})")
+    if schema.marker_rate("base") in by and schema.marker_rate("adapted") in by:
+        parts.append(f"marker rate base {by[schema.marker_rate('base')].value:.3g}, adapted "
+                     f"{by[schema.marker_rate('adapted')].value:.3g}")
+    return "; ".join(parts)
 
 
 def stage_explain(st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs, measured: Path,
