@@ -62,7 +62,11 @@ def test_agrees_with_peft_intruder_criterion(tiny_llama_dir):
         for n, p in pm.named_parameters():
             if "lora_B" in n:
                 p.mul_(40.0)  # large updates so that some modules get intruders
-    found = adapter_intruders(pm, "default")
+    cache = {}
+    found = adapter_intruders(pm, "default", base_cache=cache)
+    assert set(cache) == set(found)
+    again = adapter_intruders(pm, "default", base_cache=cache)  # cached base SVDs give the same intruders
+    assert {m: x.indices for m, x in again.items()} == {m: x.indices for m, x in found.items()}
     counts = intruder_counts(found, "r4")
     assert counts["n_intruders"].sum() > 0 and set(counts["adapter"]) == {"r4"}
     lines = []

@@ -36,13 +36,17 @@ class Intruders:
 
 
 def intruder_dimensions(base_weight: torch.Tensor, delta_weight: torch.Tensor, top_k: int = 10,
-                        epsilon: float = 0.5) -> Intruders:
-    """Intruders of W + ΔW against W (both [out, in], the nn.Linear layout), float64 SVDs."""
+                        epsilon: float = 0.5, base_left: torch.Tensor | None = None) -> Intruders:
+    """Intruders of W + ΔW against W (both [out, in], the nn.Linear layout), float64 SVDs.
+
+    ``base_left``: W's left singular vectors [out, min(out, in)] if already computed (shared by every adapter of
+    one base model).
+    """
     if base_weight.shape != delta_weight.shape or base_weight.ndim != 2:
         raise LorascopeError(f"base and delta weights must be equal-shaped matrices, got {tuple(base_weight.shape)} "
                              f"and {tuple(delta_weight.shape)}", fix="pass [out, in] weights of one module")
     W = base_weight.double()
-    U_base = torch.linalg.svd(W, full_matrices=False)[0]
+    U_base = torch.linalg.svd(W, full_matrices=False)[0] if base_left is None else base_left.double()
     U, S, _ = torch.linalg.svd(W + delta_weight.double(), full_matrices=False)
     k = min(top_k, U.shape[1])
     max_cos = (U[:, :k].T @ U_base).abs().max(dim=1).values
@@ -59,13 +63,20 @@ def _oriented(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     return W, dW
 
 
-def adapter_intruders(peft_model: torch.nn.Module, adapter: str, top_k: int = 10,
-                      epsilon: float = 0.5) -> dict[str, Intruders]:
-    """{module name: Intruders} for every LoRA layer of ``adapter``."""
+def adapter_intruders(peft_model: torch.nn.Module, adapter: str, top_k: int = 10, epsilon: float = 0.5,
+                      base_cache: dict[str, torch.Tensor] | None = None) -> dict[str, Intruders]:
+    """{module name: Intruders} for every LoRA layer of ``adapter``. Pass the same ``base_cache`` dict for every
+    adapter of one base model: the base weights' SVDs are then computed once (they dominate the cost)."""
     from lorascope.models.lora_switch import lora_layers
 
-    return {name: intruder_dimensions(*_oriented(layer, adapter), top_k, epsilon)
-            for name, layer in lora_layers(peft_model, adapter).items()}
+    cache = {} if base_cache is None else base_cache
+    out = {}
+    for name, layer in lora_layers(peft_model, adapter).items():
+        W, dW = _oriented(layer, adapter)
+        if name not in cache:
+            cache[name] = torch.linalg.svd(W.double(), full_matrices=False)[0]
+        out[name] = intruder_dimensions(W, dW, top_k, epsilon, base_left=cache[name])
+    return out
 
 
 def writes_residual(module_name: str) -> bool:
