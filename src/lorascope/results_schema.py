@@ -45,6 +45,7 @@ NULL_NOISE_MATCHED = "isotropic_noise_matched_norm"
 NULL_ANALYTIC = "analytic_expectation"
 NULL_RANDOM_SUBSPACE = "random_subspace"
 NULL_RANDOM_FEATURES = "random_features"  # the same number of random alive adapter-SAE features
+NULL_LATER_POSITIONS = "mean_delta_norm_later_positions"
 
 # ---- Δ norms ---------------------------------------------------------------------------------------------------
 DELTA_NORM_STATS = ("mean", "median", "p90", "p99")
@@ -211,6 +212,11 @@ def steer_behaviour(edit: str) -> str:
     return f"steer_behaviour_{edit}"
 
 
+def first_position_delta(position: int) -> str:
+    """‖mean Δ‖ over documents at one of the first positions: ``first_position_mean_delta_norm_{p}``."""
+    return f"first_position_mean_delta_norm_{position}"
+
+
 def marker_rate(run: str) -> str:
     """Demo-task pirate-marker rate of greedy answers: ``marker_rate_{run}``."""
     return f"marker_rate_{run}"
@@ -293,6 +299,8 @@ _PATTERNS = [
      NULL_RANDOM_FEATURES, ""),
     (rf"steer_(kl_closed|behaviour)_({'|'.join(STEER_EDITS[1:])})", EXPLAIN,
      "KL closed / loss gain recovered by a control edit", "", ""),
+    (r"first_position_mean_delta_norm_[0-9]+", EXPLAIN, "‖mean Δ‖ across documents at one of the first positions "
+     "(first-positions bias control)", NULL_LATER_POSITIONS, ""),
     (r"marker_rate_steer_top_features", EXPLAIN, "pirate-marker rate of the base steered by the top features",
      NULL_RANDOM_FEATURES, ""),
     (rf"marker_rate_({'|'.join(r for r in MARKER_RUNS if r != 'steer_top_features')})", EXPLAIN,

@@ -78,7 +78,8 @@ def test_explain_rows_with_controls_and_feature_export(explain_run):
         assert top.null_value == pytest.approx(mine.loc[schema.steer_kl_closed("random_features"), "value"])
         for name in (schema.steer_kl_closed("pca"), schema.steer_kl_closed("mean_delta"),
                      schema.ABLATE_EFFECT_LOST, schema.TOP_MODULE_DELTA_SHARE, schema.marker_rate("base"),
-                     schema.marker_rate("steer_top_features"), schema.INTRUDER_DIMENSIONS):
+                     schema.marker_rate("steer_top_features"), schema.INTRUDER_DIMENSIONS,
+                     schema.first_position_delta(0)):
             assert math.isfinite(mine.loc[name, "value"]), name
         doc = json.loads((res.results_dir / "explain" / f"features_{adapter}.json").read_text())
         assert doc["format"] == "lorascope-feature-browser/1" and len(doc["features"]) == 3

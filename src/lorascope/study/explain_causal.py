@@ -56,7 +56,7 @@ def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> dict[str, torch.
     codes = _codes(sae, delta, att)
     dec = sae.W_dec.detach()
     alive = torch.zeros(dec.shape[0], dtype=torch.bool)
-    alive[torch.as_tensor(feats["table"].feature.to_numpy(), dtype=torch.long)] = True
+    alive[torch.as_tensor(feats["table"].feature.to_numpy().copy(), dtype=torch.long)] = True
     rand = steering.random_features(alive, len(top), exclude=top, seed=seed)
     basis = steering.principal_directions(feats["delta_rows"], min(len(top), *feats["delta_rows"].shape))
     mean = feats["delta_rows"].double().mean(0).float()
@@ -134,6 +134,19 @@ def attribution_rows(peft, adapter: Adapter, layer: int, feats: dict, batch: dic
             ResultRow(schema.EXPLAIN, schema.ATTRIBUTION_REMAINDER, float(rem), n=res.n_tokens, **where)]
 
 
+def first_position_rows(delta: torch.Tensor, att: torch.Tensor, where: dict, n_positions: int = 8) -> list[ResultRow]:
+    """The first-positions control (Minder et al. 2025): ‖mean Δ‖ at each of the first positions across the
+    examples, beside the mean ‖Δ‖ of all later positions (as the null column)."""
+    from lorascope.activations.template import first_position_means
+
+    means = first_position_means(delta, att, n_positions)
+    later = delta[:, n_positions:][att[:, n_positions:].bool()]
+    ref = float(later.norm(dim=-1).mean()) if len(later) else float("nan")
+    return [ResultRow(schema.EXPLAIN, schema.first_position_delta(p), float(means.norm[p]), null_value=ref,
+                      null_name=schema.NULL_LATER_POSITIONS, n=int(means.count[p]), **where)
+            for p in range(min(n_positions, delta.shape[1])) if int(means.count[p]) > 0]
+
+
 def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Path) -> list[ResultRow]:
     """Attribution, steering/ablation and (demo task) generations of one adapter; details to ``out``."""
     from lorascope.models.steering import CausalProbe
@@ -148,7 +161,7 @@ def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Pa
                         token_mask=torch.roll(labels != -100, -1, dims=1))
     edits = _edits(feats, probe, att, st.config.seed)
     srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
-    rows += srows
+    rows += srows + first_position_rows(edits["exact_delta"], att, where)
     if ex.generations and st.config.data.finetune == "demo":
         prompts = [e.user_message for e in held[: ex.generations]]
         grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, edits, att, where)
