@@ -34,9 +34,7 @@ def explain_run(tiny_llama_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("explain_run")
     noop = _zero_adapter(tiny_llama_dir, out / "noop_adapter")
-    cfg = parse_config(mini_config(tiny_llama_dir, out / "run", **{
-        "adapters.load": {"noop": str(noop)},
-        "explain": {"top_features": 3, "docs": 4, "generations": 2, "max_new_tokens": 6}}))
+    cfg = parse_config(mini_config(tiny_llama_dir, out / "run", **{"adapters.load": {"noop": str(noop)}}))
     return cfg, run(cfg, progress=False)
 
 
