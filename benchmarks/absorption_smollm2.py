@@ -126,7 +126,7 @@ def main() -> None:
                             for _ in range(args.epochs)])
         meta = {"model": base.name, "layer": args.layer, "trained_on": "base"}
         specs = {"topk_4608_k32": ("topk", {"k": 32}),
-                 "sasa_1152x4_s8": ("sasa", {"groups": 1152, "rank": 4, "s": 8})}
+                 "sasa_1152x4_s8": ("sasa", {"groups": 1152, "rank": 4, "s": 8, "recipe": "lorascope"})}
         for label, (arch, kw) in specs.items():
             t = time.time()
             sae = create_sae(arch, 576, 4608, seed=0, metadata=meta, **kw)

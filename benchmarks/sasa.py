@@ -1,4 +1,4 @@
-"""SASA vs TopK on planted subspace features (issue 7) — and optionally on real activations.
+"""SASA (recipe="lorascope", the numbers in README) vs TopK on planted subspace features — and on real activations.
 
 Claim under test (arXiv 2606.06333): SASA "matches standard SAEs at about half the token budget".
 Matched comparison: same width (d_sae = groups·rank) and same active dimensions per token (TopK k = s·rank).
@@ -84,7 +84,7 @@ def planted_run(args: argparse.Namespace) -> None:
         groups = round(mult * cfg.n_features)
         d_sae = groups * args.rank
         k = args.s * args.rank
-        for name, kw in (("sasa", dict(groups=groups, rank=args.rank, s=args.s,
+        for name, kw in (("sasa", dict(groups=groups, rank=args.rank, s=args.s, recipe="lorascope",
                                        nuclear_coefficient=args.nuclear)), ("topk", dict(k=k))):
             torch.manual_seed(args.seed)
             sae = create_sae(name, cfg.d, d_sae, seed=args.seed, **kw)
@@ -166,7 +166,7 @@ def real_run(args: argparse.Namespace) -> None:
     d = x.shape[1]
     groups = args.real_groups
     curves = {}
-    sasa_kw = dict(groups=groups, rank=args.rank, s=args.s, nuclear_coefficient=args.nuclear)
+    sasa_kw = dict(groups=groups, rank=args.rank, s=args.s, recipe="lorascope", nuclear_coefficient=args.nuclear)
     for name, kw in (("sasa", sasa_kw), ("topk", dict(k=args.s * args.rank))):
         torch.manual_seed(args.seed)
         sae = create_sae(name, d, groups * args.rank, seed=args.seed, **kw)

@@ -7,6 +7,7 @@ Every field has a documented default; ``configs/quickstart.yaml`` is the embedde
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -218,7 +219,14 @@ class ExperimentConfig(_Strict):
     explain: ExplainCfg = Field(default_factory=ExplainCfg)
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _set_key_for(loc: str, set_keys: Iterable[str]) -> str | None:
+    """The ``--set`` key that produced the value at ``loc`` (the key itself, a parent or a child), if any."""
+    return next((k for k in set_keys if loc and (k == loc or loc.startswith(k + ".") or k.startswith(loc + "."))),
+                None)
+
+
+def _format_validation_error(exc: ValidationError, source: str, set_keys: Iterable[str] = ()) -> str:
+    """One line for the first error, blaming its source: the config file, or the ``--set KEY`` it came from."""
     err = exc.errors()[0]
     from lorascope.saes import known_architectures
 
@@ -227,16 +235,23 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     if len(parts) > tag + 1 and parts[tag] in known_architectures():
         parts = parts[:tag] + parts[tag + 1:]
     loc = ".".join(parts) or "(top level)"
+    key = _set_key_for(loc, set_keys)
+    if key is not None:
+        where = f"--set {key}"
+        if err["type"] == "extra_forbidden":
+            return f"{where}: unknown key" + ("" if key == loc else f" '{loc}'")
+        return f"{where}: {err['msg']}" if key == loc else f"{where}: {loc}: {err['msg']}"
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'"
     return f"{source}: {loc}: {err['msg']}"
 
 
-def parse_config(data: dict, source: str = "config") -> ExperimentConfig:
+def parse_config(data: dict, source: str = "config", set_keys: Iterable[str] = ()) -> ExperimentConfig:
+    """Validate a config mapping; errors name ``source`` (the file) or, for keys in ``set_keys``, the ``--set``."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise LorascopeError(_format_validation_error(exc, source),
+        raise LorascopeError(_format_validation_error(exc, source, set_keys),
                              fix="see configs/quickstart.yaml for every key and its default") from exc
 
 
@@ -268,7 +283,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: i + 1])
+                raise LorascopeError(f"--set {key}: '{section}' is a value, not a section with keys",
+                                     fix=f"set {section} itself, e.g. --set {section}=VALUE")
         node[leaf] = value
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), set_keys=list(overrides or {}))

@@ -259,3 +259,83 @@ class OutputLock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
+
+
+OUTPUT_RECORD = ".lorascope-output.json"  # which artefact an output folder holds, and a hash of its settings
+
+
+def claim_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
+                 option: str = "--out", not_inside: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+    """Make sure ``folder`` may receive the artefact ``kind`` made with ``settings`` (a JSON-able mapping).
+
+    The first call writes ``folder/.lorascope-output.json`` (kind + settings hash). Later calls with the same
+    kind and settings pass (a re-run resumes or redoes the same work). A folder that holds another artefact
+    (another kind, other settings) or files lorascope did not write is refused with one line, unless
+    ``overwrite``: then its contents are removed first (a held ``.lock`` stays), so the result never mixes two
+    runs. ``not_inside``: (description, folder) pairs that ``folder`` must not lie in (an SAE written into its
+    own activation store). Call it while holding the folder's :class:`OutputLock`.
+    """
+    folder = Path(folder)
+    _refuse_inside(folder, not_inside, option)
+    digest = stable_hash(settings)
+    record_path = folder / OUTPUT_RECORD
+    if _refuse_other(folder, kind, digest, overwrite, option):
+        for entry in folder.iterdir():
+            if entry.name == ".lock":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    write_json(record_path, {"kind": kind, "settings_hash": digest, "settings": settings})
+
+
+def _refuse_other(folder: Path, kind: str, digest: str, overwrite: bool, option: str) -> bool:
+    """True when ``folder`` holds something else that ``overwrite`` allows replacing; raises without it."""
+    record_path = folder / OUTPUT_RECORD
+    record = read_json(record_path) if record_path.is_file() else None
+    if record is not None and record.get("kind") == kind and record.get("settings_hash") == digest:
+        return False
+    content = sorted(e.name for e in folder.iterdir() if not e.name.startswith(".")) if folder.is_dir() else []
+    if not content:  # empty, or only a record/lock of a run that wrote nothing yet
+        return False
+    if record is not None:
+        what = f"another {record.get('kind', 'artefact')}" if record.get("kind") != kind \
+            else f"{_article(kind)} {kind} made with other settings"
+    else:
+        what = f"files of another run or program ({', '.join(content[:3])}{', …' if len(content) > 3 else ''})"
+    if not overwrite:
+        raise LorascopeError(f"{option} {folder} already holds {what}",
+                             fix=f"choose another {option} folder, or pass --overwrite to replace its contents")
+    return True
+
+
+def check_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
+                 option: str = "--out") -> None:
+    """The refusals of :func:`claim_output` without touching anything (to fail before expensive work; claim the
+    folder later, when writing starts)."""
+    _refuse_other(Path(folder), kind, stable_hash(settings), overwrite, option)
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" or noun.startswith(("SAE", "LoRA")) else "a"
+
+
+def _refuse_inside(folder: Path, not_inside: Iterable[tuple[str, str | os.PathLike]], option: str) -> None:
+    for what, other in not_inside:
+        if folder.resolve().is_relative_to(Path(other).resolve()):
+            raise LorascopeError(f"{option} {folder} is inside {what} {other}",
+                                 fix=f"choose an {option} folder outside it, e.g. beside it")
+
+
+@contextlib.contextmanager
+def claimed_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
+                   option: str = "--out", not_inside: Iterable[tuple[str, str | os.PathLike]] = ()) -> Iterator[Path]:
+    """``with OutputLock(folder)`` + :func:`claim_output`: the folder is checked (``not_inside`` before anything is
+    created), locked, and claimed for ``kind``/``settings``; yields the folder."""
+    folder = Path(folder)
+    not_inside = list(not_inside)
+    _refuse_inside(folder, not_inside, option)
+    with OutputLock(folder):
+        claim_output(folder, kind, settings, overwrite, option, not_inside)
+        yield folder

@@ -64,6 +64,26 @@ def run_and_kill(cmd: list[str], trigger: Callable[[], bool], timeout: float = 2
     return "finished"
 
 
+def run_and_signal(cmd: list[str], trigger: Callable[[], bool], sig: int = signal.SIGINT, timeout: float = 240,
+                   poll: float = 0.002) -> subprocess.CompletedProcess:
+    """Start ``cmd``; send it ``sig`` (as Ctrl-C or ``kill`` would) once ``trigger()`` is true, wait for it to end
+    and return its exit status and output. Fails if the command ended before the trigger fired."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not trigger():
+            assert proc.poll() is None, f"{cmd} ended ({proc.returncode}) before its signal point"
+            assert time.monotonic() < deadline, f"{cmd} did not reach its signal point within {timeout} s"
+            time.sleep(poll)
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def exists(pattern_root: Path, pattern: str, at_least: int = 1) -> Callable[[], bool]:
     """Trigger: at least ``at_least`` files matching the glob ``pattern`` below ``pattern_root``."""
     return lambda: sum(1 for _ in pattern_root.glob(pattern)) >= at_least
@@ -140,6 +160,6 @@ def assert_same_sae(a: Path, b: Path) -> None:
 def rel() -> SimpleNamespace:
     """The helpers above, for test modules (which cannot import each other under --import-mode=importlib)."""
     return SimpleNamespace(**{f.__name__: f for f in (
-        lorascope_cmd, console_script, run_to_end, run_and_kill, exists, any_of, changed_times, tmp_leftovers,
-        safetensors_content, assert_same_safetensors, assert_same_store, assert_same_sae)}, ENV=ENV,
+        lorascope_cmd, console_script, run_to_end, run_and_kill, run_and_signal, exists, any_of, changed_times,
+        tmp_leftovers, safetensors_content, assert_same_safetensors, assert_same_store, assert_same_sae)}, ENV=ENV,
         mini_config=mini_config)

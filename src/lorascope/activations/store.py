@@ -188,6 +188,13 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def missing_shards(path: str | Path, manifest: dict | None = None) -> list[str]:
+    """Shard files the manifest lists but the folder lacks (a finished store is complete when this is empty)."""
+    path = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(path)
+    return [rec["file"] for rec in manifest.get("shards", []) if not (path / rec["file"]).is_file()]
+
+
 __all__ = ["DELTA_DEFINITION", "STORE_DTYPES", "RankProgress", "base_key", "delta_key", "finalize_store",
-           "n_shards", "progress_name", "rank_shards", "read_manifest", "shard_docs", "shard_name", "write_docs",
-           "write_shard"]
+           "missing_shards", "n_shards", "progress_name", "rank_shards", "read_manifest", "shard_docs", "shard_name",
+           "write_docs", "write_shard"]

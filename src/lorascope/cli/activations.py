@@ -35,6 +35,19 @@ def _parse_layers(text: str) -> list[int]:
                              fix="e.g. --layers 5,15,25") from exc
 
 
+def _check_prompts_fit(tokenizer, examples, max_length: int) -> None:
+    """Every prompt fits in --max-length tokens (the prompt is never truncated): checked on the tokenizer alone."""
+    from lorascope.activations.extract import tokenize_docs
+
+    try:
+        tokenize_docs(tokenizer, examples, max_length)
+    except LorascopeError as exc:
+        if "max_length" not in exc.problem:
+            raise
+        raise LorascopeError(f"--max-length {max_length} is too short: {exc.problem}",
+                             fix="raise --max-length, or shorten the instruction") from exc
+
+
 @app.command("extract")
 def extract_cmd(
     model: str = typer.Option("embedded", "--model", "-m",
@@ -58,29 +71,57 @@ def extract_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
     device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
                                             "cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds something else."),
 ) -> None:
     """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
 
     Under ``torchrun --nproc_per_node N -m lorascope extract …`` the documents' shards are split over the ranks
     (round-robin), each rank writes its own shards into the one store, and rank 0 merges the manifest.
     """
+    from pydantic import Field
     from rich.console import Console
     from rich.table import Table
 
     from lorascope.activations import ExtractConfig, extract
+    from lorascope.cli import check_options
+    from lorascope.config import DataCfg, ExtractionCfg
     from lorascope.data import load_dataset_spec
     from lorascope.distributed import cleanup, init_distributed
+    from lorascope.io import check_output, claimed_output
     from lorascope.models import load_adapters, load_base
 
+    # Every count and threshold is checked before anything is loaded (same rules as the experiment YAML).
+    check_options(DataCfg, n_docs=n_docs, max_length=max_length)
+    check_options(ExtractionCfg, {"shard_docs": "--docs-per-shard"}, batch_size=batch_size,
+                  shard_docs=docs_per_shard, skip_first=skip_first)
+    check_options({"max_norm_factor": (float, Field(ge=0, description="0 disables"))}, max_norm_factor=max_norm_factor)
     adapters = _parse_adapters(adapter)
+    for name, path in adapters.items():
+        if not Path(path).exists():
+            raise LorascopeError(f"adapter {name!r}: {path} does not exist", fix="check the --adapter path")
     dist = init_distributed(device)
+
+    def where(spec: str) -> str:  # paths count by location, so a re-run from another folder still matches
+        return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    settings = {"model": where(model), "adapters": {k: where(v) for k, v in adapters.items()}, "data": where(data),
+                "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
+                "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length, "dtype": dtype,
+                "forward_dtype": forward_dtype, "skip_first": skip_first, "max_norm_factor": max_norm_factor}
+    if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
+        check_output(out, "activation store", settings, overwrite)  # nothing is created before the loads succeed
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
                         max_norm_factor=max_norm_factor or None, batch_size=batch_size,
                         docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,
                         forward_dtype=forward_dtype, progress=progress and dist.is_main)
     examples = load_dataset_spec(data, limit=n_docs, seed=seed)
-    base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code)
+    # prompts longer than --max-length fail on the tokenizer alone, before the model's weights are loaded
+    base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code,
+                     check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, max_length))
     peft_model = load_adapters(base, adapters)
+    if dist.world_size == 1:
+        with claimed_output(out, "activation store", settings, overwrite):
+            pass
     store = extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
     cleanup()
     if not dist.is_main:

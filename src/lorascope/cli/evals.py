@@ -32,14 +32,18 @@ def absorption_cmd(
 ) -> None:
     """Measure feature splitting and absorption of SAEs on the first-letter task and print a table."""
     import torch
+    from pydantic import Field
     from rich.console import Console
     from rich.table import Table
 
+    from lorascope.cli import check_options
     from lorascope.errors import LorascopeError
     from lorascope.evals.absorption import evaluate_absorption, prepare_probe
     from lorascope.models import load_base
     from lorascope.saes import load_sae
 
+    check_options({"max_words": (int, Field(gt=0)), "batch_size": (int, Field(gt=0)),
+                   "layer": (int | None, Field(None, ge=0))}, max_words=max_words, batch_size=batch_size, layer=layer)
     saes = [(p.name if p.is_dir() else p.stem, load_sae(p)) for p in sae]
     if layer is None:
         layers = {s.cfg.metadata.get("layer") for _, s in saes}

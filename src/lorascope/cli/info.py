@@ -27,13 +27,22 @@ def describe(path: Path, allow_pickle: bool = False) -> list[tuple[str, str]]:
                 ("layers", str(sorted(int(x) for x in df.layer.unique() if x >= 0))),
                 ("adapters", ", ".join(sorted(a for a in df.adapter.unique() if a))),
                 ("model", str(meta.get("model", "?")))]
+    if (path / "progress").is_dir() and not (path / "manifest.json").is_file():
+        return [("kind", "activation store"),
+                ("WARNING", "incomplete: the extraction was interrupted (no manifest.json yet); re-run the same "
+                            "extract command to resume it")]
     if (path / "manifest.json").is_file():
         from lorascope.activations import open_store
+        from lorascope.activations.store import missing_shards
 
         st = open_store(path)
         m, c = st.manifest, st.manifest.get("config", {})
         model = c.get("model", {})
-        return [("kind", "activation store"),
+        missing = missing_shards(path, m)
+        status = [("WARNING", f"incomplete: {len(missing)} of {len(st.shards)} shard files are missing (first: "
+                              f"{missing[0]}); re-run the extraction into a fresh folder")] if missing \
+            else [("status", f"complete ({len(st.shards)} shards)")]
+        return [("kind", "activation store"), *status,
                 ("model", str(model.get("name", model) if isinstance(model, dict) else model)),
                 ("d_model", str(st.d_model)), ("layers", str(st.layers)), ("adapters", ", ".join(st.adapters)),
                 ("tokens", str(st.n_tokens)), ("documents", str(c.get("n_docs"))),
@@ -45,9 +54,13 @@ def describe(path: Path, allow_pickle: bool = False) -> list[tuple[str, str]]:
         return [("kind", "PEFT LoRA adapter"), ("rank", str(c.get("r"))), ("alpha", str(c.get("lora_alpha"))),
                 ("target modules", str(c.get("target_modules"))), ("base model", str(c.get("base_model_name_or_path")))]
     from lorascope.saes import load_sae
+    from lorascope.saes.formats import nonfinite_tensors
 
     sae = load_sae(path, allow_pickle=allow_pickle)
-    return [("kind", f"SAE ({sae.cfg.architecture})"), ("d_in", str(sae.d_in)), ("d_sae", str(sae.d_sae)),
+    bad = nonfinite_tensors(sae)
+    warn = [("WARNING", f"non-finite weights in {', '.join(f'{k} ({n} NaN/inf)' for k, n in bad.items())}: "
+                        "this SAE is unusable")] if bad else []
+    return [*warn, ("kind", f"SAE ({sae.cfg.architecture})"), ("d_in", str(sae.d_in)), ("d_sae", str(sae.d_sae)),
             ("arch", json.dumps(sae.cfg.arch)), ("apply_b_dec_to_input", str(sae.cfg.apply_b_dec_to_input)),
             ("metadata", json.dumps(sae.cfg.metadata)[:200])]
 
@@ -59,10 +72,14 @@ def info_cmd(
                                       help="Allow SAE files that need full unpickling (runs code: trust the file)."),
 ) -> None:
     """Describe any lorascope artefact: activation store, SAE (any supported format), adapter, or results."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     table = Table(show_header=False, title=str(path))
     for k, v in describe(path, allow_pickle=allow_pickle):
         table.add_row(k, v)
+        if k == "WARNING":
+            print(f"warning: {path}: {v}", file=sys.stderr)
     Console().print(table)

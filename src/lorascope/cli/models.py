@@ -36,9 +36,13 @@ def train_lora_cmd(
     from rich.console import Console
     from rich.table import Table
 
+    from lorascope.cli import check_options
+    from lorascope.config import DataCfg
     from lorascope.data import load_dataset_spec, split_examples
     from lorascope.models import LoraSettings, held_out_loss, load_adapters, load_base, train_lora
 
+    check_options(DataCfg, {"n_finetune": "--n-examples", "held_out_fraction": "--held-out"},
+                  n_finetune=n_examples, held_out_fraction=held_out)
     settings = [LoraSettings(rank=r, alpha=alpha, dropout=dropout, steps=steps, lr=lr, batch_size=batch_size,
                              max_length=max_length, seed=seed,
                              target_modules=target_modules if target_modules == "all-linear"

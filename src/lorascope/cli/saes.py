@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from lorascope.cli import app
+from lorascope.errors import LorascopeError
 
 
 @app.command("train-sae")
@@ -27,24 +28,50 @@ def train_sae_cmd(
     held_out_fraction: float = typer.Option(0.2, help="Documents held out (never trained on)."),
     seed: int = typer.Option(0, help="Seed."),
     out: Path = typer.Option(Path("runs/sae"), "--out", "-o", help="Output folder (SAELens format)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds another SAE."),
 ) -> None:
     """Train an SAE on a store's activations; resumable (re-run the same command after an interruption)."""
+    from pydantic import TypeAdapter, ValidationError
+
     from lorascope.activations import open_store
-    from lorascope.config import parse_sae_section
-    from lorascope.io import OutputLock, clean_tmp_files
+    from lorascope.cli import option_error
+    from lorascope.config import SAECfg
+    from lorascope.io import claimed_output, clean_tmp_files
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
 
-    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k,
-                           "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank,
-                           "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": [seed]}, "train-sae")
+    try:  # checked before the store is opened; a bad value names its option
+        c = TypeAdapter(SAECfg).validate_python(
+            {"architecture": architecture, "expansion": expansion, "k": k, "l1_coefficient": l1_coefficient,
+             "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank, "tokens": tokens, "batch_size": batch_size,
+             "lr": lr, "seeds": [seed]})
+    except ValidationError as exc:
+        raise option_error(exc, command="lorascope train-sae") from exc
     st = open_store(store)
     job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
-    with OutputLock(out):
+    with claimed_output(out, "SAE", {"sae": c.model_dump(), "store": st.manifest.get("config_hash"), "layer": layer,
+                                     "kind": kind, "adapter": adapter, "held_out_fraction": held_out_fraction},
+                        overwrite, not_inside=[("the activation store", store)]):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
         res = train_sae_job(st, job, c, trainer_config(c, seed, checkpoints=10), out, out / "ckpt")
         ev = evaluate_held_out(st, job, res.sae)
     print(f"saved {out}; train FVU {res.final.get('fvu', float('nan')):.4f}; held-out FVU "
           f"{ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, dead {ev.get('dead', 0):.0f}")
+
+
+def _parse_taus(text: str) -> tuple[float, ...]:
+    """--taus: comma-separated cosine thresholds, each in [-1, 1]."""
+    import math
+
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError as exc:
+        raise LorascopeError(f"--taus {text!r} is not a comma-separated list of numbers",
+                             fix="e.g. --taus 0.5,0.7,0.9") from exc
+    bad = [v for v in values if not (math.isfinite(v) and -1 <= v <= 1)]
+    if not values or bad:
+        raise LorascopeError(f"--taus {text!r}: " + (f"{bad[0]} is not a cosine threshold in [-1, 1]" if bad
+                                                     else "no thresholds given"), fix="e.g. --taus 0.5,0.7,0.9")
+    return values
 
 
 @app.command("compare")
@@ -65,10 +92,18 @@ def compare_cmd(
     from lorascope.io import atomic_path
     from lorascope.results import rows_to_frame
     from lorascope.saes import load_sae
+    from lorascope.saes.formats import nonfinite_tensors
 
+    tau_values = _parse_taus(taus)
+    if out is not None and out.is_dir():
+        raise LorascopeError(f"--out {out} is a folder", fix="give a file path for the CSV, e.g. --out compare.csv")
     a, b = load_sae(sae_a, allow_pickle=allow_pickle), load_sae(sae_b, allow_pickle=allow_pickle)
-    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b",
-                                taus=tuple(float(t) for t in taus.split(",")), absolute=absolute)
+    for path, sae in ((sae_a, a), (sae_b, b)):
+        bad = nonfinite_tensors(sae)
+        if bad:
+            raise LorascopeError(f"{path}: tensor(s) {', '.join(f'{k} ({n} NaN/inf)' for k, n in bad.items())} "
+                                 "hold non-finite values", fix="re-train or re-export this SAE")
+    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b", taus=tau_values, absolute=absolute)
     table = Table(title=f"{sae_a} vs {sae_b}")
     for col in ("metric", "value", "95% CI", "null"):
         table.add_column(col)

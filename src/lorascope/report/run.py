@@ -50,17 +50,21 @@ def normalize_frame(df):
 
 
 def read_results(run_dir: str | Path):
-    """The results DataFrame of ``run_dir`` (Parquet preferred, CSV fallback)."""
+    """The results DataFrame of ``run_dir`` (Parquet; the CSV copy only when there is no Parquet file). A Parquet
+    file that exists but cannot be read is an error, never silently replaced by the CSV (which may be older)."""
     import pandas as pd
 
     res = Path(run_dir) / "results"
     pq, csv = res / "results.parquet", res / "results.csv"
     if pq.is_file():
         try:
-            return normalize_frame(pd.read_parquet(pq))
-        except (OSError, ValueError):
-            if not csv.is_file():
-                raise
+            frame = pd.read_parquet(pq)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for truncated/corrupt files
+            raise LorascopeError(f"{pq} is not a readable Parquet file ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})",
+                                 fix="re-run `lorascope run CONFIG` to rewrite the results (it resumes from the "
+                                     "finished stages)") from exc
+        return normalize_frame(frame)
     if csv.is_file():
         return normalize_frame(pd.read_csv(csv, keep_default_na=False, na_values=["", "nan", "NaN"]))
     raise LorascopeError(f"no results table in {res}",

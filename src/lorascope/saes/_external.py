@@ -22,7 +22,7 @@ import torch
 from lorascope.errors import LorascopeError
 from lorascope.io import read_json
 from lorascope.saes.base import SAE, SAEConfig
-from lorascope.saes.formats import CFG_NAME, build_sae, dtype_name, read_safetensors
+from lorascope.saes.formats import CFG_NAME, build_sae, classify_file, dtype_name, not_an_sae_file, read_safetensors
 
 
 def _tensor_dtype(t: torch.Tensor) -> str:
@@ -31,6 +31,8 @@ def _tensor_dtype(t: torch.Tensor) -> str:
 
 # ---- Gemma Scope -------------------------------------------------------------------------------
 def load_gemma_scope(path: Path) -> SAE:
+    if path.is_file() and classify_file(path) != "npz":
+        raise not_an_sae_file(path, classify_file(path))
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
@@ -91,7 +93,15 @@ def load_sparsify(folder: Path, hookpoint: str | None) -> SAE:
 
 
 # ---- dictionary_learning -----------------------------------------------------------------------
+def _unreadable(path: Path, exc: BaseException) -> LorascopeError:
+    return LorascopeError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})",
+                          fix="the file is corrupt or truncated; re-download it")
+
+
 def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    kind = classify_file(path)
+    if kind not in ("torch", "pickle"):  # never offer unpickling for a file that is not a pickle
+        raise not_an_sae_file(path, kind)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -102,12 +112,12 @@ def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 fix="re-save it as a state dict, or, only if you trust the file, pass allow_pickle=True "
                 "(on the command line: --allow-pickle)",
             ) from exc
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise LorascopeError(
-            f"{path} is not a readable torch file ({exc})",
-            fix="the file is corrupt or truncated; re-download it",
-        ) from exc
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - arbitrary pickles fail in arbitrary ways
+            raise _unreadable(path, exc2) from exc2
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
@@ -138,6 +148,15 @@ def _dict_class(folder: Path, state: dict[str, Any]) -> tuple[str, dict[str, Any
 
 def load_dictionary_learning(path: Path, allow_pickle: bool = False) -> SAE:
     state = _torch_load(path, allow_pickle)
+    try:
+        return _dl_from_state(path, state)
+    except KeyError as exc:
+        raise LorascopeError(f"{path} lacks the tensor {exc} of a dictionary_learning SAE (it has "
+                             f"{', '.join(sorted(map(str, state))[:6]) or 'no entries'})",
+                             fix="pass an ae.pt saved by dictionary_learning (a state dict of its SAE)") from exc
+
+
+def _dl_from_state(path: Path, state: dict[str, Any]) -> SAE:
     name, trainer = _dict_class(path.parent, state)
     meta = {
         "source_format": "dictionary_learning",

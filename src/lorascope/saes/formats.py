@@ -61,6 +61,9 @@ def saelens_config(sae: SAE) -> dict[str, Any]:
     }
     if cfg.architecture == "topk":
         out.update(k=int(cfg.arch["k"]), rescale_acts_by_decoder_norm=False)
+    own = getattr(sae, "saelens_fields", None)  # architecture-specific SAELens keys (SASA: topk_sasa, layer_norm)
+    if callable(own):
+        out.update(own())
     return out
 
 
@@ -209,21 +212,89 @@ def _load_saelens(folder: Path) -> SAE:
     return build_sae(cfg, tensors, folder)
 
 
+def nonfinite_tensors(sae: SAE) -> dict[str, int]:
+    """{tensor name: count of NaN/inf entries} for every tensor of ``sae`` that has any (empty when all finite)."""
+    out = {}
+    for name, t in sae.state_for_save().items():
+        if t.is_floating_point():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                out[name] = bad
+    return out
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
+_CONTENT_NAMES = {"safetensors": "a safetensors file", "npz": "a NumPy .npz archive", "npy": "a NumPy .npy array",
+                  "torch": "a torch.save zip archive", "pickle": "a Python pickle", "zip": "a zip archive",
+                  "json": "a JSON text file", "empty": "an empty file"}
+_SAE_FILE_FIX = ("pass an SAE folder (cfg.json + sae_weights.safetensors), a Gemma Scope params.npz or a "
+                 "dictionary_learning ae.pt")
+
+
+def classify_file(path: str | os.PathLike) -> str:
+    """What a file holds, from its first bytes (never from its name): 'safetensors' (8-byte little-endian header
+    length, then a JSON header), 'npz' (zip of .npy members), 'torch' (zip written by torch.save: a
+    ``*/data.pkl`` member), 'zip' (another zip), 'pickle' (protocol 2-5 opcode, incl. legacy torch.save), 'npy',
+    'json', 'empty', or 'unknown'."""
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "unknown"
+        if names and all(n.endswith(".npy") for n in names):
+            return "npz"
+        return "torch" if any(n.endswith("data.pkl") for n in names) else "zip"
+    if head[:6] == b"\x93NUMPY":
+        return "npy"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "unknown"
+
+
+def not_an_sae_file(path: Path, kind: str) -> LorascopeError:
+    """The error for a file whose content is not what an SAE loader reads (named by file, with its content)."""
+    what = f"it holds {_CONTENT_NAMES[kind]}" if kind in _CONTENT_NAMES \
+        else f"unrecognised content, first bytes {Path(path).read_bytes()[:8]!r}"
+    return LorascopeError(f"{path} is not an SAE file ({what})", fix=_SAE_FILE_FIX)
+
+
+def _detect_file(p: Path) -> tuple[str, Path]:
+    kind = classify_file(p)
+    if kind == "npz":
+        return "gemma_scope", p
+    if kind in ("torch", "pickle"):
+        return "dictionary_learning", p
+    if kind != "safetensors":
+        raise not_an_sae_file(p, kind)
+    folder = p.parent
+    if p.name == WEIGHTS_NAME and (folder / CFG_NAME).exists():
+        return "saelens", folder
+    if p.name == "sae.safetensors" and (folder / CFG_NAME).exists():
+        return "sparsify", folder
+    raise LorascopeError(f"{p} is a safetensors file without an SAE config beside it",
+                         fix="pass the folder holding cfg.json + sae_weights.safetensors (SAELens) or "
+                             "cfg.json + sae.safetensors (sparsify)")
+
+
 def detect_format(path: str | os.PathLike) -> str:
-    """'saelens' | 'gemma_scope' | 'sparsify' | 'dictionary_learning' for a file or folder."""
+    """'saelens' | 'gemma_scope' | 'sparsify' | 'dictionary_learning' for a file or folder. A file is
+    classified by its content (:func:`classify_file`), not its name."""
     p = Path(path)
     if p.is_file():
-        if p.name.endswith(".npz"):
-            return "gemma_scope"
-        if p.suffix in (".pt", ".pth", ".pkl", ".bin"):
-            return "dictionary_learning"
-        if p.suffix == ".safetensors":
-            p = p.parent
-        else:
-            raise LorascopeError(
-                f"do not know how to load {p}", fix="pass an SAE folder, params.npz or ae.pt"
-            )
+        return _detect_file(p)[0]
     if not p.exists():
         raise LorascopeError(f"{p} does not exist", fix="check the path")
     if (p / WEIGHTS_NAME).exists() and (p / CFG_NAME).exists():
@@ -260,6 +331,8 @@ def load_sae(
 
     fmt = detect_format(path)
     p = Path(path)
+    if p.is_file() and fmt in ("saelens", "sparsify"):
+        p = p.parent
     if fmt == "saelens":
         sae = _load_saelens(p.parent if p.is_file() else p)
     elif fmt == "gemma_scope":

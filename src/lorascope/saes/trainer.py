@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,16 @@ def geometric_median(x: torch.Tensor, iters: int = 8, eps: float = 1e-8) -> torc
         w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
         m = (w[:, None] * x).sum(0) / w.sum()
     return m
+
+
+def _with_arch_defaults(cfg: TrainerConfig, sae: SAE) -> TrainerConfig:
+    """Apply the architecture's own trainer defaults (``sae.trainer_defaults()``, e.g. SASA's published recipe)
+    to the fields the caller left at TrainerConfig's default; other architectures are unchanged."""
+    own = getattr(sae, "trainer_defaults", None)
+    extra = own() if callable(own) else {}
+    base = TrainerConfig()
+    changes = {k: v for k, v in extra.items() if getattr(cfg, k) == getattr(base, k)}
+    return replace(cfg, **changes) if changes else cfg
 
 
 def _adam(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float) -> torch.optim.Adam:
@@ -253,7 +263,7 @@ def train_sae(
     Returns the same SAE folded to raw-activation scale (it applies to un-scaled inputs), a log with one entry
     every ``cfg.log_every`` steps, and final statistics over the last ``cfg.final_window_steps`` batches.
     """
-    cfg = cfg or TrainerConfig()
+    cfg = _with_arch_defaults(cfg or TrainerConfig(), sae)
     cfg.validate()
     source = BatchSource(batches)
     total_tokens = cfg.total_tokens or source.total_rows()
