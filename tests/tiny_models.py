@@ -119,6 +119,7 @@ def miniature_study_config(model_dir, out, **over) -> dict:
         "reference_sae": {"expansion": 2, "k": 4, "tokens": 1024, "batch_size": 128},
         "geometry": {"subspace_k": 4, "bootstrap": 20, "cka_max_tokens": 200, "eval_tokens": 400, "splice_docs": 4},
         "report": {"top_features": 2, "contexts_per_feature": 2},
+        "explain": {"top_features": 3, "docs": 4, "generations": 2, "max_new_tokens": 6},
     }
     for key, value in over.items():
         node = cfg

@@ -82,6 +82,9 @@ class ExtractionCfg(_Strict):
     batch_size: int = Field(16, gt=0)
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     shard_docs: int = Field(64, gt=0, description="documents per shard")
+    exclude_template: bool = Field(True, description="drop chat-template scaffolding (system prompt, role markers: "
+                                                     "positions identical in >= 90% of documents); recorded in the "
+                                                     "store manifest")
 
 
 class SAETrainingCfg(_Strict):
@@ -185,6 +188,22 @@ class ReportCfg(_Strict):
     contexts_per_feature: int = Field(5, gt=0)
 
 
+class ExplainCfg(_Strict):
+    """'What the adapter changed': feature ranking, module attribution and causal checks at one layer."""
+
+    enabled: bool = True
+    layer: int | None = Field(None, description="layer to explain (None: the middle of extraction.layers)")
+    top_features: int = Field(5, gt=0, description="top features (stability × Δ energy) per adapter")
+    contexts_per_feature: int = Field(5, gt=0, description="de-duplicated top windows per feature")
+    tokens: int = Field(4000, gt=0, description="held-out tokens for ranking, stability and template share")
+    docs: int = Field(8, gt=0, description="held-out fine-tuning examples for attribution and steering")
+    generations: int = Field(4, ge=0, description="greedy generations per condition (demo task marker rates)")
+    max_new_tokens: int = Field(24, gt=0)
+    attribution: bool = True
+    intruders: bool = True
+    latent_scaling: bool = True
+
+
 class ExperimentConfig(_Strict):
     name: str = "lorascope-study"
     output_dir: str = "runs/study"
@@ -197,6 +216,7 @@ class ExperimentConfig(_Strict):
     reference_sae: ReferenceCfg = Field(default_factory=lambda: {"architecture": "topk"}, validate_default=True)
     geometry: GeometryCfg = Field(default_factory=GeometryCfg)
     report: ReportCfg = Field(default_factory=ReportCfg)
+    explain: ExplainCfg = Field(default_factory=ExplainCfg)
 
 
 def _set_key_for(loc: str, set_keys: Iterable[str]) -> str | None:

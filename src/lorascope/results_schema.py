@@ -34,6 +34,7 @@ CKA = "cka"
 SPLICE = "splice"
 LORA = "lora"
 ABSORPTION = "absorption"
+EXPLAIN = "explain"
 
 # ---- nulls (the null_name column) ------------------------------------------------------------------------------
 NULL_RANDOM_ISOTROPIC = "random_isotropic"
@@ -43,6 +44,8 @@ NULL_INIT = "SAE at initialisation"
 NULL_NOISE_MATCHED = "isotropic_noise_matched_norm"
 NULL_ANALYTIC = "analytic_expectation"
 NULL_RANDOM_SUBSPACE = "random_subspace"
+NULL_RANDOM_FEATURES = "random_features"  # the same number of random alive adapter-SAE features
+NULL_LATER_POSITIONS = "mean_delta_norm_later_positions"
 
 # ---- Δ norms ---------------------------------------------------------------------------------------------------
 DELTA_NORM_STATS = ("mean", "median", "p90", "p99")
@@ -183,6 +186,42 @@ FULL_ABSORPTION_RATE = "full_absorption_rate"
 SPLITTING_K = "splitting_k"
 PROBE_LETTERS_PASSING = "probe_letters_passing"
 
+# ---- explain: what the adapter changed (study.explain) --------------------------------------------------------
+TOP_FEATURE_STABILITY = "top_feature_stability"
+TEMPLATE_FLAGGED_FEATURES = "template_flagged_features"
+TOP_MODULE_DELTA_SHARE = "top_module_delta_share"
+ATTRIBUTION_REMAINDER = "attribution_remainder"
+ABLATE_EFFECT_LOST = "ablate_effect_lost_top_features"
+ABLATE_BEHAVIOUR_LOST = "ablate_behaviour_lost_top_features"
+STEER_KL_BASE = "steer_kl_adapted_vs_base"
+INTRUDER_DIMENSIONS = "intruder_dimensions"
+INTRUDERS_ALIGNED = "intruders_aligned_features"
+LATENTS_STRENGTHENED = "ref_latents_strengthened"
+LATENTS_WEAKENED = "ref_latents_weakened"
+STEER_EDITS = ("top_features", "random_features", "pca", "mean_delta", "exact_delta")
+MARKER_RUNS = ("base", "adapted", "steer_top_features", "steer_random_features")
+
+
+def steer_kl_closed(edit: str) -> str:
+    """Fraction of KL(adapted ‖ base) closed by steering the base with ``edit``: ``steer_kl_closed_{edit}``."""
+    return f"steer_kl_closed_{edit}"
+
+
+def steer_behaviour(edit: str) -> str:
+    """Share of the adapter's held-out loss gain recovered by steering: ``steer_behaviour_{edit}``."""
+    return f"steer_behaviour_{edit}"
+
+
+def first_position_delta(position: int) -> str:
+    """‖mean Δ‖ over documents at one of the first positions: ``first_position_mean_delta_norm_{p}``."""
+    return f"first_position_mean_delta_norm_{position}"
+
+
+def marker_rate(run: str) -> str:
+    """Demo-task pirate-marker rate of greedy answers: ``marker_rate_{run}``."""
+    return f"marker_rate_{run}"
+
+
 # ---- the catalogue ---------------------------------------------------------------------------------------------
 _FIXED = [
     Metric(DELTA_NORM, BASE_NORM_MEAN, "mean ‖h_base,t‖ over held-out tokens"),
@@ -217,6 +256,23 @@ _FIXED = [
     Metric(ABSORPTION, FULL_ABSORPTION_RATE, "SAEBench full absorption rate"),
     Metric(ABSORPTION, SPLITTING_K, "latents needed to match the probe (feature splitting)"),
     Metric(ABSORPTION, PROBE_LETTERS_PASSING, "letters whose linear probe passes the F1 bar"),
+    Metric(EXPLAIN, TOP_FEATURE_STABILITY, "mean seed stability of the top features (fraction of other SAE seeds "
+           "with a partner above the random-dictionary threshold)"),
+    Metric(EXPLAIN, TEMPLATE_FLAGGED_FEATURES, "alive features with > 50% of activation mass on chat-template "
+           "scaffolding (flagged, ranked last)"),
+    Metric(EXPLAIN, TOP_MODULE_DELTA_SHARE, "largest share of Δ_L energy written directly by one LoRA module "
+           "(module in the note)"),
+    Metric(EXPLAIN, ATTRIBUTION_REMAINDER, "mean |remainder| / |projection| of the top features (indirect effects)"),
+    Metric(EXPLAIN, ABLATE_EFFECT_LOST, "KL(adapted ‖ adapted − top features) / KL(adapted ‖ base)",
+           NULL_RANDOM_FEATURES),
+    Metric(EXPLAIN, ABLATE_BEHAVIOUR_LOST, "share of the adapter's held-out loss gain lost when the top features are "
+           "ablated", NULL_RANDOM_FEATURES),
+    Metric(EXPLAIN, STEER_KL_BASE, "mean KL(adapted ‖ base) on the steering examples' response tokens"),
+    Metric(EXPLAIN, INTRUDER_DIMENSIONS, "intruder singular vectors (max |cos| to base < 0.5 among the top 10) in "
+           "the LoRA modules of block L"),
+    Metric(EXPLAIN, INTRUDERS_ALIGNED, "(intruder, feature) pairs whose |cos| beats the random-dictionary threshold"),
+    Metric(EXPLAIN, LATENTS_STRENGTHENED, "reference latents with β_base/β_ft < 0.5 (latent scaling)"),
+    Metric(EXPLAIN, LATENTS_WEAKENED, "reference latents with β_base/β_ft > 2 (latent scaling)"),
 ]
 METRICS: dict[str, Metric] = {m.name: m for m in _FIXED}
 
@@ -237,6 +293,18 @@ _PATTERNS = [
     (rf"(largest|smallest)_angle_deg_({_PAIRS})", SUBSPACE, "largest / smallest principal angle (degrees)", "", ""),
     (r"cka_delta_vs_.+", CKA, "linear CKA of Δ across adapters on the same tokens", "", ""),
     (rf"kl_recovered_({_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ base)", "", ""),
+    (r"steer_kl_closed_top_features", EXPLAIN, "1 − KL(adapted ‖ steered base)/KL(adapted ‖ base), top features",
+     NULL_RANDOM_FEATURES, ""),
+    (r"steer_behaviour_top_features", EXPLAIN, "held-out loss gain recovered by steering with the top features",
+     NULL_RANDOM_FEATURES, ""),
+    (rf"steer_(kl_closed|behaviour)_({'|'.join(STEER_EDITS[1:])})", EXPLAIN,
+     "KL closed / loss gain recovered by a control edit", "", ""),
+    (r"first_position_mean_delta_norm_[0-9]+", EXPLAIN, "‖mean Δ‖ across documents at one of the first positions "
+     "(first-positions bias control)", NULL_LATER_POSITIONS, ""),
+    (r"marker_rate_steer_top_features", EXPLAIN, "pirate-marker rate of the base steered by the top features",
+     NULL_RANDOM_FEATURES, ""),
+    (rf"marker_rate_({'|'.join(r for r in MARKER_RUNS if r != 'steer_top_features')})", EXPLAIN,
+     "pirate-marker rate of greedy answers", "", ""),
 ]
 
 

@@ -38,6 +38,7 @@ from lorascope.activations.store import (
     write_docs,
     write_shard,
 )
+from lorascope.activations.template import pad_masks
 from lorascope.activations.tokens import TokenSelection, select_positions
 from lorascope.data.chat import TokenizedExample, tokenize_example
 from lorascope.data.examples import Example
@@ -64,6 +65,7 @@ class ExtractConfig:
     max_length: int = 256
     dtype: str = "float32"  # on disk: float32 | bfloat16
     forward_dtype: str = "float32"  # float32 | bf16-autocast (adds error to deltas: measure before using)
+    exclude_template: bool = False  # drop chat-template scaffolding (activations.template), recorded in the manifest
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +133,16 @@ def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int) -> li
     return docs
 
 
+def _template_masks(tokenizer, docs: list[TokenizedExample]):
+    """Chat-template scaffolding of the documents (None for fewer than 2 documents: nothing repeats)."""
+    from lorascope.activations.template import detect_template_positions
+
+    if len(docs) < 2:
+        return None
+    return detect_template_positions([d.input_ids for d in docs], [d.response_start for d in docs],
+                                     tokenizer=tokenizer)
+
+
 def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int, batch: int, docs: range) -> None:
     for L in sorted(caps):
         if not torch.isfinite(caps[L][real]).all():
@@ -140,7 +152,8 @@ def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int,
 
 
 def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: range, s: int, cfg: ExtractConfig,
-               adapters: list[str], pad_id: int, prog: RankProgress, bar) -> tuple[dict[str, torch.Tensor], dict]:
+               adapters: list[str], pad_id: int, prog: RankProgress, bar,
+               template: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     layers, A = cap.layers, len(adapters)
     store_dtype = STORE_DTYPES[cfg.dtype]
     dev = next(cap.model.parameters()).device  # GPU: forward and Δ there, rows go to the CPU for the shard
@@ -162,7 +175,8 @@ def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: ra
         _check_finite(caps, att.repeat(1 + A, 1).bool().to(dev), s, b, idx)
         norms = {L: caps[L][:B].norm(dim=-1).cpu() for L in layers}
         resp = torch.tensor([d.response_start for d in chunk])
-        keep, c = select_positions(att, resp, norms, cfg.selection)
+        scaffold = pad_masks([template[i] for i in idx], att.shape[1]) if template is not None else None
+        keep, c = select_positions(att, resp, norms, cfg.selection, scaffold)
         for k, v in c.items():
             counts[k] = counts.get(k, 0) + v
         rows_per_doc += keep.sum(1).tolist()
@@ -222,9 +236,12 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     info = _model_info(peft_model)
     docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in docs])
     settings = {k: v for k, v in asdict(config).items() if k not in ("layers", "progress")}
+    template = _template_masks(tokenizer, docs) if config.exclude_template else None
     full = {"model": info, "adapters": {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)},
             "layers": layers, "selection": config.selection.describe(), **settings,
             "n_docs": len(docs), "docs_hash": docs_hash}
+    if template is not None:
+        full["template"] = template.describe()
     config_hash = stable_hash(full)
     out = Path(out_dir)
     with OutputLock(out / ".locks" / f"rank{rank:03d}"):
@@ -253,7 +270,7 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             for s in todo:
                 doc_range = shard_docs(s, config.docs_per_shard, len(docs))
                 tensors, record = _run_shard(cap, docs, doc_range, s, config, adapters, tokenizer.pad_token_id,
-                                             prog, bar)
+                                             prog, bar, template.masks if template is not None else None)
                 meta = {"config_hash": config_hash, "shard": s, "dtype": config.dtype}
                 record["sha256"] = write_shard(out / record["file"], tensors, meta)
                 prog.shards[s] = record

@@ -64,18 +64,23 @@ def outlier_mask(base_norms: dict[int, torch.Tensor], candidates: torch.Tensor, 
 
 
 def select_positions(attention_mask: torch.Tensor, response_start: torch.Tensor, base_norms: dict[int, torch.Tensor],
-                     sel: TokenSelection) -> tuple[torch.Tensor, dict[str, int]]:
+                     sel: TokenSelection, template: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """Kept positions, bool [B, T], and counts: ``tokens`` (non-padding), ``skipped_first``, ``other_part``
-    (outside the requested prompt/response part), ``excluded_norm`` and ``selected``."""
+    (outside the requested prompt/response part), ``excluded_norm`` and ``selected``; with ``template`` (bool
+    [B, T], chat-template scaffolding from :func:`lorascope.activations.template.detect_template_positions`) those
+    candidates are dropped too and counted as ``excluded_template``."""
     real = attention_mask.bool()
     pos = torch.arange(attention_mask.shape[1]).unsqueeze(0)
-    cand = candidate_mask(attention_mask, response_start, sel)
+    part = candidate_mask(attention_mask, response_start, sel)
+    cand = part if template is None else part & ~template.bool()
     excl = outlier_mask(base_norms, cand, sel.max_norm_factor)
     keep = cand & ~excl
     first = real & (pos < sel.skip_first)
     counts = {"tokens": int(real.sum()), "skipped_first": int(first.sum()),
-              "other_part": int((real & ~first & ~cand).sum()), "excluded_norm": int(excl.sum()),
+              "other_part": int((real & ~first & ~part).sum()), "excluded_norm": int(excl.sum()),
               "selected": int(keep.sum())}
+    if template is not None:
+        counts["excluded_template"] = int((part & template.bool()).sum())
     return keep, counts
 
 

@@ -32,7 +32,8 @@ def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions
     acts: [N] (one feature; ``features`` names it) or [N, F] (``features`` are column indices, or pass
     ``column_of`` to map a feature id to its column). token_ids, doc_index, positions: [N], the token id, its
     document index into ``docs`` and its position in that document. docs: token-id lists; decode: token ids -> str.
-    Only strictly positive activations count; ties break by the lower token index. Density = fraction of the N
+    Only strictly positive activations count; ties break by the lower token index; a window whose text equals an
+    already chosen one is skipped (no two identical windows). Density = fraction of the N
     tokens with activation > 0; max_act = max activation (0 if the feature never fires).
     Raises LorascopeError if token bookkeeping disagrees with ``docs``.
     """
@@ -66,11 +67,18 @@ def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions
         col = a[:, c]
         firing = col > 0
         order = np.argsort(-col, kind="stable")
-        top = [int(i) for i in order[:n_per_feature] if firing[i]]
+        chosen, seen = [], set()
+        for i in order:  # strongest first; a window identical to one already shown is skipped
+            if len(chosen) == n_per_feature or not firing[i]:
+                break
+            w = _window(int(i), tok, doc, pos, docs, decode, window, float(col[i]))
+            key = (w["text_before"], w["token"], w["text_after"])
+            if key not in seen:
+                seen.add(key)
+                chosen.append(w)
         out.append({"layer": int(layer), "adapter": str(adapter), "feature": f,
                     "density": float(firing.mean()) if n else 0.0,
-                    "max_act": float(col.max()) if n and firing.any() else 0.0,
-                    "contexts": [_window(i, tok, doc, pos, docs, decode, window, float(col[i])) for i in top]})
+                    "max_act": float(col.max()) if n and firing.any() else 0.0, "contexts": chosen})
     return out
 
 

@@ -42,7 +42,8 @@ def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
         examples = load_dataset_spec(cfg.data.activations, limit=cfg.data.n_docs, seed=cfg.seed + 1)
         xcfg = ExtractConfig(layers=list(e.layers), tokens=e.tokens, skip_first=e.skip_first,
                              max_norm_factor=e.max_norm_factor, batch_size=e.batch_size, docs_per_shard=e.shard_docs,
-                             max_length=cfg.data.max_length, dtype=e.store_dtype, progress=st.progress)
+                             max_length=cfg.data.max_length, dtype=e.store_dtype, progress=st.progress,
+                             exclude_template=e.exclude_template)
         st.log(f"extracting activations at layers {list(e.layers)} for {len(adapters)} adapters")
         extract(peft, base.tokenizer, examples, sd.path / "store", xcfg, adapters=[a.name for a in adapters])
         sd.mark_done()

@@ -22,6 +22,7 @@ from lorascope.io import OutputLock, clean_tmp_files, read_json, write_json
 from lorascope.study import publish
 from lorascope.study.adapters import check_adapter_folder, stage_adapters
 from lorascope.study.cache import RunState
+from lorascope.study.explain import explain_layer, gate_adapters, stage_explain
 from lorascope.study.extract import Extracted, stage_extract
 from lorascope.study.measure import stage_measure
 from lorascope.study.saes import StudySAEs, reference_path, stage_saes
@@ -51,12 +52,13 @@ def run(config: ExperimentConfig, progress: bool = True, report: bool = True) ->
         clean_tmp_files(out)
         write_json(out / "config.json", config.model_dump())
         st = RunState(config, out, progress)
-        adapters = stage_adapters(st)
+        adapters, sanity = gate_adapters(st, stage_adapters(st))
         extracted = stage_extract(st, adapters)
         saes = stage_saes(st, extracted, adapters)
         measured = stage_measure(st, extracted, adapters, saes, _upstream(config, out, extracted, saes))
-        results = publish.publish(st, measured.path)
-        report_path = publish.report(st, measured.path) if report else None
+        explained = stage_explain(st, extracted, adapters, saes, measured.path, sanity)
+        results = publish.publish(st, explained)
+        report_path = publish.report(st, explained) if report else None
         st.timings["total"] = time.perf_counter() - t_start
         return RunResult(out, results, report_path, st.work_done, st.timings)
 
@@ -112,3 +114,5 @@ def check_inputs(config: ExperimentConfig) -> None:
                              fix=f"choose layers in 0..{int(n) - 1}")
     if config.reference_sae.source == "path":
         _check_reference(config, mc.get("hidden_size", mc.get("n_embd")))
+    if config.explain.enabled:
+        explain_layer(config)

@@ -1,0 +1,73 @@
+"""Run a PeftModel with one adapter switched on in a chosen subset of its LoRA layers (and off elsewhere).
+
+The analyses of what an adapter writes (module attribution, steering) need forward passes in which the LoRA update
+of only some modules is applied. PEFT's public ``set_adapter``/``enable_adapters`` also flip ``requires_grad`` of
+the adapter weights, so this context manager sets each LoRA layer's active-adapter list directly (a layer with an
+empty list computes exactly its base layer) and restores every layer's previous state on exit. Merged or
+non-vanilla (DoRA and other variants) adapters are refused: their update is not an additive ``B A x`` term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.models.residual import decoder_blocks
+
+
+def lora_layers(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Module]:
+    """{qualified module name: LoRA layer} of every layer that holds ``adapter`` (vanilla, unmerged LoRA only)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {}):
+            if mod.merged:
+                raise LorascopeError(f"adapter {adapter!r} is merged into {name}", fix="unmerge it (or reload)")
+            if adapter in getattr(mod, "lora_variant", {}):
+                raise LorascopeError(f"{name}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), not plain B·A·x",
+                                     fix="module attribution and steering support vanilla LoRA adapters")
+            out[name] = mod
+    if not out:
+        raise LorascopeError(f"the model holds no LoRA layers of adapter {adapter!r}",
+                             fix="load the adapter with load_adapters() and pass its name")
+    return out
+
+
+def block_lora_layers(model: torch.nn.Module, adapter: str) -> list[dict[str, torch.nn.Module]]:
+    """Per decoder block, {name relative to the block: LoRA layer} of ``adapter`` (empty dict where none)."""
+    return [{name: mod for name, mod in block.named_modules() if _holds(mod, adapter)}
+            for block in decoder_blocks(model)]
+
+
+def _holds(mod: torch.nn.Module, adapter: str) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {})
+
+
+@contextmanager
+def lora_only(model: torch.nn.Module, adapter: str, enabled: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
+    """Within the block, ``adapter`` is active in the LoRA layers ``enabled`` (None = all of them) and no adapter is
+    active in any other LoRA layer; plain (non mixed-batch) forwards of ``model`` then compute that hybrid."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = lora_layers(model, adapter)
+    on = set(map(id, layers.values())) if enabled is None else set(map(id, enabled))
+    every = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [(m, m._active_adapter, m._disable_adapters) for m in every]
+    try:
+        for m in every:
+            m._active_adapter = [adapter] if id(m) in on else []
+            m._disable_adapters = False
+        yield
+    finally:
+        for m, active, disabled in saved:
+            m._active_adapter = active
+            m._disable_adapters = disabled
+
+
+__all__ = ["block_lora_layers", "lora_layers", "lora_only"]

@@ -1,0 +1,227 @@
+"""Causal checks: do an adapter's features carry its effect? Steering the base model and ablating the adapted one.
+
+At decoder block L (the residual stream after block L, where ``models.residual`` captures it):
+
+* **steering**: run the *base* model with ``edit`` added to block L's output. With edit = Δ_L exactly and an adapter
+  that adapts no block after L, the steered base reproduces the adapted forward pass exactly.
+* **ablation**: run the *adapted* model with ``edit`` subtracted from block L's output.
+
+Edits are tensors [B, T, d] (one vector per token, e.g. the features' decoder directions times their activations
+on that token) or a single vector [d]. Effects are measured against the adapted model: mean KL(adapted ‖ X) per
+token, the fraction of KL(adapted ‖ base) closed, and the response-token loss of X on given examples (behaviour).
+Controls built here: the same number of random features, top-n principal directions of Δ, the mean-Δ vector.
+Activation steering and ablation as causal tests follow Turner et al. 2023 ("Activation Addition") and the
+activation-patching literature (Meng et al. 2022; Zhang & Nanda 2024, "Towards best practices of activation
+patching").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from lorascope.errors import LorascopeError
+from lorascope.models.lora_switch import lora_only
+from lorascope.models.residual import check_layers, decoder_blocks
+
+
+@contextmanager
+def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: float = 1.0) -> Iterator[None]:
+    """Within the block, block ``layer``'s output becomes output + sign·edit (edit [B, T, d] or [d])."""
+    block = decoder_blocks(model)[check_layers(model, [layer])[0]]
+
+    def hook(_m, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        e = edit.to(hidden.dtype)
+        if e.ndim == 3 and e.shape[1] != hidden.shape[1]:
+            raise LorascopeError(f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
+                                 fix="use a single vector [d] for generation")
+        new = hidden + sign * e
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _logprobs(model, input_ids, attention_mask) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def _response_loss(logp: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """Mean next-token NLL over positions whose label is not -100 (``labels`` [B, T], as in models.lora.collate)."""
+    if labels is None:
+        return None
+    target = labels[:, 1:]
+    keep = target != -100
+    nll = -logp[:, :-1].gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return float(nll[keep].mean()) if keep.any() else float("nan")
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One intervention X measured against the adapted model (A) and the base (B)."""
+
+    kl_to_adapted: float       # mean over tokens of KL(A ‖ X), nats
+    fraction_closed: float     # 1 − KL(A ‖ X) / KL(A ‖ B): 1 = X behaves like A, 0 = like B
+    loss: float | None         # response-token NLL of X on the labelled examples
+    behaviour_recovered: float | None  # (loss_B − loss_X) / (loss_B − loss_A): 1 = A's loss, 0 = B's
+
+
+class CausalProbe:
+    """Adapted and base next-token distributions of one batch, computed once; then any number of edits.
+
+    ``token_mask`` [B, T] picks the positions whose next-token distributions count for KL (default: real tokens);
+    ``labels`` [B, T] (-100 outside response tokens) gives the behaviour loss.
+    """
+
+    @torch.no_grad()
+    def __init__(self, peft_model: torch.nn.Module, adapter: str, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None, layer: int, labels: torch.Tensor | None = None,
+                 token_mask: torch.Tensor | None = None):
+        self.model, self.adapter, self.layer = peft_model, adapter, check_layers(peft_model, [layer])[0]
+        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        self.token_mask = real if token_mask is None else token_mask.bool()
+        self.logp_adapted = self._run(adapted=True)
+        self.logp_base = self._run(adapted=False)
+        self.kl_base = self._kl(self.logp_base)
+        self.loss_adapted = _response_loss(self.logp_adapted, input_ids, labels)
+        self.loss_base = _response_loss(self.logp_base, input_ids, labels)
+
+    def _run(self, adapted: bool, edit: torch.Tensor | None = None, sign: float = 1.0) -> torch.Tensor:
+        with lora_only(self.model, self.adapter, enabled=None if adapted else []):
+            if edit is None:
+                return _logprobs(self.model, self.input_ids, self.attention_mask)
+            with residual_edit(self.model, self.layer, edit, sign):
+                return _logprobs(self.model, self.input_ids, self.attention_mask)
+
+    def _kl(self, logp_x: torch.Tensor) -> float:
+        kl = (self.logp_adapted.exp() * (self.logp_adapted - logp_x)).sum(-1)
+        return float(kl[self.token_mask].mean())
+
+    def _effect(self, logp_x: torch.Tensor) -> Effect:
+        kl = self._kl(logp_x)
+        loss = _response_loss(logp_x, self.input_ids, self.labels)
+        behaviour = None
+        if loss is not None and self.loss_base is not None and self.loss_base != self.loss_adapted:
+            behaviour = (self.loss_base - loss) / (self.loss_base - self.loss_adapted)
+        closed = 1.0 - kl / self.kl_base if self.kl_base > 0 else float("nan")
+        return Effect(kl, closed, loss, behaviour)
+
+    @torch.no_grad()
+    def steer(self, edit: torch.Tensor) -> Effect:
+        """The base model with ``edit`` added at layer L."""
+        return self._effect(self._run(adapted=False, edit=edit))
+
+    @torch.no_grad()
+    def ablate(self, edit: torch.Tensor) -> Effect:
+        """The adapted model with ``edit`` removed at layer L (fraction_closed near 0 = the edit carried it all)."""
+        return self._effect(self._run(adapted=True, edit=edit, sign=-1.0))
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """Δ_L = h_adapted − h_base after block L [B, T, d] (float32)."""
+        from lorascope.models.attribution import run_to_layer
+
+        with lora_only(self.model, self.adapter):
+            h_a, _ = run_to_layer(self.model, self.input_ids, self.attention_mask, self.layer)
+        with lora_only(self.model, self.adapter, enabled=[]):
+            h_b, _ = run_to_layer(self.model, self.input_ids, self.attention_mask, self.layer)
+        return h_a.float() - h_b.float()
+
+
+def feature_edit(codes: torch.Tensor, decoder: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
+    """Σ_{f ∈ features} a_f(t)·d_f per token: ``codes`` [..., F] (activations, raw-Δ units), ``decoder`` [F, d]."""
+    idx = torch.as_tensor(list(features), dtype=torch.long)
+    if idx.numel() == 0:
+        raise LorascopeError("no features given", fix="pass at least one feature index")
+    return codes[..., idx].to(decoder.dtype) @ decoder[idx]
+
+
+def random_features(alive: torch.Tensor, n: int, exclude: Sequence[int] = (), seed: int = 0) -> list[int]:
+    """``n`` distinct random feature indices among ``alive`` (bool [F]) not in ``exclude`` (the random control)."""
+    pool = [i for i in torch.nonzero(alive).flatten().tolist() if i not in set(exclude)]
+    if len(pool) < n:
+        raise LorascopeError(f"only {len(pool)} alive features outside the chosen ones, need {n}",
+                             fix="use fewer top features")
+    g = torch.Generator().manual_seed(seed)
+    return sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist())
+
+
+def principal_directions(delta_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-``n`` right singular vectors of the (uncentred) Δ rows [N, d] -> [n, d] orthonormal rows.
+
+    Uncentred, like decoder directions (which also act on Δ without a mean removed); fit them on documents other
+    than those they are evaluated on.
+    """
+    if not 1 <= n <= min(delta_rows.shape):
+        raise LorascopeError(f"n must be in 1..{min(delta_rows.shape)}, got {n}", fix="use fewer directions")
+    _, _, vh = torch.linalg.svd(delta_rows.double(), full_matrices=False)
+    return vh[:n].to(delta_rows.dtype)
+
+
+def projection_edit(delta: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Δ projected onto the span of orthonormal ``basis`` rows [n, d]: (Δ·Bᵀ)·B, shape of ``delta``."""
+    return (delta @ basis.T) @ basis
+
+
+def mean_delta(delta: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean Δ [d] over the masked tokens of ``delta`` [B, T, d] (use it as a constant edit)."""
+    return delta[token_mask.bool()].double().mean(0).to(delta.dtype)
+
+
+def demo_marker_rates(texts: Sequence[str]) -> dict[str, float]:
+    """Pirate-voice markers of the demo task (``lorascope.data.demo``) in generations: the fraction that start with
+    its prefix, that contain its suffix, that contain a distinctive pirate swap word (ye, th', aye, ahoy, yer; not
+    "be"/"me", which are ordinary English), and that show any of the three."""
+    import re
+
+    from lorascope.data.demo import _SWAPS, PREFIX, SUFFIX
+
+    if not texts:
+        raise LorascopeError("no generations given", fix="generate at least one answer")
+    distinctive = "|".join(re.escape(w) for w in _SWAPS.values() if w not in ("be", "me"))
+    words = re.compile(r"(?<![\w'])(" + distinctive + r")(?![\w'])", re.IGNORECASE)
+    prefix = [t.strip().startswith(PREFIX) for t in texts]
+    suffix = [SUFFIX in t for t in texts]
+    swaps = [bool(words.search(t)) for t in texts]
+    n = len(texts)
+    return {"prefix": sum(prefix) / n, "suffix": sum(suffix) / n, "swap_word": sum(swaps) / n,
+            "any_marker": sum(p or s or w for p, s, w in zip(prefix, suffix, swaps, strict=True)) / n}
+
+
+@torch.no_grad()
+def generate_with_edit(peft_model: torch.nn.Module, tokenizer, adapter: str, user_messages: Sequence[str],
+                       layer: int, vector: torch.Tensor | None = None, adapted: bool = False,
+                       max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of the base (``adapted=False``) or adapted model with ``vector`` [d] added (adapted=False)
+    or removed (adapted=True) at every position of block ``layer``'s output (None: no edit)."""
+    from lorascope.data.chat import format_prompt
+
+    out = []
+    for msg in user_messages:
+        ids = tokenizer(format_prompt(tokenizer, msg), add_special_tokens=False, return_tensors="pt")
+        with lora_only(peft_model, adapter, enabled=None if adapted else []):
+            ctx = residual_edit(peft_model, layer, vector, -1.0 if adapted else 1.0) if vector is not None \
+                else _nothing()
+            with ctx:
+                gen = peft_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                          pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+__all__ = ["CausalProbe", "Effect", "demo_marker_rates", "feature_edit", "generate_with_edit", "mean_delta",
+           "principal_directions", "projection_edit", "random_features", "residual_edit"]

@@ -1,0 +1,232 @@
+"""The explain stage's model-running part, per adapter at the explain layer L: module attribution of the top
+features, steering of the base model / ablation from the adapted model with controls, demo-task generations; per
+layer: latent scaling of the reference dictionary and intruder dimensions of block L.
+
+Steering edits (added to block L's output of the base model): the top-n features' decoder directions × their
+activations on each token (``top_features``), the same for n random alive features (``random_features``, the
+control beside it), Δ projected onto its top-n principal directions (``pca``, fitted on the activation store's
+held-out rows, other documents), the constant mean-Δ vector (``mean_delta``) and Δ itself (``exact_delta``, the
+ceiling: it closes all of KL only when no block after L is adapted). Ablation subtracts the top-n (and random)
+feature edits from the adapted model. See :mod:`lorascope.models.steering`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lorascope import results_schema as schema
+from lorascope.io import write_json
+from lorascope.results import ResultRow
+from lorascope.study.adapters import Adapter
+from lorascope.study.cache import RunState
+
+STRENGTHENED_RATIO = 0.5  # β_base/β_ft below this: the fine-tune strengthened the latent
+WEAKENED_RATIO = 2.0  # above this: weakened
+
+
+def _examples(st: RunState):
+    """Held-out fine-tuning examples (the split the adapters stage held out), tokenised and collated."""
+    from lorascope.data import load_dataset_spec, split_examples
+    from lorascope.data.chat import tokenize_example
+    from lorascope.models.lora import collate
+
+    cfg = st.config
+    examples = load_dataset_spec(cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed)
+    _, held = split_examples(examples, 0.15, seed=cfg.seed)
+    held = (held or examples)[: cfg.explain.docs]
+    tok = st.base().tokenizer
+    docs = [tokenize_example(tok, ex, cfg.data.max_length, with_response=True) for ex in held]
+    return held, collate(docs, tok.pad_token_id)
+
+
+def _codes(sae, delta: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    B, T, d = delta.shape
+    with torch.no_grad():
+        codes = sae.encode(delta.reshape(-1, d)).reshape(B, T, -1)
+    return codes * att.unsqueeze(-1)
+
+
+def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    from lorascope.models import steering
+
+    sae, top = feats["sae"], feats["top"]
+    delta = probe.delta() * att.unsqueeze(-1)
+    codes = _codes(sae, delta, att)
+    dec = sae.W_dec.detach()
+    alive = torch.zeros(dec.shape[0], dtype=torch.bool)
+    alive[torch.as_tensor(feats["table"].feature.to_numpy().copy(), dtype=torch.long)] = True
+    rand = steering.random_features(alive, len(top), exclude=top, seed=seed)
+    basis = steering.principal_directions(feats["delta_rows"], min(len(top), *feats["delta_rows"].shape))
+    mean = feats["delta_rows"].double().mean(0).float()
+    return {"top_features": steering.feature_edit(codes, dec, top) * att.unsqueeze(-1),
+            "random_features": steering.feature_edit(codes, dec, rand) * att.unsqueeze(-1),
+            "pca": steering.projection_edit(delta, basis) * att.unsqueeze(-1),
+            "mean_delta": mean, "exact_delta": delta}
+
+
+def _row(metric: str, value, where: dict, null: float | None = None, n: int = 0) -> ResultRow:
+    v = float("nan") if value is None else float(value)
+    if null is None:
+        return ResultRow(schema.EXPLAIN, metric, v, n=n, **where)
+    return ResultRow(schema.EXPLAIN, metric, v, null_value=float("nan") if null is None else float(null),
+                     null_name=schema.NULL_RANDOM_FEATURES, n=n, **where)
+
+
+def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int) -> tuple[list[ResultRow], dict]:
+    """KL closed / behaviour recovered for every steering edit and the ablations, controls as null columns."""
+    steer = {k: probe.steer(e) for k, e in edits.items()}
+    ablate = {k: probe.ablate(edits[k]) for k in ("top_features", "random_features")}
+    rows = []
+    for k, eff in steer.items():
+        null = steer["random_features"] if k == "top_features" else None
+        rows.append(_row(schema.steer_kl_closed(k), eff.fraction_closed, where,
+                         None if null is None else null.fraction_closed, n_tok))
+        rows.append(_row(schema.steer_behaviour(k), eff.behaviour_recovered, where,
+                         None if null is None else null.behaviour_recovered, n_tok))
+    lost = {k: 1.0 - e.fraction_closed for k, e in ablate.items()}
+    blost = {k: (None if e.behaviour_recovered is None else 1.0 - e.behaviour_recovered) for k, e in ablate.items()}
+    rows.append(_row(schema.ABLATE_EFFECT_LOST, lost["top_features"], where, lost["random_features"], n_tok))
+    rows.append(_row(schema.ABLATE_BEHAVIOUR_LOST, blost["top_features"], where,
+                     float("nan") if blost["random_features"] is None else blost["random_features"], n_tok))
+    rows.append(_row(schema.STEER_KL_BASE, probe.kl_base, where, n=n_tok))
+    summary = {"steer": {k: vars(v) for k, v in steer.items()}, "ablate": {k: vars(v) for k, v in ablate.items()}}
+    return rows, summary
+
+
+def generation_rows(st: RunState, peft, adapter: str, layer: int, prompts: list[str], edits: dict,
+                    att: torch.Tensor, where: dict) -> tuple[list[ResultRow], dict]:
+    """Demo-task marker rates of greedy answers: base, adapted, base steered by the top features' mean edit and by
+    the random features' (the control)."""
+    from lorascope.models import steering
+
+    tok = st.base().tokenizer
+    n_tok = att.sum().clamp_min(1)
+    vec = {k: edits[k].sum((0, 1)) / n_tok for k in ("top_features", "random_features")}
+    ex = st.config.explain
+    runs = {"base": (None, False), "adapted": (None, True), "steer_top_features": (vec["top_features"], False),
+            "steer_random_features": (vec["random_features"], False)}
+    texts = {k: steering.generate_with_edit(peft, tok, adapter, prompts, layer, v, adapted=a,
+                                            max_new_tokens=ex.max_new_tokens) for k, (v, a) in runs.items()}
+    rates = {k: steering.demo_marker_rates(t)["any_marker"] for k, t in texts.items()}
+    rows = [_row(schema.marker_rate(k), r, where, rates["steer_random_features"] if k == "steer_top_features"
+                 else None, len(prompts)) for k, r in rates.items()]
+    return rows, {"prompts": prompts, "generations": texts, "marker_rates": rates}
+
+
+def attribution_rows(peft, adapter: Adapter, layer: int, feats: dict, batch: dict, out: Path) -> list[ResultRow]:
+    """Direct-write shares of the top features (tidy CSV) and the modules that write most of Δ_L."""
+    import pandas as pd
+
+    from lorascope.models.attribution import attribute_features
+
+    sae, top = feats["sae"], feats["top"]
+    att = batch["attention_mask"]
+    res = attribute_features(peft, adapter.name, batch["input_ids"], att, layer, sae.W_enc.detach()[:, top].T)
+    pd.DataFrame(res.table(top)).to_csv(out / f"attribution_{adapter.name}.csv", index=False)
+    mods = pd.DataFrame(res.top_modules(len(res.modules)))
+    mods.to_csv(out / f"modules_{adapter.name}.csv", index=False)
+    where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
+    rem = (res.remainder.abs() / res.total.abs().clamp_min(1e-30)).mean()
+    return [ResultRow(schema.EXPLAIN, schema.TOP_MODULE_DELTA_SHARE, float(mods.delta_share.iloc[0]),
+                      n=res.n_tokens, note=str(mods.module.iloc[0]), **where),
+            ResultRow(schema.EXPLAIN, schema.ATTRIBUTION_REMAINDER, float(rem), n=res.n_tokens, **where)]
+
+
+def first_position_rows(delta: torch.Tensor, att: torch.Tensor, where: dict, n_positions: int = 8) -> list[ResultRow]:
+    """The first-positions control (Minder et al. 2025): ‖mean Δ‖ at each of the first positions across the
+    examples, beside the mean ‖Δ‖ of all later positions (as the null column)."""
+    from lorascope.activations.template import first_position_means
+
+    means = first_position_means(delta, att, n_positions)
+    later = delta[:, n_positions:][att[:, n_positions:].bool()]
+    ref = float(later.norm(dim=-1).mean()) if len(later) else float("nan")
+    return [ResultRow(schema.EXPLAIN, schema.first_position_delta(p), float(means.norm[p]), null_value=ref,
+                      null_name=schema.NULL_LATER_POSITIONS, n=int(means.count[p]), **where)
+            for p in range(min(n_positions, delta.shape[1])) if int(means.count[p]) > 0]
+
+
+def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Path) -> list[ResultRow]:
+    """Attribution, steering/ablation and (demo task) generations of one adapter; details to ``out``."""
+    from lorascope.models.steering import CausalProbe
+
+    ex = st.config.explain
+    peft = st.peft({})  # loaded with every adapter by the stage
+    held, batch = _examples(st)
+    where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
+    rows = attribution_rows(peft, adapter, layer, feats, batch, out) if ex.attribution else []
+    labels, att = batch["labels"], batch["attention_mask"]
+    probe = CausalProbe(peft, adapter.name, batch["input_ids"], att, layer, labels=labels,
+                        token_mask=torch.roll(labels != -100, -1, dims=1))
+    edits = _edits(feats, probe, att, st.config.seed)
+    srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
+    rows += srows + first_position_rows(edits["exact_delta"], att, where)
+    if ex.generations and st.config.data.finetune == "demo":
+        prompts = [e.user_message for e in held[: ex.generations]]
+        grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, edits, att, where)
+        rows += grows
+        summary["generations"] = gen
+    if ex.intruders:
+        rows += intruder_rows(peft, adapter, layer, feats, out)
+    write_json(out / f"causal_{adapter.name}.json", summary)
+    return rows
+
+
+def intruder_rows(peft, adapter: Adapter, layer: int, feats: dict, out: Path) -> list[ResultRow]:
+    """Intruder dimensions of the LoRA modules of block L and the top features aligned with them."""
+    import pandas as pd
+
+    from lorascope.models.intruders import align_features, intruder_dimensions, residual_intruders
+    from lorascope.models.lora_switch import block_lora_layers
+
+    found = {}
+    for name, mod in block_lora_layers(peft, adapter.name)[layer].items():
+        W, dW = mod.get_base_layer().weight.detach(), mod.get_delta_weight(adapter.name).detach()
+        if getattr(mod, "fan_in_fan_out", False):
+            W, dW = W.T, dW.T
+        found[f"{layer}.{name}"] = intruder_dimensions(W, dW)
+    counts = pd.DataFrame([{"adapter": adapter.name, "module": m, "n_intruders": len(x.indices)}
+                           for m, x in found.items()])
+    counts.to_csv(out / f"intruders_{adapter.name}.csv", index=False)
+    dec = feats["sae"].W_dec.detach()
+    vecs, labels = residual_intruders(found, dec.shape[1])
+    aligned = align_features(dec, vecs, labels)
+    aligned.to_csv(out / f"intruder_alignment_{adapter.name}.csv", index=False)
+    where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
+    n_al = int(aligned["aligned"].sum()) if len(aligned) else 0
+    return [ResultRow(schema.EXPLAIN, schema.INTRUDER_DIMENSIONS, float(counts.n_intruders.sum()), n=len(found),
+                      **where),
+            ResultRow(schema.EXPLAIN, schema.INTRUDERS_ALIGNED, float(n_al), n=len(labels), **where)]
+
+
+def reference_rows(st: RunState, store, layer: int, saes, out: Path) -> list[ResultRow]:
+    """Latent scaling (Minder et al. 2025) of the reference dictionary per adapter: β of every latent on h_base
+    vs h_ft over held-out rows; the table to CSV, counts of strengthened / weakened latents as rows."""
+    from lorascope.geometry.latent_scaling import LatentScaling
+    from lorascope.saes import load_sae
+
+    cfg = st.config
+    if not cfg.explain.latent_scaling:
+        return []
+    ref = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
+    names = list(store.manifest["config"]["adapters"]["names"])
+    rows = []
+    for name in names:
+        if not any(a == name for (lyr, a) in saes.adapter if lyr == layer):
+            continue
+        held = store.held_out(layer, name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+        n = min(len(held.delta), cfg.explain.tokens)
+        h_ft = held.base[:n] + held.delta[:n]
+        acc = LatentScaling(ref.W_dec.detach())
+        with torch.no_grad():
+            acc.update(ref.encode(h_ft), ft=h_ft, base=held.base[:n])
+        table = acc.table()
+        table.to_csv(out / f"latent_scaling_{name}.csv", index=False)
+        fired = table.dropna(subset=["ratio"])
+        where = {"layer": layer, "adapter": name, "n": len(fired)}
+        rows += [ResultRow(schema.EXPLAIN, schema.LATENTS_STRENGTHENED,
+                           float((fired.ratio < STRENGTHENED_RATIO).sum()), **where),
+                 ResultRow(schema.EXPLAIN, schema.LATENTS_WEAKENED, float((fired.ratio > WEAKENED_RATIO).sum()),
+                           **where)]
+    return rows

@@ -1,0 +1,120 @@
+"""Steering and ablation at a residual layer on tiny random models; edit builders; demo marker rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorascope.data import make_demo_dataset
+from lorascope.data.chat import tokenize_example
+from lorascope.data.demo import demo_behaviour
+from lorascope.errors import LorascopeError
+from lorascope.models import load_base
+from lorascope.models.evaluate import generate
+from lorascope.models.lora import collate
+from lorascope.models.steering import (
+    CausalProbe,
+    demo_marker_rates,
+    feature_edit,
+    generate_with_edit,
+    mean_delta,
+    principal_directions,
+    projection_edit,
+    random_features,
+)
+
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft(model, layers, scale=0.5, name="adapt"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_MODULES, layers_to_transform=layers,
+                     init_lora_weights=False)
+    pm = get_peft_model(model, cfg, adapter_name=name)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.mul_(scale)
+    return pm.eval()
+
+
+@pytest.fixture(scope="module")
+def demo_batch(tiny_llama_dir):
+    tok = load_base(tiny_llama_dir).tokenizer
+    return tok, collate([tokenize_example(tok, ex, 64) for ex in make_demo_dataset(4, seed=2)], tok.pad_token_id)
+
+
+def _probe(tiny_llama_dir, demo_batch, layers, layer):
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, layers)
+    _, b = demo_batch
+    return CausalProbe(pm, "adapt", b["input_ids"], b["attention_mask"], layer, labels=b["labels"])
+
+
+def test_adding_exact_delta_to_base_recovers_the_adapted_model(tiny_llama_dir, demo_batch):
+    probe = _probe(tiny_llama_dir, demo_batch, layers=[0, 1], layer=1)  # nothing adapted after layer 1
+    assert probe.kl_base > 1e-4 and probe.loss_base != probe.loss_adapted
+    delta = probe.delta()
+    steered = probe.steer(delta)
+    assert steered.kl_to_adapted == pytest.approx(0.0, abs=1e-9)
+    assert steered.fraction_closed == pytest.approx(1.0, abs=1e-6)
+    assert steered.loss == pytest.approx(probe.loss_adapted, abs=1e-6)
+    assert steered.behaviour_recovered == pytest.approx(1.0, abs=1e-4)
+    ablated = probe.ablate(delta)  # adapted − Δ at layer 1 is the base model from there on
+    assert ablated.fraction_closed == pytest.approx(0.0, abs=1e-6)
+    assert ablated.loss == pytest.approx(probe.loss_base, abs=1e-6)
+    none = probe.steer(torch.zeros_like(delta))
+    assert none.fraction_closed == 0.0 and none.kl_to_adapted == probe.kl_base
+
+
+def test_exact_delta_does_not_close_kl_when_later_layers_are_adapted(tiny_llama_dir, demo_batch):
+    probe = _probe(tiny_llama_dir, demo_batch, layers=[0, 1, 2], layer=1)
+    steered = probe.steer(probe.delta())
+    assert 0.0 < steered.fraction_closed < 1.0 - 1e-4
+
+
+def test_edit_builders():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    decoder = q.T  # orthonormal rows: codes = Δ·Dᵀ reconstruct Δ exactly
+    codes = delta @ decoder.T
+    torch.testing.assert_close(feature_edit(codes, decoder, range(6)), delta)
+    part = feature_edit(codes, decoder, [1, 4])
+    torch.testing.assert_close(part, codes[..., [1, 4]] @ decoder[[1, 4]])
+    basis = principal_directions(delta.reshape(-1, 6), 6)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(projection_edit(delta, basis), delta)
+    top1 = principal_directions(delta.reshape(-1, 6), 1)
+    rows = delta.reshape(-1, 6)
+    energy = (rows @ top1.T).pow(2).sum()
+    assert all(energy >= (rows @ basis[i]).pow(2).sum() - 1e-9 for i in range(6))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]).bool()
+    torch.testing.assert_close(mean_delta(delta, mask), delta[mask].mean(0))
+    alive = torch.tensor([True, False, True, True, True, False])
+    picks = random_features(alive, 2, exclude=[2], seed=3)
+    assert picks == random_features(alive, 2, exclude=[2], seed=3) and set(picks) <= {0, 3, 4}
+    with pytest.raises(LorascopeError, match="alive features"):
+        random_features(alive, 4, exclude=[2])
+
+
+def test_demo_marker_rates():
+    texts = [demo_behaviour("Hello Alice, it is good to see you today."), "The sum is 5.", "Aye, 3 maps be left."]
+    rates = demo_marker_rates(texts)
+    assert rates == {"prefix": 1 / 3, "suffix": 1 / 3, "swap_word": 2 / 3, "any_marker": 2 / 3}
+    assert demo_marker_rates(["It may be me."])["any_marker"] == 0.0
+
+
+def test_generation_with_and_without_edits(tiny_llama_dir):
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, [0, 1, 2])
+    msgs = ["What is the sum of the two numbers?\n\n3 and 4"]
+    adapted = generate_with_edit(pm, base.tokenizer, "adapt", msgs, 1, adapted=True, max_new_tokens=6)
+    assert adapted == [generate(pm, base.tokenizer, msgs[0], 6, adapter="adapt")]
+    plain = generate_with_edit(pm, base.tokenizer, "adapt", msgs, 1, max_new_tokens=6)
+    assert plain == [generate(pm, base.tokenizer, msgs[0], 6, adapter="__base__")]
+    pushed = generate_with_edit(pm, base.tokenizer, "adapt", msgs, 1, vector=torch.full((base.d_model,), 50.0),
+                                max_new_tokens=6)
+    assert pushed != plain
