@@ -4,7 +4,18 @@ Never imports transformers, PEFT or the activation store. Every public function 
 tensors.
 """
 
-from lorascope.geometry.bootstrap import CI, bootstrap_ci, bootstrap_fvu_ci, bootstrap_ratio_ci
+from lorascope.geometry.bootstrap import (
+    CI,
+    UnitCI,
+    bootstrap_ci,
+    bootstrap_fvu_ci,
+    bootstrap_ratio_ci,
+    document_bootstrap_fvu_ci,
+    document_bootstrap_mean_ci,
+    document_bootstrap_ratio_ci,
+    fvu_bootstrap_samples,
+    unit_bootstrap_ci,
+)
 from lorascope.geometry.cka import (
     StreamingLinearCKA,
     cka_from_grams,
@@ -70,6 +81,7 @@ __all__ = [
     "ReconstructionStats",
     "StreamingCovariance",
     "StreamingLinearCKA",
+    "UnitCI",
     "atom_energy",
     "best_match_both",
     "best_match_cosines",
@@ -82,9 +94,13 @@ __all__ = [
     "cosine_similarity_rows",
     "covariance_matched_dictionary",
     "delta_reconstruction",
+    "document_bootstrap_fvu_ci",
+    "document_bootstrap_mean_ci",
+    "document_bootstrap_ratio_ci",
     "density_histogram",
     "feature_density",
     "fvu",
+    "fvu_bootstrap_samples",
     "gram_linear",
     "gram_rbf",
     "hungarian_match",
@@ -112,5 +128,6 @@ __all__ = [
     "spectrum_rows",
     "subspace_summary",
     "top_k_atoms",
+    "unit_bootstrap_ci",
     "unit_rows",
 ]
