@@ -17,8 +17,10 @@ from lorascope.geometry.bootstrap import (
     unit_bootstrap_ci,
 )
 from lorascope.geometry.cka import (
+    CKANull,
     StreamingLinearCKA,
     cka_from_grams,
+    cka_permutation_null,
     gram_linear,
     gram_rbf,
     linear_cka,
@@ -74,6 +76,7 @@ from lorascope.geometry.subspaces import (
 
 __all__ = [
     "CI",
+    "CKANull",
     "MMCS",
     "BestMatch",
     "DeltaNormStats",
@@ -89,6 +92,7 @@ __all__ = [
     "bootstrap_fvu_ci",
     "bootstrap_ratio_ci",
     "cka_from_grams",
+    "cka_permutation_null",
     "compare_dictionaries",
     "compare_subspaces",
     "cosine_similarity_rows",
