@@ -108,6 +108,22 @@ def bootstrap_ratio_ci(num, den, n_boot: int = 1000, alpha: float = 0.05, seed: 
     return CI(float(a.sum() / b.sum()), float(lo), float(hi))
 
 
+def fvu_unit_samples(e: torch.Tensor, s: torch.Tensor, xs: torch.Tensor, c: torch.Tensor, n_boot: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(point [m], samples [n_boot, m]) of FVU from per-unit sums: e [U, m] errors, s [U] Σ‖x‖², xs [U, d] Σx,
+    c [U] token counts. Each resample recomputes numerator, denominator and the mean from its units."""
+
+    def fvu_of(w: torch.Tensor) -> torch.Tensor:
+        mean_sum = w @ xs  # [b, d]
+        den = w @ s - (mean_sum * mean_sum).sum(1) / (w @ c)
+        return (w @ e) / den[:, None]
+
+    point = fvu_of(torch.ones(1, e.shape[0], dtype=torch.float64))[0]
+    if n_boot < 1:
+        return point, point[None]
+    return point, _resampled(e.shape[0], n_boot, seed, xs.shape[1] + e.shape[1], fvu_of)
+
+
 def bootstrap_fvu_ci(
     err, sq, xsum, count=None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> list[CI]:
@@ -133,13 +149,7 @@ def bootstrap_fvu_ci(
         )
     _check(n_boot, alpha, u)
 
-    def fvu_of(w: torch.Tensor) -> torch.Tensor:
-        mean_sum = w @ xs  # [b, d]
-        den = w @ s - (mean_sum * mean_sum).sum(1) / (w @ c)
-        return (w @ e) / den[:, None]
-
-    samples = _resampled(u, n_boot, seed, xs.shape[1] + e.shape[1], fvu_of)
-    point = fvu_of(torch.ones(1, u, dtype=torch.float64))[0]
+    point, samples = fvu_unit_samples(e, s, xs, c, n_boot, seed)
     lo, hi = _percentiles(samples, alpha)
     return [CI(float(point[j]), float(lo[j]), float(hi[j])) for j in range(e.shape[1])]
 
@@ -240,16 +250,9 @@ def fvu_bootstrap_samples(err, x, doc_ids, n_boot: int = 1000,
     es, count = document_sums(e, doc_ids)
     xs, _ = document_sums(X, doc_ids)
     sq, _ = document_sums((X * X).sum(1), doc_ids)
+    _check(max(n_boot, 1), 0.05, es.shape[0])
+    point, samples = fvu_unit_samples(es, sq, xs, count, n_boot, seed)
     u = es.shape[0]
-    _check(max(n_boot, 1), 0.05, u)
-
-    def fvu_of(w: torch.Tensor) -> torch.Tensor:
-        mean_sum = w @ xs
-        den = w @ sq - (mean_sum * mean_sum).sum(1) / (w @ count)
-        return (w @ es) / den[:, None]
-
-    point = fvu_of(torch.ones(1, u, dtype=torch.float64))[0]
-    samples = _resampled(u, n_boot, seed, xs.shape[1] + es.shape[1], fvu_of) if n_boot > 0 else point[None]
     return point, samples, u
 
 
@@ -280,4 +283,4 @@ def unit_bootstrap_ci(values, ci_unit: str, n_boot: int = 1000, alpha: float = 0
 
 __all__ += ["CI_UNITS", "UnitCI", "document_bootstrap_fvu_ci", "document_bootstrap_mean_ci",
             "document_bootstrap_ratio_ci", "document_index", "document_sums", "fvu_bootstrap_samples",
-            "resample_counts", "unit_bootstrap_ci"]
+            "fvu_unit_samples", "resample_counts", "unit_bootstrap_ci"]
