@@ -55,26 +55,58 @@ from lorascope.geometry.metrics import (
     mse,
 )
 from lorascope.geometry.nulls import (
+    AlignmentNulls,
+    alignment_nulls,
     covariance_matched_dictionary,
     mmcs_null_empirical,
     mmcs_null_isotropic,
     overlap_null_isotropic,
     random_isotropic_dictionary,
+    seed_ceiling,
 )
 from lorascope.geometry.reconstruction import DeltaReconstruction, delta_reconstruction, lstsq_on_active_atoms
 from lorascope.geometry.subspaces import (
+    SelectionAwareOverlap,
     atom_energy,
     compare_subspaces,
     lora_column_space,
     orthonormal_rows,
     pca_basis,
     principal_angles,
+    projection_energy,
     random_subspace_null,
+    selection_aware_overlap,
+    split_documents,
     subspace_summary,
     top_k_atoms,
 )
+from lorascope.geometry.trends import TrendTest, ratio_samples, trend_test
+from lorascope.geometry.verdicts import (
+    FVU_NULL,
+    NOT_TESTABLE,
+    alignment_verdict,
+    best_control,
+    overlap_verdict,
+    reconstruction_verdict,
+)
 
 __all__ = [
+    "FVU_NULL",
+    "NOT_TESTABLE",
+    "AlignmentNulls",
+    "SelectionAwareOverlap",
+    "TrendTest",
+    "alignment_nulls",
+    "alignment_verdict",
+    "best_control",
+    "overlap_verdict",
+    "projection_energy",
+    "ratio_samples",
+    "reconstruction_verdict",
+    "seed_ceiling",
+    "selection_aware_overlap",
+    "split_documents",
+    "trend_test",
     "CI",
     "CKANull",
     "MMCS",
