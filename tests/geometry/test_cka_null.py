@@ -91,3 +91,18 @@ def test_permutation_null_bad_inputs():
         cka_permutation_null(X, X, [0] * 9)
     with pytest.raises(LorascopeError, match=">= 3 documents"):
         cka_permutation_null(X, X, [0] * 5 + [1] * 5)
+
+
+def test_streaming_debiased_matches_the_n_by_n_u_centred_gram():
+    from lorascope.geometry.cka import StreamingLinearCKA, gram_linear
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 24) + 50.0
+    Y = X[:, :10] @ torch.randn(10, 16, generator=g, dtype=torch.float64) + 3 * torch.randn(
+        300, 16, generator=g, dtype=torch.float64) - 20.0
+    acc = StreamingLinearCKA()
+    for i in range(0, 300, 41):
+        acc.update(X[i : i + 41], Y[i : i + 41])
+    gram = cka_from_grams(gram_linear(X), gram_linear(Y), debiased=True)
+    assert acc.value(debiased=True) == pytest.approx(gram, abs=1e-9)
+    assert abs(acc.value(debiased=True) - acc.value(debiased=False)) > 1e-3  # the two estimators differ here
