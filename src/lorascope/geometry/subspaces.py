@@ -221,10 +221,11 @@ def projection_energy(W_dec, X) -> torch.Tensor:
     Needs only the directions, so the same selection runs on SAE decoders and on random null dictionaries.
     """
     W = as_tensor(W_dec, "W_dec", torch.float64, ndim=2)
-    Xt = as_tensor(X, "X", torch.float64, ndim=2)
+    Xt = as_tensor(X, "X", torch.float32, ndim=2)
     same_dim(W, Xt, "W_dec", "X")
-    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return ((Xt @ W.T) ** 2).sum(0)
+    W = (W / W.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(torch.float32)
+    P = Xt @ W.T  # float32 GEMM: a ranking score needs no more
+    return P.mul_(P).sum(0, dtype=torch.float64)
 
 
 def split_documents(doc_ids, seed: int = 0) -> torch.Tensor:
@@ -246,9 +247,18 @@ def selected_overlap(W_dec, delta, in_selection: torch.Tensor, k: int, score=Non
     if sel.numel() != D.shape[0]:
         raise LorascopeError(f"in_selection has {sel.numel()} entries but delta has {D.shape[0]} rows",
                              fix="pass one flag per token (split_documents)")
-    s = projection_energy(W_dec, D[sel]) if score is None else score
-    atoms = top_k_atoms(W_dec, s, k)
-    return subspace_summary(atoms, pca_basis(D[~sel], k))["mean_cos2"]
+    return _overlap_with(W_dec, D[sel], pca_basis(D[~sel], k), k, score)
+
+
+def _overlap_with(W_dec, D_sel: torch.Tensor, basis: torch.Tensor, k: int, score=None) -> float:
+    s = projection_energy(W_dec, D_sel) if score is None else score
+    return subspace_summary(top_k_atoms(W_dec, s, k), basis)["mean_cos2"]
+
+
+def _gaussian_rows(F: int, root: torch.Tensor, seed: int) -> torch.Tensor:
+    """F unit rows (float32) with directions ~ N(0, root rootᵀ) (root [d, d])."""
+    w = torch.randn(F, root.shape[0], generator=torch.Generator().manual_seed(seed)) @ root.T.to(torch.float32)
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 class SelectionAwareOverlap(NamedTuple):
@@ -279,21 +289,19 @@ def selection_aware_overlap(W_dec, delta, doc_ids, k: int, n_draws: int = 20, se
     selecting by energy on Δ already aligns random atoms with Δ's top principal directions (the k/d null of
     random_subspace_null does not apply). Cost: (1 + 2·n_draws) projections [N/2, F].
     """
-    from lorascope.geometry.nulls import covariance_matched_dictionary, random_isotropic_dictionary
-
     W = as_tensor(W_dec, "W_dec", torch.float64, ndim=2)
     D = as_tensor(delta, "delta", torch.float64, ndim=2)
     sel = split_documents(doc_ids, seed)
-    value = selected_overlap(W, D, sel, k, score)
+    Da, basis = D[sel], pca_basis(D[~sel], k)  # the measurement half's PCA, computed once
+    value = _overlap_with(W, Da, basis, k, score)
     F, d = W.shape
-    Da = D[sel]
-    cov_a = cov if cov is not None else torch.cov(Da.T)
-    iso, cm = [], []
-    for r in range(n_draws):
-        iso.append(selected_overlap(random_isotropic_dictionary(F, d, seed=seed * 7919 + 2 * r + 1,
-                                                                dtype=torch.float64), D, sel, k))
-        cm.append(selected_overlap(covariance_matched_dictionary(F, cov=cov_a, seed=seed * 7919 + 2 * r + 2,
-                                                                 dtype=torch.float64), D, sel, k))
+    S = as_tensor(cov, "cov", torch.float64, ndim=2) if cov is not None else torch.cov(Da.T)
+    lam, V = torch.linalg.eigh((S + S.T) / 2)
+    roots = {"isotropic": torch.eye(d, dtype=torch.float64), "cov": V * lam.clamp_min(0.0).sqrt()}
+    iso = [_overlap_with(_gaussian_rows(F, roots["isotropic"], seed * 7919 + 2 * r + 1), Da, basis, k)
+           for r in range(n_draws)]
+    cm = [_overlap_with(_gaussian_rows(F, roots["cov"], seed * 7919 + 2 * r + 2), Da, basis, k)
+          for r in range(n_draws)]
     ti, tc = torch.tensor(iso), torch.tensor(cm)
     q = lambda t: float(torch.quantile(t, 0.95))  # noqa: E731
     return SelectionAwareOverlap(value, float(ti.mean()), q(ti), float(tc.mean()), q(tc),
