@@ -88,3 +88,18 @@ def test_verdict_rules():
     assert alignment_verdict(0.4, (0.35, 0.45), {"isotropic": 0.2}, None) == "weak"
     ceiling_ci = unit_bootstrap_ci([0.5, 0.55, 0.6, 0.52], "seed", n_boot=200)
     assert alignment_verdict(0.49, (0.45, 0.51), nulls, ceiling_ci) == "at ceiling"  # overlaps the ceiling's CI
+
+
+def test_seed_vs_seed_rows_use_alive_atoms():
+    from lorascope.geometry.compare import seed_vs_seed
+
+    truth = random_isotropic_dictionary(F, D, seed=1)
+    dead_rows = random_isotropic_dictionary(F, D, seed=2)
+    seed0 = torch.cat([truth[:64], dead_rows[:192]])  # 64 learned atoms, 192 dead (random) rows
+    seed1 = torch.cat([_noisy(truth[:64], 4, eps=0.05), random_isotropic_dictionary(192, D, seed=3)])
+    alive = torch.zeros(F, dtype=torch.bool)
+    alive[:64] = True
+    all_atoms = seed_vs_seed(seed0, seed1, "adapter")[0]
+    alive_only = seed_vs_seed(seed0, seed1, "adapter", alive_0=alive, alive_1=alive)[0]
+    assert alive_only.value > 0.95 > 0.6 > all_atoms.value and "alive atoms" in alive_only.note
+    assert alive_only.value == pytest.approx(float(seed_ceiling(seed0, seed1, alive, alive).mean()), abs=1e-6)
