@@ -103,3 +103,21 @@ def test_seed_vs_seed_rows_use_alive_atoms():
     alive_only = seed_vs_seed(seed0, seed1, "adapter", alive_0=alive, alive_1=alive)[0]
     assert alive_only.value > 0.95 > 0.6 > all_atoms.value and "alive atoms" in alive_only.note
     assert alive_only.value == pytest.approx(float(seed_ceiling(seed0, seed1, alive, alive).mean()), abs=1e-6)
+
+
+def test_null_world_calibration_over_seeds():
+    """An adapter dictionary that knows only Δ's covariance, against a reference whose atoms follow Δ's top
+    directions: without the covariance-matched null it would read as alignment; with it, "no alignment"."""
+    scales = torch.cat([torch.full((6,), 6.0), torch.full((D - 6,), 0.5)])
+    cov = torch.diag(scales**2)
+    not_no = weak_without_cov = 0
+    for seed in range(20):
+        g = torch.Generator().manual_seed(1000 + seed)
+        reference = torch.randn(F, D, generator=g) * scales
+        adapter = torch.randn(F // 2, D, generator=g) * scales  # a "covariance-only" adapter dictionary
+        ci = unit_bootstrap_ci(best_match_cosines(adapter, reference).cosine, "atom", n_boot=300, seed=seed)
+        nulls = alignment_nulls(adapter, reference, delta_cov=cov, seed=seed)
+        not_no += alignment_verdict(ci.value, ci, nulls, ceiling=0.99) != "no alignment"
+        weak_without_cov += alignment_verdict(ci.value, ci, {"isotropic": nulls.isotropic}, 0.99) == "weak"
+    assert not_no <= 2  # <= 10% of 20 seeds read as aligned
+    assert weak_without_cov >= 18  # the isotropic null alone would call almost every seed "weak"
