@@ -7,7 +7,7 @@ table (Parquet + CSV) and the report reads only that table. A statistic without 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 COLUMNS = ["family", "metric", "layer", "adapter", "rank", "value", "ci_low", "ci_high", "null_value",
@@ -41,9 +41,10 @@ class ResultRow:
     d: int = 0
     dtype: str = "float32"
     note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # side values (not table columns)
 
     def as_record(self) -> dict[str, Any]:
-        rec = {f.name: getattr(self, f.name) for f in fields(self)}
+        rec = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         rec["value"] = float(rec["value"])
         return rec
 
