@@ -126,7 +126,7 @@ def _reconstruction(hb, h_ft, inp: LayerAdapterInputs, s: Settings, where: dict)
     for r in delta_reconstruction(hb, h_ft, inp.reference, inp.adapter_saes[0], seed=s.seed, n_boot=s.n_boot,
                                   **where):
         stat, method = r.metric.split("_", 1)
-        if stat in _RECON_STAT:
+        if stat in _RECON_STAT and method in _RECON_METHOD:  # TODO(wire14): the gap-to-best-control row
             r.metric = _RECON_STAT[stat](_RECON_METHOD[method])
             rows.append(r)
     vals = {r.metric: r.value for r in rows}
