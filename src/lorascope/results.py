@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 COLUMNS = ["family", "metric", "layer", "adapter", "rank", "value", "ci_low", "ci_high", "null_value",
-           "null_name", "n", "d", "dtype", "note"]
+           "null_name", "ci_unit", "n", "d", "dtype", "note"]
 
 
 @dataclass
@@ -24,6 +24,7 @@ class ResultRow:
     layer/adapter/rank: where it was measured (-1 / "" when not applicable).
     value, ci_low, ci_high: point estimate and bootstrap interval (NaN when none).
     null_value, null_name: the control it should be read against ("random_isotropic", "seed_vs_seed", …).
+    ci_unit: what the interval resampled ("document", "seed" or "atom"; "" when there is no interval).
     n: number of tokens/atoms it was computed on; d: dimension; dtype: precision of the inputs.
     """
 
@@ -37,6 +38,7 @@ class ResultRow:
     ci_high: float = math.nan
     null_value: float = math.nan
     null_name: str = ""
+    ci_unit: str = ""
     n: int = 0
     d: int = 0
     dtype: str = "float32"

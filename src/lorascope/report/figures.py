@@ -25,8 +25,8 @@ Arrays = dict[tuple[int, str], dict[str, np.ndarray]]
 FVU_SERIES = [(schema.FVU_ADAPTER_SAE, "adapter SAE"), (schema.FVU_REF_ON_DELTA, "reference SAE on Δ"),
               (schema.FVU_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)"),
               (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"), (schema.FVU_NOISE, "null: isotropic noise")]
-KL_SERIES = [(schema.KL_RECOVERED_ADAPTER_SAE, "adapter SAE Δ̂"),
-             (schema.KL_RECOVERED_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)")]
+KL_SERIES = [(schema.KL_RECOVERED_REL_ADAPTER_SAE, "adapter SAE Δ̂ (beyond Δ̂ = 0)"),
+             (schema.KL_RECOVERED_REL_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base) (beyond Δ̂ = 0)")]
 
 
 def _tab(df) -> Tab:
@@ -248,7 +248,7 @@ def splice_kl(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Pat
     n = len(tab.cells(*[m for m, _ in KL_SERIES]))
     fig = P.new_figure(max(6.0, 1.2 * n + 2), 3.8)
     ax = fig.subplots()
-    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered (1 = adapter behaviour fully kept)", "fraction of KL",
+    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond the Δ̂ = 0 splice (1 = adapter behaviour fully kept, 0 = no better than Δ̂ = 0)", "fraction of KL",
                    log_if_wide=False)
     ax.axhline(1.0, color=P.NULL_COLOR, ls="--", lw=1)
     ax.axhline(0.0, color=P.NULL_COLOR, lw=1)
@@ -266,7 +266,7 @@ def summary(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]
             P.vs_rank(ax[0, 2], tab, schema.RECON_IMPROVEMENT_PCT, "FVU improvement over reference", "%"),
             P.vs_rank(ax[1, 0], tab, schema.L0_ADAPTER_SAE, "Adapter SAE L0", "active latents / token"),
             P.mmcs_panel(ax[1, 1], tab),
-            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered", "fraction", log_if_wide=False)]
+            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0", "fraction", log_if_wide=False)]
     if not any(drew):
         return []
     fig.suptitle("lorascope summary", fontsize=12)
