@@ -19,7 +19,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from lorascope.models.testing import ARCHS, build_tiny_model
+    from tiny_models import ARCHS, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from lorascope.geometry import (
     top_k_atoms,
     unit_bootstrap_ci,
 )
+from lorascope.geometry.density import token_norms
 from lorascope.results import ResultRow
 from lorascope.saes import SAE, create_sae
 
@@ -70,6 +72,18 @@ class Settings:
     subspace_draws: int = 10
 
 
+class _Cell(NamedTuple):
+    """One (layer, adapter)'s held-out tensors and what the stages before the subspaces computed from them."""
+
+    hb: torch.Tensor
+    h_ft: torch.Tensor
+    delta: torch.Tensor
+    docs: torch.Tensor
+    codes_ad: torch.Tensor
+    alive: torch.Tensor
+    alive_ref: torch.Tensor
+
+
 @dataclass
 class LayerAdapterResult:
     rows: list[ResultRow] = field(default_factory=list)
@@ -98,7 +112,7 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
     codes_ad, codes_ref, alive = _density(out, inp, delta, docs, s, where)
     alive_ref = _codes(inp.reference, h_ft).ne(0).any(0)  # the reference's own atoms: alive on h_ft, not on Δ
     _decoder_similarity(out, inp, delta, alive, alive_ref, s, where)
-    _subspaces(out, inp, hb, h_ft, delta, docs, codes_ad, alive, alive_ref, s, where)
+    _subspaces(out, inp, _Cell(hb, h_ft, delta, docs, codes_ad, alive, alive_ref), s, where)
     m = min(delta.shape[0], s.cka_max_tokens)
     if m >= 4:
         out.rows += cka_rows(codes_ad[:m], codes_ref[:m], docs[:m], schema.CKA_CODES_ADAPTER_VS_REF, s,
@@ -131,8 +145,8 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, docs, s: Settings, wh
     n, d = delta.shape
     norms = DeltaNormStats()
     norms.update(hb, h_ft)
-    dn = delta.double().norm(dim=1)
-    rel = dn / hb.double().norm(dim=1).clamp_min(1e-30)
+    tn = token_norms(hb, delta)
+    dn, rel = tn.delta, tn.ratio
     per_token = {schema.DELTA_NORM_MEAN: dn, schema.REL_DELTA_NORM_MEAN: rel}
     for row in norms.rows(**where):
         v = per_token.get(row.metric)
@@ -141,7 +155,7 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, docs, s: Settings, wh
             row.ci_low, row.ci_high, row.ci_unit = ci.low, ci.high, ci.ci_unit
         out.rows.append(row)
     fam = schema.DELTA_NORM
-    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(hb.double().norm(dim=1).mean()), n=n, d=d, **where))
+    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(tn.base.mean()), n=n, d=d, **where))
     eig = torch.linalg.eigvalsh(torch.cov(delta.double().T)).flip(0).clamp_min(0)
     out.rows.append(ResultRow(fam, schema.EFFECTIVE_RANK_PR, participation_ratio(eig), n=n, d=d,
                               note="participation ratio (Σλ)²/Σλ² of Δ's covariance", **where))
@@ -266,11 +280,11 @@ def _decoder_similarity(out: LayerAdapterResult, inp: LayerAdapterInputs, delta,
         out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], seeds_W[1]).cosine.float().numpy()
 
 
-def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, h_ft, delta, docs, codes_ad, alive, alive_ref,
-               s: Settings, where: dict) -> None:
+def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, c: _Cell, s: Settings, where: dict) -> None:
     """Rank-k subspaces (never the full spans of overcomplete dictionaries): Δ's PCA, the most used atoms of both
     SAEs, and the LoRA update's column space. k/d is the null only for the LoRA column space (chosen without
     looking at Δ); atoms selected on Δ are tested split-half against the same selection on random dictionaries."""
+    hb, h_ft, delta, docs, codes_ad, alive, alive_ref = c
     d = delta.shape[1]
     k = min(s.subspace_k, d - 1, int(alive.sum()))
     if k < 1:
