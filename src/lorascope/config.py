@@ -177,6 +177,8 @@ class GeometryCfg(_Strict):
     eval_tokens: int = Field(20_000, gt=0, description="held-out tokens for reconstruction metrics")
     splice: bool = Field(True, description="splice h_base + Δ̂ into the adapted forward; report KL recovered")
     splice_docs: int = Field(24, gt=0)
+    cka_permutations: int = Field(49, ge=1, description="document permutations of every CKA null")
+    subspace_draws: int = Field(10, ge=1, description="random dictionaries per selection-aware subspace null")
 
 
 class ReportCfg(_Strict):

@@ -48,6 +48,7 @@ NULL_BEST_CONTROL = "best_control"  # the lower-FVU of ref_diff and ref_lstsq_ac
 NULL_STRONGEST_ALIGNMENT = "strongest_alignment_null"  # max of the isotropic, cov-matched and SAE-at-init nulls
 NULL_SELECTED_RANDOM = "selected_random_dictionary"  # the same split-half selection run on random dictionaries
 NULL_DOC_PERMUTATION = "document_permutation"  # CKA with the documents of one side re-paired
+NULL_MIN_P = "min_attainable_p"  # the smallest p-value a permutation design can reach
 NULL_ZERO_SPLICE = "zero_splice"  # splicing Δ̂ = 0 (the adapter still acts after the spliced layer)
 
 # ---- what an interval resampled (the ci_unit column) -----------------------------------------------------------
@@ -281,12 +282,12 @@ _FIXED = [
     Metric(SPLICE, KL_ADAPTED_VS_BASE, "mean KL(p_adapted ‖ p_base) over held-out tokens"),
     Metric(DELTA_NORM, TREND_DELTA_NORM_RANK, "OLS slope of mean ‖Δ‖ on log2 rank across same-recipe adapters "
            "(paired document bootstrap)", ci=CI_DOCUMENT),
-    Metric(DELTA_NORM, TREND_DELTA_NORM_RANK_P, "exact permutation p-value of that slope (two-sided)"),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DENSITY, TREND_L0_RANK, "OLS slope of L0 (alive latents under TopK) on log2 rank", ci=CI_DOCUMENT),
-    Metric(DENSITY, TREND_L0_RANK_P, "exact permutation p-value of that slope (two-sided)"),
+    Metric(DENSITY, TREND_L0_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH, "OLS slope of mean ‖Δ‖ on layer index, per adapter",
            ci=CI_DOCUMENT),
-    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH_P, "exact permutation p-value of that slope (two-sided)"),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(LORA, TRAIN_LOSS_START, "LoRA training loss over the first steps"),
     Metric(LORA, TRAIN_LOSS_END, "LoRA training loss over the last steps"),
     Metric(LORA, HELDOUT_LOSS_BASE, "base model's loss on held-out fine-tuning examples"),

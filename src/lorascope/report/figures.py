@@ -248,7 +248,7 @@ def splice_kl(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Pat
     n = len(tab.cells(*[m for m, _ in KL_SERIES]))
     fig = P.new_figure(max(6.0, 1.2 * n + 2), 3.8)
     ax = fig.subplots()
-    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond the Δ̂ = 0 splice (1 = adapter behaviour fully kept, 0 = no better than Δ̂ = 0)", "fraction of KL",
+    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0 (1 = adapter kept, 0 = no better than Δ̂ = 0)", "fraction of KL",
                    log_if_wide=False)
     ax.axhline(1.0, color=P.NULL_COLOR, ls="--", lw=1)
     ax.axhline(0.0, color=P.NULL_COLOR, lw=1)
@@ -266,7 +266,7 @@ def summary(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]
             P.vs_rank(ax[0, 2], tab, schema.RECON_IMPROVEMENT_PCT, "FVU improvement over reference", "%"),
             P.vs_rank(ax[1, 0], tab, schema.L0_ADAPTER_SAE, "Adapter SAE L0", "active latents / token"),
             P.mmcs_panel(ax[1, 1], tab),
-            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0", "fraction", log_if_wide=False)]
+            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "KL recovered beyond Δ̂ = 0", "fraction", log_if_wide=False)]
     if not any(drew):
         return []
     fig.suptitle("lorascope summary", fontsize=12)
