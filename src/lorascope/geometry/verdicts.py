@@ -57,7 +57,8 @@ def alignment_verdict(value: float, ci: Any, nulls: Any, ceiling: Any) -> str:
         return NOT_TESTABLE
     if low <= null or value <= null:
         return "no alignment"
-    top = float("nan") if ceiling is None else (_bounds(ceiling)[0] if hasattr(ceiling, "low") else float(ceiling))
+    interval = hasattr(ceiling, "low") or isinstance(ceiling, tuple | list)
+    top = float("nan") if ceiling is None else (_bounds(ceiling)[0] if interval else float(ceiling))
     if not math.isnan(top) and high >= top:
         return "at ceiling"
     return "weak"

@@ -248,8 +248,8 @@ def splice_kl(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Pat
     n = len(tab.cells(*[m for m, _ in KL_SERIES]))
     fig = P.new_figure(max(6.0, 1.2 * n + 2), 3.8)
     ax = fig.subplots()
-    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0 (1 = adapter kept, 0 = no better than Δ̂ = 0)", "fraction of KL",
-                   log_if_wide=False)
+    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0 (1 = adapter kept, 0 = as Δ̂ = 0)",
+                   "fraction of KL", log_if_wide=False)
     ax.axhline(1.0, color=P.NULL_COLOR, ls="--", lw=1)
     ax.axhline(0.0, color=P.NULL_COLOR, lw=1)
     return P.save(fig, out_dir, "splice_kl")

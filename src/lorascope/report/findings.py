@@ -115,7 +115,7 @@ def alignment_cells(tab: Tab) -> dict[tuple[int, str], str]:
     for c in tab.cells(schema.MMCS_ADAPTER_TO_REF):
         s = tab.get(schema.MMCS_ADAPTER_TO_REF, *c)
         ceil = tab.get(schema.MMCS_SEED_VS_SEED, *c)
-        ceiling = None if ceil is None else (ceil if ceil.has_ci else ceil.value)
+        ceiling = None if ceil is None else ((ceil.lo, ceil.hi) if ceil.has_ci else ceil.value)
         out[c] = alignment_verdict(s.value, (s.lo, s.hi), s.null, ceiling)
     return out
 
@@ -280,11 +280,13 @@ def cka_finding(tab: Tab) -> Finding:
             "re-pairs whole documents; a pair shares directions if the permutation p ≤ 0.05; holds at a layer if "
             "every pair does")
     by_layer: dict[int, list[tuple[float, float, float]]] = {}
+    seen: set[tuple[int, frozenset]] = set()
     for m in tab.metrics(schema.CKA_DELTA_VS):
         for layer, a in tab.cells(m):
             b = m.removeprefix(schema.CKA_DELTA_VS)
-            if b == a or b < a:  # each unordered pair once
+            if b == a or (layer, frozenset((a, b))) in seen:  # each unordered pair once
                 continue
+            seen.add((layer, frozenset((a, b))))
             p = tab.get(schema.cka_extra(m, "p"), layer, a)
             by_layer.setdefault(layer, []).append((tab.value(m, layer, a), tab.get(m, layer, a).null,
                                                    p.value if p else math.nan))
