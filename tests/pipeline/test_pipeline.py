@@ -91,8 +91,13 @@ def test_every_metric_is_declared_in_the_schema(mini_run):
     from lorascope.results_schema import lookup
 
     _, res = mini_run
-    for (family, metric, null_name), _rows in res.table.groupby(["family", "metric", "null_name"]):
+    for (family, metric, null_name), rows in res.table.groupby(["family", "metric", "null_name"]):
         m = lookup(metric)
         assert m is not None, metric
         assert m.family == family, (metric, m.family, family)
-        assert m.null == null_name or (metric.startswith("fvu_noise") and null_name == "analytic_expectation"), metric
+        no_null = null_name == "" and rows.null_value.isna().all()  # e.g. CKA's diagonal: nothing to read against
+        assert m.null == null_name or no_null or (metric.startswith("fvu_noise")
+                                                  and null_name == "analytic_expectation"), metric
+        units = set(rows.ci_unit) - {""}
+        assert units <= set(m.ci.split("|")), (metric, units, m.ci)
+        assert rows[rows.ci_low.notna()].ci_unit.ne("").all(), metric  # every interval says what it resampled
