@@ -24,7 +24,8 @@ Arrays = dict[tuple[int, str], dict[str, np.ndarray]]
 
 FVU_SERIES = [(schema.FVU_ADAPTER_SAE, "adapter SAE"), (schema.FVU_REF_ON_DELTA, "reference SAE on Δ"),
               (schema.FVU_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)"),
-              (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"), (schema.FVU_NOISE, "isotropic noise (sanity floor)")]
+              (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"),
+              (schema.FVU_NOISE, "isotropic noise (sanity floor)")]
 KL_SERIES = [(schema.KL_RECOVERED_REL_ADAPTER_SAE, "adapter SAE Δ̂ (beyond Δ̂ = 0)"),
              (schema.KL_RECOVERED_REL_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base) (beyond Δ̂ = 0)")]
 
@@ -309,8 +310,8 @@ FIGURES: list[FigureSpec] = [
                "(dotted). Dead latents (never fire) are counted in the legend, not drawn.", density_histograms),
     FigureSpec("feature_overlap", "Does the adapter SAE find reference features?",
                "Left: fraction of adapter atoms whose best cosine to any reference atom is ≥ τ. Right: MMCS (mean over "
-               "adapter atoms of the best cosine, alive atoms of both); × = the strongest null (the largest of a random "
-               "isotropic dictionary, random atoms with Δ's training covariance and the SAE at initialisation), ▲ = "
+               "adapter atoms of the best cosine, alive atoms of both); × = the strongest null (the largest of a "
+               "random isotropic dictionary, random atoms with Δ's training covariance and the SAE at initialisation), ▲ = "
                "a second adapter SAE trained with another seed (the ceiling, same alive atoms).", feature_overlap),
     FigureSpec("best_match_cosines", "Best-match cosine distributions",
                "Per adapter atom, its best cosine to the reference dictionary (blue) against the same statistic for a "
