@@ -312,7 +312,8 @@ FIGURES: list[FigureSpec] = [
                "Left: fraction of adapter atoms whose best cosine to any reference atom is ≥ τ. Right: MMCS (mean over "
                "adapter atoms of the best cosine, alive atoms of both); × = the strongest null (the largest of a "
                "random isotropic dictionary, random atoms with Δ's training covariance and the SAE at "
-               "initialisation), ▲ = a second adapter SAE trained with another seed (the ceiling, same alive atoms).", feature_overlap),
+               "initialisation), ▲ = a second adapter SAE trained with another seed (the ceiling, same alive "
+               "atoms).", feature_overlap),
     FigureSpec("best_match_cosines", "Best-match cosine distributions",
                "Per adapter atom, its best cosine to the reference dictionary (blue) against the same statistic for a "
                "random dictionary (grey, the null) and for the other-seed adapter SAE (the ceiling). Mass to the "
