@@ -103,6 +103,8 @@ FVU_REF_LSTSQ_ACTIVE = fvu(REF_LSTSQ_ACTIVE)
 FVU_NOISE = fvu(NOISE)
 FVU_REF_ON_BASE = "fvu_ref_on_base"
 FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL = "fvu_gap_adapter_sae_vs_best_control"
+FVU_SAE_INIT = "fvu_sae_init"  # the adapter SAE's architecture at initialisation, fed Δ
+FVU_GAP_ADAPTER_SAE_VS_SAE_INIT = "fvu_gap_adapter_sae_vs_sae_init"
 RECON_IMPROVEMENT_PCT = "recon_improvement_pct"  # a labelled extra against the weakest control, never a verdict
 
 # ---- density ---------------------------------------------------------------------------------------------------
@@ -255,6 +257,11 @@ _FIXED = [
     Metric(RECONSTRUCTION, FVU_REF_ON_BASE, "FVU of the reference SAE on held-out base activations"),
     Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, "FVU(adapter SAE) − FVU(best control), paired over "
            "the same document resamples", NULL_BEST_CONTROL, CI_DOCUMENT),
+    Metric(RECONSTRUCTION, FVU_SAE_INIT, "FVU on held-out Δ of the adapter SAE's architecture at its "
+           "initialisation (a dictionary that learned nothing but encodes Δ itself)", NULL_MEAN_PREDICTOR,
+           CI_DOCUMENT),
+    Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, "FVU(adapter SAE) − FVU(SAE at initialisation), paired "
+           "over the same document resamples", NULL_INIT, CI_DOCUMENT),
     Metric(RECONSTRUCTION, RECON_IMPROVEMENT_PCT, "100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta: extra "
            "against the weakest control (the reference SAE fed Δ); verdicts use the gap to the best control"),
     Metric(DENSITY, L0_ADAPTER_SAE, "active adapter-SAE latents per held-out Δ token", ci=CI_DOCUMENT),

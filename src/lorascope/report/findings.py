@@ -76,19 +76,28 @@ def _interval(s: Stat | None) -> tuple[float, float]:
     return (s.lo, s.hi) if s is not None else (math.nan, math.nan)
 
 
+def _reconstruction_cell(tab: Tab, c: tuple[int, str]) -> str:
+    v = reconstruction_verdict(_interval(tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c)),
+                               _interval(tab.get(schema.FVU_ADAPTER_SAE, *c)))
+    init = tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, *c)
+    if v != HOLDS or init is None:
+        return v
+    return NOT_TESTABLE if not init.has_ci else HOLDS if init.hi < 0 else NOT_HOLDS
+
+
 def reconstruction_cells(tab: Tab) -> dict[tuple[int, str], str]:
-    """Per (layer, adapter): geometry.verdicts.reconstruction_verdict(gap CI, FVU(adapter SAE) CI)."""
-    return {c: reconstruction_verdict(_interval(tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c)),
-                                      _interval(tab.get(schema.FVU_ADAPTER_SAE, *c)))
-            for c in tab.cells(schema.FVU_ADAPTER_SAE)}
+    """Per (layer, adapter): geometry.verdicts.reconstruction_verdict(gap CI, FVU(adapter SAE) CI), and — when the
+    table has it — the paired gap to the same architecture at initialisation must lie below 0 too."""
+    return {c: _reconstruction_cell(tab, c) for c in tab.cells(schema.FVU_ADAPTER_SAE)}
 
 
 def reconstruction_finding(tab: Tab) -> Finding:
     title = "Adapter SAE reconstructs Δ better than the best control"
     rule = ("at a layer×adapter cell, holds if the document-bootstrap CI of FVU(adapter SAE) − FVU(best control) "
             "lies wholly below 0 (best control: the lower-FVU of SAE_ref(h_ft)−SAE_ref(h_base) and least squares on "
-            "the reference atoms active on h_ft; the CI is paired over the same resamples) and the CI of "
-            "FVU(adapter SAE) lies below 1 (the mean predictor); no interval: not testable here")
+            "the reference atoms active on h_ft; the CI is paired over the same resamples), the CI of "
+            "FVU(adapter SAE) lies below 1 (the mean predictor) and the paired CI of FVU(adapter SAE) − FVU(the same "
+            "SAE at initialisation, fed Δ) lies below 0; no interval: not testable here")
     cells = reconstruction_cells(tab)
     if not cells:
         return Finding("reconstruction", title, NOT_MEASURED, "FVU of the adapter SAE not in the table.", rule)

@@ -15,7 +15,8 @@ import torch
 
 from lorascope import results_schema as schema
 from lorascope.geometry import ratio_samples, trend_test
-from lorascope.geometry.bootstrap import document_sums
+from lorascope.geometry.bootstrap import _percentiles, document_sums
+from lorascope.geometry.trends import ols_slope
 from lorascope.results import ResultRow
 
 
@@ -36,11 +37,16 @@ def trend_rows(x: list[float], points: list[tuple[torch.Tensor, torch.Tensor, to
     num = torch.stack([p[1] for p in points])
     den = torch.stack([p[2] for p in points])
     point, samples = ratio_samples(num, den, n_boot=max(n_boot, 100), seed=seed)
-    t = trend_test(torch.tensor(x, dtype=torch.float64), point, samples, expected="increasing", seed=seed)
+    xt = torch.tensor(x, dtype=torch.float64)
+    t = trend_test(xt, point, samples, expected="increasing", seed=seed)
+    if not math.isfinite(t.slope) and float(xt.std()) > 0:  # 2 points: the slope exists, its test does not
+        lo, hi = _percentiles(ols_slope(xt, samples), 0.05)
+        t = t._replace(slope=float(ols_slope(xt, point)), ci_low=float(lo), ci_high=float(hi))
     note = f"{t.n_points} points, {t.direction}; verdict: {t.verdict}"
     common = dict(family=family, n=t.n_points, **where)
-    slope = t.slope if math.isfinite(t.slope) else 0.0
-    return [ResultRow(metric=metric, value=slope, ci_low=t.ci_low, ci_high=t.ci_high, ci_unit=t.ci_unit,
+    if not math.isfinite(t.slope):
+        return []
+    return [ResultRow(metric=metric, value=t.slope, ci_low=t.ci_low, ci_high=t.ci_high, ci_unit=t.ci_unit,
                       note=note, **common),
             ResultRow(metric=p_metric, value=t.p_value if math.isfinite(t.p_value) else 1.0,
                       null_value=t.min_p, null_name=schema.NULL_MIN_P, note=note, **common)]
