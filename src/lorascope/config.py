@@ -110,6 +110,8 @@ class ReferenceExtrasCfg(SAETrainingCfg):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
                                                   "that needs full unpickling): only for files you trust")
+    allow_overlap: bool = Field(False, description="evaluate a path reference SAE even if it was trained on this "
+                                                   "run's held-out documents (flagged in the report); default: refuse")
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceExtrasCfg:
