@@ -137,22 +137,27 @@ def _analyse(store, cfg, adapter_saes, reference):
     return analyse_layer_adapter(inp, Settings(subspace_k=4, n_boot=100, cka_max_tokens=400, seed=0)).rows
 
 
-def _train_like_the_study(store, cfg, seed: int, held_out_fraction: float):
+def _train_like_the_study(store, cfg, seed: int, held_out_fraction: float, ckpt: Path, tokens: int | None = None):
     """An SAE of the adapter-SAE recipe on rank_4's Δ at layer 1, trained by the study's own job runner."""
     from lorascope.study.saes import SAEJob, train_sae_job, trainer_config
 
-    section = cfg.adapter_sae
+    section = cfg.adapter_sae if tokens is None else cfg.adapter_sae.model_copy(update={"tokens": tokens})
     job = SAEJob(1, "delta", "rank_4", seed, held_out_fraction, cfg.seed, 7_000 + seed, {"init_seed": 7_000 + seed})
-    trainer = trainer_config(section, seed, checkpoints=0, warmup_steps=1)
-    return train_sae_job(store, job, section, trainer, None, None, progress=False).sae
+    trainer = trainer_config(section, seed, checkpoints=1, warmup_steps=1)
+    return train_sae_job(store, job, section, trainer, None, ckpt, progress=False).sae
 
 
-def test_aa_world_alignment_is_at_ceiling(mini_run):
+def test_aa_world_alignment_is_at_ceiling(mini_run, tmp_path):
     """A/A: the "reference" is a third SAE of the adapter recipe trained on the same Δ with another seed; its MMCS
     to the adapter SAE must read as the seed-vs-seed ceiling, not as weak alignment."""
-    store, cfg, saes, _ = _mini_parts(mini_run)
-    reference = _train_like_the_study(store, cfg, seed=2, held_out_fraction=cfg.data.held_out_fraction)
-    assert _verdicts(_analyse(store, cfg, [saes[0], saes[1]], reference))["alignment"] == "at ceiling"
+    store, cfg, _, _ = _mini_parts(mini_run)
+    # the miniature's own SAEs see 1024 tokens and barely leave their initialisation; these see 16x more
+    sae0, sae1, reference = (_train_like_the_study(store, cfg, seed, cfg.data.held_out_fraction,
+                                                   tmp_path / f"ckpt{seed}", tokens=16_384) for seed in (0, 1, 2))
+    rows = _analyse(store, cfg, [sae0, sae1], reference)
+    shown = "; ".join(f"{r.metric} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] null {r.null_value:.3f}"
+                      for r in rows if r.metric.startswith("mmcs"))
+    assert _verdicts(rows)["alignment"] == "at ceiling", shown
 
 
 def test_no_effect_world_reports_no_alignment_and_no_reconstruction(mini_run):
@@ -171,7 +176,7 @@ def test_reference_trained_on_held_out_documents_is_refused(mini_run, tiny_llama
     from lorascope.study import run
 
     store, cfg, _, _ = _mini_parts(mini_run)
-    leaky = _train_like_the_study(store, cfg, seed=3, held_out_fraction=0.0)  # trains on every document
+    leaky = _train_like_the_study(store, cfg, seed=3, held_out_fraction=0.0, ckpt=tmp_path / "ckpt")  # every doc
     save_sae(leaky, tmp_path / "leaky")
     changed = parse_config(mini_config(tiny_llama_dir, Path(cfg.output_dir), **{
         "reference_sae.source": "path", "reference_sae.path": str(tmp_path / "leaky"), "geometry.splice": False}))

@@ -114,7 +114,7 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
     _delta_norms(out, hb, h_ft, delta, docs, s, where)
     out.rows += _reconstruction(hb, h_ft, inp, docs, s, where)
     codes_ad, codes_ref, alive = _density(out, inp, delta, docs, s, where)
-    alive_ref = _codes(inp.reference, h_ft).ne(0).any(0)  # the reference's own atoms: alive on h_ft, not on Δ
+    alive_ref = reference_alive(inp.reference, h_ft, delta)
     _decoder_similarity(out, inp, delta, alive, alive_ref, s, where)
     _subspaces(out, inp, _Cell(hb, h_ft, delta, docs, codes_ad, alive, alive_ref), s, where)
     m = min(delta.shape[0], s.cka_max_tokens)
@@ -122,6 +122,14 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
         out.rows += cka_rows(codes_ad[:m], codes_ref[:m], docs[:m], schema.CKA_CODES_ADAPTER_VS_REF, s,
                              "adapter-SAE vs reference-SAE codes on Δ", where)
     return out
+
+
+def reference_alive(reference: SAE, h_ft: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Atoms of the reference alive on the kind of data it was trained on: Δ for an SAE trained on deltas
+    (metadata trained_on = "delta", e.g. an A/A control), h_ft otherwise (a reference of the model's activations
+    mostly stays below threshold on Δ, so Δ would call most of its atoms dead)."""
+    on = delta if reference.cfg.metadata.get("trained_on") == "delta" else h_ft
+    return _codes(reference, on).ne(0).any(0)
 
 
 def cka_rows(X, Y, docs, name: str, s: Settings, what: str, where: dict) -> list[ResultRow]:
