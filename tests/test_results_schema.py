@@ -32,3 +32,19 @@ def test_lookup_finds_fixed_and_built_names_with_their_family_null_and_ci():
 def test_every_fixed_name_is_unique():
     names = [m.name for m in schema._FIXED]
     assert len(names) == len(set(names))
+
+
+def test_content_key_follows_bytes_not_timestamps(tmp_path):
+    import os
+
+    from lorascope.io import content_key
+
+    (tmp_path / "a").mkdir()
+    f = tmp_path / "a" / "adapter_model.safetensors"
+    f.write_bytes(b"weights-1")
+    k1 = content_key(tmp_path / "a")
+    os.utime(f, (1, 1))
+    assert content_key(tmp_path / "a") == k1  # same bytes, new mtime: same key
+    f.write_bytes(b"weights-2")
+    os.utime(f, (1, 1))
+    assert content_key(tmp_path / "a") != k1  # rewritten in place with an old mtime: new key
