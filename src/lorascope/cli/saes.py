@@ -33,12 +33,14 @@ def train_sae_cmd(
     from lorascope.config import parse_sae_section
     from lorascope.io import OutputLock, clean_tmp_files
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
+    from lorascope.study.splits import derived_init_seed
 
     c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k,
                            "l1_coefficient": l1_coefficient, "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank,
                            "tokens": tokens, "batch_size": batch_size, "lr": lr, "seeds": [seed]}, "train-sae")
     st = open_store(store)
-    job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
+    init_seed = derived_init_seed(seed, layer, kind, adapter)
+    job = SAEJob(layer, kind, adapter, seed, held_out_fraction, 0, init_seed, {"init_seed": init_seed})
     with OutputLock(out):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
         res = train_sae_job(st, job, c, trainer_config(c, seed, checkpoints=10), out, out / "ckpt")

@@ -40,3 +40,13 @@ def check_reference(reference, store, held_out_fraction: float, split_seed: int,
     return check_no_overlap(reference.cfg.metadata, {"split": eval_split_record(store, held_out_fraction,
                                                                                  split_seed)},
                             "reference SAE", allow_overlap=allow_overlap)
+
+
+def derived_init_seed(seed: int, layer: int, kind: str, adapter: str | None) -> int:
+    """The weight-initialisation seed of an SAE trained outside the study (train-sae, train-saes-distributed):
+    derived from (seed, layer, kind, adapter), as the study derives its own, so SAEs of different layers, kinds or
+    adapters never start from the same random decoder (a shared start inflates their MMCS for as long as training
+    has not moved them far)."""
+    from lorascope.io import stable_hash
+
+    return int(stable_hash({"seed": seed, "layer": layer, "kind": kind, "adapter": adapter or ""}, 8), 16)
