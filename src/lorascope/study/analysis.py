@@ -137,6 +137,11 @@ def cka_rows(X, Y, docs, name: str, s: Settings, what: str, where: dict) -> list
     the biased estimate as companion rows). Too few documents for the null: the value alone, null NaN."""
     n, d = X.shape[0], X.shape[1]
     common = dict(family=schema.CKA, n=n, d=d, **where)
+    # columns that are zero on every row (dead latents) add nothing to X Xᵀ: dropping them is exact and halves
+    # the Gram's N²·F cost for sparse codes
+    X, Y = X[:, X.ne(0).any(0)], Y[:, Y.ne(0).any(0)]
+    if X.shape[1] == 0 or Y.shape[1] == 0:
+        return []
     try:
         res = cka_permutation_null(X, Y, docs, n_perm=s.cka_permutations, seed=s.seed)
     except LorascopeError:
