@@ -114,6 +114,8 @@ class ReferenceExtrasCfg(SAETrainingCfg):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
                                                   "that needs full unpickling): only for files you trust")
+    allow_overlap: bool = Field(False, description="evaluate a path reference SAE even if it was trained on this "
+                                                   "run's held-out documents (flagged in the report); default: refuse")
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceExtrasCfg:
@@ -181,6 +183,8 @@ class GeometryCfg(_Strict):
     eval_tokens: int = Field(20_000, gt=0, description="held-out tokens for reconstruction metrics")
     splice: bool = Field(True, description="splice h_base + Δ̂ into the adapted forward; report KL recovered")
     splice_docs: int = Field(24, gt=0)
+    cka_permutations: int = Field(49, ge=1, description="document permutations of every CKA null")
+    subspace_draws: int = Field(10, ge=1, description="random dictionaries per selection-aware subspace null")
 
 
 class ReportCfg(_Strict):

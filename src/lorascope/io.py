@@ -137,6 +137,14 @@ def read_json(path: str | os.PathLike) -> Any:
                              fix="restore or delete the file and re-run") from exc
 
 
+def content_key(path: str | os.PathLike) -> dict[str, Any]:
+    """A cache key of a file or folder's *contents*: {relative path: [size, sha256]} of every file under it (so a
+    file rewritten in place, or a folder with a new timestamp but the same bytes, is told apart correctly)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)) if p != root else p.name: [p.stat().st_size, sha256_file(p)] for p in files}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -7,11 +7,11 @@ table (Parquet + CSV) and the report reads only that table. A statistic without 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 COLUMNS = ["family", "metric", "layer", "adapter", "rank", "value", "ci_low", "ci_high", "null_value",
-           "null_name", "n", "d", "dtype", "note"]
+           "null_name", "ci_unit", "n", "d", "dtype", "note"]
 
 
 @dataclass
@@ -24,6 +24,7 @@ class ResultRow:
     layer/adapter/rank: where it was measured (-1 / "" when not applicable).
     value, ci_low, ci_high: point estimate and bootstrap interval (NaN when none).
     null_value, null_name: the control it should be read against ("random_isotropic", "seed_vs_seed", …).
+    ci_unit: what the interval resampled ("document", "seed" or "atom"; "" when there is no interval).
     n: number of tokens/atoms it was computed on; d: dimension; dtype: precision of the inputs.
     """
 
@@ -37,13 +38,15 @@ class ResultRow:
     ci_high: float = math.nan
     null_value: float = math.nan
     null_name: str = ""
+    ci_unit: str = ""
     n: int = 0
     d: int = 0
     dtype: str = "float32"
     note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # side values (not table columns)
 
     def as_record(self) -> dict[str, Any]:
-        rec = {f.name: getattr(self, f.name) for f in fields(self)}
+        rec = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         rec["value"] = float(rec["value"])
         return rec
 

@@ -46,6 +46,18 @@ NULL_ANALYTIC = "analytic_expectation"
 NULL_RANDOM_SUBSPACE = "random_subspace"
 NULL_RANDOM_FEATURES = "random_features"  # the same number of random alive adapter-SAE features
 NULL_LATER_POSITIONS = "mean_delta_norm_later_positions"
+NULL_MEAN_PREDICTOR = "mean_predictor"  # FVU of predicting Δ's mean: 1
+NULL_BEST_CONTROL = "best_control"  # the lower-FVU of ref_diff and ref_lstsq_active
+NULL_STRONGEST_ALIGNMENT = "strongest_alignment_null"  # max of the isotropic, cov-matched and SAE-at-init nulls
+NULL_SELECTED_RANDOM = "selected_random_dictionary"  # the same split-half selection run on random dictionaries
+NULL_DOC_PERMUTATION = "document_permutation"  # CKA with the documents of one side re-paired
+NULL_MIN_P = "min_attainable_p"  # the smallest p-value a permutation design can reach
+NULL_ZERO_SPLICE = "zero_splice"  # splicing Δ̂ = 0 (the adapter still acts after the spliced layer)
+
+# ---- what an interval resampled (the ci_unit column) -----------------------------------------------------------
+CI_DOCUMENT = "document"
+CI_SEED = "seed"
+CI_ATOM = "atom"
 
 # ---- Δ norms ---------------------------------------------------------------------------------------------------
 DELTA_NORM_STATS = ("mean", "median", "p90", "p99")
@@ -93,7 +105,10 @@ FVU_REF_DIFF = fvu(REF_DIFF)
 FVU_REF_LSTSQ_ACTIVE = fvu(REF_LSTSQ_ACTIVE)
 FVU_NOISE = fvu(NOISE)
 FVU_REF_ON_BASE = "fvu_ref_on_base"
-RECON_IMPROVEMENT_PCT = "recon_improvement_pct"
+FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL = "fvu_gap_adapter_sae_vs_best_control"
+FVU_SAE_INIT = "fvu_sae_init"  # the adapter SAE's architecture at initialisation, fed Δ
+FVU_GAP_ADAPTER_SAE_VS_SAE_INIT = "fvu_gap_adapter_sae_vs_sae_init"
+RECON_IMPROVEMENT_PCT = "recon_improvement_pct"  # a labelled extra against the weakest control, never a verdict
 
 # ---- density ---------------------------------------------------------------------------------------------------
 L0_ADAPTER_SAE = "l0_adapter_sae"
@@ -107,8 +122,9 @@ L0_REF_ON_BASE = "l0_ref_on_base"
 MMCS_ADAPTER_TO_REF = "mmcs_adapter_to_ref"
 MMCS_REF_TO_ADAPTER = "mmcs_ref_to_adapter"
 MMCS_SEED_VS_SEED = "mmcs_seed_vs_seed"
-MMCS_ADAPTER_TO_COV_MATCHED = "mmcs_adapter_to_cov_matched"
-MMCS_INIT_TO_REF = "mmcs_init_to_ref"
+MMCS_NULL_ISOTROPIC = "mmcs_null_isotropic"
+MMCS_NULL_COV_MATCHED = "mmcs_null_cov_matched"
+MMCS_NULL_SAE_INIT = "mmcs_null_sae_init"
 HUNGARIAN_MEAN_COS = "hungarian_mean_cos"
 OVERLAP_ADAPTER_TO_REF = "overlap_adapter_to_ref@"  # prefix of overlap(ADAPTER, REF, tau)
 
@@ -148,6 +164,20 @@ def smallest_angle_deg(pair: str) -> str:
     return f"smallest_angle_deg_{pair}"
 
 
+def selected_cos2(pair: str) -> str:
+    """Split-half, selection-aware mean cos² of ``pair`` (atoms selected on one half of the documents, PCA(Δ) of
+    the other); its null is the same selection run on random dictionaries."""
+    return f"selected_cos2_{pair}"
+
+
+def selected_cos2_null_q95(pair: str) -> str:
+    """95th percentile of :func:`selected_cos2`'s null over random-dictionary draws (the verdict's bar)."""
+    return f"selected_cos2_null_q95_{pair}"
+
+
+SELECTED_PAIRS = (PCA_DELTA_VS_REF_TOPK, PCA_DELTA_VS_ADAPTER_TOPK)
+
+
 def principal_angles_array(pair: str) -> str:
     """Name of the per-(layer, adapter) array of principal angles of ``pair``."""
     return f"principal_angles_{pair}"
@@ -156,11 +186,20 @@ def principal_angles_array(pair: str) -> str:
 # ---- CKA -------------------------------------------------------------------------------------------------------
 CKA_CODES_ADAPTER_VS_REF = "cka_codes_adapter_vs_ref"
 CKA_DELTA_VS = "cka_delta_vs_"  # prefix of cka_delta_vs(adapter)
+CKA_STATS = ("null_q95", "p", "biased")  # the companions of a debiased CKA row
 
 
 def cka_delta_vs(adapter: str) -> str:
-    """Linear CKA between this row's adapter's Δ and ``adapter``'s Δ on the same tokens."""
+    """Debiased linear CKA between this row's adapter's Δ and ``adapter``'s Δ on the same tokens."""
     return f"cka_delta_vs_{adapter}"
+
+
+def cka_extra(name: str, stat: str) -> str:
+    """A companion of the CKA row ``name``: ``null_q95`` (95th percentile of the document-permutation null),
+    ``p`` (its one-sided p-value) or ``biased`` (the biased estimator, a labelled extra)."""
+    if stat not in CKA_STATS:
+        raise ValueError(f"unknown CKA companion {stat!r}")
+    return f"cka_{stat}__{name}"
 
 
 # ---- splice ----------------------------------------------------------------------------------------------------
@@ -171,8 +210,35 @@ def kl_recovered(method: str) -> str:
     return f"kl_recovered_{method}"
 
 
-KL_RECOVERED_ADAPTER_SAE = kl_recovered(ADAPTER_SAE)
-KL_RECOVERED_REF_DIFF = kl_recovered(REF_DIFF)
+SPLICE_BASELINES = ("zero", "mean_delta")  # Δ̂ = 0 and Δ̂ = mean Δ over training documents
+
+
+def kl_recovered_rel(method: str) -> str:
+    """1 − KL(adapted ‖ splice_method)/KL(adapted ‖ splice_zero): recovery beyond splicing Δ̂ = 0."""
+    return f"kl_recovered_rel_{method}"
+
+
+def kl_recovered_raw(method: str) -> str:
+    """1 − KL(adapted ‖ splice_method)/KL(adapted ‖ base): the old, baseline-blind recovery (a labelled extra)."""
+    return f"kl_recovered_raw_{method}"
+
+
+def kl(method: str) -> str:
+    """Mean KL(adapted ‖ splice_method) per selected token (nats)."""
+    return f"kl_{method}"
+
+
+KL_RECOVERED_REL_ADAPTER_SAE = kl_recovered_rel(ADAPTER_SAE)
+KL_RECOVERED_REL_REF_DIFF = kl_recovered_rel(REF_DIFF)
+KL_RECOVERED_RAW_ADAPTER_SAE = kl_recovered_raw(ADAPTER_SAE)
+
+# ---- trends over rank / depth (one row per layer, or per adapter for depth) -------------------------------------
+TREND_DELTA_NORM_RANK = "trend_delta_norm_vs_log2_rank"
+TREND_DELTA_NORM_RANK_P = "trend_delta_norm_vs_log2_rank_p"
+TREND_L0_RANK = "trend_l0_vs_log2_rank"
+TREND_L0_RANK_P = "trend_l0_vs_log2_rank_p"
+TREND_DELTA_NORM_DEPTH = "trend_delta_norm_vs_layer"
+TREND_DELTA_NORM_DEPTH_P = "trend_delta_norm_vs_layer_p"
 
 # ---- LoRA training ---------------------------------------------------------------------------------------------
 TRAIN_LOSS_START = "train_loss_start"
@@ -228,26 +294,46 @@ _FIXED = [
     Metric(DELTA_NORM, EFFECTIVE_RANK_PR, "participation ratio (Σλ)²/Σλ² of Δ's covariance"),
     Metric(DELTA_NORM, PCA_K90, "PCA components for 90% of Δ's variance"),
     Metric(RECONSTRUCTION, FVU_REF_ON_BASE, "FVU of the reference SAE on held-out base activations"),
-    Metric(RECONSTRUCTION, RECON_IMPROVEMENT_PCT, "100·(FVU_ref − FVU_adapter)/FVU_ref on held-out Δ"),
-    Metric(DENSITY, L0_ADAPTER_SAE, "active adapter-SAE latents per held-out Δ token", ci="token"),
+    Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, "FVU(adapter SAE) − FVU(best control), paired over "
+           "the same document resamples", NULL_BEST_CONTROL, CI_DOCUMENT),
+    Metric(RECONSTRUCTION, FVU_SAE_INIT, "FVU on held-out Δ of the adapter SAE's architecture at its "
+           "initialisation (a dictionary that learned nothing but encodes Δ itself)", NULL_MEAN_PREDICTOR,
+           CI_DOCUMENT),
+    Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, "FVU(adapter SAE) − FVU(SAE at initialisation), paired "
+           "over the same document resamples", NULL_INIT, CI_DOCUMENT),
+    Metric(RECONSTRUCTION, RECON_IMPROVEMENT_PCT, "100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta: extra "
+           "against the weakest control (the reference SAE fed Δ); verdicts use the gap to the best control"),
+    Metric(DENSITY, L0_ADAPTER_SAE, "active adapter-SAE latents per held-out Δ token", ci=CI_DOCUMENT),
     Metric(DENSITY, DEAD_FRACTION_ADAPTER_SAE, "fraction of adapter-SAE latents never active on held-out Δ"),
     Metric(DENSITY, ALIVE_LATENTS_ADAPTER_SAE, "adapter-SAE latents active at least once on held-out Δ"),
     Metric(DENSITY, MEAN_DENSITY_ADAPTER_SAE, "mean firing rate of the adapter-SAE latents"),
     Metric(DENSITY, L0_REF_ON_DELTA, "active reference-SAE latents per held-out Δ token"),
     Metric(DENSITY, L0_REF_ON_BASE, "active reference-SAE latents per held-out base token"),
-    Metric(DECODER_SIMILARITY, MMCS_ADAPTER_TO_REF, "mean best cosine of adapter atoms to reference atoms",
-           NULL_RANDOM_ISOTROPIC, "atom"),
+    Metric(DECODER_SIMILARITY, MMCS_ADAPTER_TO_REF, "mean best cosine of alive adapter atoms to alive reference "
+           "atoms (CI over seeds when ≥ 2 seeds, else over atoms)", NULL_STRONGEST_ALIGNMENT, "seed|atom"),
     Metric(DECODER_SIMILARITY, MMCS_REF_TO_ADAPTER, "mean best cosine of reference atoms to adapter atoms",
-           NULL_RANDOM_ISOTROPIC, "atom"),
-    Metric(DECODER_SIMILARITY, MMCS_SEED_VS_SEED, "MMCS between two seeds of the adapter SAE (the ceiling)",
-           NULL_SEED_VS_SEED),
-    Metric(DECODER_SIMILARITY, MMCS_ADAPTER_TO_COV_MATCHED, "MMCS to the reference of random atoms with Δ's "
-           "covariance", NULL_COV_MATCHED),
-    Metric(DECODER_SIMILARITY, MMCS_INIT_TO_REF, "MMCS to the reference of an SAE at initialisation", NULL_INIT),
+           NULL_RANDOM_ISOTROPIC, CI_ATOM),
+    Metric(DECODER_SIMILARITY, MMCS_SEED_VS_SEED, "MMCS between two seeds of the adapter SAE over both seeds' "
+           "alive atoms (the ceiling)", NULL_SEED_VS_SEED, CI_ATOM),
+    Metric(DECODER_SIMILARITY, MMCS_NULL_ISOTROPIC, "exact expected MMCS to the alive reference atoms of random "
+           "isotropic atoms", NULL_RANDOM_ISOTROPIC),
+    Metric(DECODER_SIMILARITY, MMCS_NULL_COV_MATCHED, "MMCS to the alive reference atoms of random atoms drawn with "
+           "the covariance of Δ on training documents", NULL_COV_MATCHED),
+    Metric(DECODER_SIMILARITY, MMCS_NULL_SAE_INIT, "MMCS to the alive reference atoms of the adapter SAE's decoder "
+           "at its real initialisation", NULL_INIT),
     Metric(DECODER_SIMILARITY, HUNGARIAN_MEAN_COS, "mean cosine of the one-to-one (Hungarian) matching of alive "
            "atoms"),
-    Metric(CKA, CKA_CODES_ADAPTER_VS_REF, "linear CKA of adapter-SAE vs reference-SAE codes on Δ"),
+    Metric(CKA, CKA_CODES_ADAPTER_VS_REF, "debiased linear CKA of adapter-SAE vs reference-SAE codes on Δ "
+           "(null: mean over document permutations)", NULL_DOC_PERMUTATION),
     Metric(SPLICE, KL_ADAPTED_VS_BASE, "mean KL(p_adapted ‖ p_base) over held-out tokens"),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_RANK, "OLS slope of mean ‖Δ‖ on log2 rank across same-recipe adapters "
+           "(paired document bootstrap)", ci=CI_DOCUMENT),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
+    Metric(DENSITY, TREND_L0_RANK, "OLS slope of L0 (alive latents under TopK) on log2 rank", ci=CI_DOCUMENT),
+    Metric(DENSITY, TREND_L0_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH, "OLS slope of mean ‖Δ‖ on layer index, per adapter",
+           ci=CI_DOCUMENT),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(LORA, TRAIN_LOSS_START, "LoRA training loss over the first steps"),
     Metric(LORA, TRAIN_LOSS_END, "LoRA training loss over the last steps"),
     Metric(LORA, HELDOUT_LOSS_BASE, "base model's loss on held-out fine-tuning examples"),
@@ -279,20 +365,37 @@ METRICS: dict[str, Metric] = {m.name: m for m in _FIXED}
 _METHODS = "|".join(RECON_METHODS)
 _PAIRS = "|".join((PCA_DELTA_VS_REF_TOPK, PCA_DELTA_VS_ADAPTER_TOPK, ADAPTER_TOPK_VS_REF_TOPK,
                    PCA_DELTA_VS_LORA_COLSPACE))
+_SELECTED = "|".join(SELECTED_PAIRS)
+_SPLICE_METHODS = "|".join((*RECON_METHODS, *SPLICE_BASELINES))
 # (pattern, family, description, null, ci unit) for the names built by the functions above
 _PATTERNS = [
+    (r"(rel_)?delta_norm_mean", DELTA_NORM, "mean ‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) over held-out tokens", "",
+     CI_DOCUMENT),
     (rf"(rel_)?delta_norm_({'|'.join(DELTA_NORM_STATS)})", DELTA_NORM, "‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) summary", "",
-     "token"),
+     ""),
     (rf"fvu_({_METHODS})", RECONSTRUCTION, "fraction of Δ's variance unexplained by the method",
-     NULL_NOISE_MATCHED, "token"),
+     NULL_MEAN_PREDICTOR, CI_DOCUMENT),
     (rf"(mse|cos)_({_METHODS})", RECONSTRUCTION, "mean squared error / cosine of the method's Δ̂", "", ""),
     (r"overlap_(adapter_to_ref|ref_to_adapter)@[0-9.]+", DECODER_SIMILARITY,
      "fraction of atoms whose best match is ≥ τ", NULL_RANDOM_ISOTROPIC, ""),
-    (rf"mean_cos2_({_PAIRS})", SUBSPACE, "mean cos² of the principal angles of two rank-k subspaces",
-     NULL_RANDOM_SUBSPACE, ""),
+    (rf"mean_cos2_{PCA_DELTA_VS_LORA_COLSPACE}", SUBSPACE, "mean cos² of the principal angles of PCA(Δ) and the "
+     "LoRA column space (chosen without looking at Δ: k/d applies)", NULL_RANDOM_SUBSPACE, ""),
+    (rf"mean_cos2_({_PAIRS})", SUBSPACE, "mean cos² of the principal angles of two rank-k subspaces selected on "
+     "the same Δ (descriptive: k/d does not apply; see selected_cos2_*)", "", ""),
+    (rf"selected_cos2_({_SELECTED})", SUBSPACE, "split-half selection-aware mean cos² of selected atoms vs PCA(Δ)",
+     NULL_SELECTED_RANDOM, ""),
+    (rf"selected_cos2_null_q95_({_SELECTED})", SUBSPACE, "95th percentile of the selected-random-dictionary null",
+     "", ""),
     (rf"(largest|smallest)_angle_deg_({_PAIRS})", SUBSPACE, "largest / smallest principal angle (degrees)", "", ""),
-    (r"cka_delta_vs_.+", CKA, "linear CKA of Δ across adapters on the same tokens", "", ""),
-    (rf"kl_recovered_({_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ base)", "", ""),
+    (r"cka_delta_vs_.+", CKA, "debiased linear CKA of Δ across adapters on the same tokens", NULL_DOC_PERMUTATION,
+     ""),
+    (rf"cka_({'|'.join(CKA_STATS)})__.+", CKA, "companion of a CKA row: null 95th percentile, p-value or biased "
+     "estimate", "", ""),
+    (rf"kl_recovered_rel_({_SPLICE_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ spliced with Δ̂ = 0)",
+     NULL_ZERO_SPLICE, CI_DOCUMENT),
+    (rf"kl_recovered_raw_({_SPLICE_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ base) (ignores "
+     "that the adapter stays active after the spliced layer)", "", ""),
+    (rf"kl_({_SPLICE_METHODS})", SPLICE, "mean KL(adapted ‖ spliced) per selected token", "", ""),
     (r"steer_kl_closed_top_features", EXPLAIN, "1 − KL(adapted ‖ steered base)/KL(adapted ‖ base), top features",
      NULL_RANDOM_FEATURES, ""),
     (r"steer_behaviour_top_features", EXPLAIN, "held-out loss gain recovered by steering with the top features",

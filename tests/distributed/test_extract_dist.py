@@ -127,7 +127,9 @@ def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tm
         for L, a in my_jobs(jobs, r, 2):
             assert read_json(out / f"L{L}__{a}__seed0" / "done.json")["rank"] == r
     L, a = jobs[-1]  # trained by rank 1: the same SAE as a single-process run
-    sae = create_sae("topk", store.d_model, 2 * store.d_model, seed=0, k=4)
+    from lorascope.study.splits import derived_init_seed
+
+    sae = create_sae("topk", store.d_model, 2 * store.d_model, seed=derived_init_seed(0, L, "delta", a), k=4)
     res = train_sae(sae, store.training_stream(L, "delta", a, 64, 0, 0.2, 0),
                     TrainerConfig(total_tokens=256, batch_size=64, seed=0, device="cpu", checkpoint_every=1,
                                   resume=True), checkpoint_dir=tmp_path / "ck", progress=False)

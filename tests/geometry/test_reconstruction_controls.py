@@ -86,7 +86,7 @@ def test_threshold_sae_on_small_deltas_returns_bias_but_controls_do_not():
     assert rows["fvu_ref_sae_on_delta"].value > 100  # outputs b_dec: far worse than predicting the mean
     assert rows["l0_ref_sae_on_delta"].value == 0
     assert rows["fvu_ref_active_lstsq"].value < rows["fvu_ref_sae_on_delta"].value
-    assert rows["fvu_ref_sae_on_delta"].null_name == "isotropic_noise_matched_norm"
+    assert rows["fvu_ref_sae_on_delta"].null_name == "mean_predictor" and rows["fvu_ref_sae_on_delta"].null_value == 1.0
 
 
 def test_lstsq_on_active_atoms_matches_numpy_per_token():
@@ -124,3 +124,53 @@ def test_bootstrap_interval_and_bad_inputs():
     bad[3, 3] = float("inf")
     with pytest.raises(LorascopeError, match="NaN or inf"):
         delta_reconstruction(hb, bad, IdentitySAE(8))
+
+
+class ZeroSAE:
+    """Predicts Δ̂ = 0 for every token (worse than the mean predictor when Δ has a mean)."""
+
+    def __init__(self, d):
+        self.W_dec = torch.eye(d, dtype=torch.float64)
+
+    def encode(self, x):
+        return torch.zeros_like(x)
+
+    def decode(self, codes):
+        return codes @ self.W_dec
+
+
+def test_document_bootstrap_matches_the_pure_function_and_documents_span_batches():
+    from lorascope.geometry.bootstrap import document_bootstrap_fvu_ci
+
+    hb, hf = _pair(n=240, d=8, seed=7, delta_mean=0.5)
+    doc = torch.arange(240) // 12
+    ref = ThresholdSAE(8, threshold=0.8, b_dec=torch.zeros(8, dtype=torch.float64))
+    rows = _by_metric(delta_reconstruction(hb, hf, ref, n_boot=300, seed=2, doc_ids=doc, batch_size=50))
+    delta = hf - hb
+    err = ((delta - ref.decode(ref.encode(delta))) ** 2).sum(1)
+    (ci,) = document_bootstrap_fvu_ci(err, delta, doc, n_boot=300, seed=2)
+    r = rows["fvu_ref_sae_on_delta"]
+    assert r.extra["ci_unit"] == "document" and ci.ci_unit == "document"
+    assert (r.ci_low, r.ci_high) == pytest.approx((ci.low, ci.high), rel=1e-9)  # batches of 50 split documents
+    with pytest.raises(LorascopeError, match="doc_ids"):
+        DeltaReconstruction(ref, bootstrap="document").update(hb, hf)
+
+
+def test_gap_to_best_control_and_verdict():
+    from lorascope.geometry.verdicts import reconstruction_verdict
+
+    hb, hf = _pair(n=240, d=8, seed=8, delta_mean=0.5)
+    doc = torch.arange(240) // 12
+    ref = ThresholdSAE(8, threshold=0.8, b_dec=torch.zeros(8, dtype=torch.float64))
+    good = _by_metric(delta_reconstruction(hb, hf, ref, IdentitySAE(8), n_boot=300, doc_ids=doc))
+    gap = good["fvu_gap_adapter_sae_vs_best_control"]
+    best = gap.extra["best_control"]
+    assert best in ("ref_sae_difference", "ref_active_lstsq")
+    assert gap.value == pytest.approx(-good[f"fvu_{best}"].value) and gap.ci_high < 0
+    fvu_ad = good["fvu_adapter_sae"]
+    assert fvu_ad.null_value == 1.0 and fvu_ad.null_name == "mean_predictor"
+    assert reconstruction_verdict((gap.ci_low, gap.ci_high), (fvu_ad.ci_low, fvu_ad.ci_high)) == "holds"
+    bad = _by_metric(delta_reconstruction(hb, hf, ref, ZeroSAE(8), n_boot=300, doc_ids=doc))
+    gap, fvu_ad = bad["fvu_gap_adapter_sae_vs_best_control"], bad["fvu_adapter_sae"]
+    assert fvu_ad.value > 1  # predicting 0 for a biased Δ is worse than the mean
+    assert reconstruction_verdict((gap.ci_low, gap.ci_high), (fvu_ad.ci_low, fvu_ad.ci_high)) == "does not hold"

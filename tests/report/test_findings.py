@@ -1,131 +1,147 @@
-"""Findings: verdict rules on constructed tables (holds / does not hold / mixed / not measured) and the numbers."""
+"""Findings: verdict rules on constructed tables (each claim against its strongest control) and the numbers."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
-
+from lorascope import results_schema as schema
 from lorascope.report import compute_findings, findings_markdown, load_run
-from lorascope.report.findings import HOLDS, MIXED, NOT_HOLDS, NOT_MEASURED
+from lorascope.report.findings import HOLDS, MIXED, NOT_HOLDS, NOT_MEASURED, NOT_TESTABLE
 from lorascope.results import ResultRow, rows_to_frame
 
 NAN = math.nan
 
 
-def _row(metric, layer, rank, value, lo=NAN, hi=NAN, null=NAN, family="x"):
-    return ResultRow(family, metric, value, layer=layer, adapter=f"rank_{rank}", rank=rank, ci_low=lo, ci_high=hi,
-                     null_value=null)
+def _row(metric, layer, rank, value, lo=NAN, hi=NAN, null=NAN, family="x", adapter=None):
+    return ResultRow(family, metric, value, layer=layer, adapter=f"rank_{rank}" if adapter is None else adapter,
+                     rank=rank, ci_low=lo, ci_high=hi, null_value=null)
 
 
 def _find(rows, key):
     return {f.key: f for f in compute_findings(rows_to_frame(rows))}[key]
 
 
-def _fvu_rows(adapter_fvu, ref_fvu):
-    """adapter_fvu/ref_fvu: {(layer, rank): (value, lo, hi)}."""
-    rows = []
-    for (layer, rank), v in adapter_fvu.items():
-        rows.append(_row("fvu_adapter_sae", layer, rank, *v))
-        rows.append(_row("fvu_ref_on_delta", layer, rank, *ref_fvu[(layer, rank)]))
-    return rows
-
-
 CELLS = [(3, 4), (3, 16), (6, 4), (6, 16)]
 
 
-def test_reconstruction_holds_when_adapter_fvu_is_clearly_lower_everywhere():
-    f = _find(_fvu_rows({c: (0.08, 0.07, 0.09) for c in CELLS}, {c: (0.62, 0.60, 0.64) for c in CELLS}),
-              "reconstruction")
-    assert f.verdict == HOLDS
-    assert f.numbers["cells"] == 4 and f.numbers["cells_passing"] == 4
-    assert f.numbers["improvement_pct"] == pytest.approx(100 * 0.54 / 0.62, rel=1e-12)  # computed: row absent
-    assert "0.08 [0.07, 0.09]" in f.text and "0.62 [0.6, 0.64]" in f.text and "layer 6, rank 16" in f.text
+def _recon(fvu, gap):
+    """fvu/gap: {(layer, rank): (value, lo, hi)}."""
+    rows = []
+    for c, v in fvu.items():
+        rows.append(_row(schema.FVU_ADAPTER_SAE, *c, *v, null=1.0))
+        rows.append(_row(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c, *gap[c], null=0.0))
+    return rows
 
 
-def test_reconstruction_does_not_hold_when_reversed_or_cis_overlap():
-    rev = _find(_fvu_rows({c: (0.7, 0.68, 0.72) for c in CELLS}, {c: (0.3, 0.28, 0.32) for c in CELLS}),
-                "reconstruction")
-    assert rev.verdict == NOT_HOLDS and rev.numbers["cells_passing"] == 0
-    # lower point estimate but overlapping CIs is not "better"
-    overlap = _find(_fvu_rows({c: (0.50, 0.40, 0.60) for c in CELLS}, {c: (0.55, 0.50, 0.60) for c in CELLS}),
-                    "reconstruction")
-    assert overlap.verdict == NOT_HOLDS
+def test_reconstruction_is_read_against_the_best_control_and_the_mean_predictor():
+    good = {c: (0.08, 0.07, 0.09) for c in CELLS}
+    below = {c: (-0.2, -0.25, -0.15) for c in CELLS}
+    f = _find(_recon(good, below), "reconstruction")
+    assert f.verdict == HOLDS and f.numbers["cells_holding"] == 4
+    assert "0.08 [0.07, 0.09]" in f.text and "-0.2 [-0.25, -0.15]" in f.text and "layer 6, rank 16" in f.text
+    # the gap's CI touches 0: not better than the best control, whatever the weakest control says
+    touching = {c: (-0.05, -0.1, 0.01) for c in CELLS}
+    assert _find(_recon(good, touching), "reconstruction").verdict == NOT_HOLDS
+    # better than the controls but no better than predicting the mean (FVU CI reaches 1)
+    bad = {c: (0.95, 0.9, 1.02) for c in CELLS}
+    assert _find(_recon(bad, below), "reconstruction").verdict == NOT_HOLDS
+    mixed = dict(touching)
+    mixed[(3, 4)] = below[(3, 4)]
+    assert _find(_recon(good, mixed), "reconstruction").verdict == MIXED
+    # no interval (bootstrap off): not testable, never "holds"
+    nan = {c: (0.08, NAN, NAN) for c in CELLS}
+    assert _find(_recon(nan, {c: (-0.2, NAN, NAN) for c in CELLS}), "reconstruction").verdict == NOT_TESTABLE
+    assert _find([], "reconstruction").verdict == NOT_MEASURED
 
 
-def test_reconstruction_mixed_and_not_measured():
-    ad = {c: (0.08, 0.07, 0.09) for c in CELLS}
-    ref = {c: (0.62, 0.60, 0.64) for c in CELLS}
-    ref[(3, 4)] = (0.08, 0.075, 0.085)
-    f = _find(_fvu_rows(ad, ref), "reconstruction")
-    assert f.verdict == MIXED and f.numbers["cells_passing"] == 3
-    assert _find([_row("fvu_adapter_sae", 3, 4, 0.1)], "reconstruction").verdict == NOT_MEASURED
+def test_alignment_reads_the_strongest_null_and_the_ceiling():
+    def f(value, lo, hi, null, ceil=None):
+        rows = [_row(schema.MMCS_ADAPTER_TO_REF, 15, 16, value, lo, hi, null=null)]
+        if ceil is not None:
+            rows.append(_row(schema.MMCS_SEED_VS_SEED, 15, 16, *ceil))
+        return _find(rows, "alignment")
 
-
-def test_alignment_weak_below_midpoint_of_null_and_ceiling():
-    rows = [_row("mmcs_adapter_to_ref", 15, 16, 0.31, 0.30, 0.32, null=0.07),
-            _row("mmcs_seed_vs_seed", 15, 16, 0.85)]
-    f = _find(rows, "alignment")
-    assert f.verdict == HOLDS  # 0.31 < (0.07 + 0.85) / 2 = 0.46
-    assert "0.31 [0.3, 0.32]" in f.text and "null 0.07" in f.text and "ceiling 0.85" in f.text
-    assert f.numbers["cells_above_null"] == 1
-    strong = [_row("mmcs_adapter_to_ref", 15, 16, 0.5, null=0.07), _row("mmcs_seed_vs_seed", 15, 16, 0.85)]
-    assert _find(strong, "alignment").verdict == NOT_HOLDS  # 0.5 >= 0.46
-    # no second seed: ceiling 1, midpoint (0.07 + 1) / 2 = 0.535
-    no_seed = _find([_row("mmcs_adapter_to_ref", 15, 16, 0.5, null=0.07)], "alignment")
-    assert no_seed.verdict == HOLDS and no_seed.numbers["ceiling"] != no_seed.numbers["ceiling"]  # NaN reported
+    weak = f(0.31, 0.30, 0.32, 0.07, (0.85, 0.8, 0.9))
+    assert weak.verdict == "weak" and "0.31 [0.3, 0.32]" in weak.text and "strongest null 0.07" in weak.text
+    assert f(0.31, 0.06, 0.32, 0.07, (0.85, 0.8, 0.9)).verdict == "no alignment"  # CI reaches the null
+    assert f(0.06, 0.05, 0.07, 0.07).verdict == "no alignment"  # at or below the null is never "weak"
+    assert f(0.82, 0.79, 0.84, 0.07, (0.85, 0.8, 0.9)).verdict == "at ceiling"
+    assert f(0.31, 0.30, 0.32, 0.07).verdict == "weak"  # no second seed: no ceiling to reach
+    assert f(0.31, NAN, NAN, 0.07).verdict == NOT_TESTABLE
     assert _find([], "alignment").verdict == NOT_MEASURED
 
 
-def _l0_rows(per_layer):
-    return [_row("l0_adapter_sae", layer, r, v) for layer, vals in per_layer.items()
-            for r, v in zip((4, 8, 16, 32), vals, strict=False)]
+def _trend(metric, p_metric, slope, lo, hi, p, min_p, layer=3):
+    return [_row(metric, layer, -1, slope, lo, hi, adapter=""), _row(p_metric, layer, -1, p, null=min_p, adapter="")]
 
 
-def test_density_trend_by_spearman_sign_per_layer():
-    up = {3: [12, 15, 20, 25], 6: [10, 11, 30, 31], 9: [12, 14, 13, 31]}
-    f = _find(_l0_rows(up), "density_rank")
-    assert f.verdict == HOLDS and f.numbers["layers_passing"] == 3
-    assert "L0 12→31 from rank 4 to 32 at layer 9" in f.text and "3/3 layers" in f.text
-    mixed = _find(_l0_rows({3: [12, 15, 20, 25], 6: [30, 20, 10, 5]}), "density_rank")
-    assert mixed.verdict == MIXED
-    down = _find(_l0_rows({3: [25, 20, 15, 12]}), "density_rank")
-    assert down.verdict == NOT_HOLDS and down.numbers["spearman_by_layer"]["3"] == -1.0
-    flat = _find(_l0_rows({3: [10, 10, 10, 10]}), "density_rank")  # ρ undefined: no rise
-    assert flat.verdict == NOT_HOLDS
-    one_rank = _find([_row("l0_adapter_sae", 3, 4, 10.0)], "density_rank")
-    assert one_rank.verdict == NOT_MEASURED
+def test_rank_trends_are_slopes_and_four_ranks_are_not_testable():
+    m, pm = schema.TREND_DELTA_NORM_RANK, schema.TREND_DELTA_NORM_RANK_P
+    four = _find(_trend(m, pm, 0.3, 0.2, 0.4, 1 / 12, 1 / 12), "delta_norm_rank")
+    assert four.verdict == NOT_TESTABLE  # a perfect rise over 4 ranks still has p = 1/12
+    six = _find(_trend(m, pm, 0.3, 0.2, 0.4, 2 / 720, 2 / 720), "delta_norm_rank")
+    assert six.verdict == HOLDS
+    assert _find(_trend(m, pm, 0.3, -0.1, 0.4, 2 / 720, 2 / 720), "delta_norm_rank").verdict == NOT_HOLDS
+    assert _find(_trend(m, pm, -0.3, -0.4, -0.2, 2 / 720, 2 / 720), "delta_norm_rank").verdict == NOT_HOLDS
+    assert _find([], "delta_norm_rank").verdict == NOT_MEASURED
+    depth = [_row(schema.TREND_DELTA_NORM_DEPTH, -1, 4, 0.3, 0.2, 0.4),
+             _row(schema.TREND_DELTA_NORM_DEPTH_P, -1, 4, 1 / 3, null=1 / 3)]
+    assert _find(depth, "delta_norm_depth").verdict == NOT_TESTABLE  # 3 layers
 
 
-def test_density_uses_alive_latents_when_topk_fixes_l0():
-    rows = _l0_rows({3: [16, 16, 16, 16]}) + [_row("alive_latents_adapter_sae", 3, r, v)
-                                              for r, v in zip((4, 8, 16, 32), (900, 950, 1000, 1100), strict=True)]
+def test_density_is_not_testable_when_topk_fixes_l0():
+    rows = [_row(schema.L0_ADAPTER_SAE, 3, r, 16.0) for r in (4, 8, 16, 32)]
+    rows += _trend(schema.TREND_L0_RANK, schema.TREND_L0_RANK_P, 0.0, 0.0, 0.0, 1.0, 1 / 12)
     f = _find(rows, "density_rank")
-    assert f.verdict == HOLDS and f.text.startswith("L0 is fixed at 16") and "alive latents 900→1.1e+03" in f.text
+    assert f.verdict == NOT_TESTABLE and f.text.startswith("L0 is fixed at 16")
 
 
-def test_splice_subspace_and_effective_rank_rules():
-    splice = [_row("kl_recovered_adapter_sae", 3, 4, 0.9, 0.88, 0.92),
-              _row("kl_recovered_ref_diff", 3, 4, 0.4, 0.38, 0.42),
-              _row("kl_recovered_adapter_sae", 3, 16, 0.5, 0.3, 0.7),
-              _row("kl_recovered_ref_diff", 3, 16, 0.45, 0.4, 0.5)]
-    s = _find(splice, "splice")
-    assert s.verdict == MIXED and s.numbers["cells_passing"] == 1
-    sub = [_row("mean_cos2_pca", 3, 4, 0.4, 0.35, 0.45, null=0.125), _row("mean_cos2_pca", 3, 16, 0.13, 0.1, 0.16,
-                                                                        null=0.125)]
-    assert _find(sub, "subspace").verdict == MIXED
-    assert _find(sub[:1], "subspace").verdict == HOLDS
+def test_splice_is_relative_to_the_zero_splice_and_the_mean_baseline():
+    rel, mean = schema.KL_RECOVERED_REL_ADAPTER_SAE, schema.kl_recovered_rel("mean_delta")
+    rows = [_row(rel, 3, 4, 0.9, 0.88, 0.92), _row(mean, 3, 4, 0.4, 0.38, 0.42),
+            _row(rel, 3, 16, 0.5, 0.3, 0.7), _row(mean, 3, 16, 0.45, 0.4, 0.5),
+            _row(schema.kl_recovered_raw("zero"), 3, 16, 0.8)]
+    s = _find(rows, "splice")
+    assert s.verdict == MIXED and s.numbers["cells_holding"] == 1
+    assert "Δ̂ = 0 alone recovers 0.8" in s.text
+    below_zero = [_row(rel, 3, 4, 0.1, -0.05, 0.2)]
+    assert _find(below_zero, "splice").verdict == NOT_HOLDS
+
+
+def test_subspace_uses_the_selection_aware_null_and_only_the_reference():
+    pair = schema.PCA_DELTA_VS_REF_TOPK
+    rows = [_row(schema.selected_cos2(pair), 3, 4, 0.4, null=0.3),
+            _row(schema.selected_cos2_null_q95(pair), 3, 4, 0.35),
+            _row(schema.selected_cos2(pair), 3, 16, 0.33, null=0.3),
+            _row(schema.selected_cos2_null_q95(pair), 3, 16, 0.35)]
+    assert _find(rows, "subspace").verdict == MIXED
+    assert _find(rows[:2], "subspace").verdict == HOLDS
+    # comparisons without the reference never enter the finding
+    other = [_row(schema.selected_cos2(schema.PCA_DELTA_VS_ADAPTER_TOPK), 3, 4, 0.9, null=0.1),
+             _row(schema.mean_cos2(schema.PCA_DELTA_VS_LORA_COLSPACE), 3, 4, 0.9, null=0.01)]
+    assert _find(other, "subspace").verdict == NOT_MEASURED
     er = [_row("pca_k90", 3, 4, 9.0), _row("pca_k90", 3, 16, 12.0)]
     f = _find(er, "effective_rank")
     assert f.verdict == MIXED and f.numbers["cells_passing"] == 1
 
 
-def test_fake_run_findings_all_hold_and_markdown(reported_run):
+def test_cka_uses_the_permutation_p_value():
+    def rows(p):
+        m = schema.cka_delta_vs("rank_16")
+        return [_row(m, 3, 4, 0.3, null=0.01), _row(schema.cka_extra(m, "p"), 3, 4, p)]
+
+    assert _find(rows(0.02), "cka").verdict == HOLDS
+    assert _find(rows(0.4), "cka").verdict == NOT_HOLDS  # a large CKA that chance reaches is not shared
+
+
+def test_fake_run_findings_and_markdown(reported_run):
     run, _, _ = reported_run
     df = load_run(run).df
-    findings = compute_findings(df)
-    assert {f.verdict for f in findings} == {HOLDS}
+    findings = {f.key: f for f in compute_findings(df)}
+    assert findings["reconstruction"].verdict == HOLDS and findings["subspace"].verdict == HOLDS
+    assert findings["alignment"].verdict == "weak" and findings["cka"].verdict == HOLDS
+    assert findings["delta_norm_rank"].verdict == NOT_MEASURED  # the fake run has no trend rows
     md = findings_markdown(df)
-    for f in findings:
+    for f in findings.values():
         assert f.title in md and f.rule in md
-    assert md.count("*holds*") == len(findings)
+    assert "ci_unit" in md

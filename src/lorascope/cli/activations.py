@@ -183,6 +183,7 @@ def train_saes_distributed_cmd(
     from lorascope.distributed import barrier, cleanup, init_distributed, my_jobs
     from lorascope.io import OutputLock, read_json, write_json
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
+    from lorascope.study.splits import derived_init_seed
 
     dist = init_distributed(device)
     st = open_store(store)
@@ -204,7 +205,8 @@ def train_saes_distributed_cmd(
             continue
         lock = OutputLock(folder) if writer else contextlib.nullcontext()
         with lock:
-            job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
+            init_seed = derived_init_seed(seed, layer, kind, adapter)
+            job = SAEJob(layer, kind, adapter, seed, held_out_fraction, 0, init_seed, {"init_seed": init_seed})
             tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast,
                                   data_parallel=data_parallel)
             res = train_sae_job(st, job, c, tcfg, folder if writer else None, folder / "ckpt",

@@ -38,6 +38,7 @@ def train_sae_cmd(
     from lorascope.config import SAECfg
     from lorascope.io import claimed_output, clean_tmp_files
     from lorascope.study.saes import SAEJob, evaluate_held_out, train_sae_job, trainer_config
+    from lorascope.study.splits import derived_init_seed
 
     try:  # checked before the store is opened; a bad value names its option
         c = TypeAdapter(SAECfg).validate_python(
@@ -47,7 +48,8 @@ def train_sae_cmd(
     except ValidationError as exc:
         raise option_error(exc, command="lorascope train-sae") from exc
     st = open_store(store)
-    job = SAEJob(layer, kind, adapter, seed, held_out_fraction)
+    init_seed = derived_init_seed(seed, layer, kind, adapter)
+    job = SAEJob(layer, kind, adapter, seed, held_out_fraction, 0, init_seed, {"init_seed": init_seed})
     with claimed_output(out, "SAE", {"sae": c.model_dump(), "store": st.manifest.get("config_hash"), "layer": layer,
                                      "kind": kind, "adapter": adapter, "held_out_fraction": held_out_fraction},
                         overwrite, not_inside=[("the activation store", store)]):
@@ -83,8 +85,16 @@ def compare_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the rows to this CSV."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="Allow SAE files that need full unpickling (runs code: trust the file)."),
+    store: Path | None = typer.Option(None, help="Activation store: compare alive atoms only (active at least once "
+                                                 "on its held-out rows at --layer)."),
+    layer: int | None = typer.Option(None, help="Layer of --store whose held-out rows decide which atoms are alive."),
+    kind: str = typer.Option("delta", help="Rows of --store that feed the SAEs: delta or base."),
+    adapter: str | None = typer.Option(None, help="Adapter of --store (its Δ rows); default: the only one."),
+    held_out_fraction: float = typer.Option(0.2, help="Held-out fraction of --store's split."),
+    split_seed: int = typer.Option(0, help="Seed of --store's split."),
 ) -> None:
-    """Compare two dictionaries: MMCS both ways with the random-dictionary null, overlap@τ, Hungarian matching."""
+    """Compare two dictionaries: MMCS both ways with the random-dictionary null, overlap@τ, Hungarian matching.
+    With --store, over the atoms alive on the store's held-out rows (dead atoms' random rows drag MMCS down)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -103,7 +113,11 @@ def compare_cmd(
         if bad:
             raise LorascopeError(f"{path}: tensor(s) {', '.join(f'{k} ({n} NaN/inf)' for k, n in bad.items())} "
                                  "hold non-finite values", fix="re-train or re-export this SAE")
-    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b", taus=tau_values, absolute=absolute)
+    alive_a = alive_b = None
+    if store is not None:
+        alive_a, alive_b = _alive_on_store(store, layer, kind, adapter, held_out_fraction, split_seed, a, b)
+    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b", alive_a=alive_a, alive_b=alive_b,
+                                taus=tau_values, absolute=absolute)
     table = Table(title=f"{sae_a} vs {sae_b}")
     for col in ("metric", "value", "95% CI", "null"):
         table.add_column(col)
@@ -114,3 +128,20 @@ def compare_cmd(
     if out:
         with atomic_path(out) as tmp:
             rows_to_frame(rows).to_csv(tmp, index=False)
+
+
+def _alive_on_store(store: Path, layer: int | None, kind: str, adapter: str | None, fraction: float, seed: int,
+                    *saes):
+    """Per SAE, bool [d_sae]: active at least once on the store's held-out ``kind`` rows at ``layer``."""
+    import torch
+
+    from lorascope.activations import open_store
+    from lorascope.errors import LorascopeError
+
+    if layer is None or kind not in ("delta", "base"):
+        raise LorascopeError("--store needs --layer and --kind delta|base", fix="e.g. --store runs/x/store --layer 6")
+    held = open_store(store).held_out(layer, adapter, held_out_fraction=fraction, split_seed=seed)
+    x = held.delta if kind == "delta" else held.base
+    with torch.no_grad():
+        return tuple(torch.cat([sae.encode(c.to(sae.W_dec.dtype)) for c in x.split(4096)]).ne(0).any(0)
+                     for sae in saes)

@@ -4,10 +4,23 @@ Never imports transformers, PEFT or the activation store. Every public function 
 tensors.
 """
 
-from lorascope.geometry.bootstrap import CI, bootstrap_ci, bootstrap_fvu_ci, bootstrap_ratio_ci
+from lorascope.geometry.bootstrap import (
+    CI,
+    UnitCI,
+    bootstrap_ci,
+    bootstrap_fvu_ci,
+    bootstrap_ratio_ci,
+    document_bootstrap_fvu_ci,
+    document_bootstrap_mean_ci,
+    document_bootstrap_ratio_ci,
+    fvu_bootstrap_samples,
+    unit_bootstrap_ci,
+)
 from lorascope.geometry.cka import (
+    CKANull,
     StreamingLinearCKA,
     cka_from_grams,
+    cka_permutation_null,
     gram_linear,
     gram_rbf,
     linear_cka,
@@ -42,27 +55,60 @@ from lorascope.geometry.metrics import (
     mse,
 )
 from lorascope.geometry.nulls import (
+    AlignmentNulls,
+    alignment_nulls,
     covariance_matched_dictionary,
     mmcs_null_empirical,
     mmcs_null_isotropic,
     overlap_null_isotropic,
     random_isotropic_dictionary,
+    seed_ceiling,
 )
 from lorascope.geometry.reconstruction import DeltaReconstruction, delta_reconstruction, lstsq_on_active_atoms
 from lorascope.geometry.subspaces import (
+    SelectionAwareOverlap,
     atom_energy,
     compare_subspaces,
     lora_column_space,
     orthonormal_rows,
     pca_basis,
     principal_angles,
+    projection_energy,
     random_subspace_null,
+    selection_aware_overlap,
+    split_documents,
     subspace_summary,
     top_k_atoms,
 )
+from lorascope.geometry.trends import TrendTest, ratio_samples, trend_test
+from lorascope.geometry.verdicts import (
+    FVU_NULL,
+    NOT_TESTABLE,
+    alignment_verdict,
+    best_control,
+    overlap_verdict,
+    reconstruction_verdict,
+)
 
 __all__ = [
+    "FVU_NULL",
+    "NOT_TESTABLE",
+    "AlignmentNulls",
+    "SelectionAwareOverlap",
+    "TrendTest",
+    "alignment_nulls",
+    "alignment_verdict",
+    "best_control",
+    "overlap_verdict",
+    "projection_energy",
+    "ratio_samples",
+    "reconstruction_verdict",
+    "seed_ceiling",
+    "selection_aware_overlap",
+    "split_documents",
+    "trend_test",
     "CI",
+    "CKANull",
     "MMCS",
     "BestMatch",
     "DeltaNormStats",
@@ -70,6 +116,7 @@ __all__ = [
     "ReconstructionStats",
     "StreamingCovariance",
     "StreamingLinearCKA",
+    "UnitCI",
     "atom_energy",
     "best_match_both",
     "best_match_cosines",
@@ -77,14 +124,19 @@ __all__ = [
     "bootstrap_fvu_ci",
     "bootstrap_ratio_ci",
     "cka_from_grams",
+    "cka_permutation_null",
     "compare_dictionaries",
     "compare_subspaces",
     "cosine_similarity_rows",
     "covariance_matched_dictionary",
     "delta_reconstruction",
+    "document_bootstrap_fvu_ci",
+    "document_bootstrap_mean_ci",
+    "document_bootstrap_ratio_ci",
     "density_histogram",
     "feature_density",
     "fvu",
+    "fvu_bootstrap_samples",
     "gram_linear",
     "gram_rbf",
     "hungarian_match",
@@ -112,5 +164,6 @@ __all__ = [
     "spectrum_rows",
     "subspace_summary",
     "top_k_atoms",
+    "unit_bootstrap_ci",
     "unit_rows",
 ]

@@ -11,6 +11,19 @@ CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for Gram matrices K, L [N, 
 - RBF kernel: exp(-‖x_i - x_j‖² / (2σ²)), σ = bandwidth · median pairwise distance, the median taken over
   all N² squared distances (diagonal included), as in the Kornblith reference notebook.
 
+Derivation of the debiased feature-space form: with K = XXᵀ, L = YYᵀ (X, Y centred, so 1ᵀK = 1ᵀL = 0), the
+unbiased estimator of Song et al. (2007, Thm. 2) is
+  N(N-3)·HSIC_u = tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((N-1)(N-2)) - 2/(N-2)·1ᵀK̃L̃1,  K̃, L̃ = K, L with zero diagonal.
+K̃ = K - diag(a), 1ᵀK̃ = -aᵀ, so tr(K̃L̃) = ‖YᵀX‖²_F - Σ a_t b_t, 1ᵀK̃1 = -Σa, 1ᵀK̃L̃1 = aᵀb; collecting terms
+gives the form above (checked against the N x N U-centred Gram in tests/geometry/test_cka.py).
+
+Permutation null (:func:`cka_permutation_null`): CKA of unrelated representations is not 0 for the biased
+estimator and fluctuates about 0 for the debiased one; whether an observed value exceeds chance is judged by
+re-pairing the *documents* of Y with other documents of X (tokens within a document stay together and in order,
+so within-document correlation and position effects are kept, as a block permutation test should). The test
+runs on documents cut to one length m, so the observed pairing is exchangeable with every permuted one (exact
+under "documents of X and Y unrelated").
+
 ``StreamingLinearCKA`` accumulates XᵀX, YᵀY, XᵀY and column sums in float64 over batches (O(d²) memory) and,
 for the debiased estimate, the few extra moments that Σ_t a_t b_t needs after centring — so both the biased
 and the debiased numbers are exact (equal to the in-memory ones up to float64 rounding). Batches are shifted
@@ -21,6 +34,7 @@ data sit far from the origin.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -240,8 +254,96 @@ class StreamingLinearCKA:
         )
 
 
+class CKANull(NamedTuple):
+    """CKA on all rows (``value``), and the document-permutation test on the balanced design: ``tested_value``
+    (observed pairing), null mean and 95th percentile, one-sided p-value, and the design's size."""
+
+    value: float
+    tested_value: float
+    null_mean: float
+    null_q95: float
+    p_value: float
+    n_perm: int
+    n_docs: int
+    doc_length: int
+    debiased: bool
+
+
+def _doc_rows(doc_ids) -> list[torch.Tensor]:
+    """Row indices of each document, in row order (documents ordered by id)."""
+    from lorascope.geometry.bootstrap import document_index
+
+    inv, u = document_index(doc_ids)
+    order = torch.argsort(inv, stable=True)
+    return list(torch.split(order, torch.bincount(inv, minlength=u).tolist()))
+
+
+def balanced_design(docs: list[torch.Tensor], doc_length: int | None = None) -> tuple[torch.Tensor, int]:
+    """[U', m] row indices: the first m tokens of every document with at least m tokens.
+
+    m defaults to the lower quartile of the document lengths (keeps >= 75% of the documents). Equal lengths make
+    every re-pairing of documents an exact relabelling, so the permutation test is exact (exchangeable).
+    """
+    lengths = torch.tensor([d.numel() for d in docs])
+    m = int(torch.quantile(lengths.double(), 0.25, interpolation="lower")) if doc_length is None else doc_length
+    if m < 1:
+        raise LorascopeError(f"doc_length = {m} must be >= 1", fix="pass a positive doc_length")
+    kept = [d[:m] for d in docs if d.numel() >= m]
+    return (torch.stack(kept) if kept else torch.empty(0, m, dtype=torch.int64)), m
+
+
+def _hsic_terms(Kc: torch.Tensor, L: torch.Tensor, debiased: bool) -> tuple[float, float]:
+    Lc = center_gram(L, debiased)
+    return float((Kc * Lc).sum()), float((Lc * Lc).sum())
+
+
+def cka_permutation_null(X, Y, doc_ids, n_perm: int = 200, seed: int = 0, debiased: bool = True,
+                         doc_length: int | None = None) -> CKANull:
+    """Linear CKA of X [N, d1] vs Y [N, d2] with a null from re-pairing whole documents.
+
+    The test runs on a balanced design (:func:`balanced_design`: the first m tokens of each document with >= m
+    tokens). Each permutation π pairs the m tokens of document i of X with the m tokens of document π(i) of Y,
+    in order, and recomputes CKA from the cached Grams. Both sides keep "which tokens share a document", so two
+    representations that each merely encode document identity are not called similar.
+    p = (1 + #{null >= observed}) / (1 + n_perm) (Phipson & Smyth 2010). Cost: two N' x N' Grams, O(N'²) per
+    permutation (N' = U'·m rows). ``value`` is the CKA on all rows, for the table.
+    """
+    X, Y = _pair(X, Y)
+    _check_n(X.shape[0], debiased)
+    docs = _doc_rows(doc_ids)
+    if sum(d.numel() for d in docs) != X.shape[0]:
+        raise LorascopeError(f"doc_ids has {sum(d.numel() for d in docs)} entries but X has {X.shape[0]} rows",
+                             fix="pass one document id per row (e.g. the store's doc_index)")
+    design, m = balanced_design(docs, doc_length)
+    if design.shape[0] < 3 or n_perm < 1 or design.numel() < 4:
+        raise LorascopeError(f"a document permutation null needs >= 3 documents of >= {m} tokens and n_perm >= 1 "
+                             f"(got {design.shape[0]} documents, n_perm={n_perm})",
+                             fix="pass more held-out documents or a smaller doc_length")
+    value = linear_cka(X, Y, debiased)
+    Xb, Yb = X[design.reshape(-1)], Y[design.reshape(-1)]
+    Kc = center_gram(gram_linear(Xb - Xb.mean(0)), debiased)
+    L = gram_linear(Yb - Yb.mean(0))
+    kk = float((Kc * Kc).sum())
+    kl, ll = _hsic_terms(Kc, L, debiased)
+    observed = _ratio(kl, kk, ll)
+    blocks = torch.arange(design.numel()).reshape(design.shape)
+    gen = torch.Generator().manual_seed(seed)
+    null = []
+    for _ in range(n_perm):
+        ry = blocks[torch.randperm(design.shape[0], generator=gen)].reshape(-1)
+        kl, ll = _hsic_terms(Kc, L[ry][:, ry], debiased)
+        null.append(_ratio(kl, kk, ll))
+    v = torch.tensor(null, dtype=torch.float64)
+    p = (1 + int((v >= observed).sum())) / (1 + n_perm)
+    return CKANull(value, observed, float(v.mean()), float(torch.quantile(v, 0.95)), p, n_perm,
+                   design.shape[0], m, debiased)
+
+
 __all__ = [
+    "CKANull",
     "StreamingLinearCKA",
+    "cka_permutation_null",
+    "balanced_design",
     "center_gram",
     "cka_from_grams",
     "gram_linear",

@@ -97,10 +97,13 @@ def compare_dictionaries(
     return rows
 
 
-def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, **where: Any) -> list[ResultRow]:
+def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, alive_0=None, alive_1=None,
+                 **where: Any) -> list[ResultRow]:
     """MMCS between two training seeds of the same SAE (mean of both directions), labelled as the seed-vs-seed
-    control: metric ``mmcs_seed_vs_seed``, null_name "seed_vs_seed". Read cross-SAE MMCS against it."""
-    ab, ba = best_match_both(A_seed0, A_seed1, absolute, with_index=False)
+    control: metric ``mmcs_seed_vs_seed``, null_name "seed_vs_seed". Read cross-SAE MMCS against it.
+    Pass the alive masks of both seeds (``alive_0``, ``alive_1``): the ceiling must use the same kind of atom set
+    as the MMCS it bounds (dead latents' random decoder rows drag it down)."""
+    ab, ba = best_match_both(A_seed0, A_seed1, absolute, alive_0, alive_1, with_index=False)
     d = as_tensor(A_seed0, "A_seed0", ndim=2).shape[1]
     vals = torch.cat([ab.cosine, ba.cosine]).double()
     return [
@@ -111,7 +114,9 @@ def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, **where: Any) -> list
             null_name="seed_vs_seed",
             n=vals.numel(),
             d=d,
-            note=f"{'absolute' if absolute else 'signed'} cosines, mean of both directions",
+            note=f"{'absolute' if absolute else 'signed'} cosines, mean of both directions"
+            + (", alive atoms" if alive_0 is not None or alive_1 is not None else ", all atoms"),
+            extra={"a_to_b": float(ab.cosine.double().mean()), "b_to_a": float(ba.cosine.double().mean())},
             **where,
         )
     ]

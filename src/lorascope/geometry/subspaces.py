@@ -12,11 +12,18 @@ E[sum cos² θ_i] = E tr(P_A P_B) = k1·k2/d and, with min(k1, k2) = k1 angles, 
 
 Principal angles between overcomplete dictionaries are meaningless (16k atoms span R^d: all angles are 0), so
 k >= d on both sides is refused, as is any k > d; compare top-k selections instead.
+
+Selection bias: atoms selected by their energy on Δ and then compared with PCA(Δ) score far above k/d even for a
+*random* dictionary (selection picks the random atoms closest to Δ's top directions). :func:`selection_aware_overlap`
+selects on one half of the documents, measures on the other, and runs the identical selection on random
+isotropic and covariance-matched dictionaries to obtain the null (the permutation/"same pipeline on null data"
+logic of Good 2005, applied to the selection step).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -201,3 +208,106 @@ __all__ = [
     "subspace_summary",
     "top_k_atoms",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Selection-aware overlap: select on one half of the documents, measure on the other, against selected nulls
+# --------------------------------------------------------------------------------------------------------------
+
+
+def projection_energy(W_dec, X) -> torch.Tensor:
+    """Per-atom energy of X [N, d] along each unit atom of W_dec [F, d]: Σ_t (x_t · ŵ_i)² [F] (float64).
+
+    Needs only the directions, so the same selection runs on SAE decoders and on random null dictionaries.
+    """
+    W = as_tensor(W_dec, "W_dec", torch.float64, ndim=2)
+    Xt = as_tensor(X, "X", torch.float32, ndim=2)
+    same_dim(W, Xt, "W_dec", "X")
+    W = (W / W.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(torch.float32)
+    P = Xt @ W.T  # float32 GEMM: a ranking score needs no more
+    return P.mul_(P).sum(0, dtype=torch.float64)
+
+
+def split_documents(doc_ids, seed: int = 0) -> torch.Tensor:
+    """bool [N]: True for tokens of a random half of the documents (floor(U/2) of U), seeded."""
+    from lorascope.geometry.bootstrap import document_index
+
+    inv, u = document_index(doc_ids)
+    if u < 2:
+        raise LorascopeError(f"splitting needs at least 2 documents, got {u}", fix="pass more held-out documents")
+    chosen = torch.randperm(u, generator=torch.Generator().manual_seed(seed))[: u // 2]
+    return torch.isin(inv, chosen)
+
+
+def selected_overlap(W_dec, delta, in_selection: torch.Tensor, k: int, score=None) -> float:
+    """Mean cos² of principal angles between the top-k atoms of W_dec (by ``score`` on the selection half) and
+    PCA_k of Δ on the other half. ``score``: [F] precomputed on the selection half, default projection energy."""
+    D = as_tensor(delta, "delta", torch.float64, ndim=2)
+    sel = as_tensor(in_selection, "in_selection", check_finite=False).to(torch.bool).reshape(-1)
+    if sel.numel() != D.shape[0]:
+        raise LorascopeError(f"in_selection has {sel.numel()} entries but delta has {D.shape[0]} rows",
+                             fix="pass one flag per token (split_documents)")
+    return _overlap_with(W_dec, D[sel], pca_basis(D[~sel], k), k, score)
+
+
+def _overlap_with(W_dec, D_sel: torch.Tensor, basis: torch.Tensor, k: int, score=None) -> float:
+    s = projection_energy(W_dec, D_sel) if score is None else score
+    return subspace_summary(top_k_atoms(W_dec, s, k), basis)["mean_cos2"]
+
+
+def _gaussian_rows(F: int, root: torch.Tensor, seed: int) -> torch.Tensor:
+    """F unit rows (float32) with directions ~ N(0, root rootᵀ) (root [d, d])."""
+    w = torch.randn(F, root.shape[0], generator=torch.Generator().manual_seed(seed)) @ root.T.to(torch.float32)
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+class SelectionAwareOverlap(NamedTuple):
+    """Split-half overlap of a dictionary's selected atoms with PCA(Δ), and the same pipeline on null
+    dictionaries (isotropic and covariance-matched random atoms, same F): mean and 95th percentile over draws.
+    ``null`` = the larger of the two null means; ``null_q95`` = the larger 95th percentile; ``naive_null`` =
+    k/d (valid only for subspaces chosen without looking at Δ; shown for contrast)."""
+
+    value: float
+    isotropic_mean: float
+    isotropic_q95: float
+    cov_matched_mean: float
+    cov_matched_q95: float
+    null: float
+    null_q95: float
+    naive_null: float
+    n_draws: int
+
+
+def selection_aware_overlap(W_dec, delta, doc_ids, k: int, n_draws: int = 20, seed: int = 0,
+                            score=None, cov=None) -> SelectionAwareOverlap:
+    """Selection-aware principal-angle overlap of W_dec [F, d] with Δ [N, d] (tokens of documents ``doc_ids``).
+
+    Atoms are selected (top-k by projection energy, or by ``score`` [F] computed by the caller on the same
+    selection half) on a random half of the documents and compared with PCA_k(Δ) of the other half, so the
+    number is not inflated by fitting noise; then the *same* selection runs on ``n_draws`` random isotropic and
+    covariance-matched (Σ = ``cov`` or Δ's covariance on the selection half) dictionaries of F atoms, because
+    selecting by energy on Δ already aligns random atoms with Δ's top principal directions (the k/d null of
+    random_subspace_null does not apply). Cost: (1 + 2·n_draws) projections [N/2, F].
+    """
+    W = as_tensor(W_dec, "W_dec", torch.float64, ndim=2)
+    D = as_tensor(delta, "delta", torch.float64, ndim=2)
+    sel = split_documents(doc_ids, seed)
+    Da, basis = D[sel], pca_basis(D[~sel], k)  # the measurement half's PCA, computed once
+    value = _overlap_with(W, Da, basis, k, score)
+    F, d = W.shape
+    S = as_tensor(cov, "cov", torch.float64, ndim=2) if cov is not None else torch.cov(Da.T)
+    lam, V = torch.linalg.eigh((S + S.T) / 2)
+    roots = {"isotropic": torch.eye(d, dtype=torch.float64), "cov": V * lam.clamp_min(0.0).sqrt()}
+    iso = [_overlap_with(_gaussian_rows(F, roots["isotropic"], seed * 7919 + 2 * r + 1), Da, basis, k)
+           for r in range(n_draws)]
+    cm = [_overlap_with(_gaussian_rows(F, roots["cov"], seed * 7919 + 2 * r + 2), Da, basis, k)
+          for r in range(n_draws)]
+    ti, tc = torch.tensor(iso), torch.tensor(cm)
+    q = lambda t: float(torch.quantile(t, 0.95))  # noqa: E731
+    return SelectionAwareOverlap(value, float(ti.mean()), q(ti), float(tc.mean()), q(tc),
+                                 max(float(ti.mean()), float(tc.mean())), max(q(ti), q(tc)),
+                                 random_subspace_null(k, k, d), n_draws)
+
+
+__all__ += ["SelectionAwareOverlap", "projection_energy", "selected_overlap", "selection_aware_overlap",
+            "split_documents"]

@@ -52,15 +52,20 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
            "fvu_ref_diff": 0.45 + 0.05 * rng.random(), "fvu_ref_lstsq_active": 0.3 + 0.05 * rng.random(),
            "fvu_noise": 2.0 + 0.02 * rng.standard_normal()}
     for m, v in fvu.items():
-        null = (fvu["fvu_noise"], "isotropic_noise_matched_norm") if m != "fvu_noise" else (float("nan"), "")
+        null = (1.0, "mean_predictor") if m != "fvu_noise" else (2.0, "analytic_expectation")
         add("reconstruction", m, v, null=null[0], null_name=null[1])
         add("reconstruction", "cos_" + m.removeprefix("fvu_"), float(np.sqrt(max(0.0, 1 - min(v, 1.0)))))
     imp = 100 * (fvu["fvu_ref_on_delta"] - fvu["fvu_adapter_sae"]) / fvu["fvu_ref_on_delta"]
-    add("reconstruction", "recon_improvement_pct", imp)
+    add("reconstruction", "recon_improvement_pct", imp, ci=False)
+    add("reconstruction", "fvu_gap_adapter_sae_vs_best_control", fvu["fvu_adapter_sae"] - fvu["fvu_ref_lstsq_active"],
+        null=0.0, null_name="best_control")
 
     add("splice", "kl_adapted_vs_base", 0.02 * rank * depth)
-    add("splice", "kl_recovered_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02)
-    add("splice", "kl_recovered_ref_diff", 0.35 + 0.1 * rng.random())
+    add("splice", "kl_recovered_rel_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02, null=0.0,
+        null_name="zero_splice")
+    add("splice", "kl_recovered_rel_ref_diff", 0.35 + 0.1 * rng.random(), null=0.0, null_name="zero_splice")
+    add("splice", "kl_recovered_rel_mean_delta", 0.1 + 0.05 * rng.random(), null=0.0, null_name="zero_splice")
+    add("splice", "kl_recovered_raw_zero", 0.5 + 0.1 * rng.random(), ci=False)
 
     l0 = 6 + 3 * np.log2(rank) + rng.random()
     add("density", "l0_adapter_sae", l0)
@@ -71,26 +76,32 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
     add("density", "l0_ref_on_delta", 3 + rng.random())
 
     null_mmcs = float(np.sqrt(2 * np.log(F_REF) / D_MODEL))
-    add("decoder_similarity", "mmcs_adapter_to_ref", 0.55 + 0.05 * rng.random(), null=null_mmcs,
-        null_name="random_isotropic")
+    add("decoder_similarity", "mmcs_adapter_to_ref", 0.55 + 0.05 * rng.random(), null=null_mmcs + 0.02,
+        null_name="strongest_alignment_null")
     add("decoder_similarity", "mmcs_ref_to_adapter", 0.5 + 0.05 * rng.random(), null=null_mmcs,
         null_name="random_isotropic")
-    add("decoder_similarity", "mmcs_adapter_to_cov_matched", 0.5, null=0.5, null_name="cov_matched_random")
+    add("decoder_similarity", "mmcs_null_isotropic", null_mmcs, ci=False, null_name="random_isotropic")
+    add("decoder_similarity", "mmcs_null_cov_matched", null_mmcs + 0.02, ci=False, null_name="cov_matched_random")
+    add("decoder_similarity", "mmcs_null_sae_init", null_mmcs + 0.01, ci=False, null_name="SAE at initialisation")
     add("decoder_similarity", "mmcs_seed_vs_seed", 0.85 + 0.05 * rng.random(), null_name="seed_vs_seed")
-    add("decoder_similarity", "mmcs_init_to_ref", null_mmcs + 0.01, ci=False)
     for tau, frac in ((0.5, 0.6), (0.7, 0.2), (0.9, 0.03)):
         add("decoder_similarity", f"overlap_adapter_to_ref@{tau}", frac * (0.8 + 0.4 * rng.random()))
     add("decoder_similarity", "hungarian_mean_cos", 0.4 + 0.05 * rng.random(), ci=False)
 
     kd = K_SUBSPACE / D_MODEL
-    add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), null=kd,
-        null_name="random_subspace_k/d")
+    add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), ci=False)
+    add("subspace", "selected_cos2_pca_delta_vs_ref_topk", 3 * kd + 0.2 + 0.1 * rng.random(), ci=False, null=3 * kd,
+        null_name="selected_random_dictionary")
+    add("subspace", "selected_cos2_null_q95_pca_delta_vs_ref_topk", 3.5 * kd, ci=False)
     add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
 
     for other, r2 in adapters.items():
         if other != adapter:
-            add("cka", f"cka_delta_vs_{other}", 0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)), ci=False)
-    add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False)
+            add("cka", f"cka_delta_vs_{other}", 0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)), ci=False, null=0.0,
+                null_name="document_permutation")
+            add("cka", f"cka_p__cka_delta_vs_{other}", 0.02, ci=False)
+    add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False, null=0.0,
+        null_name="document_permutation")
     return rows
 
 

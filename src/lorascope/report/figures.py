@@ -24,9 +24,10 @@ Arrays = dict[tuple[int, str], dict[str, np.ndarray]]
 
 FVU_SERIES = [(schema.FVU_ADAPTER_SAE, "adapter SAE"), (schema.FVU_REF_ON_DELTA, "reference SAE on Δ"),
               (schema.FVU_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)"),
-              (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"), (schema.FVU_NOISE, "null: isotropic noise")]
-KL_SERIES = [(schema.KL_RECOVERED_ADAPTER_SAE, "adapter SAE Δ̂"),
-             (schema.KL_RECOVERED_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base)")]
+              (schema.FVU_REF_LSTSQ_ACTIVE, "ref: lstsq on active atoms"),
+              (schema.FVU_NOISE, "isotropic noise (sanity floor)")]
+KL_SERIES = [(schema.KL_RECOVERED_REL_ADAPTER_SAE, "adapter SAE Δ̂ (beyond Δ̂ = 0)"),
+             (schema.KL_RECOVERED_REL_REF_DIFF, "ref: SAE(h_ft) − SAE(h_base) (beyond Δ̂ = 0)")]
 
 
 def _tab(df) -> Tab:
@@ -176,6 +177,8 @@ def _kd_null(tab: Tab, name: str, layer: int, adapter: str, k: int) -> float:
     s = tab.get(f"mean_cos2_{name}", layer, adapter)
     if s is not None and np.isfinite(s.null):
         return s.null
+    if name != schema.PCA_DELTA_VS_LORA_COLSPACE:  # atoms selected on Δ: k/d is no null (see selected_cos2_*)
+        return float("nan")
     d = next((st.d for m in tab.metrics(schema.MEAN_COS2) if (st := tab.get(m, layer, adapter)) and st.d > 0), 0)
     return k / d if d else float("nan")
 
@@ -248,8 +251,8 @@ def splice_kl(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Pat
     n = len(tab.cells(*[m for m, _ in KL_SERIES]))
     fig = P.new_figure(max(6.0, 1.2 * n + 2), 3.8)
     ax = fig.subplots()
-    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered (1 = adapter behaviour fully kept)", "fraction of KL",
-                   log_if_wide=False)
+    P.grouped_bars(ax, tab, KL_SERIES, "Splice: KL recovered beyond Δ̂ = 0 (1 = adapter kept, 0 = as Δ̂ = 0)",
+                   "fraction of KL", log_if_wide=False)
     ax.axhline(1.0, color=P.NULL_COLOR, ls="--", lw=1)
     ax.axhline(0.0, color=P.NULL_COLOR, lw=1)
     return P.save(fig, out_dir, "splice_kl")
@@ -266,7 +269,7 @@ def summary(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]
             P.vs_rank(ax[0, 2], tab, schema.RECON_IMPROVEMENT_PCT, "FVU improvement over reference", "%"),
             P.vs_rank(ax[1, 0], tab, schema.L0_ADAPTER_SAE, "Adapter SAE L0", "active latents / token"),
             P.mmcs_panel(ax[1, 1], tab),
-            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "Splice: KL recovered", "fraction", log_if_wide=False)]
+            P.grouped_bars(ax[1, 2], tab, KL_SERIES, "KL recovered beyond Δ̂ = 0", "fraction", log_if_wide=False)]
     if not any(drew):
         return []
     fig.suptitle("lorascope summary", fontsize=12)
@@ -290,10 +293,14 @@ FIGURES: list[FigureSpec] = [
     FigureSpec("reconstruction_fvu", "Reconstruction of held-out Δ",
                "FVU = Σ‖Δ − Δ̂‖² / Σ‖Δ − mean Δ‖² (lower is better; 1 = no better than predicting the mean). Bars: the "
                "adapter SAE, the reference SAE applied to Δ, and controls (reference SAE on h_ft minus on h_base; "
-               "least squares on the reference atoms active on h_ft). Hatched grey: the null — isotropic noise at "
-               "matched norm. Error bars: bootstrap 95% CIs over held-out tokens.", reconstruction_fvu),
+               "least squares on the reference atoms active on h_ft). The null is FVU = 1 (the mean predictor); the "
+               "verdict uses the paired gap to the better of the two controls. Hatched grey: isotropic noise at "
+               "matched norm (FVU ≈ 2, a sanity floor). Error bars: 95% CIs resampling held-out documents.",
+               reconstruction_fvu),
     FigureSpec("reconstruction_improvement", "Improvement over the reference SAE",
-               "100·(FVU_ref − FVU_adapter)/FVU_ref against LoRA rank, one line per layer. 0 (grey) = no gain.",
+               "100·(FVU_ref − FVU_adapter)/FVU_ref against LoRA rank, one line per layer, with the reference SAE "
+               "fed Δ — the weakest control, shown for continuity only (the findings use the best control). 0 (grey) "
+               "= no gain.",
                reconstruction_improvement),
     FigureSpec("feature_density", "Sparsity of the adapter SAE",
                "Left: L0 (mean active latents per held-out token) against rank; dashed = the reference SAE on the "
@@ -303,8 +310,10 @@ FIGURES: list[FigureSpec] = [
                "(dotted). Dead latents (never fire) are counted in the legend, not drawn.", density_histograms),
     FigureSpec("feature_overlap", "Does the adapter SAE find reference features?",
                "Left: fraction of adapter atoms whose best cosine to any reference atom is ≥ τ. Right: MMCS (mean over "
-               "adapter atoms of the best cosine); × = a random isotropic dictionary of the reference's size (the "
-               "null), ▲ = a second adapter SAE trained with another seed (the ceiling).", feature_overlap),
+               "adapter atoms of the best cosine, alive atoms of both); × = the strongest null (the largest of a "
+               "random isotropic dictionary, random atoms with Δ's training covariance and the SAE at "
+               "initialisation), ▲ = a second adapter SAE trained with another seed (the ceiling, same alive "
+               "atoms).", feature_overlap),
     FigureSpec("best_match_cosines", "Best-match cosine distributions",
                "Per adapter atom, its best cosine to the reference dictionary (blue) against the same statistic for a "
                "random dictionary (grey, the null) and for the other-seed adapter SAE (the ceiling). Mass to the "
@@ -312,14 +321,17 @@ FIGURES: list[FigureSpec] = [
     FigureSpec("principal_angles", "Subspace alignment",
                "cos² of the principal angles between rank-k subspaces (e.g. top PCA directions of Δ vs the reference "
                "SAE's top-k atoms). 1 = shared direction. Dashed grey: k/d, the expected mean cos² for random "
-               "subspaces.", principal_angles),
+               "subspaces — drawn only for the LoRA column space: atoms selected by their energy on Δ beat k/d by "
+               "construction (their selection-aware null is in the table, selected_cos2_*).", principal_angles),
     FigureSpec("cka", "Do different adapters change the same directions?",
-               "Linear CKA between the Δ of two adapters on the same held-out tokens (1 = same geometry up to rotation "
-               "and scale). Diagonal is 1 by definition.", cka),
+               "Debiased linear CKA between the Δ of two adapters on the same held-out tokens (1 = same geometry up "
+               "to rotation and scale, ≈ 0 = unrelated; the table holds each pair's document-permutation null and "
+               "p-value). Diagonal is 1 by definition.", cka),
     FigureSpec("splice_kl", "Does the reconstruction keep the adapter's behaviour?",
-               "h_base + Δ̂ is spliced into the adapted forward pass; bars show "
-               "1 − KL(adapted‖spliced)/KL(adapted‖base). 1 = behaviour fully kept, 0 = as if the adapter were "
-               "removed (the null).", splice_kl),
+               "h_base + Δ̂ is spliced at one layer into the adapted forward pass (the adapter keeps acting after "
+               "it, so Δ̂ = 0 alone already recovers part of the KL); bars show 1 − KL(adapted‖spliced)/"
+               "KL(adapted‖spliced with Δ̂ = 0): 1 = behaviour fully kept, 0 = no better than splicing nothing (the "
+               "null). Intervals resample documents.", splice_kl),
 ]
 
 

@@ -112,8 +112,11 @@ def _table(df, table_id: str, cols: Iterable[str]) -> str:
 
 def _results(df) -> str:
     return ("<section id='results'><h2>All results</h2><p class='muted'>Click a column header to sort; type to "
-            "filter rows (matches any cell). CIs are bootstrap intervals over held-out tokens; the null column is "
-            "the control each value should be read against.</p>"
+            "filter rows (matches any cell). CIs are 95% percentile bootstrap intervals; the ci_unit column says what "
+            "they resample: <b>document</b> (held-out documents, the default for every token statistic), <b>seed</b> "
+            "(SAE training seeds) or <b>atom</b> (the atoms of one dictionary, describing that dictionary only). "
+            "The null column is the control each value is read against (see docs/statistics.md in the lorascope "
+            "repository).</p>"
             "<input id='filter' type='search' placeholder='filter rows, e.g. mmcs or L15' aria-label='filter'> "
             f"<span id='rowcount' class='muted'>{len(df)} rows</span>"
             f"<div class='scroll'>{_table(df, 'results-table', df.columns)}</div></section>")

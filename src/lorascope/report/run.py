@@ -35,6 +35,8 @@ def normalize_frame(df):
     """Check the columns and coerce dtypes (layer/rank int, numbers float, text str). Returns a copy."""
     import pandas as pd
 
+    if "ci_unit" not in df.columns:  # tables written before the column existed
+        df = df.assign(ci_unit="")
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise LorascopeError(f"results table lacks columns {missing}",
@@ -44,7 +46,7 @@ def normalize_frame(df):
         out[c] = pd.to_numeric(out[c], errors="coerce")
     out["layer"] = out["layer"].fillna(-1).astype(int)
     out["rank"] = out["rank"].fillna(-1).astype(int)
-    for c in ("family", "metric", "adapter", "null_name", "dtype", "note"):
+    for c in ("family", "metric", "adapter", "null_name", "ci_unit", "dtype", "note"):
         out[c] = out[c].astype(object).fillna("").astype(str)
     return out.reset_index(drop=True)
 

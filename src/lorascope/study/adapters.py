@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorascope.errors import LorascopeError
-from lorascope.io import stable_hash
+from lorascope.io import content_key, stable_hash
 from lorascope.study.cache import RunState, StageDir
 
 
@@ -45,8 +45,7 @@ def loaded_adapters(st: RunState) -> list[Adapter]:
         path = Path(folder).expanduser()
         check_adapter_folder(name, path)
         rank = int(json.loads((path / "adapter_config.json").read_text()).get("r", -1))
-        out.append(Adapter(name, path, rank, stable_hash({"load": str(path.resolve()),
-                                                           "mtime": path.stat().st_mtime})))
+        out.append(Adapter(name, path, rank, stable_hash({"load": content_key(path)})))
     return out
 
 

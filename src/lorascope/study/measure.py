@@ -8,6 +8,7 @@ stage resumes where it stopped; the stage is done when every part exists and the
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,11 @@ def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: Study
     held = store.held_out(layer, adapter.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
     n = min(held.base.shape[0], g.eval_tokens)
     st.log(f"geometry: layer {layer}, {adapter.name} ({n} held-out tokens)")
+    _, train_cov = train_delta_moments(st, store, layer, adapter.name)
     inp = LayerAdapterInputs(layer, adapter.name, adapter.rank, held.base[:n], held.delta[:n],
                              [load_sae(p) for p in saes.adapter[(layer, adapter.name)]], reference,
-                             lora_update(adapter.path, layer))
+                             lora_update(adapter.path, layer), doc_index=held.doc_index[:n],
+                             train_delta_cov=train_cov)
     res = analyse_layer_adapter(inp, analysis_settings(st))
     res.rows.extend(lora_rows(adapter))
     stem = f"L{layer}__{adapter.name}"
@@ -92,7 +95,31 @@ def analysis_settings(st: RunState):
 
     g = st.config.geometry
     return Settings(taus=tuple(g.taus), subspace_k=g.subspace_k, n_boot=g.bootstrap,
-                    cka_max_tokens=g.cka_max_tokens, seed=st.config.seed)
+                    cka_max_tokens=g.cka_max_tokens, seed=st.config.seed, cka_permutations=g.cka_permutations,
+                    subspace_draws=g.subspace_draws)
+
+
+def train_delta_moments(st: RunState, store, layer: int, adapter: str,
+                        max_rows: int = 50_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [d] and covariance [d, d] (float64) of Δ over the *training* documents (the first ``max_rows`` rows
+    in store order): the mean-Δ splice baseline and the covariance-matched alignment null must not look at the
+    held-out documents they are evaluated on (the store's extraction statistics cover every document)."""
+    cfg = st.config
+    reader = store.reader(layer, kind="delta", adapter=adapter, split="train", batch_size=4096, shuffle=False,
+                          held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+    d = store.d_model
+    total, outer, n = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0
+    for x in reader:
+        x = x.double()[: max_rows - n]
+        total += x.sum(0)
+        outer += x.T @ x
+        n += x.shape[0]
+        if n >= max_rows:
+            break
+    if n < 2:
+        return torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+    mean = total / n
+    return mean, (outer - n * torch.outer(mean, mean)) / (n - 1)
 
 
 def reference_rows(st: RunState, store, reference, layer: int, adapters: list[Adapter]) -> list[ResultRow]:
@@ -111,39 +138,84 @@ def reference_rows(st: RunState, store, reference, layer: int, adapters: list[Ad
 def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
     from lorascope.saes import load_sae
     from lorascope.study.analysis import cross_adapter_cka
+    from lorascope.study.splits import check_reference
 
     cfg, g = st.config, st.config.geometry
     reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
+    check = check_reference(reference, store, cfg.data.held_out_fraction, cfg.seed,
+                            allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False))
+    if check.message:
+        st.log(f"warning: {check.message}")
     for a in adapters:
         if not (parts / f"L{layer}__{a.name}.json").is_file():
             _measure_pair(st, store, a, layer, saes, reference, parts)
     cka_part = parts / f"L{layer}__cka.json"
     if not cka_part.is_file() and len(adapters) > 1:
-        deltas = {a.name: store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction,
-                                         split_seed=cfg.seed).delta[: g.cka_max_tokens] for a in adapters}
-        rows = cross_adapter_cka(layer, deltas, {a.name: a.rank for a in adapters}, g.cka_max_tokens)
+        helds = {a.name: store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction,
+                                        split_seed=cfg.seed) for a in adapters}
+        deltas = {name: h.delta[: g.cka_max_tokens] for name, h in helds.items()}
+        doc_index = next(iter(helds.values())).doc_index[: g.cka_max_tokens]  # same rows for every adapter
+        rows = cross_adapter_cka(layer, deltas, {a.name: a.rank for a in adapters}, doc_index, g.cka_max_tokens,
+                                 analysis_settings(st))
         write_json(cka_part, [r.as_record() for r in rows])
     ref_part = parts / f"L{layer}__reference.json"
     if not ref_part.is_file():
         write_json(ref_part, [r.as_record() for r in reference_rows(st, store, reference, layer, adapters)])
 
 
-def _splice_docs(st: RunState, store) -> list:
-    """The first ``geometry.splice_docs`` held-out documents, tokenised as at extraction."""
+def _splice_docs(st: RunState, store) -> tuple[list, list[int]]:
+    """The first ``geometry.splice_docs`` held-out documents, tokenised as at extraction and kept in store order,
+    with their store document index."""
     from lorascope.activations.extract import tokenize_docs
     from lorascope.data import load_dataset_spec
 
     cfg = st.config
     examples = load_dataset_spec(cfg.data.activations, limit=cfg.data.n_docs, seed=cfg.seed + 1)
     mask = store.split_docs("held_out", cfg.data.held_out_fraction, cfg.seed)
-    held_ids = {doc for doc, keep in zip(store.doc_ids, mask.tolist(), strict=True) if keep}
-    docs = [d for d in tokenize_docs(st.base().tokenizer, examples, cfg.data.max_length) if d.doc_id in held_ids]
-    return docs[: cfg.geometry.splice_docs]
+    index = {doc: i for i, (doc, keep) in enumerate(zip(store.doc_ids, mask.tolist(), strict=True)) if keep}
+    docs = [d for d in tokenize_docs(st.base().tokenizer, examples, cfg.data.max_length) if d.doc_id in index]
+    docs = sorted(docs, key=lambda d: index[d.doc_id])[: cfg.geometry.splice_docs]
+    return docs, [index[d.doc_id] for d in docs]
+
+
+def kept_positions(held, doc_indices: list[int]) -> list[list[int]]:
+    """Per document (store index), the positions the store kept for it, in order: the splice scores exactly the
+    tokens the SAEs were measured on (the extraction's token rule, outlier-norm filter included)."""
+    by_doc: dict[int, list[int]] = {}
+    for doc, pos in zip(held.doc_index.tolist(), held.position.tolist(), strict=True):
+        by_doc.setdefault(doc, []).append(pos)
+    return [sorted(by_doc.get(i, [])) for i in doc_indices]
+
+
+def splice_rows(res, n_boot: int, seed: int, **where) -> list[ResultRow]:
+    """Rows of one splice: KL recovered relative to the Δ̂ = 0 splice (document-bootstrap CI), the raw recovery
+    (labelled extra) and the mean KL of every reconstructor and baseline."""
+    from lorascope import results_schema as schema
+    from lorascope.geometry import document_bootstrap_ratio_ci
+
+    n_docs = len(res.doc_tokens)
+    common = dict(family=schema.SPLICE, n=int(res.n_tokens), **where)
+    rows = [ResultRow(metric=schema.KL_ADAPTED_VS_BASE, value=res.kl_adapted_vs_base, **common)]
+    for name in res.kl:
+        rel = ResultRow(metric=schema.kl_recovered_rel(name), value=res.recovered[name], null_value=0.0,
+                        null_name=schema.NULL_ZERO_SPLICE, note="1 − KL(ft‖splice)/KL(ft‖splice with Δ̂ = 0)",
+                        **common)
+        if n_boot and n_docs >= 2 and sum(res.doc_kl["zero"]) > 0:
+            ci = document_bootstrap_ratio_ci(res.doc_kl[name], res.doc_kl["zero"], list(range(n_docs)),
+                                             n_boot=n_boot, seed=seed)
+            rel.ci_low, rel.ci_high, rel.ci_unit = 1.0 - ci.high, 1.0 - ci.low, ci.ci_unit
+        rows += [rel,
+                 ResultRow(metric=schema.kl_recovered_raw(name), value=res.recovered_raw[name],
+                           note="extra: 1 − KL(ft‖splice)/KL(ft‖base); Δ̂ = 0 already scores > 0 before the last "
+                                "layer", **common),
+                 ResultRow(metric=schema.kl(name), value=res.kl[name], note="nats per selected token", **common)]
+    return rows
 
 
 def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
-    """KL recovered when the adapted forward runs on h_base + Δ̂, for the adapter SAE's and the reference SAE's
-    difference reconstruction, per (layer, adapter) not yet measured."""
+    """KL of the adapted forward run on h_base + Δ̂ at each layer, for the adapter SAE's and the reference SAE's
+    difference reconstruction and the Δ̂ = 0 and Δ̂ = mean Δ (training documents) baselines, per (layer,
+    adapter) not yet measured; recovery is reported relative to the Δ̂ = 0 splice."""
     from lorascope.saes import load_sae
     from lorascope.study.splice import splice_kl
 
@@ -154,7 +226,7 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
         return
     base = st.base()
     peft = st.peft({a.name: a.path for a in adapters})
-    docs = _splice_docs(st, store)
+    docs, doc_indices = _splice_docs(st, store)
     for layer, a in todo:
         st.log(f"splice test: layer {layer}, {a.name} ({len(docs)} docs)")
         sae = load_sae(saes.adapter[(layer, a.name)][0])
@@ -166,12 +238,52 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
         def recon_ref_diff(hb, hf, reference=reference):
             return reference(hf) - reference(hb)
 
+        held = store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+        mean_delta, _ = train_delta_moments(st, store, layer, a.name)
         res = splice_kl(peft, base.tokenizer.pad_token_id, docs, layer, a.name,
                         {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff},
-                        skip_first=cfg.extraction.skip_first)
-        rows = [ResultRow("splice", k, v, layer=layer, adapter=a.name, rank=a.rank, n=int(res["n_tokens"]))
-                for k, v in res.items() if k != "n_tokens"]
+                        skip_first=cfg.extraction.skip_first, mean_delta=mean_delta.float(),
+                        keep_positions=kept_positions(held, doc_indices))
+        rows = splice_rows(res, cfg.geometry.bootstrap, cfg.seed, layer=layer, adapter=a.name, rank=a.rank)
         write_json(parts / f"L{layer}__{a.name}__splice.json", [r.as_record() for r in rows])
+
+
+def trend_part(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
+    """Rank trends (per layer, trained adapters only: one recipe) of mean ‖Δ‖ and L0, and depth trends (per
+    adapter) of mean ‖Δ‖, as slopes with paired document-bootstrap CIs (lorascope.study.trends)."""
+    from lorascope import results_schema as schema
+    from lorascope.saes import load_sae
+    from lorascope.study.analysis import _codes
+    from lorascope.study.trends import per_document, trend_rows
+
+    path = parts / "trends.json"
+    if path.is_file():
+        return
+    cfg, g = st.config, st.config.geometry
+    norms, l0 = {}, {}
+    for layer in cfg.extraction.layers:
+        for a in adapters:
+            held = store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+            n = min(held.base.shape[0], g.eval_tokens)
+            docs = held.doc_index[:n]
+            norms[(layer, a.name)] = per_document(held.delta[:n].double().norm(dim=1), docs)
+            sae = load_sae(saes.adapter[(layer, a.name)][0])
+            l0[(layer, a.name)] = per_document(_codes(sae, held.delta[:n]).ne(0).sum(1).double(), docs)
+    rows: list[ResultRow] = []
+    trained = sorted((a for a in adapters if a.training is not None and a.rank > 0), key=lambda a: a.rank)
+    common = dict(n_boot=g.bootstrap, seed=cfg.seed)
+    for layer in cfg.extraction.layers:
+        x = [math.log2(a.rank) for a in trained]
+        rows += trend_rows(x, [norms[(layer, a.name)] for a in trained], schema.TREND_DELTA_NORM_RANK,
+                           schema.TREND_DELTA_NORM_RANK_P, family=schema.DELTA_NORM, layer=layer, **common)
+        rows += trend_rows(x, [l0[(layer, a.name)] for a in trained], schema.TREND_L0_RANK, schema.TREND_L0_RANK_P,
+                           family=schema.DENSITY, layer=layer, **common)
+    for a in adapters:
+        layers = list(cfg.extraction.layers)
+        rows += trend_rows([float(v) for v in layers], [norms[(v, a.name)] for v in layers],
+                           schema.TREND_DELTA_NORM_DEPTH, schema.TREND_DELTA_NORM_DEPTH_P, family=schema.DELTA_NORM,
+                           adapter=a.name, rank=a.rank, **common)
+    write_json(path, [r.as_record() for r in rows])
 
 
 def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs,
@@ -188,6 +300,7 @@ def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], s
     parts = sd.path / "parts"
     for layer in st.config.extraction.layers:
         _measure_layer(st, store, layer, adapters, saes, parts)
+    trend_part(st, store, adapters, saes, parts)
     if g.splice:
         splice_parts(st, store, adapters, saes, parts)
     rows = [row_from_record(r) for f in sorted(parts.glob("*.json")) for r in read_json(f)]

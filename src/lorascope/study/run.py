@@ -18,7 +18,7 @@ from typing import Any
 
 from lorascope.config import ExperimentConfig
 from lorascope.errors import LorascopeError
-from lorascope.io import OutputLock, clean_tmp_files, read_json, write_json
+from lorascope.io import OutputLock, clean_tmp_files, content_key, read_json, write_json
 from lorascope.study import publish
 from lorascope.study.adapters import check_adapter_folder, stage_adapters
 from lorascope.study.cache import RunState
@@ -68,8 +68,8 @@ def _upstream(config: ExperimentConfig, out: Path, extracted: Extracted, saes: S
     return {"store": extracted.key,
             "adapter_saes": {f"{k[0]}:{k[1]}": [p.parent.name for p in v] for k, v in saes.adapter.items()},
             # relative inside the run folder, so a moved run folder keeps its cached measurements
-            "ref": {str(k): str(v.relative_to(out) if v.is_relative_to(out) else v)
-                    for k, v in saes.reference.items()},
+            "ref": {str(k): str(v.relative_to(out)) if v.is_relative_to(out) else content_key(v)
+                    for k, v in saes.reference.items()},  # a path reference: keyed by its bytes, not its name
             "splice_model": config.model.spec}
 
 

@@ -53,9 +53,11 @@ def train_sae_job(store, job: SAEJob, section: Any, trainer, sae_dir: Path | Non
     ``sae_dir`` (SAELens layout; None: not saved, e.g. on non-writing ranks) and return the TrainResult."""
     from lorascope.saes import create_sae, save_sae
     from lorascope.saes.trainer import train_sae
+    from lorascope.study.splits import sae_split_record
 
     meta = {"layer": job.layer, "hook_name": f"blocks.{job.layer}.hook_resid_post", "trained_on": job.kind,
-            "adapter": job.adapter or "", **job.metadata}
+            "adapter": job.adapter or "", **job.metadata,
+            "split": sae_split_record(store, job.held_out_fraction, job.split_seed)}
     init_seed = job.seed if job.init_seed is None else job.init_seed
     sae = create_sae(section.architecture, store.d_model, section.sae_width(store.d_model), seed=init_seed,
                      metadata=meta, **section.sae_settings())

@@ -1,28 +1,85 @@
 """The splice test: how much of the adapter's effect on the output does a reconstruction Δ̂ carry?
 
 For held-out documents, run base and adapted rows in one mixed batch, read h_base and h_ft at block ``layer``,
-then rerun the adapted model with the residual at that block replaced by h_base + Δ̂ (Δ̂ from a reconstructor,
-e.g. the adapter SAE applied to Δ = h_ft − h_base). With next-token distributions p_ft, p_base, p_splice:
+then rerun the adapted model with the residual at that block replaced by h_base + Δ̂ at the selected positions
+(Δ̂ from a reconstructor, e.g. the adapter SAE applied to Δ = h_ft − h_base). With next-token distributions
+p_ft, p_base and p_splice over the selected tokens:
 
-    KL recovered = 1 − Σ_t KL(p_ft ‖ p_splice) / Σ_t KL(p_ft ‖ p_base)
+    raw recovery       = 1 − Σ_t KL(p_ft ‖ p_splice) / Σ_t KL(p_ft ‖ p_base)
+    recovery (relative) = 1 − Σ_t KL(p_ft ‖ p_splice) / Σ_t KL(p_ft ‖ p_splice₀)
 
-1 means the splice reproduces the adapted outputs; 0 means it is no better than dropping the adapter's change at
-that layer (values < 0 are possible: worse than the base residual). Sums run over the selected tokens (padding
-and the first ``skip_first`` positions excluded; those positions keep their true adapted residual). Needs the
-model, so it lives in the study rather than in geometry/.
+where splice₀ is the splice with Δ̂ = 0. The adapted model keeps its adapter in every block after ``layer``, so
+Δ̂ = 0 already "recovers" part of KL(p_ft ‖ p_base) at any block but the last; raw recovery therefore flatters
+every reconstructor, and the relative one is the number to report (0 = no better than doing nothing at this
+layer, 1 = the adapted outputs exactly, < 0 = worse than doing nothing). Two baselines are always run: ``zero``
+(Δ̂ = 0) and, when ``mean_delta`` is given, ``mean_delta`` (Δ̂ = the mean Δ over *training* documents, the
+best constant). Per-document KL sums are returned so the caller can bootstrap over documents (the splice is the
+activation-patching logic of Meng et al. 2022 and the "loss recovered" of SAE evaluations, e.g. SAEBench,
+Karvonen et al. 2025, with the baseline made explicit).
+
+Token positions follow the extraction's rule (``lorascope.activations.tokens.select_positions``): pass the
+extraction's ``TokenSelection`` and the layers it captured (``norm_layers``; the outlier-norm rule looks at every
+captured layer), or — exact — the positions the store kept for each document (``keep_positions``, from the
+store's ``doc_index``/``position`` rows). The outlier rule's median is taken over the splice batch's candidate
+positions, as extraction does over its batch, so without ``keep_positions`` the selection matches the store
+only when documents are batched as in extraction. Positions outside the selection keep their adapted residual.
+Needs the model, so it lives beside the study rather than in geometry/.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
+from lorascope.activations.tokens import TokenSelection, select_positions
 from lorascope.data.chat import TokenizedExample
+from lorascope.errors import LorascopeError
 from lorascope.models.lora import collate
 from lorascope.models.residual import check_layers, decoder_blocks
 
 Reconstructor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h_base [N,d], h_ft [N,d]) -> Δ̂ [N,d]
+BASELINES = ("zero", "mean_delta")
+
+
+class SpliceResult(NamedTuple):
+    """Outcome of :func:`splice_kl`. ``kl``: mean KL(p_ft ‖ p_splice) per selected token for every reconstructor
+    (the baselines included); ``recovered``: relative to the zero-Δ̂ splice; ``recovered_raw``: relative to
+    p_base; ``doc_kl``: per-document KL sums [n_docs] under "base" and every reconstructor name, with
+    ``doc_tokens`` [n_docs] selected tokens per document (in the order of ``docs``)."""
+
+    kl_adapted_vs_base: float
+    n_tokens: int
+    kl: dict[str, float]
+    recovered: dict[str, float]
+    recovered_raw: dict[str, float]
+    doc_kl: dict[str, list[float]]
+    doc_tokens: list[int]
+
+    def legacy(self) -> dict[str, float]:
+        """The dict the previous ``splice_kl`` returned: ``kl_adapted_vs_base``, ``kl_recovered_<name>`` (raw
+        recovery, caller's reconstructors only) and ``n_tokens``. ``res["key"]`` and ``res.items()`` read it, so
+        callers of the old API keep working; new code should use the fields (and ``recovered``)."""
+        out = {"kl_adapted_vs_base": self.kl_adapted_vs_base, "n_tokens": float(self.n_tokens)}
+        out.update({f"kl_recovered_{n}": v for n, v in self.recovered_raw.items() if n not in BASELINES})
+        return out
+
+    def __getitem__(self, key):  # type: ignore[override]
+        return self.legacy()[key] if isinstance(key, str) else tuple.__getitem__(self, key)
+
+    def items(self):
+        return self.legacy().items()
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat numbers: the legacy keys (``kl_adapted_vs_base``, ``kl_recovered_<name>`` = raw recovery,
+        ``n_tokens``) plus ``kl_<name>`` and ``kl_recovered_rel_<name>`` (relative to Δ̂ = 0)."""
+        out = {"kl_adapted_vs_base": self.kl_adapted_vs_base, "n_tokens": float(self.n_tokens)}
+        for name in self.kl:
+            out[f"kl_{name}"] = self.kl[name]
+            out[f"kl_recovered_{name}"] = self.recovered_raw[name]
+            out[f"kl_recovered_rel_{name}"] = self.recovered[name]
+        return out
 
 
 def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
@@ -34,55 +91,130 @@ def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _reconstructors(reconstructors: dict[str, Reconstructor], mean_delta) -> dict[str, Reconstructor]:
+    clash = [n for n in reconstructors if n in BASELINES]
+    if clash:
+        raise LorascopeError(f"reconstructor name(s) {clash} are reserved for the baselines",
+                             fix="rename them; zero and mean_delta splices are always run")
+    out: dict[str, Reconstructor] = {"zero": lambda hb, hf: torch.zeros_like(hb)}
+    if mean_delta is not None:
+        mu = torch.as_tensor(mean_delta).reshape(-1)
+        out["mean_delta"] = lambda hb, hf, mu=mu: mu.to(hb).expand_as(hb)
+    return {**out, **reconstructors}
+
+
+def _selected(att: torch.Tensor, chunk: Sequence[TokenizedExample], caps: dict[int, torch.Tensor], b: int,
+              selection: TokenSelection, keep_positions, start: int) -> torch.Tensor:
+    """bool [b, T]: positions of the batch's documents to splice and score (the extraction's rule)."""
+    if keep_positions is not None:
+        sel = torch.zeros(b, att.shape[1], dtype=torch.bool)
+        for i in range(b):
+            pos = torch.as_tensor(list(keep_positions[start + i]), dtype=torch.long)
+            if pos.numel() and (int(pos.max()) >= int(att[i].sum()) or int(pos.min()) < 0):
+                raise LorascopeError(f"keep_positions of document {start + i} point outside it",
+                                     fix="pass the positions the store kept for these documents, in order")
+            sel[i, pos] = True
+        return sel
+    norms = {L: h[:b].float().norm(dim=-1).cpu() for L, h in caps.items()}
+    resp = torch.tensor([d.response_start for d in chunk])
+    return select_positions(att[:b], resp, norms, selection)[0]
+
+
 @torch.no_grad()
 def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: int, adapter: str,
-              reconstructors: dict[str, Reconstructor], batch_size: int = 8,
-              skip_first: int = 1) -> dict[str, float]:
-    """Return {"kl_adapted_vs_base": mean KL per token, "kl_recovered_<name>": fraction, "n_tokens": N}."""
-    check_layers(peft_model, [layer])
-    block = decoder_blocks(peft_model)[layer]
+              reconstructors: dict[str, Reconstructor], batch_size: int = 8, skip_first: int = 1, *,
+              mean_delta=None, selection: TokenSelection | None = None, norm_layers: Sequence[int] | None = None,
+              keep_positions: Sequence[Sequence[int]] | None = None) -> SpliceResult:
+    """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
+
+    ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
+    ``selection``: the extraction's ``TokenSelection`` (default: all non-padding tokens from ``skip_first`` on,
+    no norm rule — the old behaviour); ``norm_layers``: the layers extraction captured (default ``[layer]``);
+    ``keep_positions``: per document, the exact positions the store kept (overrides ``selection``).
+    Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys).
+    """
+    layers = check_layers(peft_model, sorted({layer, *(norm_layers or [layer])}))
+    blocks = decoder_blocks(peft_model)
+    selection = selection or TokenSelection("all", skip_first, None)
+    if keep_positions is not None and len(keep_positions) != len(docs):
+        raise LorascopeError(f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
+                             fix="pass one list of positions per document")
+    recons = _reconstructors(reconstructors, mean_delta)
     peft_model.eval()
-    totals = {"base": 0.0, **{name: 0.0 for name in reconstructors}}
-    n_tok = 0
-    for i in range(0, len(docs), batch_size):
-        chunk = list(docs[i: i + batch_size])
+    doc_kl = {name: [] for name in ("base", *recons)}
+    doc_tokens: list[int] = []
+    for start in range(0, len(docs), batch_size):
+        chunk = list(docs[start: start + batch_size])
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
         ids, att = batch["input_ids"], batch["attention_mask"]
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(_m, _inp, out, captured=captured):
-            captured["h"] = _block_output(out).detach()
-
-        handle = block.register_forward_hook(grab)
-        try:
-            logits = peft_model(input_ids=ids, attention_mask=att,
-                                adapter_names=["__base__"] * b + [adapter] * b).logits.float()
-        finally:
-            handle.remove()
-        h_base, h_ft = captured["h"][:b], captured["h"][b:]
-        sel = att[:b].bool().clone()
-        sel[:, :skip_first] = False
-        logp_base = torch.log_softmax(logits[:b][sel], -1)
+        logits, caps = _mixed_forward(peft_model, blocks, layers, ids, att, ["__base__"] * b + [adapter] * b)
+        sel = _selected(att, chunk, caps, b, selection, keep_positions, start)
+        rows = sel.nonzero(as_tuple=True)[0]
+        doc_tokens += sel.sum(1).tolist()
+        h_base, h_ft = caps[layer][:b], caps[layer][b:]
         logp_ft = torch.log_softmax(logits[b:][sel], -1)
-        totals["base"] += float(_kl_rows(logp_ft, logp_base).sum())
-        n_tok += int(sel.sum())
-        for name, recon in reconstructors.items():
-            delta_hat = recon(h_base[sel].float(), h_ft[sel].float()).to(h_ft.dtype)
-            replaced = h_ft.clone()
-            replaced[sel] = h_base[sel] + delta_hat
+        doc_kl["base"] += _per_doc(b, rows, _kl_rows(logp_ft, torch.log_softmax(logits[:b][sel], -1)))
+        for name, recon in recons.items():
+            logp = _spliced_logp(peft_model, blocks[layer], recon, h_base, h_ft, sel, ids[b:], att[b:], adapter)
+            doc_kl[name] += _per_doc(b, rows, _kl_rows(logp_ft, logp))
+    return _result(doc_kl, doc_tokens)
 
-            def put(_m, _inp, out, replaced=replaced):
-                return (replaced, *out[1:]) if isinstance(out, tuple) else replaced
 
-            handle = block.register_forward_hook(put)
-            try:
-                spliced = peft_model(input_ids=ids[b:], attention_mask=att[b:],
-                                     adapter_names=[adapter] * b).logits.float()
-            finally:
-                handle.remove()
-            totals[name] += float(_kl_rows(logp_ft, torch.log_softmax(spliced[sel], -1)).sum())
-    out = {"kl_adapted_vs_base": totals["base"] / max(n_tok, 1), "n_tokens": float(n_tok)}
-    for name in reconstructors:
-        out[f"kl_recovered_{name}"] = 1.0 - totals[name] / totals["base"] if totals["base"] > 0 else float("nan")
-    return out
+def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
+    """Per-document sums [b] of per-token KL values (``rows``: the document of each selected token)."""
+    return torch.zeros(b, dtype=torch.float64).index_add_(0, rows, kl).tolist()
+
+
+def _mixed_forward(peft_model, blocks, layers: list[int], ids: torch.Tensor, att: torch.Tensor,
+                   names: list[str]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Logits (float32) of one mixed base/adapted forward and the residual outputs of ``layers``' blocks."""
+    caps: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int):
+        def hook(_m, _i, out):
+            caps[layer] = _block_output(out).detach()
+        return hook
+
+    handles = [blocks[L].register_forward_hook(grab(L)) for L in layers]
+    try:
+        logits = peft_model(input_ids=ids, attention_mask=att, adapter_names=names).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, caps
+
+
+def _spliced_logp(peft_model, block, recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor,
+                  sel: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, adapter: str) -> torch.Tensor:
+    """Log-probabilities at the selected positions of the adapted model with h_base + Δ̂ at ``block``."""
+    delta_hat = recon(h_base[sel].float(), h_ft[sel].float()).to(h_ft.dtype)
+    replaced = h_ft.clone()
+    replaced[sel] = h_base[sel] + delta_hat
+
+    def put(_m, _inp, out, replaced=replaced):
+        return (replaced, *out[1:]) if isinstance(out, tuple) else replaced
+
+    handle = block.register_forward_hook(put)
+    try:
+        spliced = peft_model(input_ids=ids, attention_mask=att, adapter_names=[adapter] * ids.shape[0]).logits
+    finally:
+        handle.remove()
+    return torch.log_softmax(spliced.float()[sel], -1)
+
+
+def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResult:
+    n_tok = sum(doc_tokens)
+    totals = {name: sum(v) for name, v in doc_kl.items()}
+    base, zero = totals["base"], totals["zero"]
+    names = [n for n in doc_kl if n != "base"]
+    nan = float("nan")
+    return SpliceResult(
+        kl_adapted_vs_base=base / max(n_tok, 1), n_tokens=n_tok,
+        kl={n: totals[n] / max(n_tok, 1) for n in names},
+        recovered={n: 1.0 - totals[n] / zero if zero > 0 else nan for n in names},
+        recovered_raw={n: 1.0 - totals[n] / base if base > 0 else nan for n in names},
+        doc_kl=doc_kl, doc_tokens=doc_tokens)
+
+
+__all__ = ["BASELINES", "Reconstructor", "SpliceResult", "splice_kl"]
