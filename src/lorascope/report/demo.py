@@ -7,7 +7,7 @@ better than the reference SAE, weak decoder alignment above a random null); they
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,23 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
         rows.append(ResultRow(family, metric, float(value), layer=layer, adapter=adapter, rank=rank, ci_low=lo,
                               ci_high=hi, null_value=null, null_name=null_name, n=n, d=d))
 
+    _add_norm_rows(add, rng, rank, depth)
+    _add_dictionary_rows(add, rng, rank)
+
+    kd = K_SUBSPACE / D_MODEL
+    add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), null=kd,
+        null_name="random_subspace_k/d")
+    add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
+
+    for other, r2 in adapters.items():
+        if other != adapter:
+            add("cka", f"cka_delta_vs_{other}", 0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)), ci=False)
+    add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False)
+    return rows
+
+
+def _add_norm_rows(add: Callable[..., None], rng: np.random.Generator, rank: int, depth: float) -> None:
+    """Demo delta_norm, reconstruction and splice rows (drawn from ``rng`` in a fixed order)."""
     base_norm = 10.0 * depth
     dn = 0.4 * np.sqrt(rank) * depth * (1 + 0.05 * rng.standard_normal())
     add("delta_norm", "delta_norm_mean", dn)
@@ -62,6 +79,9 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
     add("splice", "kl_recovered_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02)
     add("splice", "kl_recovered_ref_diff", 0.35 + 0.1 * rng.random())
 
+
+def _add_dictionary_rows(add: Callable[..., None], rng: np.random.Generator, rank: int) -> None:
+    """Demo density and decoder_similarity rows (drawn from ``rng`` in a fixed order)."""
     l0 = 6 + 3 * np.log2(rank) + rng.random()
     add("density", "l0_adapter_sae", l0)
     dead = 0.05 + 0.1 * rng.random()
@@ -81,17 +101,6 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
     for tau, frac in ((0.5, 0.6), (0.7, 0.2), (0.9, 0.03)):
         add("decoder_similarity", f"overlap_adapter_to_ref@{tau}", frac * (0.8 + 0.4 * rng.random()))
     add("decoder_similarity", "hungarian_mean_cos", 0.4 + 0.05 * rng.random(), ci=False)
-
-    kd = K_SUBSPACE / D_MODEL
-    add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), null=kd,
-        null_name="random_subspace_k/d")
-    add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
-
-    for other, r2 in adapters.items():
-        if other != adapter:
-            add("cka", f"cka_delta_vs_{other}", 0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)), ci=False)
-    add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False)
-    return rows
 
 
 def _arrays_for(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
