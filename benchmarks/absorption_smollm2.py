@@ -80,7 +80,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    from lorascope.evals.absorption import evaluate_absorption, prepare_probe
+    from lorascope.evals.absorption import ProbeOptions, evaluate_absorption, prepare_probe
     from lorascope.evals.first_letter import build_first_letter_data
     from lorascope.evals.shared_prefix import build_shared_prefix_data
     from lorascope.models import load_base
@@ -100,7 +100,8 @@ def main() -> None:
     t = time.time()
     collect: dict[int, torch.Tensor] = {}
     autocast = torch.bfloat16 if args.bf16 else None
-    probe = prepare_probe(base.model, tok, args.layer, data=data, autocast_dtype=autocast, l2=args.l2,
+    probe = prepare_probe(base.model, tok, args.layer, data=data,
+                          options=ProbeOptions(autocast_dtype=autocast, l2=args.l2),
                           collect_train=None if args.no_saes else collect)
     n_tok = sum(p + 1 for p in data.train.positions) + sum(p + 1 for p in data.test.positions)
     timings["probe data + fit"] = time.time() - t

@@ -304,7 +304,7 @@ def real_activations(args, base) -> dict:
 
 
 def real_part(args, seeds, settings_planted) -> list[dict]:
-    from lorascope.evals.core import core_metrics
+    from lorascope.evals.core import CoreOptions, core_metrics
     from lorascope.models import load_base
 
     t0 = time.perf_counter()
@@ -325,8 +325,8 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
     splice_ids = blob["eval_ids"][: args.splice_docs]
 
     def splice(sae):
-        m = core_metrics(base.model, base.tokenizer, sae, args.layer, splice_ids, batch_size=args.splice_docs,
-                         cache=cache)
+        m = core_metrics(base.model, base.tokenizer, sae, args.layer, splice_ids,
+                         options=CoreOptions(batch_size=args.splice_docs), cache=cache)
         return {k: m[k] for k in ("ce_score", "kl_score", "frac_alive", "mean_max_decoder_cos")}
 
     splice.seeds = set(seeds[: args.splice_seeds])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lorascope.data import make_demo_dataset, tokenize_example
-from lorascope.evals.core import core_metrics, mean_max_decoder_cosine
+from lorascope.evals.core import CoreOptions, core_metrics, mean_max_decoder_cosine
 from lorascope.models import load_base
 from lorascope.models.residual import decoder_blocks
 from lorascope.saes.base import create_sae
@@ -44,7 +44,8 @@ def _constant_relu(d: int, value: torch.Tensor):
 
 def test_identity_sae_scores_one_and_fvu_zero(tiny):
     base, docs = tiny
-    m = core_metrics(base.model, base.tokenizer, _identity_relu(base.d_model), 1, docs, batch_size=2)
+    m = core_metrics(base.model, base.tokenizer, _identity_relu(base.d_model), 1, docs,
+                     options=CoreOptions(batch_size=2))
     assert m["ce_score"] == 1.0 and m["kl_score"] == 1.0 and m["kl_sae"] == 0.0
     assert m["ce_sae"] == m["ce_clean"] and m["fvu"] == 0.0 and m["explained_variance"] == 1.0
     assert m["kl_zero"] > 0 and m["ce_zero"] != m["ce_clean"]  # (a random tiny model: either sign)
@@ -54,7 +55,7 @@ def test_identity_sae_scores_one_and_fvu_zero(tiny):
 def test_zero_output_sae_equals_zero_ablation(tiny):
     base, docs = tiny
     sae = _constant_relu(base.d_model, torch.zeros(base.d_model))
-    m = core_metrics(base.model, base.tokenizer, sae, 0, docs, batch_size=3, skip_first=0)
+    m = core_metrics(base.model, base.tokenizer, sae, 0, docs, options=CoreOptions(batch_size=3, skip_first=0))
     assert m["ce_score"] == 0.0 and m["kl_score"] == 0.0
     assert m["l0"] == 0.0 and m["frac_alive"] == 0.0
 
@@ -89,7 +90,8 @@ def test_golden_values_against_hf_loss_and_hand_counts(tiny):
     ce_clean = _hf_loss(model, ids)
     ce_mu = _hf_loss(model, ids, put(mu))
     ce_zero = _hf_loss(model, ids, put(0.0))
-    m = core_metrics(model, base.tokenizer, _constant_relu(base.d_model, mu), 1, [doc], skip_first=0)
+    m = core_metrics(model, base.tokenizer, _constant_relu(base.d_model, mu), 1, [doc],
+                     options=CoreOptions(skip_first=0))
     assert m["ce_clean"] == pytest.approx(ce_clean, rel=1e-5)
     assert m["ce_sae"] == pytest.approx(ce_mu, rel=1e-5) and m["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
     assert m["ce_score"] == pytest.approx((ce_zero - ce_mu) / (ce_zero - ce_clean), rel=1e-3)  # float32 HF loss
@@ -142,10 +144,11 @@ def test_reference_cache_gives_identical_numbers(tiny):
     base, docs = tiny
     sae = create_sae("topk", base.d_model, 64, k=4, seed=3)
     cache: dict = {}
-    first = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2, cache=cache)
-    again = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2, cache=cache)
-    plain = core_metrics(base.model, base.tokenizer, sae, 1, docs, batch_size=2)
+    first = core_metrics(base.model, base.tokenizer, sae, 1, docs, options=CoreOptions(batch_size=2), cache=cache)
+    again = core_metrics(base.model, base.tokenizer, sae, 1, docs, options=CoreOptions(batch_size=2), cache=cache)
+    plain = core_metrics(base.model, base.tokenizer, sae, 1, docs, options=CoreOptions(batch_size=2))
     assert first == again == plain and 0 < first["fvu"] and first["l0"] == 4.0
-    other = core_metrics(base.model, base.tokenizer, sae, 2, docs, batch_size=2, cache=cache)  # new key: recomputed
-    assert other == core_metrics(base.model, base.tokenizer, sae, 2, docs, batch_size=2)
+    # new key: recomputed
+    other = core_metrics(base.model, base.tokenizer, sae, 2, docs, options=CoreOptions(batch_size=2), cache=cache)
+    assert other == core_metrics(base.model, base.tokenizer, sae, 2, docs, options=CoreOptions(batch_size=2))
     assert other["fvu"] != first["fvu"]

@@ -41,7 +41,7 @@ def absorption_cmd(
 
     from lorascope.cli import check_options
     from lorascope.errors import LorascopeError
-    from lorascope.evals.absorption import evaluate_absorption, prepare_probe
+    from lorascope.evals.absorption import ProbeOptions, evaluate_absorption, prepare_probe
     from lorascope.models import load_base
     from lorascope.saes import load_sae
 
@@ -54,9 +54,9 @@ def absorption_cmd(
             raise LorascopeError("cannot tell the SAE's layer from its metadata", fix="pass --layer L")
         layer = int(layers.pop())
     base = load_base(model)
-    probe = prepare_probe(base.model, base.tokenizer, layer, max_words=max_words, seed=seed, batch_size=batch_size,
-                          words_per_prefix=words_per_prefix,
-                          autocast_dtype=torch.bfloat16 if bf16 else None)
+    options = ProbeOptions(max_words=max_words, seed=seed, batch_size=batch_size, words_per_prefix=words_per_prefix,
+                           autocast_dtype=torch.bfloat16 if bf16 else None)
+    probe = prepare_probe(base.model, base.tokenizer, layer, options=options)
     reports = [evaluate_absorption(probe, s, label, force=force, seed=seed) for label, s in saes]
     console = Console()
     f1 = Table(title=f"First-letter probe, {base.name} layer {layer}: test F1 per letter "

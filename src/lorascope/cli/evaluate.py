@@ -33,7 +33,7 @@ def evaluate_cmd(
 
     from lorascope.data import load_dataset_spec, tokenize_example
     from lorascope.errors import LorascopeError
-    from lorascope.evals.core import core_metrics
+    from lorascope.evals.core import CoreOptions, core_metrics
     from lorascope.io import write_json
     from lorascope.models import load_base
     from lorascope.saes import load_sae
@@ -50,8 +50,8 @@ def evaluate_cmd(
         raise LorascopeError(f"the SAE reads width {loaded.d_in} but {base.name} has width {base.d_model}",
                              fix="evaluate the SAE on the model it was trained on")
     docs = [tokenize_example(base.tokenizer, ex, max_length=max_length) for ex in examples]
-    m = core_metrics(base.model, base.tokenizer, loaded, layer, docs, batch_size=batch_size, skip_first=skip_first,
-                     max_length=max_length)
+    options = CoreOptions(batch_size=batch_size, skip_first=skip_first, max_length=max_length)
+    m = core_metrics(base.model, base.tokenizer, loaded, layer, docs, options=options)
     table = Table(title=f"SAEBench core metrics: {sae} on {base.name} block {layer} "
                         f"({int(m['n_tokens'])} tokens, {int(m['n_docs'])} documents)")
     table.add_column("metric")

@@ -141,27 +141,41 @@ class ProbeData:
         return [k for k, v in self.probe_f1.items() if v == v and v > min_f1]
 
 
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How ``prepare_probe`` builds its data and fits the probe.
+
+    ``max_words`` samples a subset of the vocabulary (None: all), ``seed`` drives that sampling and the
+    train/test split, ``batch_size`` and ``autocast_dtype`` control the residual reads, ``l2`` is the
+    probe's ridge penalty and ``words_per_prefix`` how many words share one few-shot prefix.
+    """
+
+    max_words: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+    l2: float = 1e-2
+    autocast_dtype: torch.dtype | None = None
+    words_per_prefix: int = 64
+
+
 def prepare_probe(
     model: torch.nn.Module,
     tokenizer,
     layer: int,
     *,
     data: FirstLetterData | None = None,
-    max_words: int | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    l2: float = 1e-2,
-    autocast_dtype: torch.dtype | None = None,
+    options: ProbeOptions = ProbeOptions(),
     collect_train: dict[int, torch.Tensor] | None = None,
-    words_per_prefix: int = 64,
 ) -> ProbeData:
     """Build the first-letter data, read residuals after block ``layer`` at the word token, fit the probe.
 
-    Default data: every alphabetic single token of the tokenizer (``max_words`` samples a subset), with
-    ``words_per_prefix`` words sharing each few-shot prefix so the whole vocabulary runs at CPU cost
+    Default data: every alphabetic single token of the tokenizer (``options.max_words`` samples a subset), with
+    ``options.words_per_prefix`` words sharing each few-shot prefix so the whole vocabulary runs at CPU cost
     (``evals/shared_prefix.py``; 1 = SAEBench's own prefix per word). ``collect_train`` receives the train
     prompts' residuals at all positions (see ``word_residuals``).
     """
+    max_words, seed, batch_size = options.max_words, options.seed, options.batch_size
+    l2, autocast_dtype, words_per_prefix = options.l2, options.autocast_dtype, options.words_per_prefix
     from lorascope.evals.first_letter import build_first_letter_data, word_residuals
     from lorascope.evals.shared_prefix import build_shared_prefix_data, shared_prefix_residuals, shares_prefixes
 
@@ -287,6 +301,19 @@ def evaluate_absorption(
             f"F1 > {th.min_probe_f1} (need {th.min_letters})",
             **base,
         )
+    letters = _letters_absorption(probe_data, sae, [LETTERS.index(c) for c in passing], th, seed)
+    rep = AbsorptionReport(status="ok", reason="", letters=letters, forced=weak, **base)
+    if letters:
+        rep.absorption_fraction = sum(x.absorption_fraction for x in letters) / len(letters)
+        rep.full_absorption_rate = sum(x.full_absorption_rate for x in letters) / len(letters)
+        rep.splitting_k = sum(x.splitting_k for x in letters) / len(letters)
+    return rep
+
+
+def _letters_absorption(
+    probe_data: ProbeData, sae, idx: list[int], th: AbsorptionThresholds, seed: int
+) -> list[LetterAbsorption]:
+    """Per-letter splitting and absorption for the letters ``idx`` (those whose probe passes)."""
     unit, _ = decoder_rows(sae)
     if unit.shape[1] != probe_data.test_x.shape[1]:
         raise LorascopeError(
@@ -295,7 +322,6 @@ def evaluate_absorption(
         )
     train_codes = normalised_codes(sae, probe_data.train_x)
     test_codes = normalised_codes(sae, probe_data.test_x)
-    idx = [LETTERS.index(c) for c in passing]
     splits: dict[str, LetterSplitting] = k_sparse_splitting(
         train_codes,
         probe_data.train_labels,
@@ -330,12 +356,7 @@ def evaluate_absorption(
                 sp.f1_by_k,
             )
         )
-    rep = AbsorptionReport(status="ok", reason="", letters=letters, forced=weak, **base)
-    if letters:
-        rep.absorption_fraction = sum(x.absorption_fraction for x in letters) / len(letters)
-        rep.full_absorption_rate = sum(x.full_absorption_rate for x in letters) / len(letters)
-        rep.splitting_k = sum(x.splitting_k for x in letters) / len(letters)
-    return rep
+    return letters
 
 
 __all__ = [
@@ -343,6 +364,7 @@ __all__ = [
     "AbsorptionThresholds",
     "LetterAbsorption",
     "ProbeData",
+    "ProbeOptions",
     "WordAbsorption",
     "evaluate_absorption",
     "prepare_probe",

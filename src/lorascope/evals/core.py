@@ -26,6 +26,7 @@ inside the document.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -129,9 +130,18 @@ def _references(model: torch.nn.Module, block: torch.nn.Module, ids: torch.Tenso
 
 
 @torch.no_grad()
+@dataclass(frozen=True)
+class CoreOptions:
+    """Batching and scoring options of ``core_metrics``: documents per forward pass, leading positions of each
+    document left unscored (1 skips BOS), and the token cut applied to string documents."""
+
+    batch_size: int = 8
+    skip_first: int = 1
+    max_length: int = 256
+
+
 def core_metrics(model: torch.nn.Module, tokenizer: Any, sae: SAE, layer: int, docs: Sequence[Any], *,
-                 batch_size: int = 8, skip_first: int = 1, max_length: int = 256,
-                 cache: dict | None = None) -> dict[str, float]:
+                 options: CoreOptions = CoreOptions(), cache: dict | None = None) -> dict[str, float]:
     """SAEBench core metrics of ``sae`` spliced after block ``layer`` of ``model`` on ``docs`` (module docstring).
 
     ``docs``: strings (tokenised with ``tokenizer``), TokenizedExample, or token-id sequences. ``cache``: pass the
@@ -140,6 +150,7 @@ def core_metrics(model: torch.nn.Module, tokenizer: Any, sae: SAE, layer: int, d
     ce_clean, ce_sae, ce_zero, kl_sae, kl_zero, fvu, explained_variance, l0, frac_alive, mean_max_decoder_cos,
     n_tokens (scored positions), n_docs.
     """
+    batch_size, skip_first, max_length = options.batch_size, options.skip_first, options.max_length
     check_layers(model, [layer])
     block = decoder_blocks(model)[layer]
     if not 0 <= skip_first:

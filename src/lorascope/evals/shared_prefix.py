@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -32,12 +33,20 @@ from lorascope.evals.first_letter import (
 )
 
 
+class PromptFormat(NamedTuple):
+    """How one first-letter example is written: ``template`` holds ``{word}``; examples are joined by ``separator``."""
+
+    template: str = DEFAULT_TEMPLATE
+    separator: str = "\n"
+
+
 def build_shared_prefix_data(tokenizer, *, words_per_prefix: int = 64, max_words: int | None = None,
-                             train_fraction: float = 0.8, seed: int = 0, template: str = DEFAULT_TEMPLATE,
-                             max_icl: int = 10, separator: str = "\n",
+                             train_fraction: float = 0.8, seed: int = 0, max_icl: int = 10,
+                             prompt_format: PromptFormat = PromptFormat(),
                              words: Sequence[str] | None = None) -> FirstLetterData:
     """First-letter data (default: the whole alphabetic vocabulary, split by word) with one few-shot prefix per
     group of ``words_per_prefix`` words. Words that are not one token right after their prefix are dropped."""
+    template, separator = prompt_format
     if words_per_prefix < 1:
         raise LorascopeError(f"words_per_prefix must be >= 1 (got {words_per_prefix})", fix="use e.g. 64")
     vocab = list(words) if words is not None else alpha_vocabulary(tokenizer)
@@ -155,4 +164,4 @@ def _repeat_cache(cache, n: int):
     return rep
 
 
-__all__ = ["build_shared_prefix_data", "shared_prefix_residuals", "shares_prefixes"]
+__all__ = ["PromptFormat", "build_shared_prefix_data", "shared_prefix_residuals", "shares_prefixes"]

@@ -27,6 +27,7 @@ from lorascope.evals.probe import LogisticProbe
 
 F1_JUMP_THRESHOLD = 0.03
 MAX_K = 10
+L1_DECAY = 0.01  # SAEBench k-sparse probing: L1 weight of the latent-ranking probe
 
 
 # ---- SAE view ----------------------------------------------------------------------------------------------
@@ -63,7 +64,7 @@ def normalised_codes(sae, x: torch.Tensor, batch_size: int = 4096) -> torch.Tens
 
 # ---- probes ------------------------------------------------------------------------------------------------
 def l1_selection_probe(codes: torch.Tensor, labels: torch.Tensor, n_classes: int = len(LETTERS),
-                       l1_decay: float = 0.01, seed: int = 0) -> torch.Tensor:
+                       l1_decay: float = L1_DECAY, seed: int = 0) -> torch.Tensor:
     """Weights [n_classes, F] of the L1-regularised one-vs-rest probe that ranks latents (see module doc).
 
     Per letter, SAEBench's objective  mean_i pw_i·BCE_i + l1_decay·‖w‖₁  (pw: positives weighted n_neg/n_pos)
@@ -124,15 +125,16 @@ def k_sparse_splitting(
     letters: list[int] | None = None,
     max_k: int = MAX_K,
     f1_jump_threshold: float = F1_JUMP_THRESHOLD,
-    l1_decay: float = 0.01,
     seed: int = 0,
 ) -> dict[str, LetterSplitting]:
-    """k-sparse probing and splitting for ``letters`` (indices; default all) from codes [N, F], labels [N]."""
+    """k-sparse probing and splitting for ``letters`` (indices; default all) from codes [N, F], labels [N].
+
+    Latents are ranked by ``l1_selection_probe`` at SAEBench's L1 strength ``L1_DECAY``."""
     if train_codes.shape[1] != test_codes.shape[1]:
         raise LorascopeError(
             "train and test codes have different widths", fix="encode both with the same SAE"
         )
-    l1w = l1_selection_probe(train_codes.float(), train_labels, l1_decay=l1_decay, seed=seed)
+    l1w = l1_selection_probe(train_codes.float(), train_labels, l1_decay=L1_DECAY, seed=seed)
     max_k = min(max_k, train_codes.shape[1])
     out: dict[str, LetterSplitting] = {}
     for c in letters if letters is not None else range(len(LETTERS)):

@@ -52,32 +52,11 @@ def compare_dictionaries(
     kind = "absolute" if absolute else "signed"
     dtype = str(A.dtype).replace("torch.", "")
     rows: list[ResultRow] = []
-    for src, dst, best in ((name_a, name_b, ab), (name_b, name_a, ba)):
+    for src, dst, best, other in ((name_a, name_b, ab, ba), (name_b, name_a, ba, ab)):
         cos = best.cosine.double().cpu()
-        f_src, f_dst = cos.numel(), (ba if best is ab else ab).cosine.numel()
-        common = dict(family=FAMILY, n=f_src, d=d, dtype=dtype, note=f"{kind} cosines", **where)
-        ci = bootstrap_ci(cos, n_boot=n_boot, seed=seed) if n_boot > 0 and f_src > 1 else None
-        rows.append(
-            ResultRow(
-                metric=f"mmcs_{src}_to_{dst}",
-                value=float(cos.mean()),
-                ci_low=ci.low if ci else float("nan"),
-                ci_high=ci.high if ci else float("nan"),
-                null_value=mmcs_null_isotropic(f_dst, d, exact=True, absolute=absolute),
-                null_name="random_isotropic",
-                **common,
-            )
-        )
-        for tau in taus:
-            rows.append(
-                ResultRow(
-                    metric=schema.overlap(src, dst, tau),
-                    value=float((cos >= tau).double().mean()),
-                    null_value=overlap_null_isotropic(tau, f_dst, d, absolute),
-                    null_name="random_isotropic",
-                    **common,
-                )
-            )
+        common = dict(family=FAMILY, n=cos.numel(), d=d, dtype=dtype, note=f"{kind} cosines", **where)
+        ci = bootstrap_ci(cos, n_boot=n_boot, seed=seed) if n_boot > 0 and cos.numel() > 1 else None
+        rows += _direction_rows(src, dst, cos, other.cosine.numel(), ci, taus, absolute, common)
     n_a, n_b = ab.cosine.numel(), ba.cosine.numel()
     dense_ok = max(n_a, n_b) <= MAX_DENSE_ATOMS
     if match or (match is None and dense_ok):
@@ -92,6 +71,43 @@ def compare_dictionaries(
                 dtype=dtype,
                 note=f"{kind} cosines, Hungarian on 1 - cos, alive atoms",
                 **where,
+            )
+        )
+    return rows
+
+
+def _direction_rows(
+    src: str,
+    dst: str,
+    cos: torch.Tensor,
+    f_dst: int,
+    ci,
+    taus: tuple[float, ...],
+    absolute: bool,
+    common: dict[str, Any],
+) -> list[ResultRow]:
+    """MMCS row (with ``ci`` if any) and one overlap row per tau for best cosines ``cos`` of ``src`` atoms in ``dst``
+    (``f_dst`` atoms); nulls are those of random isotropic atoms of the target's size."""
+    d = common["d"]
+    rows = [
+        ResultRow(
+            metric=f"mmcs_{src}_to_{dst}",
+            value=float(cos.mean()),
+            ci_low=ci.low if ci else float("nan"),
+            ci_high=ci.high if ci else float("nan"),
+            null_value=mmcs_null_isotropic(f_dst, d, exact=True, absolute=absolute),
+            null_name="random_isotropic",
+            **common,
+        )
+    ]
+    for tau in taus:
+        rows.append(
+            ResultRow(
+                metric=schema.overlap(src, dst, tau),
+                value=float((cos >= tau).double().mean()),
+                null_value=overlap_null_isotropic(tau, f_dst, d, absolute),
+                null_name="random_isotropic",
+                **common,
             )
         )
     return rows

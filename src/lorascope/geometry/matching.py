@@ -87,38 +87,50 @@ def hungarian_match(
                 f"float64 cost matrix and cubic time (cap: {max_dense} atoms per side)",
                 fix="pass candidates=32 for the sparse top-candidate matching, or restrict to alive atoms",
             )
-        from scipy.optimize import linear_sum_assignment
-
-        cos = (An @ Bn.T).numpy()
-        score = np.abs(cos) if absolute else cos
-        r, c = linear_sum_assignment(1.0 - score)
-        pair_cos = cos[r, c]
+        r, c, pair_cos = _dense_assignment(An, Bn, absolute)
     else:
-        if candidates < 1:
-            raise LorascopeError(f"candidates = {candidates} must be >= 1", fix="use e.g. candidates=32")
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-        r0, c0, cos0 = _top_candidates(An, Bn, candidates, absolute, chunk_bytes)
-        score = np.abs(cos0) if absolute else cos0
-        # cost 2 - score lies in [1, 3]: strictly positive so every candidate edge is stored; the constant
-        # shift does not change which full matching is optimal (all have min(fa, fb) edges).
-        graph = coo_matrix((2.0 - score, (r0, c0)), shape=(fa, fb)).tocsr()
-        try:
-            r, c = min_weight_full_bipartite_matching(graph)
-        except ValueError as err:
-            raise LorascopeError(
-                f"the top-{candidates} candidate graph has no matching covering all atoms",
-                fix="raise candidates (or use dense matching on fewer atoms)",
-            ) from err
-        lookup = dict(zip((r0 * fb + c0).tolist(), cos0.tolist(), strict=True))
-        pair_cos = np.array(
-            [lookup[int(i) * fb + int(j)] for i, j in zip(r, c, strict=True)], dtype=np.float64
-        )
+        r, c, pair_cos = _sparse_assignment(An, Bn, absolute, candidates, chunk_bytes)
     order = np.argsort(r, kind="stable")
     return pd.DataFrame(
         {"a": idx_a.cpu().numpy()[r[order]], "b": idx_b.cpu().numpy()[c[order]], "cosine": pair_cos[order]}
     )
+
+
+def _dense_assignment(An: torch.Tensor, Bn: torch.Tensor, absolute: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact assignment on the full 1 - cos (or 1 - |cos|) cost of unit rows: rows, columns, signed pair cosines."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = (An @ Bn.T).numpy()
+    score = np.abs(cos) if absolute else cos
+    r, c = linear_sum_assignment(1.0 - score)
+    return r, c, cos[r, c]
+
+
+def _sparse_assignment(
+    An: torch.Tensor, Bn: torch.Tensor, absolute: bool, candidates: int, chunk_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full matching restricted to each atom's top-``candidates`` partners: rows, columns, signed pair cosines."""
+    if candidates < 1:
+        raise LorascopeError(f"candidates = {candidates} must be >= 1", fix="use e.g. candidates=32")
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    fa, fb = An.shape[0], Bn.shape[0]
+    r0, c0, cos0 = _top_candidates(An, Bn, candidates, absolute, chunk_bytes)
+    score = np.abs(cos0) if absolute else cos0
+    # cost 2 - score lies in [1, 3]: strictly positive so every candidate edge is stored; the constant
+    # shift does not change which full matching is optimal (all have min(fa, fb) edges).
+    graph = coo_matrix((2.0 - score, (r0, c0)), shape=(fa, fb)).tocsr()
+    try:
+        r, c = min_weight_full_bipartite_matching(graph)
+    except ValueError as err:
+        raise LorascopeError(
+            f"the top-{candidates} candidate graph has no matching covering all atoms",
+            fix="raise candidates (or use dense matching on fewer atoms)",
+        ) from err
+    lookup = dict(zip((r0 * fb + c0).tolist(), cos0.tolist(), strict=True))
+    pair_cos = np.array([lookup[int(i) * fb + int(j)] for i, j in zip(r, c, strict=True)], dtype=np.float64)
+    return r, c, pair_cos
 
 
 def matched_cosine_mean(pairs: pd.DataFrame, absolute: bool = False) -> float:

@@ -87,6 +87,37 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec)
 
 
+def _load_gguf(path: Path, kwargs: dict[str, Any], check: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Model and tokenizer from a ``.gguf`` file (``check`` runs on the tokenizer before the weights load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        check(tok)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    except ImportError as exc:
+        raise LorascopeError("loading GGUF needs the 'gguf' package", fix="pip install gguf") from exc
+    return model, tok
+
+
+def _load_hub(spec_str: str, kwargs: dict[str, Any], check: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """Model and tokenizer from a hub id (or the HF cache); one clear error when the hub cannot be reached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(spec_str, trust_remote_code=kwargs["trust_remote_code"])
+        check(tok)
+        model = AutoModelForCausalLM.from_pretrained(spec_str, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() \
+            or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
+        why = "the hub is not reachable (offline)" if offline else f"{type(exc).__name__}"
+        raise LorascopeError(f"could not load model {spec_str!r} from the Hugging Face hub: {why}",
+                             fix="download it once (huggingface-cli download) and pass the local folder path, "
+                                 "or use 'embedded'") from exc
+    return model, tok
+
+
 def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
               trust_remote_code: bool = False, check_tokenizer: Callable[[Any], Any] | None = None) -> LoadedModel:
     """Load a base causal LM for analysis (eval mode, gradients off).
@@ -108,12 +139,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
         path = embedded_gguf_path() if spec_str.lower() in EMBEDDED_NAMES else Path(spec_str).expanduser()
         _check_gguf(path)
         source = "embedded-gguf" if spec_str.lower() in EMBEDDED_NAMES else "gguf"
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            check(tok)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        except ImportError as exc:
-            raise LorascopeError("loading GGUF needs the 'gguf' package", fix="pip install gguf") from exc
+        model, tok = _load_gguf(path, kwargs, check)
         name = "SmolLM2-135M-Instruct" if source == "embedded-gguf" else path.stem
     elif Path(spec_str).expanduser().exists():
         folder = Path(spec_str).expanduser()
@@ -128,17 +154,7 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
         raise LorascopeError(f"model path {spec_str} does not exist",
                              fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct")
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(spec_str, trust_remote_code=trust_remote_code)
-            check(tok)
-            model = AutoModelForCausalLM.from_pretrained(spec_str, **kwargs)
-        except (OSError, ValueError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() \
-                or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
-            why = "the hub is not reachable (offline)" if offline else f"{type(exc).__name__}"
-            raise LorascopeError(f"could not load model {spec_str!r} from the Hugging Face hub: {why}",
-                                 fix="download it once (huggingface-cli download) and pass the local folder path, "
-                                     "or use 'embedded'") from exc
+        model, tok = _load_hub(spec_str, kwargs, check)
         name, source = spec_str, "hub"
 
     if tok.pad_token_id is None:

@@ -131,21 +131,21 @@ def dtype_name(value: Any) -> str:
 
 
 # ---- SAELens (ours, v6, pre-6) -----------------------------------------------------------------
-def _load_saelens(folder: Path) -> SAE:
-    raw = read_json(folder / CFG_NAME)
-    tensors = read_safetensors(folder / WEIGHTS_NAME)
-    ours = raw.get("lorascope")
-    if isinstance(ours, dict):
-        cfg = SAEConfig(
-            ours["architecture"],
-            int(raw["d_in"]),
-            int(raw["d_sae"]),
-            bool(raw["apply_b_dec_to_input"]),
-            dtype_name(raw.get("dtype")),
-            dict(ours.get("arch", {})),
-            dict(ours.get("metadata", {})),
-        )
-        return build_sae(cfg, tensors, folder)
+_SAELENS_FLAT_META_KEYS = (
+    "model_name",
+    "hook_point",
+    "hook_name",
+    "hook_layer",
+    "hook_head_index",
+    "context_size",
+    "dataset_path",
+    "prepend_bos",
+    "sae_lens_training_version",
+)
+
+
+def _saelens_arch_and_meta(raw: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """SAELens architecture name, architecture options and metadata, for both config layouts."""
     flat = "metadata" not in raw or "hook_point" in raw or "activation_fn_str" in raw
     arch_name = raw.get("architecture", "standard")
     arch: dict[str, Any] = {}
@@ -153,28 +153,18 @@ def _load_saelens(folder: Path) -> SAE:
         if raw.get("activation_fn_str", raw.get("activation_fn")) == "topk":
             arch_name = "topk"
             arch["k"] = int((raw.get("activation_fn_kwargs") or {}).get("k", raw.get("k", 0)))
-        meta = {
-            k: v
-            for k, v in raw.items()
-            if k
-            in (
-                "model_name",
-                "hook_point",
-                "hook_name",
-                "hook_layer",
-                "hook_head_index",
-                "context_size",
-                "dataset_path",
-                "prepend_bos",
-                "sae_lens_training_version",
-            )
-        }
+        meta = {k: v for k, v in raw.items() if k in _SAELENS_FLAT_META_KEYS}
         if "hook_point" in meta:
             meta.setdefault("hook_name", meta.pop("hook_point"))
     else:
         meta = dict(raw.get("metadata") or {})
         if arch_name == "topk":
             arch["k"] = int(raw["k"])
+    return arch_name, arch, meta
+
+
+def _check_saelens_supported(folder: Path, raw: dict[str, Any], arch_name: str) -> None:
+    """Refuse SAELens options lorascope cannot represent (normalisation, norm rescaling, unknown archs)."""
     norm = raw.get("normalize_activations", "none")
     if norm not in ("none", None, False):
         raise LorascopeError(
@@ -191,6 +181,25 @@ def _load_saelens(folder: Path) -> SAE:
             f"{folder}: SAELens architecture {arch_name!r} is not supported",
             fix=f"supported: {', '.join(sorted(FROM_SAELENS))}",
         )
+
+
+def _load_saelens(folder: Path) -> SAE:
+    raw = read_json(folder / CFG_NAME)
+    tensors = read_safetensors(folder / WEIGHTS_NAME)
+    ours = raw.get("lorascope")
+    if isinstance(ours, dict):
+        cfg = SAEConfig(
+            ours["architecture"],
+            int(raw["d_in"]),
+            int(raw["d_sae"]),
+            bool(raw["apply_b_dec_to_input"]),
+            dtype_name(raw.get("dtype")),
+            dict(ours.get("arch", {})),
+            dict(ours.get("metadata", {})),
+        )
+        return build_sae(cfg, tensors, folder)
+    arch_name, arch, meta = _saelens_arch_and_meta(raw)
+    _check_saelens_supported(folder, raw, arch_name)
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.all(scaling == 1):
         raise LorascopeError(
