@@ -152,9 +152,53 @@ def trend_finding(tab: Tab, key: str, metric: str, title: str, what: str) -> Fin
     return Finding(key, title, _verdict(passes), text, rule, nums)
 
 
+def free_l0_density(tab: Tab) -> tuple[str, str] | None:
+    """(metric, label) of the density stage's free-L0 SAE L0 when the table has it (else None): L0 at the fixed
+    coefficient, labelled with the SAE and coefficient its rows' note names (e.g. "paper_a, λ=0.2")."""
+    if not tab.cells(schema.L0_FIXED_COEFFICIENT):
+        return None
+    notes = tab.df.loc[tab.df.metric == schema.L0_FIXED_COEFFICIENT, "note"] if "note" in tab.df else []
+    notes = sorted({str(n) for n in notes if isinstance(n, str) and n})
+    return schema.L0_FIXED_COEFFICIENT, "L0 of the free-L0 SAE" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def density_depth_finding(tab: Tab) -> Finding | None:
+    """The free-L0 SAE's L0 rises with depth: per adapter, Spearman ρ between layer and L0 > 0 (None without
+    free-L0 rows: a TopK L0 says nothing about depth)."""
+    picked = free_l0_density(tab)
+    if picked is None:
+        return None
+    metric, what = picked
+    title = "Feature density rises with depth"
+    rule = (f"per adapter, Spearman correlation between layer and {what} across ≥ 2 layers; rises for an adapter if "
+            "ρ > 0; holds if it rises for every adapter")
+    per_adapter: dict[str, list[tuple[int, float]]] = {}
+    for layer, a in tab.cells(metric):
+        if math.isfinite(tab.value(metric, layer, a)):
+            per_adapter.setdefault(a, []).append((layer, tab.value(metric, layer, a)))
+    per_adapter = {a: sorted(v) for a, v in per_adapter.items() if len(v) >= 2}
+    if not per_adapter:
+        return Finding("density_depth", title, NOT_MEASURED, f"{what} at two or more layers not in the table.", rule)
+    rhos = {a: _spearman([x for x, _ in v], [y for _, y in v]) for a, v in per_adapter.items()}
+    passes = [bool(r > 0) for r in rhos.values()]
+    a = max(per_adapter, key=tab.rank)
+    pts = per_adapter[a]
+    at = f"rank {tab.rank(a)}" if tab.rank(a) >= 0 else f"adapter {a}"
+    text = (f"{what} {_f(pts[0][1])}→{_f(pts[-1][1])} from layer {pts[0][0]} to {pts[-1][0]} at {at} "
+            f"(Spearman ρ {_f(rhos[a])}); rises for {_count(passes, 'adapters')}.")
+    nums = {"adapter": a, "metric": metric, "spearman_by_adapter": rhos, "adapters": len(passes),
+            "adapters_passing": int(sum(passes))}
+    return Finding("density_depth", title, _verdict(passes), text, rule, nums)
+
+
 def density_finding(tab: Tab) -> Finding:
-    """L0 rises with rank; when the architecture fixes L0 (TopK: L0 = k everywhere), alive latents are used."""
+    """L0 rises with rank: the free-L0 SAE's L0 when the density stage ran; otherwise the adapter SAE's L0, or,
+    when the architecture fixes L0 (TopK: L0 = k everywhere), its alive latents."""
     title = "Feature density rises with rank"
+    picked = free_l0_density(tab)
+    if picked is not None:
+        f = trend_finding(tab, "density_rank", picked[0], title, picked[1])
+        return dataclasses.replace(f, numbers={**f.numbers, "metric": picked[0]})
     l0 = [tab.value(schema.L0_ADAPTER_SAE, *c) for c in tab.cells(schema.L0_ADAPTER_SAE)]
     l0 = [v for v in l0 if math.isfinite(v)]
     if len(l0) > 1 and max(l0) - min(l0) < 1e-9 and tab.cells(schema.ALIVE_LATENTS_ADAPTER_SAE):
@@ -252,7 +296,7 @@ def compute_findings(df) -> list[Finding]:
     """All findings of a results table, in report order."""
     tab = Tab(normalize_frame(df))
     return [reconstruction_finding(tab), alignment_finding(tab),
-            density_finding(tab),
+            density_finding(tab), *[f for f in (density_depth_finding(tab),) if f is not None],
             trend_finding(tab, "delta_norm_rank", schema.DELTA_NORM_MEAN, "Δ norm grows with rank", "mean ‖Δ‖"),
             effective_rank_finding(tab), splice_finding(tab), subspace_finding(tab), cka_finding(tab)]
 
