@@ -12,7 +12,6 @@ from lorascope.config import load_config, parse_config
 from lorascope.errors import LorascopeError
 from tiny_models import miniature_study_config as mini_config
 
-
 # the free-L0 density stage, on for the miniature study (off by default)
 DENSITY = {"enabled": True, "expansion": 2, "tokens": 1024, "batch_size": 128}
 

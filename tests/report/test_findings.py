@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -102,6 +103,30 @@ def test_density_uses_alive_latents_when_topk_fixes_l0():
                                               for r, v in zip((4, 8, 16, 32), (900, 950, 1000, 1100), strict=True)]
     f = _find(rows, "density_rank")
     assert f.verdict == HOLDS and f.text.startswith("L0 is fixed at 16") and "alive latents 900→1.1e+03" in f.text
+
+
+def _free_l0_rows(per_layer):
+    return [dataclasses.replace(_row("l0_fixed_coefficient", layer, r, v, family="density"), note="paper_a, λ=0.2")
+            for layer, vals in per_layer.items() for r, v in zip((4, 8, 16, 32), vals, strict=False)]
+
+
+def test_density_reads_the_free_l0_sae_when_the_table_has_it():
+    topk = _l0_rows({3: [16, 16, 16, 16], 9: [16, 16, 16, 16]})  # pinned by TopK
+    alive = [_row("alive_latents_adapter_sae", layer, r, v) for layer in (3, 9)
+             for r, v in zip((4, 8, 16, 32), (1100, 1000, 950, 900), strict=True)]  # would say "does not hold"
+    free = _free_l0_rows({3: [1.2, 1.5, 2.0, 2.6], 9: [2.0, 2.4, 3.1, 4.2]})
+    f = _find(topk + alive + free, "density_rank")
+    assert f.verdict == HOLDS and f.numbers["metric"] == "l0_fixed_coefficient"
+    assert "L0 of the free-L0 SAE (paper_a, λ=0.2) 2→4.2 from rank 4 to 32 at layer 9" in f.text
+    depth = _find(topk + alive + free, "density_depth")
+    assert depth.verdict == HOLDS and depth.numbers["adapters_passing"] == 4
+    assert "from layer 3 to 9 at rank 32" in depth.text and "free-L0 SAE (paper_a, λ=0.2)" in depth.text
+    shallow = _find(free[:4] + _free_l0_rows({9: [1.0, 1.6, 1.9, 2.0]}), "density_depth")  # falls at ranks 8..32
+    assert shallow.verdict == MIXED and shallow.numbers["adapters_passing"] == 1
+    # without free-L0 rows: today's behaviour (alive latents under a TopK pin), and no depth finding
+    old = {f.key: f for f in compute_findings(rows_to_frame(topk + alive))}
+    assert "density_depth" not in old and old["density_rank"].text.startswith("L0 is fixed at 16")
+    assert old["density_rank"].verdict == NOT_HOLDS
 
 
 def test_splice_subspace_and_effective_rank_rules():
