@@ -80,10 +80,15 @@ def test_changed_density_setting_reruns_only_the_density_stage(mini_run, tiny_ll
 
     cfg, _ = mini_run
     out = Path(cfg.output_dir)
-    changed = parse_config(mini_config(tiny_llama_dir, out, density={**DENSITY, "l1_coefficient": 0.5}))
+    changed = parse_config(mini_config(tiny_llama_dir, out, density={**DENSITY, "l1_coefficient": 0.5,
+                                                                     "matched_fvu_target": 0.5, "max_runs": 2}))
     res = run(changed, progress=False)
     assert [w for w in res.work_done if w != "report"] == ["density"]
-    assert set(res.table[res.table.metric == "l0_fixed_coefficient"].note) == {"paper_a, λ=0.5"}
+    df = res.table
+    assert set(df[df.metric == "l0_fixed_coefficient"].note) == {"paper_a, λ=0.5"}
+    matched = df[df.metric == "l0_matched_fvu"]
+    assert sorted(matched.adapter) == ["rank_2", "rank_4"]
+    assert all(n.startswith("target FVU 0.5; ") for n in matched.note)
     assert run(changed, progress=False).work_done == []
     off = run(parse_config(mini_config(tiny_llama_dir, out)), progress=False)  # disabled: rows leave the table
     assert "l0_fixed_coefficient" not in set(off.table.metric)
