@@ -28,6 +28,26 @@ def test_paper_a_config_parses_and_states_the_protocol():
                      **cfg.adapter_sae.sae_settings())
     assert isinstance(sae, PaperASAE) and sae.d_sae == 2304 and sae.input_norm == "mean_norm"
     assert cfg.reference_sae.architecture == "relu" and cfg.reference_sae.l1_penalty == "decoder_norm"
+    # the report's density finding reads free-L0 paper_a SAEs trained for it, at a fixed λ and at matched FVU
+    d = cfg.density
+    assert d.enabled and d.architecture == "paper_a" and d.l1_coefficient == 0.2 and d.matched_fvu_target == 0.2
+
+
+def test_density_section_rejects_a_pinned_l0_architecture(tmp_path):
+    import pytest
+    import yaml
+
+    from lorascope.errors import LorascopeError
+
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"density": {"enabled": True, "architecture": "topk"}}))
+    with pytest.raises(LorascopeError, match=r"density\.architecture"):
+        load_config(p)
+    p.write_text(yaml.safe_dump({"density": {"matched_fvu_target": 1.5}}))
+    with pytest.raises(LorascopeError, match=r"density\.matched_fvu_target"):
+        load_config(p)
+    quick = load_config(CONFIG.with_name("quickstart.yaml")).density
+    assert quick.enabled and quick.architecture == "paper_a" and quick.matched_fvu_target is None
 
 
 def test_miniature_study_with_the_paper_a_adapter_sae(tiny_llama_dir, tmp_path):

@@ -187,6 +187,22 @@ class GeometryCfg(_Strict):
     subspace_draws: int = Field(10, ge=1, description="random dictionaries per selection-aware subspace null")
 
 
+class DensityCfg(_Strict):
+    """Feature density with a free-L0 SAE (``lorascope.saes.density``): per (layer, adapter), one SAE trained on
+    the training documents' Δ at a fixed sparsity coefficient, L0 and FVU on held-out Δ; optionally also L0 at the
+    coefficient where held-out FVU reaches ``matched_fvu_target`` (3-6 training runs per cell)."""
+
+    enabled: bool = Field(False, description="train the free-L0 density SAEs (the density finding reads them)")
+    architecture: Literal["paper_a", "relu", "jumprelu"] = "paper_a"
+    l1_coefficient: float = Field(0.2, gt=0, description="fixed sparsity coefficient (l0_coefficient for jumprelu)")
+    expansion: int = Field(2, gt=0, description="d_sae = expansion × d_model")
+    tokens: int = Field(20_000, gt=0, description="training tokens per SAE")
+    batch_size: int = Field(512, gt=0)
+    lr: float = Field(0.01, gt=0)
+    matched_fvu_target: float | None = Field(None, gt=0, lt=1, description="None: no matched-FVU search")
+    max_runs: int = Field(5, ge=2, description="training runs per cell for the matched-FVU search")
+
+
 class ReportCfg(_Strict):
     top_features: int = Field(8, ge=0)
     contexts_per_feature: int = Field(5, gt=0)
@@ -219,6 +235,7 @@ class ExperimentConfig(_Strict):
     adapter_sae: SAECfg = Field(default_factory=lambda: {"architecture": "topk"}, validate_default=True)
     reference_sae: ReferenceCfg = Field(default_factory=lambda: {"architecture": "topk"}, validate_default=True)
     geometry: GeometryCfg = Field(default_factory=GeometryCfg)
+    density: DensityCfg = Field(default_factory=DensityCfg)
     report: ReportCfg = Field(default_factory=ReportCfg)
     explain: ExplainCfg = Field(default_factory=ExplainCfg)
 

@@ -117,6 +117,11 @@ ALIVE_LATENTS_ADAPTER_SAE = "alive_latents_adapter_sae"
 MEAN_DENSITY_ADAPTER_SAE = "mean_density_adapter_sae"
 L0_REF_ON_DELTA = "l0_ref_on_delta"
 L0_REF_ON_BASE = "l0_ref_on_base"
+# free-L0 SAEs of the density stage (lorascope.study.density, lorascope.saes.density.density_rows)
+L0_FIXED_COEFFICIENT = "l0_fixed_coefficient"
+FVU_FIXED_COEFFICIENT = "fvu_fixed_coefficient"
+L0_MATCHED_FVU = "l0_matched_fvu"
+COEFFICIENT_MATCHED_FVU = "coefficient_matched_fvu"
 
 # ---- decoder similarity ----------------------------------------------------------------------------------------
 MMCS_ADAPTER_TO_REF = "mmcs_adapter_to_ref"
@@ -309,6 +314,12 @@ _FIXED = [
     Metric(DENSITY, MEAN_DENSITY_ADAPTER_SAE, "mean firing rate of the adapter-SAE latents"),
     Metric(DENSITY, L0_REF_ON_DELTA, "active reference-SAE latents per held-out Δ token"),
     Metric(DENSITY, L0_REF_ON_BASE, "active reference-SAE latents per held-out base token"),
+    Metric(DENSITY, L0_FIXED_COEFFICIENT, "active latents per held-out Δ token of a free-L0 SAE (paper_a: ReLU + "
+           "plain L1 on mean-norm-normalised Δ) trained at the fixed coefficient in the row's note"),
+    Metric(DENSITY, FVU_FIXED_COEFFICIENT, "held-out FVU of that free-L0 SAE at the fixed coefficient"),
+    Metric(DENSITY, L0_MATCHED_FVU, "L0 of free-L0 SAEs at the coefficient whose held-out FVU equals the target "
+           "(in the note; NaN when the search did not bracket it)"),
+    Metric(DENSITY, COEFFICIENT_MATCHED_FVU, "the sparsity coefficient at which held-out FVU reaches the target"),
     Metric(DECODER_SIMILARITY, MMCS_ADAPTER_TO_REF, "mean best cosine of alive adapter atoms to alive reference "
            "atoms (CI over seeds when ≥ 2 seeds, else over atoms)", NULL_STRONGEST_ALIGNMENT, "seed|atom"),
     Metric(DECODER_SIMILARITY, MMCS_REF_TO_ADAPTER, "mean best cosine of reference atoms to adapter atoms",

@@ -195,10 +195,29 @@ def density_finding(tab: Tab) -> Finding:
     l0 = [tab.value(schema.L0_ADAPTER_SAE, *c) for c in tab.cells(schema.L0_ADAPTER_SAE)]
     l0 = [v for v in l0 if math.isfinite(v)]
     f = trend_finding(tab, "density_rank", schema.TREND_L0_RANK, schema.TREND_L0_RANK_P, title, "L0")
+    free = free_l0_text(tab)
     if len(l0) > 1 and max(l0) - min(l0) < 1e-9:
         return Finding(f.key, title, NOT_TESTABLE, f"L0 is fixed at {_f(l0[0])} by the SAE architecture (TopK), so "
-                       "density cannot rise with rank here.", f.rule, f.numbers)
-    return f
+                       f"density cannot rise with rank here.{free}", f.rule, f.numbers)
+    return Finding(f.key, f.title, f.verdict, f.text + free, f.rule, f.numbers)
+
+
+def free_l0_text(tab: Tab) -> str:
+    """What the density stage's free-L0 SAEs (one per cell, fixed coefficient) measured, per rank at the deepest
+    layer and per layer at the highest rank. Descriptive: one SAE per cell has no CI, so it sets no verdict."""
+    metric = schema.L0_FIXED_COEFFICIENT
+    cells = [(layer, a, tab.rank(a), tab.value(metric, layer, a)) for layer, a in tab.cells(metric)]
+    cells = [c for c in cells if c[2] >= 0 and math.isfinite(c[3])]
+    if not cells:
+        return ""
+    notes = sorted({str(n) for n in tab.df.loc[tab.df.metric == metric, "note"] if isinstance(n, str) and n})
+    deepest, top = max(c[0] for c in cells), max(c[2] for c in cells)
+    by_rank = sorted((r, v) for layer, _, r, v in cells if layer == deepest)
+    by_layer = sorted((layer, v) for layer, _, r, v in cells if r == top)
+    return (f" Free-L0 SAE ({'; '.join(notes) or 'fixed coefficient'}): L0 "
+            f"{', '.join(f'{_f(v)} (rank {r})' for r, v in by_rank)} at layer {deepest}; "
+            f"{', '.join(f'{_f(v)} (layer {x})' for x, v in by_layer)} at rank {top} — one SAE per cell, no CI, so "
+            "descriptive only.")
 
 
 def effective_rank_finding(tab: Tab) -> Finding:

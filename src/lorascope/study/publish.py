@@ -39,22 +39,45 @@ def write_results(st: RunState, stage_dir: Path, rows: list[ResultRow], adapters
                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def publish(st: RunState, stage_dir: Path) -> Path:
-    """Mirror the measure stage's results into output_dir/results (skipped when already there)."""
+def _source(stage_dir: Path, density_dir: Path | None) -> str:
+    """What the published results were made from (the measure stage's folder, plus the density stage's)."""
+    return stage_dir.name + ("" if density_dir is None else f"+{density_dir.name}")
+
+
+def _merge_density(res: Path, density_dir: Path) -> None:
+    """Append the density stage's rows to the results table in ``res`` (Parquet and CSV)."""
+    import pandas as pd
+
+    from lorascope.study.density import read_rows
+
+    rows = read_rows(density_dir)
+    if not rows:
+        return
+    df = pd.concat([pd.read_parquet(res / "results.parquet"), rows_to_frame(rows)], ignore_index=True)
+    df = df.sort_values(SORT_KEY, kind="stable")
+    df.to_parquet(res / "results.parquet", index=False)
+    df.to_csv(res / "results.csv", index=False)
+
+
+def publish(st: RunState, stage_dir: Path, density_dir: Path | None = None) -> Path:
+    """Mirror the measure stage's results (with the density stage's rows, when it ran) into output_dir/results
+    (skipped when already there)."""
     src, dst = stage_dir / RESULTS, st.out / RESULTS
     marker = dst / "source.json"
-    if marker.is_file() and read_json(marker).get("geometry") == stage_dir.name:
+    if marker.is_file() and read_json(marker).get("geometry") == _source(stage_dir, density_dir):
         return dst
     with atomic_dir(dst) as tmp:  # a killed publish leaves the old results folder or none, never a mixture
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if density_dir is not None:
+            _merge_density(Path(tmp), density_dir)
         meta = read_json(tmp / "meta.json")
         meta["timings"] = st.timings
         write_json(tmp / "meta.json", meta)
-        write_json(tmp / "source.json", {"geometry": stage_dir.name})
+        write_json(tmp / "source.json", {"geometry": _source(stage_dir, density_dir)})
     return dst
 
 
-def report(st: RunState, stage_dir: Path) -> Path | None:
+def report(st: RunState, stage_dir: Path, density_dir: Path | None = None) -> Path | None:
     """Figures and report.html of the published results (skipped when already made from this stage)."""
     try:
         from lorascope.report import write_report
@@ -62,10 +85,10 @@ def report(st: RunState, stage_dir: Path) -> Path | None:
         return None
     path = st.out / "report.html"
     stamp = st.out / "figures" / "source.json"
-    if path.is_file() and stamp.is_file() and read_json(stamp).get("geometry") == stage_dir.name:
+    if path.is_file() and stamp.is_file() and read_json(stamp).get("geometry") == _source(stage_dir, density_dir):
         return path
     st.log("writing figures and report.html")
     path = write_report(st.out)
-    write_json(stamp, {"geometry": stage_dir.name})
+    write_json(stamp, {"geometry": _source(stage_dir, density_dir)})
     st.work_done.append("report")
     return path

@@ -1,6 +1,7 @@
 """``run(config)``: the whole study, stage by stage, each cached by a hash of its inputs.
 
-    adapters -> extraction -> adapter SAEs (layer × adapter × seed) -> reference SAEs (layer) -> measure -> publish
+    adapters -> extraction -> adapter SAEs (layer × adapter × seed) -> reference SAEs (layer) -> measure
+    -> density (free-L0 SAEs, when ``density.enabled``) -> publish
 
 Every stage writes into ``output_dir/<stage>/<name>-<hash>/`` and marks completion with ``done.json`` (written
 last, atomically). A re-run skips stages whose hash folder is complete; a changed setting changes the hash of
@@ -22,6 +23,7 @@ from lorascope.io import OutputLock, clean_tmp_files, content_key, read_json, wr
 from lorascope.study import publish
 from lorascope.study.adapters import check_adapter_folder, stage_adapters
 from lorascope.study.cache import RunState
+from lorascope.study.density import stage_density
 from lorascope.study.explain import explain_layer, gate_adapters, stage_explain
 from lorascope.study.extract import Extracted, stage_extract
 from lorascope.study.measure import stage_measure
@@ -57,8 +59,9 @@ def run(config: ExperimentConfig, progress: bool = True, report: bool = True) ->
         saes = stage_saes(st, extracted, adapters)
         measured = stage_measure(st, extracted, adapters, saes, _upstream(config, out, extracted, saes))
         explained = stage_explain(st, extracted, adapters, saes, measured.path, sanity)
-        results = publish.publish(st, explained)
-        report_path = publish.report(st, explained) if report else None
+        density = stage_density(st, extracted, adapters)
+        results = publish.publish(st, explained, density)
+        report_path = publish.report(st, explained, density) if report else None
         st.timings["total"] = time.perf_counter() - t_start
         return RunResult(out, results, report_path, st.work_done, st.timings)
 
