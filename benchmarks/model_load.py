@@ -11,7 +11,8 @@ Every load runs in a fresh Python process (as a second CLI command would), in th
   ``from_pretrained(folder)``.
 
 Each child reports the wall and CPU seconds spent in ``load_base`` and, apart, the seconds to import torch,
-transformers and its Llama modules (paid by any command, cache or not; on a crowded machine they dominate). The GGUF file's sha256 is timed once on its own.
+transformers and its Llama modules (paid by any command, cache or not; on a crowded machine they dominate).
+The GGUF file's sha256 is timed once on its own.
 """
 
 from __future__ import annotations
