@@ -77,10 +77,12 @@ def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: Study
     inp = LayerAdapterInputs(layer, adapter.name, adapter.rank, held.base[:n], held.delta[:n],
                              [load_sae(p) for p in saes.adapter[(layer, adapter.name)]], reference,
                              lora_update(adapter.path, layer))
-    res = analyse_layer_adapter(inp, analysis_settings(st))
+    with st.timed("geometry/analysis"):
+        res = analyse_layer_adapter(inp, analysis_settings(st))
     res.rows.extend(lora_rows(adapter))
     stem = f"L{layer}__{adapter.name}"
-    write_json(parts / f"{stem}__contexts.ctx", contexts(st, store, inp, held, n))
+    with st.timed("geometry/contexts"):
+        write_json(parts / f"{stem}__contexts.ctx", contexts(st, store, inp, held, n))
     with atomic_path(parts / f"{stem}.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **res.arrays)
@@ -189,7 +191,8 @@ def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], s
     for layer in st.config.extraction.layers:
         _measure_layer(st, store, layer, adapters, saes, parts)
     if g.splice:
-        splice_parts(st, store, adapters, saes, parts)
+        with st.timed("geometry/splice"):
+            splice_parts(st, store, adapters, saes, parts)
     rows = [row_from_record(r) for f in sorted(parts.glob("*.json")) for r in read_json(f)]
     write_results(st, sd.path, rows, adapters, store)
     sd.mark_done({"rows": len(rows)})

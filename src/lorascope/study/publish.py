@@ -65,7 +65,8 @@ def report(st: RunState, stage_dir: Path) -> Path | None:
     if path.is_file() and stamp.is_file() and read_json(stamp).get("geometry") == stage_dir.name:
         return path
     st.log("writing figures and report.html")
+    t0 = time.perf_counter()
     path = write_report(st.out)
     write_json(stamp, {"geometry": stage_dir.name})
-    st.work_done.append("report")
+    st.finished("report", t0)
     return path
