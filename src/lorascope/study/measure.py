@@ -54,13 +54,15 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     with torch.no_grad():
         codes = torch.cat([sae.encode(inp.delta[i: i + 4096]) for i in range(0, n, 4096)])
     top = torch.argsort(codes.clamp_min(0).sum(0), descending=True)[: r.top_features].tolist()
+    codes = codes[:, top]  # only the shown features' columns go on (not a float64 copy of every latent)
     used = sorted(set(held.doc_index[:n].tolist()))
     docs = {i: store.doc_tokens(i) for i in used}
     doc_list = [docs.get(i, []) for i in range(max(used) + 1)]
     tok = st.base().tokenizer
+    column = {f: c for c, f in enumerate(top)}
     return top_activating_contexts(codes, held.token_id[:n], held.doc_index[:n], held.position[:n], doc_list,
                                    lambda ids: tok.decode(ids), top, r.contexts_per_feature, layer=inp.layer,
-                                   adapter=inp.adapter)
+                                   adapter=inp.adapter, column_of=column.__getitem__)
 
 
 def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: StudySAEs, reference,

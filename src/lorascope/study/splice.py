@@ -88,6 +88,11 @@ def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
     return (logp_p.exp() * (logp_p - logp_q)).sum(-1, dtype=torch.float64)
 
 
+def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """:func:`_kl_rows` over blocks of rows (the same numbers; temporaries of ``rows`` × V, not N × V)."""
+    return torch.cat([_kl_rows(logp_p[i: i + rows], logp_q[i: i + rows]) for i in range(0, logp_p.shape[0], rows)])
+
+
 def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -170,7 +175,7 @@ def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: 
             if name == "ft":
                 logp_ft = logp
             else:
-                doc_kl[name] += _per_doc(b, rows, _kl_rows(logp_ft, logp).cpu())
+                doc_kl[name] += _per_doc(b, rows, _kl_rows_chunked(logp_ft, logp).cpu())
     return _result(doc_kl, doc_tokens)
 
 
