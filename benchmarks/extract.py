@@ -88,7 +88,8 @@ def main() -> None:
     from lorascope.models.evaluate import BASE
     from lorascope.models.lora import collate
     from lorascope.models.residual import ResidualCapture
-    from lorascope.models.testing import random_adapters
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
+    from tiny_models import random_adapters
 
     layers = [int(x) for x in args.layers.split(",")]
     base = load_base("embedded")

@@ -115,7 +115,8 @@ def _prepare_model(folder: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     from lorascope.models.lora import save_adapter
-    from lorascope.models.testing import build_tiny_model
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
+    from tiny_models import build_tiny_model
 
     build_tiny_model("llama", folder, seed=0, hidden=256, layers=4)
     from lorascope.models import load_base

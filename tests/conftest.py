@@ -34,7 +34,7 @@ def model_cache_dir(tmp_path_factory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    from lorascope.models.testing import ARCHS, build_tiny_model
+    from tiny_models import ARCHS, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: build_tiny_model(arch, root / arch, seed=0) for arch in ARCHS}

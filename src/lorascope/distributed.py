@@ -90,12 +90,12 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
         return torch.device("cpu")
     if spec == "mps":
         if not torch.backends.mps.is_available():
-            raise LorascopeError("device 'mps' was asked for but Metal is not available", fix="use --device cpu")
+            raise LorascopeError("device 'mps' was asked for but Metal is not available", fix="use the device cpu")
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise LorascopeError(f"device {spec!r} was asked for but no CUDA GPU is visible",
-                                 fix="use --device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+                                 fix="use the device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
         n = torch.cuda.device_count()
         if spec == "cuda":
             index = local_rank if launched_by_torchrun() else torch.cuda.current_device()
@@ -106,7 +106,7 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
                 raise LorascopeError(f"device {spec!r} is not cuda:N", fix="e.g. cuda:0") from exc
         if not 0 <= index < n:
             raise LorascopeError(f"device cuda:{index} does not exist ({n} GPU(s) visible)",
-                                 fix=f"use cuda:0..cuda:{n - 1}, or --nproc_per_node <= {n}")
+                                 fix=f"use cuda:0..cuda:{n - 1}, or at most {n} processes per node")
         return torch.device("cuda", index)
     raise LorascopeError(f"unknown device {spec!r}", fix="use cpu, cuda, cuda:N, mps or auto")
 

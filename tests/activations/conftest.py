@@ -8,7 +8,7 @@ import pytest
 from lorascope.activations import ExtractConfig, extract
 from lorascope.data import make_demo_dataset
 from lorascope.models import load_adapters, load_base
-from lorascope.models.testing import random_adapters as make_random_adapters
+from tiny_models import random_adapters as make_random_adapters
 
 LAYERS = [0, 2]
 
@@ -44,5 +44,5 @@ def store(peft_tiny, docs, tmp_path_factory):
 
 @pytest.fixture(name="random_adapters")
 def random_adapters_fixture():
-    """The :func:`lorascope.models.testing.random_adapters` factory."""
+    """The :func:`tiny_models.random_adapters` factory."""
     return make_random_adapters

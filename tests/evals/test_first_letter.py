@@ -24,7 +24,7 @@ from lorascope.evals.first_letter import (
 
 @pytest.fixture(scope="module")
 def tiny_tok():
-    from lorascope.models.testing import tiny_tokenizer
+    from tiny_models import tiny_tokenizer
 
     return tiny_tokenizer()
 

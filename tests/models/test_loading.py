@@ -3,7 +3,7 @@ import torch
 
 from lorascope.errors import LorascopeError
 from lorascope.models import load_base
-from lorascope.models.testing import ARCHS
+from tiny_models import ARCHS
 
 
 @pytest.mark.parametrize("arch", ARCHS)

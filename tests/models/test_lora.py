@@ -71,7 +71,7 @@ def test_bad_adapter_inputs(tiny_model_dirs, tiny_adapters, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LorascopeError, match="no adapter_config.json"):
         load_adapters(llama, {"a": tmp_path / "empty"})
-    from lorascope.models.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     wide = load_base(build_tiny_model("llama", tmp_path / "wide", hidden=48))
     with pytest.raises(LorascopeError, match="different base model"):

@@ -11,7 +11,7 @@ import yaml
 
 from lorascope.config import load_config, parse_config
 from lorascope.errors import LorascopeError
-from lorascope.models.testing import miniature_study_config as mini_config
+from tiny_models import miniature_study_config as mini_config
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorascope.models.testing import miniature_study_config as mini_config
+from tiny_models import miniature_study_config as mini_config
 
 # Subprocesses run single-threaded like the test process (conftest sets torch threads to 1), so the in-process
 # reference runs and the killed/resumed subprocess runs do the same float arithmetic.

@@ -289,7 +289,7 @@ def test_foreign_adapter(capsys, tiny_llama_dir, tmp_path):
 
     from lorascope.models import load_base
     from lorascope.models.lora import save_adapter
-    from lorascope.models.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     other = load_base(build_tiny_model("llama", tmp_path / "wide", hidden=48))
     folder = save_adapter(get_peft_model(other.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),

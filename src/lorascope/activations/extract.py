@@ -73,7 +73,7 @@ class ExtractConfig:
             raise LorascopeError(f"unknown forward dtype {self.forward_dtype!r}", fix="use float32 or bf16-autocast")
         if self.batch_size < 1 or self.docs_per_shard < 1 or self.max_length < 2:
             raise LorascopeError("batch_size and docs_per_shard must be >= 1 and max_length >= 2",
-                                 fix="e.g. --batch-size 8 --docs-per-shard 32")
+                                 fix="e.g. batch_size=8, docs_per_shard=32")
         _ = self.selection  # validates the token rule
 
     @property
@@ -232,7 +232,7 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             store = open_store(out)
             if store.manifest["config_hash"] != config_hash:
                 raise LorascopeError(f"{out} already holds an activation store with another config",
-                                     fix="choose another --out folder or delete the old one")
+                                     fix="choose another output folder or delete the old one")
             return store
         mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
         _prepare(out, docs, {"config": full, "config_hash": config_hash}, rank, world_size, grouped, mine)
@@ -242,7 +242,7 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             prog = RankProgress.load(prog_path, layers, adapters, info["d_model"])
             if prog.config_hash != config_hash:
                 raise LorascopeError(f"{out} holds an unfinished extraction with another config",
-                                     fix="re-run it with the same options, or choose another --out folder")
+                                     fix="re-run it with the same options, or choose another output folder")
         for s in mine:  # shard files not recorded in progress are leftovers of a killed run: redo them
             if s not in prog.shards:
                 (out / shard_name(s)).unlink(missing_ok=True)
@@ -292,7 +292,7 @@ def _prepare(out: Path, docs: list[TokenizedExample], config: dict, rank: int, w
     if (out / "docs.json").is_file():
         if read_json(out / "docs.json")["doc_ids"] != [d.doc_id for d in docs]:
             raise LorascopeError(f"{out} holds an unfinished extraction of other documents",
-                                 fix="choose another --out folder or delete the old one")
+                                 fix="choose another output folder or delete the old one")
     elif writer:
         write_docs(out, [d.doc_id for d in docs], [d.input_ids for d in docs], [d.response_start for d in docs])
     if writer and world_size > 1:

@@ -23,24 +23,14 @@ app = typer.Typer(
     add_completion=False,
 )
 
-_STATE = {"debug": False}
-
-
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
-    _STATE["debug"] = debug
+    """``--debug`` is declared here for the help text; :func:`main` reads it from the arguments."""
 
 
 def _load_commands() -> None:
-    # Imported for their side effect of registering commands on `app`. A module that is not written yet is skipped.
-    import importlib
-
-    for mod in ("models", "activations", "saes", "geometry", "pipeline", "evals", "info"):
-        try:
-            importlib.import_module(f"lorascope.cli.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"lorascope.cli.{mod}":
-                raise
+    """Import the command modules: each registers its commands on ``app``."""
+    from lorascope.cli import activations, evals, info, models, pipeline, saes  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

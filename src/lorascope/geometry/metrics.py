@@ -1,9 +1,9 @@
 """Reconstruction and sparsity metrics: one implementation, used by the trainer, geometry and reports.
 
 FVU (fraction of variance unexplained) = sum_tokens ||x - x_hat||^2 / sum_tokens ||x - mu||^2, with mu the
-per-dimension mean over the *whole evaluation set* (shared/REFERENCE.md). Predicting mu for every token gives
-exactly 1, a perfect reconstruction 0. :class:`ReconstructionStats` streams over batches in float64 and gives the
-same number as :func:`fvu` on the concatenated data.
+per-dimension mean over the *whole evaluation set* (not per batch, so the number does not depend on batching).
+Predicting mu for every token gives exactly 1, a perfect reconstruction 0. :class:`ReconstructionStats` streams
+over batches in float64 and gives the same number as :func:`fvu` on the concatenated data.
 """
 
 from __future__ import annotations

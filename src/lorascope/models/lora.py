@@ -39,7 +39,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise LorascopeError(f"LoRA rank must be a positive integer, got {self.rank!r}", fix="e.g. --rank 8")
+            raise LorascopeError(f"LoRA rank must be a positive integer, got {self.rank!r}", fix="e.g. rank=8")
         if self.steps <= 0 or self.batch_size <= 0 or self.lr <= 0:
             raise LorascopeError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, "
                                  f"{self.lr})", fix="pass positive values")

@@ -1,7 +1,7 @@
 """Top-activating contexts: pick each feature's strongest tokens and cut a text window around them.
 
 Pure functions: the pipeline supplies activations and token bookkeeping; nothing here touches a model.
-Output follows the contexts.json schema (RESULTS_SCHEMA.md): one dict per feature with a list of contexts
+Output is what contexts.json holds: one dict per feature with a list of contexts
 ``{doc_id, text_before, token, text_after, activation}``.
 """
 

@@ -1,7 +1,7 @@
 """The report's figures, each written as PNG + SVG.
 
 Every figure function has the signature ``fig(df, out_dir, arrays=None) -> list[Path]``: ``df`` is the tidy
-results table, ``arrays`` the per-(layer, adapter) npz contents (see RESULTS_SCHEMA.md). A figure whose data is
+results table, ``arrays`` the per-(layer, adapter) npz contents (see lorascope.results_schema). A figure whose data is
 absent returns ``[]`` and writes nothing. :data:`FIGURES` lists them in report order with a caption that says how
 to read each one and what its null is.
 """

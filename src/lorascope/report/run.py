@@ -1,4 +1,4 @@
-"""Read a run folder (layout in RESULTS_SCHEMA: results table, per-(layer, adapter) arrays, contexts, meta).
+"""Read a run folder (as lorascope.study.publish writes it: results table, per-(layer, adapter) arrays, contexts, meta).
 
 Everything except the results table is optional: a partial run still gives a partial report.
 """

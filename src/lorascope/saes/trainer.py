@@ -1,6 +1,7 @@
 """Train any registered SAE on any stream of [N, d_in] activation batches; evaluate it.
 
-What the trainer does (shared/REFERENCE.md "SAE training practice"):
+What the trainer does (the practice of Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and of
+EleutherAI sparsify's trainer):
 - scales inputs by one constant so their mean norm is sqrt(d_in) (estimated on the first ``init_tokens`` rows)
   and folds that constant back into the weights at the end, so the returned SAE applies to raw activations;
 - initialises b_dec from the same rows (geometric median by Weiszfeld iterations, mean, or zeros);
@@ -380,7 +381,7 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _Stat
     in_window, is_log = _wants_stats(st, run.cfg, run.total_steps)
     if in_window or is_log:
         stats, parts, l0 = _step_stats(sae, out, xs, l0, share, run)
-        _record(st, run.window, stats, in_window, is_log, lr, loss, parts, l0)
+        _record(st, run.window, stats, (in_window, is_log), lr, loss, parts, l0)
 
 
 def _step_stats(sae: SAE, out: TrainOutput, xs: torch.Tensor, l0: float, share: StepShare | None,
@@ -407,8 +408,10 @@ def _wants_stats(st: _State, cfg: TrainerConfig, total_steps: int) -> tuple[bool
     return st.step > total_steps - cfg.final_window_steps, st.step % cfg.log_every == 0 or st.step == total_steps
 
 
-def _record(st: _State, window: int, stats: ReconstructionStats, in_window: bool, is_log: bool, lr: float,
+def _record(st: _State, window: int, stats: ReconstructionStats, flags: tuple[bool, bool], lr: float,
             loss: float, parts: dict[str, float], l0: float) -> None:
+    """Keep this step's statistics for the final window and/or append a log entry (``flags``: in window, log)."""
+    in_window, is_log = flags
     if in_window:
         st.window.append(stats)
     if is_log:

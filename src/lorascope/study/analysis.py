@@ -33,6 +33,7 @@ from lorascope.geometry import (
     seed_vs_seed,
     top_k_atoms,
 )
+from lorascope.geometry.density import token_norms
 from lorascope.results import ResultRow
 from lorascope.saes import SAE, create_sae
 
@@ -79,7 +80,7 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
     out.rows += _reconstruction(hb, h_ft, inp, s, where)
     codes_ad, codes_ref, alive = _density(out, inp, delta, s, where)
     _decoder_similarity(out, inp, delta, alive, s, where)
-    _subspaces(out, inp, hb, h_ft, delta, codes_ad, alive, s, where)
+    _subspaces(out, inp, hb, delta, codes_ad, alive, s, where)
     n, d = delta.shape
     m = min(n, s.cka_max_tokens)
     if m >= 4:
@@ -93,8 +94,8 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, s: Settings, where: d
     n, d = delta.shape
     norms = DeltaNormStats()
     norms.update(hb, h_ft)
-    dn = delta.double().norm(dim=1)
-    rel = dn / hb.double().norm(dim=1).clamp_min(1e-30)
+    tn = token_norms(hb, delta)
+    dn, rel = tn.delta, tn.ratio
     per_token = {schema.DELTA_NORM_MEAN: dn, schema.REL_DELTA_NORM_MEAN: rel}
     for row in norms.rows(**where):
         v = per_token.get(row.metric)
@@ -103,7 +104,7 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, s: Settings, where: d
             row.ci_low, row.ci_high = ci.low, ci.high
         out.rows.append(row)
     fam = schema.DELTA_NORM
-    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(hb.double().norm(dim=1).mean()), n=n, d=d, **where))
+    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(tn.base.mean()), n=n, d=d, **where))
     eig = torch.linalg.eigvalsh(torch.cov(delta.double().T)).flip(0).clamp_min(0)
     out.rows.append(ResultRow(fam, schema.EFFECTIVE_RANK_PR, participation_ratio(eig), n=n, d=d,
                               note="participation ratio (Σλ)²/Σλ² of Δ's covariance", **where))
@@ -187,7 +188,7 @@ def _decoder_similarity(out: LayerAdapterResult, inp: LayerAdapterInputs, delta,
         out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], W_seed).cosine.float().numpy()
 
 
-def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, h_ft, delta, codes_ad, alive, s: Settings,
+def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, delta, codes_ad, alive, s: Settings,
                where: dict) -> None:
     """Rank-k subspaces (never the full spans of overcomplete dictionaries): Δ's PCA, the most used atoms of both
     SAEs, and the LoRA update's column space."""
@@ -196,6 +197,7 @@ def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, hb, h_ft, delta
     if k < 1:
         return
     W_ad, W_ref = inp.adapter_saes[0].W_dec.detach().float(), inp.reference.W_dec.detach().float()
+    h_ft = hb + delta
     pca = pca_basis(delta, k)
     ref_diff = _codes(inp.reference, h_ft) - _codes(inp.reference, hb)
     ref_top = top_k_atoms(W_ref, atom_energy(ref_diff, W_ref), k)
