@@ -9,7 +9,7 @@ Three parts, then ONE table (stage, tok/s, fraction of the bf16 GEMM floor, wall
     model; extraction subtracts in fp32, so Δ is fp32) into a temporary folder, through the public CLI. Per-stage
     seconds come from the run's own timing record (benchmarks/study_stages.py). tok/s: adapters = training tokens
     seen; extraction = tokens through the model (documents' tokens x (1 + adapters)); SAEs = training tokens.
-    ``--tiny``: the miniature study of a tiny random Llama (lorascope.models.testing) instead.
+    ``--tiny``: the miniature study of a tiny random Llama (tests/tiny_models.py) instead.
 (b) SAE training: TopK 2304 -> 16384, k 64 (Gemma-2-2B residual width) on random activations, bf16 autocast with
     fp32 weights, lorascope vs EleutherAI sparsify when it is installed (a note otherwise).
 (c) with >= 2 GPUs: an NCCL all-reduce across 2 ranks under torchrun, and the suite's 2-rank torchrun tests
@@ -37,6 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model scaffolding (tiny_models.py)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def _study_config(tiny: bool, device: str, work: Path) -> tuple[Path, list[str]]
         return ROOT / "configs" / "quickstart.yaml", [f"model.device={device}", "model.dtype=bfloat16"]
     import yaml
 
-    from lorascope.models.testing import build_tiny_model, miniature_study_config
+    from tiny_models import build_tiny_model, miniature_study_config
 
     model_dir = build_tiny_model("llama", work / "tiny_llama", seed=0)
     cfg = miniature_study_config(model_dir, work / "study")

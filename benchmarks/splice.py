@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_base
-from lorascope.models.testing import random_adapters
 from lorascope.study._splice_reference import reference_splice_kl
 from lorascope.study.splice import splice_kl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
+from tiny_models import build_tiny_model, random_adapters  # noqa: E402
 
 
 def _recons(d: int) -> dict:
@@ -72,8 +76,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     import tempfile
-
-    from lorascope.models.testing import build_tiny_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,9 +10,9 @@ import torch
 from lorascope.activations.tokens import TokenSelection
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_base
-from lorascope.models.testing import random_adapters
 from lorascope.study._splice_reference import reference_splice_kl
 from lorascope.study.splice import splice_kl
+from tiny_models import random_adapters
 
 TOL = 1e-5
 
