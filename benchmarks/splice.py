@@ -4,6 +4,8 @@ the selected positions), on a tiny random Llama and on the embedded SmolLM2-135M
 
     python benchmarks/splice.py                       # tiny Llama + SmolLM2, 4 docs, layers early/middle/late
     python benchmarks/splice.py --tiny-only --reps 3
+    python benchmarks/splice.py --memory               # peak RSS of each path, SmolLM2, 8 docs of 192 tokens
+
 
 Reconstructors are the study's pair (a linear stand-in for the adapter SAE on Δ and a tanh stand-in for the
 reference SAE's difference) plus the zero and mean-Δ baselines: 4 splices per (layer, adapter) as in the study.
@@ -68,12 +70,56 @@ def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[
     return rows
 
 
+MEMORY_CHILD = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+from lorascope.data import make_demo_dataset, tokenize_example
+from lorascope.data.chat import TokenizedExample
+from lorascope.models import load_base
+from tiny_models import random_adapters
+from lorascope.study._splice_reference import reference_splice_kl
+from lorascope.study.splice import splice_kl
+base = load_base("embedded")
+pm = random_adapters(base.model, [4], scale=0.05, seed=1)
+parts = [tokenize_example(base.tokenizer, ex) for ex in make_demo_dataset(40, seed=2)]
+docs = []
+for i in range(8):  # long documents: demo documents chained to 192 tokens, the response starting at the last one
+    ids = [t for p in parts[5 * i: 5 * i + 5] for t in p.input_ids][:192]
+    docs.append(TokenizedExample(f"d{{i}}", ids, 1))
+d = base.model.config.hidden_size
+w = torch.randn(d, d) / d**0.5
+recons = {{"adapter_sae": lambda hb, hf: (hf - hb) @ w,
+          "ref_diff": lambda hb, hf: torch.tanh(hf @ w) - torch.tanh(hb @ w)}}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn = reference_splice_kl if {which!r} == "before" else splice_kl
+fn(pm, base.tokenizer.pad_token_id, docs, 15, "r4", recons, mean_delta=torch.zeros(d))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory() -> None:
+    """Peak RSS (MiB) of each path in a fresh process: after loading the model, and after one splice call."""
+    import subprocess
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    print(f"{'path':<8}{'RSS after load MiB':>20}{'peak RSS MiB':>14}{'splice adds MiB':>17}")
+    for which in ("before", "after"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(tests=tests, which=which)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        load, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
+        print(f"{which:<8}{load:>20.0f}{peak:>14.0f}{peak - load:>17.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--tiny-only", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="only the peak-RSS comparison (fresh processes)")
     args = ap.parse_args()
+    if args.memory:
+        memory()
+        return
     torch.manual_seed(0)
     import tempfile
 

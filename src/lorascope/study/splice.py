@@ -232,7 +232,8 @@ class _Suffix:
             group = names[i: i + step]
             logits = self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel, group)
             for name, part in zip(group, logits.chunk(len(group)), strict=True):
-                yield name, torch.log_softmax(part, -1)
+                yield name, _log_softmax_inplace(part)
+            del logits
 
     def _forward(self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor,
                  group: list[str]) -> torch.Tensor:
@@ -256,6 +257,14 @@ class _Suffix:
                 if old is not None:
                     blk.forward = old
         return out if self.head_selects else out[rows_sel]
+
+
+def _log_softmax_inplace(logits: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """log_softmax over the last dimension written back into ``logits`` block by block (row-wise, so the same
+    numbers as one call; temporaries of ``rows`` × V instead of a second N × V tensor)."""
+    for i in range(0, logits.shape[0], rows):
+        logits[i: i + rows] = torch.log_softmax(logits[i: i + rows], -1)
+    return logits
 
 
 def _pass_through(as_tuple: bool, *args, **kwargs):
