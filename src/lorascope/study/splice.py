@@ -176,6 +176,7 @@ def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: 
                 logp_ft = logp
             else:
                 doc_kl[name] += _per_doc(b, rows, _kl_rows_chunked(logp_ft, logp).cpu())
+            del logp
     return _result(doc_kl, doc_tokens)
 
 
@@ -230,10 +231,12 @@ class _Suffix:
         step = max(1, self.max_logit_bytes // max(per_group, 1))
         for i in range(0, len(names), step):
             group = names[i: i + step]
-            logits = self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel, group)
-            for name, part in zip(group, logits.chunk(len(group)), strict=True):
+            parts = list(zip(group, self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel,
+                                                  group).chunk(len(group)), strict=True))
+            while parts:  # hold no reference to a part once it is handed out (one N × V buffer alive, not two)
+                name, part = parts.pop(0)
                 yield name, _log_softmax_inplace(part)
-            del logits
+                del part
 
     def _forward(self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor,
                  group: list[str]) -> torch.Tensor:
