@@ -88,7 +88,7 @@ def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
     return (logp_p.exp() * (logp_p - logp_q)).sum(-1, dtype=torch.float64)
 
 
-def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 512) -> torch.Tensor:
+def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 128) -> torch.Tensor:
     """:func:`_kl_rows` over blocks of rows (the same numbers; temporaries of ``rows`` × V, not N × V)."""
     return torch.cat([_kl_rows(logp_p[i: i + rows], logp_q[i: i + rows]) for i in range(0, logp_p.shape[0], rows)])
 
@@ -262,7 +262,7 @@ class _Suffix:
         return out if self.head_selects else out[rows_sel]
 
 
-def _log_softmax_inplace(logits: torch.Tensor, rows: int = 512) -> torch.Tensor:
+def _log_softmax_inplace(logits: torch.Tensor, rows: int = 128) -> torch.Tensor:
     """log_softmax over the last dimension written back into ``logits`` block by block (row-wise, so the same
     numbers as one call; temporaries of ``rows`` × V instead of a second N × V tensor)."""
     for i in range(0, logits.shape[0], rows):
