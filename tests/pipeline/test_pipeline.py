@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -41,12 +42,35 @@ def test_every_row_is_finite_and_figures_exist(mini_run):
         assert figs and all(f.stat().st_size > 0 for f in figs)
 
 
+def test_timing_record_lists_every_stage_and_reads_in_the_benchmark(mini_run):
+    import importlib.util
+    import json
+
+    cfg, res = mini_run
+    rec = json.loads((res.output_dir / "timings.json").read_text())
+    stages = {"model_load", "adapters", "extraction", "saes", "geometry"} | ({"report"} if res.report else set())
+    assert set(rec["stages"]) == stages and rec["reused"] == [] and rec["total"] == res.timings["total"]
+    assert all(v > 0 for v in rec["stages"].values())
+    assert sum(rec["stages"].values()) <= rec["total"]  # model loading is counted once, apart
+    assert {"geometry/splice", "geometry/contexts", "geometry/analysis"} <= set(rec["detail"])
+    sae_parts = [k for k in rec["detail"] if k.startswith("sae:")]
+    assert len(sae_parts) == len(cfg.extraction.layers) * (2 * len(cfg.adapter_sae.seeds) + 1)
+    assert math.isclose(sum(rec["detail"][k] for k in sae_parts), rec["stages"]["saes"])
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "study_stages.py"
+    spec = importlib.util.spec_from_file_location("bench_study_stages_timings", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.read_stage_seconds(res.output_dir)["stages"] == rec["stages"]
+
+
 def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run, tiny_llama_dir):
     from lorascope.study import run
 
     cfg, first = mini_run
     again = run(cfg, progress=False)
     assert again.work_done == []
+    reused = json.loads((Path(cfg.output_dir) / "timings.json").read_text())["reused"]
+    assert reused == ["adapters", "extraction", "saes", "geometry"] + (["report"] if first.report else [])
     changed = parse_config(mini_config(tiny_llama_dir, Path(cfg.output_dir), density=DENSITY,
                                        **{"geometry.subspace_k": 3}))
     third = run(changed, progress=False)

@@ -237,6 +237,7 @@ def word_residuals(
     out: torch.Tensor | None = None
     order = sorted(range(n), key=lambda i: (split.positions[i], i))
     model_was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     try:
         for lo in range(0, n, batch_size):
@@ -248,11 +249,13 @@ def word_residuals(
             for r, (i, ln) in enumerate(zip(idx, lens, strict=True)):
                 ids[r, :ln] = torch.tensor(split.input_ids[i][:ln])
                 mask[r, :ln] = 1
+            ids, mask = ids.to(device), mask.to(device)
             if autocast_dtype is not None:
-                with torch.autocast("cpu", dtype=autocast_dtype):
+                with torch.autocast(device.type, dtype=autocast_dtype):
                     hidden = capture(ids, mask)[layer]
             else:
                 hidden = capture(ids, mask)[layer]
+            hidden = hidden.cpu()
             rows = hidden[torch.arange(len(idx)), torch.tensor(lens) - 1].float()
             if collect is not None:
                 for r, (i, ln) in enumerate(zip(idx, lens, strict=True)):

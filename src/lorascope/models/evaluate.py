@@ -28,6 +28,7 @@ def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: 
     for i in range(0, len(data), batch_size):
         chunk = data[i: i + batch_size]
         batch = collate(chunk * len(variants), tokenizer.pad_token_id)
+        batch = {k: v.to(next(peft_model.parameters()).device) for k, v in batch.items()}
         names = [v for v in variants for _ in chunk]
         logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             adapter_names=names).logits.float()
@@ -45,6 +46,7 @@ def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: 
 def generate(model, tokenizer, user_message: str, max_new_tokens: int = 40, adapter: str | None = None) -> str:
     """Greedy answer to one user message through the chat template (``adapter`` selects a PEFT adapter)."""
     ids = tokenizer(format_prompt(tokenizer, user_message), add_special_tokens=False, return_tensors="pt")
+    ids = ids.to(next(model.parameters()).device)
     kwargs = {"adapter_names": [adapter]} if adapter is not None else {}
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id, **kwargs)

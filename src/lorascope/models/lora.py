@@ -84,6 +84,7 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, response_only: bool 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token NLL over label positions, and their count (labels already masked with -100)."""
+    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}  # collate builds on the CPU
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = batch["labels"][:, 1:]

@@ -31,7 +31,8 @@ KL_SERIES = [(schema.KL_RECOVERED_REL_ADAPTER_SAE, "adapter SAE Δ̂ (beyond Δ�
 
 
 def _tab(df) -> Tab:
-    return Tab(normalize_frame(df))
+    """The lookup index of a results table; :func:`render_figures` builds it once and passes it as ``df``."""
+    return df if isinstance(df, Tab) else Tab(normalize_frame(df))
 
 
 def delta_norms(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
@@ -338,9 +339,9 @@ FIGURES: list[FigureSpec] = [
 def render_figures(df, out_dir: str | Path, arrays: Arrays | None = None) -> dict[str, list[Path]]:
     """Run every figure in :data:`FIGURES`; returns name -> written paths (figures without data are omitted)."""
     out: dict[str, list[Path]] = {}
-    df = normalize_frame(df)
+    tab = _tab(df)  # indexed once for all figures (each figure also accepts a plain DataFrame)
     for spec in FIGURES:
-        paths = spec.make(df, out_dir, arrays)
+        paths = spec.make(tab, out_dir, arrays)
         if paths:
             out[spec.name] = paths
     return out

@@ -55,13 +55,15 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     with torch.no_grad():
         codes = torch.cat([sae.encode(inp.delta[i: i + 4096]) for i in range(0, n, 4096)])
     top = torch.argsort(codes.clamp_min(0).sum(0), descending=True)[: r.top_features].tolist()
+    codes = codes[:, top]  # only the shown features' columns go on (not a float64 copy of every latent)
     used = sorted(set(held.doc_index[:n].tolist()))
     docs = {i: store.doc_tokens(i) for i in used}
     doc_list = [docs.get(i, []) for i in range(max(used) + 1)]
     tok = st.base().tokenizer
+    column = {f: c for c, f in enumerate(top)}
     return top_activating_contexts(codes, held.token_id[:n], held.doc_index[:n], held.position[:n], doc_list,
                                    lambda ids: tok.decode(ids), top, r.contexts_per_feature, layer=inp.layer,
-                                   adapter=inp.adapter)
+                                   adapter=inp.adapter, column_of=column.__getitem__)
 
 
 def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: StudySAEs, reference,
@@ -80,10 +82,12 @@ def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: Study
                              [load_sae(p) for p in saes.adapter[(layer, adapter.name)]], reference,
                              lora_update(adapter.path, layer), doc_index=held.doc_index[:n],
                              train_delta_cov=train_cov)
-    res = analyse_layer_adapter(inp, analysis_settings(st))
+    with st.timed("geometry/analysis"):
+        res = analyse_layer_adapter(inp, analysis_settings(st))
     res.rows.extend(lora_rows(adapter))
     stem = f"L{layer}__{adapter.name}"
-    write_json(parts / f"{stem}__contexts.ctx", contexts(st, store, inp, held, n))
+    with st.timed("geometry/contexts"):
+        write_json(parts / f"{stem}__contexts.ctx", contexts(st, store, inp, held, n))
     with atomic_path(parts / f"{stem}.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **res.arrays)
@@ -302,7 +306,8 @@ def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], s
         _measure_layer(st, store, layer, adapters, saes, parts)
     trend_part(st, store, adapters, saes, parts)
     if g.splice:
-        splice_parts(st, store, adapters, saes, parts)
+        with st.timed("geometry/splice"):
+            splice_parts(st, store, adapters, saes, parts)
     rows = [row_from_record(r) for f in sorted(parts.glob("*.json")) for r in read_json(f)]
     write_results(st, sd.path, rows, adapters, store)
     sd.mark_done({"rows": len(rows)})

@@ -88,7 +88,8 @@ def report(st: RunState, stage_dir: Path, density_dir: Path | None = None) -> Pa
     if path.is_file() and stamp.is_file() and read_json(stamp).get("geometry") == _source(stage_dir, density_dir):
         return path
     st.log("writing figures and report.html")
+    t0 = time.perf_counter()
     path = write_report(st.out)
     write_json(stamp, {"geometry": _source(stage_dir, density_dir)})
-    st.work_done.append("report")
+    st.finished("report", t0)
     return path

@@ -63,6 +63,8 @@ def run(config: ExperimentConfig, progress: bool = True, report: bool = True) ->
         results = publish.publish(st, explained, density)
         report_path = publish.report(st, explained, density) if report else None
         st.timings["total"] = time.perf_counter() - t_start
+        st.write_timings(st.timings["total"])
+        st.log(st.stage_summary(st.timings["total"]))
         return RunResult(out, results, report_path, st.work_done, st.timings)
 
 

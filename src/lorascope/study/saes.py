@@ -7,7 +7,9 @@ activations (one per layer), or loaded from ``reference_sae.path``.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,8 +90,10 @@ class StudySAEs:
     reference: dict[int, Path]
 
 
-def _study_sae(st: RunState, extracted: Extracted, job: SAEJob, section: Any, label: str) -> Path:
-    """Train (or find cached) one of the study's SAEs; returns its folder."""
+def _study_sae(st: RunState, extracted: Extracted, job: SAEJob, section: Any, label: str,
+               opened: Callable[[], Any] | None = None) -> Path:
+    """Train (or find cached) one of the study's SAEs; returns its folder. ``opened``: the store opened once for
+    all the stage's SAEs (each shard's checksum is then verified once per run, not once per SAE)."""
     inputs = {"store": extracted.key, "layer": job.layer, "kind": job.kind, "adapter": job.adapter,
               "seed": job.seed, "held_out_fraction": job.held_out_fraction,
               **section.model_dump(exclude={"seeds", "path", "source", "allow_pickle"})}
@@ -97,7 +101,7 @@ def _study_sae(st: RunState, extracted: Extracted, job: SAEJob, section: Any, la
     if sd.done:
         return sd.path / "sae"
     t0 = time.perf_counter()
-    store = extracted.open()
+    store = opened() if opened is not None else extracted.open()
     # every SAE gets its own initialisation: SAEs sharing a random init start with identical decoders, which
     # inflates any cross-SAE cosine for as long as training has not moved them far (measured: MMCS 0.99 at init)
     init_seed = int(stable_hash({"seed": job.seed, "label": label}, 8), 16)
@@ -126,12 +130,13 @@ def reference_path(template: str, layer: int) -> Path:
 def stage_saes(st: RunState, extracted: Extracted, adapters: list[Adapter]) -> StudySAEs:
     cfg = st.config
     frac, split_seed = cfg.data.held_out_fraction, cfg.seed
+    opened = functools.cache(extracted.open)
     adapter_saes = {(layer, a.name): [
         _study_sae(st, extracted, SAEJob(layer, "delta", a.name, seed, frac, split_seed), cfg.adapter_sae,
-                   f"L{layer}__{a.name}__seed{seed}") for seed in cfg.adapter_sae.seeds]
+                   f"L{layer}__{a.name}__seed{seed}", opened) for seed in cfg.adapter_sae.seeds]
         for layer in cfg.extraction.layers for a in adapters}
     r = cfg.reference_sae
     ref = {layer: reference_path(r.path, layer) if r.source == "path" else
            _study_sae(st, extracted, SAEJob(layer, "base", None, r.seeds[0], frac, split_seed), r,
-                      f"L{layer}__reference") for layer in cfg.extraction.layers}
+                      f"L{layer}__reference", opened) for layer in cfg.extraction.layers}
     return StudySAEs(adapter_saes, ref)

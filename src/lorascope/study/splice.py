@@ -28,6 +28,7 @@ Needs the model, so it lives beside the study rather than in geometry/.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from lorascope.activations.tokens import TokenSelection, select_positions
 from lorascope.data.chat import TokenizedExample
 from lorascope.errors import LorascopeError
 from lorascope.models.lora import collate
-from lorascope.models.residual import check_layers, decoder_blocks
+from lorascope.models.residual import ResidualCapture, check_layers, decoder_blocks, unwrap_model
 
 Reconstructor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h_base [N,d], h_ft [N,d]) -> Δ̂ [N,d]
 BASELINES = ("zero", "mean_delta")
@@ -87,6 +88,11 @@ def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
     return (logp_p.exp() * (logp_p - logp_q)).sum(-1, dtype=torch.float64)
 
 
+def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """:func:`_kl_rows` over blocks of rows (the same numbers; temporaries of ``rows`` × V, not N × V)."""
+    return torch.cat([_kl_rows(logp_p[i: i + rows], logp_q[i: i + rows]) for i in range(0, logp_p.shape[0], rows)])
+
+
 def _block_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -124,40 +130,53 @@ def _selected(att: torch.Tensor, chunk: Sequence[TokenizedExample], caps: dict[i
 def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: int, adapter: str,
               reconstructors: dict[str, Reconstructor], batch_size: int = 8, skip_first: int = 1, *,
               mean_delta=None, selection: TokenSelection | None = None, norm_layers: Sequence[int] | None = None,
-              keep_positions: Sequence[Sequence[int]] | None = None) -> SpliceResult:
+              keep_positions: Sequence[Sequence[int]] | None = None, recon_device: str | torch.device = "cpu",
+              max_logit_bytes: int = 1 << 29) -> SpliceResult:
     """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
 
     ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
     ``selection``: the extraction's ``TokenSelection`` (default: all non-padding tokens from ``skip_first`` on,
     no norm rule — the old behaviour); ``norm_layers``: the layers extraction captured (default ``[layer]``);
     ``keep_positions``: per document, the exact positions the store kept (overrides ``selection``).
+    ``recon_device``: where the reconstructors run (their inputs are moved there, Δ̂ back to the model's device);
+    ``max_logit_bytes``: the most float32 logits one suffix forward may hold (bounds memory, not the result).
     Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys).
+
+    Per batch of documents: one mixed base/adapted forward up to the deepest needed block (the prefix is
+    identical for every splice), then the blocks after ``layer`` only, for the base rows, the adapted rows and
+    every reconstructor's spliced rows stacked along the batch, with logits only at the selected positions.
     """
     layers = check_layers(peft_model, sorted({layer, *(norm_layers or [layer])}))
-    blocks = decoder_blocks(peft_model)
     selection = selection or TokenSelection("all", skip_first, None)
     if keep_positions is not None and len(keep_positions) != len(docs):
         raise LorascopeError(f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
                              fix="pass one list of positions per document")
     recons = _reconstructors(reconstructors, mean_delta)
     peft_model.eval()
-    doc_kl = {name: [] for name in ("base", *recons)}
+    device = next(peft_model.parameters()).device
+    suffix = _Suffix(peft_model, layer, adapter, max_logit_bytes)
+    doc_kl: dict[str, list[float]] = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
     for start in range(0, len(docs), batch_size):
         chunk = list(docs[start: start + batch_size])
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
-        ids, att = batch["input_ids"], batch["attention_mask"]
-        logits, caps = _mixed_forward(peft_model, blocks, layers, ids, att, ["__base__"] * b + [adapter] * b)
-        sel = _selected(att, chunk, caps, b, selection, keep_positions, start)
+        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        caps = suffix.prefix(layers, ids, att, ["__base__"] * b + [adapter] * b)
+        sel = _selected(att.cpu(), chunk, caps, b, selection, keep_positions, start)
         rows = sel.nonzero(as_tuple=True)[0]
         doc_tokens += sel.sum(1).tolist()
+        sel = sel.to(device)
         h_base, h_ft = caps[layer][:b], caps[layer][b:]
-        logp_ft = torch.log_softmax(logits[b:][sel], -1)
-        doc_kl["base"] += _per_doc(b, rows, _kl_rows(logp_ft, torch.log_softmax(logits[:b][sel], -1)))
-        for name, recon in recons.items():
-            logp = _spliced_logp(peft_model, blocks[layer], recon, h_base, h_ft, sel, ids[b:], att[b:], adapter)
-            doc_kl[name] += _per_doc(b, rows, _kl_rows(logp_ft, logp))
+        inputs = {"ft": h_ft, "base": h_base}
+        inputs.update({name: _spliced(recon, h_base, h_ft, sel, recon_device) for name, recon in recons.items()})
+        logp_ft = None
+        for name, logp in suffix.log_probs(inputs, ids[:b], att[:b], sel):
+            if name == "ft":
+                logp_ft = logp
+            else:
+                doc_kl[name] += _per_doc(b, rows, _kl_rows_chunked(logp_ft, logp).cpu())
+            del logp
     return _result(doc_kl, doc_tokens)
 
 
@@ -166,41 +185,100 @@ def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
     return torch.zeros(b, dtype=torch.float64).index_add_(0, rows, kl).tolist()
 
 
-def _mixed_forward(peft_model, blocks, layers: list[int], ids: torch.Tensor, att: torch.Tensor,
-                   names: list[str]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Logits (float32) of one mixed base/adapted forward and the residual outputs of ``layers``' blocks."""
-    caps: dict[int, torch.Tensor] = {}
-
-    def grab(layer: int):
-        def hook(_m, _i, out):
-            caps[layer] = _block_output(out).detach()
-        return hook
-
-    handles = [blocks[L].register_forward_hook(grab(L)) for L in layers]
-    try:
-        logits = peft_model(input_ids=ids, attention_mask=att, adapter_names=names).logits.float()
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, caps
-
-
-def _spliced_logp(peft_model, block, recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor,
-                  sel: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, adapter: str) -> torch.Tensor:
-    """Log-probabilities at the selected positions of the adapted model with h_base + Δ̂ at ``block``."""
-    delta_hat = recon(h_base[sel].float(), h_ft[sel].float()).to(h_ft.dtype)
+def _spliced(recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor, sel: torch.Tensor,
+             recon_device) -> torch.Tensor:
+    """The adapted residual with h_base + Δ̂ at the selected positions (Δ̂ computed on ``recon_device``)."""
+    hb, hf = h_base[sel].float().to(recon_device), h_ft[sel].float().to(recon_device)
+    delta_hat = recon(hb, hf).to(device=h_ft.device, dtype=h_ft.dtype)
     replaced = h_ft.clone()
     replaced[sel] = h_base[sel] + delta_hat
+    return replaced
 
-    def put(_m, _inp, out, replaced=replaced):
-        return (replaced, *out[1:]) if isinstance(out, tuple) else replaced
 
-    handle = block.register_forward_hook(put)
-    try:
-        spliced = peft_model(input_ids=ids, attention_mask=att, adapter_names=[adapter] * ids.shape[0]).logits
-    finally:
-        handle.remove()
-    return torch.log_softmax(spliced.float()[sel], -1)
+class _Suffix:
+    """Runs only the blocks after ``layer`` on given residuals at ``layer``: the model's own forward, with every
+    block up to ``layer`` swapped for a pass-through (block ``layer`` returns the given residual), so masks,
+    rotary embeddings and sliding windows are built by the model itself. The LM head sees only the selected
+    positions (a forward pre-hook), unless the head is itself a LoRA layer (then all logits are computed)."""
+
+    def __init__(self, peft_model, layer: int, adapter: str, max_logit_bytes: int):
+        self.model, self.layer, self.adapter = peft_model, layer, adapter
+        self.blocks = decoder_blocks(peft_model)
+        self.head = unwrap_model(peft_model).get_output_embeddings()
+        self.head_selects = self.head is not None and not hasattr(self.head, "lora_A")
+        self.vocab = int(unwrap_model(peft_model).config.get_text_config().vocab_size)
+        self.max_logit_bytes = max_logit_bytes
+        self.tuple_out = False
+
+    def prefix(self, layers: list[int], ids: torch.Tensor, att: torch.Tensor, names: list[str]):
+        """The mixed base/adapted forward up to the deepest of ``layers`` (their residuals); notes whether the
+        blocks return tuples (older transformers), so the pass-through blocks answer in the same form."""
+        def note(_m, _i, out):
+            self.tuple_out = isinstance(out, tuple)
+
+        handle = self.blocks[self.layer].register_forward_hook(note)
+        try:
+            return ResidualCapture(self.model, layers)(ids, att, names)
+        finally:
+            handle.remove()
+
+    def log_probs(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor):
+        """Yields (name, log-probabilities [n_sel, V] float32 at the selected positions) in ``inputs``' order;
+        ``"base"`` runs the base blocks, every other name the adapted ones."""
+        names = list(inputs)
+        b, t = ids.shape
+        per_group = 4 * int(sel.sum()) * self.vocab if self.head_selects else 4 * b * t * self.vocab
+        step = max(1, self.max_logit_bytes // max(per_group, 1))
+        for i in range(0, len(names), step):
+            group = names[i: i + step]
+            parts = list(zip(group, self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel,
+                                                  group).chunk(len(group)), strict=True))
+            while parts:  # hold no reference to a part once it is handed out (one N × V buffer alive, not two)
+                name, part = parts.pop(0)
+                yield name, _log_softmax_inplace(part)
+                del part
+
+    def _forward(self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor,
+                 group: list[str]) -> torch.Tensor:
+        g = len(group)
+        rows_sel = sel.repeat(g, 1)
+        adapter_names = [n for name in group for n in ["__base__" if name == "base" else self.adapter] * ids.shape[0]]
+        saved = [blk.__dict__.get("forward") for blk in self.blocks[: self.layer + 1]]
+        for blk in self.blocks[: self.layer]:
+            blk.forward = functools.partial(_pass_through, self.tuple_out)
+        self.blocks[self.layer].forward = functools.partial(_inject, self.tuple_out, hidden)
+        handle = self.head.register_forward_pre_hook(
+            lambda _m, args: (args[0][rows_sel], *args[1:])) if self.head_selects else None
+        try:
+            out = self.model(input_ids=ids.repeat(g, 1), attention_mask=att.repeat(g, 1),
+                             adapter_names=adapter_names, use_cache=False).logits.float()
+        finally:
+            if handle is not None:
+                handle.remove()
+            for blk, old in zip(self.blocks[: self.layer + 1], saved, strict=True):
+                del blk.forward
+                if old is not None:
+                    blk.forward = old
+        return out if self.head_selects else out[rows_sel]
+
+
+def _log_softmax_inplace(logits: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """log_softmax over the last dimension written back into ``logits`` block by block (row-wise, so the same
+    numbers as one call; temporaries of ``rows`` × V instead of a second N × V tensor)."""
+    for i in range(0, logits.shape[0], rows):
+        logits[i: i + rows] = torch.log_softmax(logits[i: i + rows], -1)
+    return logits
+
+
+def _pass_through(as_tuple: bool, *args, **kwargs):
+    """A block skipped in the suffix forward: returns its input residual unchanged."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return (hidden,) if as_tuple else hidden
+
+
+def _inject(as_tuple: bool, hidden: torch.Tensor, *_args, **_kwargs):
+    """Block ``layer`` in the suffix forward: returns the given (spliced) residual."""
+    return (hidden,) if as_tuple else hidden
 
 
 def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResult:
