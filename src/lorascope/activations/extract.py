@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from lorascope.activations.store import (
     write_shard,
 )
 from lorascope.activations.tokens import TokenSelection, select_positions
-from lorascope.data.chat import TokenizedExample, tokenize_example
+from lorascope.data.chat import TokenizedExample, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.errors import IntegrityError, LorascopeError
 from lorascope.io import TMP_PREFIX, OutputLock, clean_tmp_files, read_json, stable_hash, write_json
@@ -123,8 +124,14 @@ def _blocks(model):
     return decoder_blocks(model)
 
 
-def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int) -> list[TokenizedExample]:
-    docs = [tokenize_example(tokenizer, ex, max_length, with_response=True) for ex in examples]
+def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate"
+                  ) -> list[TokenizedExample]:
+    """Documents for extraction under the long-example ``policy`` (default: truncate the response, skip an
+    example whose prompt alone exceeds ``max_length``); the counts are logged (use :func:`tokenize_examples`
+    for the :class:`~lorascope.data.chat.LengthReport` itself)."""
+    docs, lengths = tokenize_examples(tokenizer, examples, max_length, policy)
+    if lengths.truncated or lengths.skipped:
+        logging.getLogger("lorascope").warning("activation documents: %s", lengths.summary())
     ids = [d.doc_id for d in docs]
     if len(set(ids)) != len(ids):
         raise LorascopeError("document ids are not unique", fix="give every example a distinct id")
