@@ -28,9 +28,16 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    finetune: str = Field("demo", description="'demo', an Alpaca JSON/JSONL path, or hf:NAME[:SPLIT]")
+    finetune: str = Field("demo", description="'demo', a dataset file (chat messages / ShareGPT / Alpaca / text "
+                                              "JSON(L) or .txt, auto-detected), or hf:NAME[:SPLIT]")
     n_finetune: int = Field(512, gt=0)
-    activations: str = Field("demo", description="dataset whose prompts+responses are run for activations")
+    activations: str = Field("demo", description="dataset run for activations (same forms as finetune; a "
+                                                 "different dataset from finetune is recommended)")
+    finetune_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
+    activations_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
+    long_examples: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="longer than max_length: truncate the response (skip if the prompt alone does not "
+                                "fit), skip, or error")
     n_docs: int = Field(400, gt=0, description="documents (examples) to extract activations from")
     held_out_fraction: float = Field(0.2, gt=0, lt=1, description="documents held out from SAE training")
     max_length: int = Field(160, ge=8)
