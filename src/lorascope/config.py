@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorascope.errors import LorascopeError
 
@@ -61,9 +61,43 @@ class TrainAdaptersCfg(_Strict):
         return self
 
 
+class LoadSpecCfg(_Strict):
+    """A fine-tune that is not one PEFT folder: a whole model, or a folder of training checkpoints."""
+
+    model: str | None = Field(None, description="a fully fine-tuned (or merged) model folder, compared with the base")
+    checkpoints: str | None = Field(None, description="a folder of checkpoint-<step>/ sub-folders, one entry each")
+
+    @model_validator(mode="after")
+    def _one(self) -> LoadSpecCfg:
+        if (self.model is None) == (self.checkpoints is None):
+            raise ValueError("give exactly one of model or checkpoints")
+        return self
+
+
 class AdaptersCfg(_Strict):
     train: TrainAdaptersCfg | None = Field(default_factory=TrainAdaptersCfg)
-    load: dict[str, str] = Field(default_factory=dict, description="existing adapters: {name: folder}")
+    load: dict[str, str | LoadSpecCfg] = Field(
+        default_factory=dict, description="existing fine-tunes: {name: PEFT folder or hub id}, {name: {model: DIR}} "
+                                          "or {name: {checkpoints: DIR}} (lorascope.models.finetunes)")
+
+    @field_validator("load", mode="before")
+    @classmethod
+    def _load_specs(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, spec in value.items():
+            if isinstance(spec, dict):
+                try:
+                    spec = LoadSpecCfg.model_validate(spec)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    what = (f"unknown key '{where}'" if err["type"] == "extra_forbidden"
+                            else err["msg"].removeprefix("Value error, "))
+                    raise ValueError(f"{name}: {what} (give {{model: DIR}} or {{checkpoints: DIR}})") from None
+            out[name] = spec
+        return out
 
     @model_validator(mode="after")
     def _some(self) -> AdaptersCfg:
