@@ -94,4 +94,16 @@ def expand_load_specs(load: Mapping[str, object]) -> list[LoadEntry]:
     return out
 
 
-__all__ = ["LoadEntry", "checkpoint_sequence", "expand_load_specs", "folder_kind"]
+def sequence_rows(store, layer: int, entries: list[tuple[str, int, Path]]) -> list[dict]:
+    """One row per checkpoint (in step order) from an activation store's Δ statistics at ``layer``: the table a
+    checkpoint-sequence report starts from (Δ norm, relative norm, effective dimensionality per step)."""
+    rows = []
+    for name, step, _path in sorted(entries, key=lambda e: e[1]):
+        st = store.stats(layer, name)
+        rows.append({"checkpoint": name, "step": step, "layer": layer, "n_tokens": st.get("n_tokens", 0),
+                     "delta_norm_mean": (st.get("delta_norm") or {}).get("mean"),
+                     "relative_norm_mean": (st.get("relative_norm") or {}).get("mean"),
+                     "participation_ratio": st.get("participation_ratio")})
+    return rows
+
+__all__ = ["LoadEntry", "checkpoint_sequence", "expand_load_specs", "folder_kind", "sequence_rows"]
