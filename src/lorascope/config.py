@@ -132,7 +132,10 @@ class SAECfg(_Strict):
 
 class ReferenceCfg(SAECfg):
     source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
-    path: str | None = Field(None, description="pretrained SAE folder/file per layer: use {layer} in the path")
+    path: str | dict[int, str] | None = Field(
+        None, description="pretrained SAE per layer: a template with {layer}, a {layer: path} mapping, or a glob "
+                          "with target_l0 (lorascope.saes.pretrained.resolve_reference_paths)")
+    target_l0: float | None = Field(None, gt=0, description="with a glob path: pick the file whose L0 is closest")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
                                                   "that needs full unpickling): only for files you trust")
