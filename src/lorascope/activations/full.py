@@ -120,6 +120,8 @@ def source_fingerprint(source: ModelSource) -> str:
     path = Path(source).expanduser()
     files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
     h = hashlib.sha256()
+    if not files:  # a hub id or the embedded model: its name is all we know without downloading
+        h.update(str(source).encode())
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}".encode())
