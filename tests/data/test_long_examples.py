@@ -77,3 +77,23 @@ def test_train_lora_cli_checks_lengths_before_loading_the_model(tiny_llama_dir, 
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "0 kept, 0 truncated, 3 skipped" in err and "no example has response tokens" in err
+
+
+def test_extraction_skips_a_document_whose_prompt_does_not_fit(tiny_llama_dir, tiny_adapters, tmp_path, caplog):
+    import logging
+
+    from lorascope.activations import ExtractConfig, extract
+    from lorascope.models import load_adapters, load_base
+
+    base = load_base(tiny_llama_dir)
+    pm = load_adapters(base, {"a": tiny_adapters["rank_2"]})
+    docs = [*make_demo_dataset(5, seed=3), Example("long-prompt", LONG_PROMPT, "", "x")]
+    cfg = ExtractConfig(layers=[1], batch_size=3, docs_per_shard=3, max_length=64, progress=False)
+    with caplog.at_level(logging.WARNING, logger="lorascope"):
+        store = extract(pm, base.tokenizer, docs, tmp_path / "s", cfg)
+    assert store.doc_ids == [e.id for e in docs[:5]]
+    assert "activation documents: 5 kept, 0 truncated, 1 skipped" in caplog.text
+    strict = ExtractConfig(layers=[1], max_length=64, progress=False, length_policy="error")
+    with pytest.raises(PromptTooLong, match="example long-prompt: prompt is"):
+        extract(pm, base.tokenizer, docs, tmp_path / "s2", strict)
+    assert not (tmp_path / "s2").exists()  # refused before anything was written

@@ -40,7 +40,7 @@ from lorascope.activations.store import (
     write_shard,
 )
 from lorascope.activations.tokens import TokenSelection, select_positions
-from lorascope.data.chat import TokenizedExample, tokenize_examples
+from lorascope.data.chat import LENGTH_POLICIES, TokenizedExample, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.errors import IntegrityError, LorascopeError
 from lorascope.io import TMP_PREFIX, OutputLock, clean_tmp_files, read_json, stable_hash, write_json
@@ -65,6 +65,7 @@ class ExtractConfig:
     max_length: int = 256
     dtype: str = "float32"  # on disk: float32 | bfloat16
     forward_dtype: str = "float32"  # float32 | bf16-autocast (adds error to deltas: measure before using)
+    length_policy: str = "truncate"  # long documents (lorascope.data.chat); its effect enters the hash via docs_hash
     progress: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +76,9 @@ class ExtractConfig:
         if self.batch_size < 1 or self.docs_per_shard < 1 or self.max_length < 2:
             raise LorascopeError("batch_size and docs_per_shard must be >= 1 and max_length >= 2",
                                  fix="e.g. --batch-size 8 --docs-per-shard 32")
+        if self.length_policy not in LENGTH_POLICIES:
+            raise LorascopeError(f"unknown long-example policy {self.length_policy!r}",
+                                 fix=f"use one of {', '.join(LENGTH_POLICIES)}")
         _ = self.selection  # validates the token rule
 
     @property
@@ -221,7 +225,7 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     grouped = _check_rank(rank, world_size)
     peft_model.eval()
     layers = check_layers(peft_model, config.layers)
-    docs = tokenize_docs(tokenizer, examples, config.max_length)
+    docs = tokenize_docs(tokenizer, examples, config.max_length, config.length_policy)
     unsupported = {a: why for a, why in mixed_batch_support(peft_model, adapters).items() if why}
     adapters_info: dict = {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)}
     if unsupported:
@@ -303,7 +307,7 @@ def _check_rank(rank: int, world_size: int) -> bool:
 
 
 def _full_config(job: ExtractJob) -> dict:
-    settings = {k: v for k, v in asdict(job.config).items() if k not in ("layers", "progress")}
+    settings = {k: v for k, v in asdict(job.config).items() if k not in ("layers", "progress", "length_policy")}
     docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in job.docs])
     return {"model": job.model_info, "adapters": job.adapters_info, "layers": job.layers,
             "selection": job.config.selection.describe(), **settings, "n_docs": len(job.docs), "docs_hash": docs_hash}

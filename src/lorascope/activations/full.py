@@ -261,7 +261,7 @@ def extract_full(base: ModelSource, finetunes: Mapping[str, ModelSource], tokeni
     if not finetunes:
         raise LorascopeError("no fine-tuned models given", fix="pass {name: model folder}")
     _check_compatible(base, finetunes)
-    docs = tokenize_docs(tokenizer, examples, config.max_length)  # before any model load
+    docs = tokenize_docs(tokenizer, examples, config.max_length, config.length_policy)  # before any model load
     opts = {"dtype": "float32", "device": "cpu", **(load or {})}
     residency, out = _Residency(), Path(out_dir)
     names = list(finetunes)
