@@ -95,8 +95,9 @@ def test_unsupported_variants_fall_back_to_separate_forwards(tiny_llama_dir, tmp
 
 def test_hub_id_offline_is_one_line_with_the_folder_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LorascopeError, match=r"adapter 'x': org/some-lora is not a local folder and the hub is "
-                                             r"offline.*huggingface-cli download org/some-lora --local-dir DIR"):
+    with pytest.raises(LorascopeError, match=r"adapter .x.: there is no folder org/some-lora, and as a hub id it "
+                                             r"cannot be fetched: the hub is offline.*huggingface-cli download "
+                                             r"org/some-lora --local-dir DIR"):
         resolve_adapter_source("x", "org/some-lora")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_adapter_source("x", "org/some-lora") == "org/some-lora"  # online: handed to PEFT as is
@@ -153,3 +154,20 @@ def test_checkpoint_sequence_gives_one_row_per_checkpoint(run_dir, tiny_llama_di
     assert [r["step"] for r in rows] == [5, 10, 100] and len({r["n_tokens"] for r in rows}) == 1
     norms = [r["delta_norm_mean"] for r in rows]
     assert norms[0] < norms[1] < norms[2]  # the update grows with the step, so does the Δ norm
+
+
+def test_hub_id_online_is_handed_to_peft(tiny_llama_dir, monkeypatch):
+    from peft import PeftModel
+
+    seen = []
+
+    def fake_from_pretrained(model, path, **kw):
+        seen.append(path)
+        raise OSError("404 Client Error")  # what the hub answers for an unknown id
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(PeftModel, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(LorascopeError, match=r"adapter 'x': could not fetch org/some-lora from the Hugging Face hub "
+                                             r"\(OSError\)"):
+        load_adapters(load_base(tiny_llama_dir), {"x": "org/some-lora"})
+    assert seen == ["org/some-lora"]

@@ -230,14 +230,6 @@ def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "defaul
     return out
 
 
-def _check_adapter_folder(name: str, path: Path) -> None:
-    if not path.is_dir():
-        raise LorascopeError(f"adapter {name!r}: folder {path} does not exist", fix="check the adapter path")
-    if not (path / "adapter_config.json").is_file():
-        raise LorascopeError(f"adapter {name!r}: {path} has no adapter_config.json",
-                             fix="point at a folder saved by PEFT (adapter_config.json + adapter_model.safetensors)")
-
-
 def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
     """Load one or several PEFT adapter folders onto one base model; returns the PeftModel in eval mode.
 
@@ -247,9 +239,9 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
 
     if not adapters:
         raise LorascopeError("no adapters given", fix="pass at least one {name: folder}")
-    for name, path in adapters.items():
-        _check_adapter_folder(name, Path(path))
-    items = list(adapters.items())
+    from lorascope.models.variants import resolve_adapter_source
+
+    items = [(name, resolve_adapter_source(name, path)) for name, path in adapters.items()]  # folder or hub id
     peft_model = None
     try:
         for name, path in items:
@@ -267,6 +259,9 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
             raise LorascopeError(f"adapter {name!r} at {path} targets modules this base model does not have",
                                  fix="load it onto the base model it was trained for") from exc
         raise
+    except OSError as exc:  # a hub id that does not exist or cannot be downloaded
+        raise LorascopeError(f"adapter {name!r}: could not fetch {path} from the Hugging Face hub "
+                             f"({type(exc).__name__})", fix="check the id, or download it and pass the folder") from exc
     peft_model.eval()
     return peft_model
 

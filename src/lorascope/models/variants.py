@@ -82,9 +82,10 @@ def resolve_adapter_source(name: str, spec: str | os.PathLike) -> str:
     if not looks_like_hub_id:
         raise LorascopeError(f"adapter {name!r}: folder {spec_str} does not exist", fix="check the adapter path")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LorascopeError(f"adapter {name!r}: {spec_str} is not a local folder and the hub is offline "
-                             "(HF_HUB_OFFLINE=1)", fix=f"download it where you are online (huggingface-cli download "
-                             f"{spec_str} --local-dir DIR) and set the adapter to DIR")
+        raise LorascopeError(f"adapter {name!r}: there is no folder {spec_str}, and as a hub id it cannot be fetched: "
+                             "the hub is offline (HF_HUB_OFFLINE=1)", fix=f"check the path, or download it where you "
+                             f"are online (huggingface-cli download {spec_str} --local-dir DIR) and set the adapter "
+                             "to DIR")
     return spec_str
 
 
