@@ -79,8 +79,8 @@ def _turns(rec: dict, where: str, field: str, role_key: str, text_key: str, role
            ) -> tuple[tuple[str, str], ...]:
     msgs = rec.get(field)
     if not isinstance(msgs, list) or not msgs:
-        what = "missing field" if field not in rec else "field must be a non-empty list:"
-        raise LorascopeError(f"{where}: {what} '{field}'",
+        what = f"missing field '{field}'" if field not in rec else f"field '{field}' must be a non-empty list"
+        raise LorascopeError(f"{where}: {what}",
                              fix=f"each record needs '{field}': [{{'{role_key}': ..., '{text_key}': ...}}, ...]")
     turns = []
     for i, m in enumerate(msgs):
