@@ -70,6 +70,12 @@ def test_delta_equals_hand_computed_difference_of_two_models(tiny_llama_dir, fin
                 assert torch.equal(rows[delta_key(L, "ft")][sel], want_delta)
     assert res.store.manifest["config"]["adapters"]["kind"] == "full-model"
     assert not (tmp_path / "s" / "spill").exists()
+    # downstream readers see an ordinary store: adapted = base + Δ, statistics per (layer, fine-tune)
+    paired = res.store.held_out(1, "ft", held_out_fraction=0.5)
+    assert paired.delta.shape[0] > 0 and torch.allclose(paired.adapted, paired.base + paired.delta)
+    train = torch.cat(list(res.store.reader(1, "delta", "ft", batch_size=16, held_out_fraction=0.5)))
+    assert train.shape[0] + paired.delta.shape[0] == rows["doc_index"].shape[0]
+    assert res.store.stats(1, "ft")["n_tokens"] == rows["doc_index"].shape[0]
 
 
 def test_one_resident_matches_lockstep_and_holds_one_model(tiny_llama_dir, finetuned_dir, tmp_path):
