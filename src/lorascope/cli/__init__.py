@@ -30,7 +30,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 def _load_commands() -> None:
     """Import the command modules: each registers its commands on ``app``."""
-    from lorascope.cli import activations, evals, geometry, info, models, pipeline, saes  # noqa: F401
+    from lorascope.cli import activations, evals, info, models, pipeline, saes  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
