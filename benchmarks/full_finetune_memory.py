@@ -29,7 +29,9 @@ import torch
 
 def build(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     from lorascope.models import load_base
-    from lorascope.models.testing import build_tiny_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
+    from tiny_models import build_tiny_model
 
     base = build_tiny_model("llama", root / "base", seed=0, hidden=hidden, layers=layers)
     m = load_base(base)

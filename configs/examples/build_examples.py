@@ -42,7 +42,9 @@ def build_chat_data(folder: Path, n: int = 48) -> tuple[Path, Path]:
 
 
 def _tiny_model_builder():
-    from lorascope.models.testing import build_tiny_model  # moves with the test helpers; see the README section
+    """The tests' tiny random model builder (tests/tiny_models.py in the repository: these inputs are test-sized)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from tiny_models import build_tiny_model
 
     return build_tiny_model
 

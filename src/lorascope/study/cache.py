@@ -63,6 +63,7 @@ class RunState:
     work_done: list[str] = field(default_factory=list)  # stages that did real work in this call
     _base: Any = None
     _peft: Any = None
+    _tokenizer: Any = None
 
     def log(self, msg: str) -> None:
         log(msg, self.progress)
@@ -80,6 +81,16 @@ class RunState:
             self.log(f"loading base model {m.spec}")
             self._base = load_base(m.spec, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
         return self._base
+
+    def tokenizer(self):
+        """The base model's tokenizer (without loading the model when it is not loaded yet)."""
+        if self._base is not None:
+            return self._base.tokenizer
+        if self._tokenizer is None:
+            from lorascope.models.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model.spec, self.config.model.trust_remote_code)
+        return self._tokenizer
 
     def peft(self, adapters: dict[str, Path]):
         if self._peft is None:

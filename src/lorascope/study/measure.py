@@ -20,6 +20,7 @@ from lorascope.io import atomic_path, read_json, write_json
 from lorascope.results import ResultRow, row_from_record
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState, StageDir
+from lorascope.study.checkpoints import checkpoint_rows
 from lorascope.study.extract import Extracted
 from lorascope.study.saes import StudySAEs
 
@@ -57,7 +58,7 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     used = sorted(set(held.doc_index[:n].tolist()))
     docs = {i: store.doc_tokens(i) for i in used}
     doc_list = [docs.get(i, []) for i in range(max(used) + 1)]
-    tok = st.base().tokenizer
+    tok = st.tokenizer()
     return top_activating_contexts(codes, held.token_id[:n], held.doc_index[:n], held.position[:n], doc_list,
                                    lambda ids: tok.decode(ids), top, r.contexts_per_feature, layer=inp.layer,
                                    adapter=inp.adapter)
@@ -131,13 +132,14 @@ def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], sae
 def _splice_docs(st: RunState, store) -> list:
     """The first ``geometry.splice_docs`` held-out documents, tokenised as at extraction."""
     from lorascope.activations.extract import tokenize_docs
-    from lorascope.data import load_dataset_spec
+    from lorascope.study.extract import activation_examples
 
     cfg = st.config
-    examples = load_dataset_spec(cfg.data.activations, limit=cfg.data.n_docs, seed=cfg.seed + 1)
+    examples = activation_examples(st)
     mask = store.split_docs("held_out", cfg.data.held_out_fraction, cfg.seed)
     held_ids = {doc for doc, keep in zip(store.doc_ids, mask.tolist(), strict=True) if keep}
-    docs = [d for d in tokenize_docs(st.base().tokenizer, examples, cfg.data.max_length) if d.doc_id in held_ids]
+    docs = [d for d in tokenize_docs(st.tokenizer(), examples, cfg.data.max_length, cfg.data.long_examples)
+            if d.doc_id in held_ids]
     return docs[: cfg.geometry.splice_docs]
 
 
@@ -148,6 +150,7 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
     from lorascope.study.splice import splice_kl
 
     cfg = st.config
+    adapters = [a for a in adapters if a.kind == "peft"]  # the splice runs a PeftModel: none for whole models
     todo = [(layer, a) for layer in cfg.extraction.layers for a in adapters
             if not (parts / f"L{layer}__{a.name}__splice.json").is_file()]
     if not todo:
@@ -191,6 +194,7 @@ def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], s
     if g.splice:
         splice_parts(st, store, adapters, saes, parts)
     rows = [row_from_record(r) for f in sorted(parts.glob("*.json")) for r in read_json(f)]
+    rows += checkpoint_rows(adapters)
     write_results(st, sd.path, rows, adapters, store)
     sd.mark_done({"rows": len(rows)})
     st.finished("geometry", t0)
