@@ -14,6 +14,7 @@ import math
 import torch
 
 from lorascope.geometry import StreamingCovariance, n_components_for_variance, participation_ratio
+from lorascope.geometry.density import token_norms
 
 LOG10_MIN, LOG10_MAX, BINS = -12.0, 8.0, 2000
 _SUMS = ("n", "sum_norm", "sum_ratio", "sum_sq_delta", "sum_sq_base")
@@ -50,9 +51,7 @@ class DeltaStats:
         if delta.shape[0] == 0:
             return
         self.cov.update(delta)
-        dn = delta.double().norm(dim=1)
-        bn = base.double().norm(dim=1)
-        ratio = dn / bn.clamp_min(1e-30)
+        dn, bn, ratio = token_norms(base, delta)
         self.sums += torch.stack([torch.tensor(float(delta.shape[0]), dtype=torch.float64), dn.sum(), ratio.sum(),
                                   (dn * dn).sum(), (bn * bn).sum()])
         self.hist_norm += _log_hist(dn)

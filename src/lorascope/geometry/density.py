@@ -11,6 +11,8 @@ direction, d for isotropic data) and the number of principal components needed f
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -172,6 +174,21 @@ def _quantile_summary(v: torch.Tensor) -> dict[str, float]:
     return {"mean": float(v.mean()), "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
 
 
+class TokenNorms(NamedTuple):
+    """Per-token float64 norms: ‖Δ_t‖, ‖h_base,t‖ and their ratio ‖Δ_t‖/‖h_base,t‖ (base norm floored at 1e-30)."""
+
+    delta: torch.Tensor
+    base: torch.Tensor
+    ratio: torch.Tensor
+
+
+def token_norms(h_base: torch.Tensor, delta: torch.Tensor) -> TokenNorms:
+    """The one computation of Δ norms (extraction statistics, DeltaNormStats and the study's analysis use it)."""
+    dn = delta.double().norm(dim=1)
+    bn = h_base.double().norm(dim=1)
+    return TokenNorms(dn, bn, dn / bn.clamp_min(1e-30))
+
+
 class DeltaNormStats:
     """Per-token ‖Δ_t‖ and ‖Δ_t‖/‖h_base,t‖, kept as N float64s each (quantiles need all values)."""
 
@@ -183,9 +200,9 @@ class DeltaNormStats:
     def update(self, h_base, h_ft) -> None:
         hb, hf = paired_activations(h_base, h_ft)
         self.d = hb.shape[1]
-        dn = (hf - hb).norm(dim=1)
-        self._norms.append(dn.cpu())
-        self._ratios.append((dn / hb.norm(dim=1).clamp_min(1e-30)).cpu())
+        tn = token_norms(hb, hf - hb)
+        self._norms.append(tn.delta.cpu())
+        self._ratios.append(tn.ratio.cpu())
 
     def summary(self) -> dict[str, dict[str, float]]:
         if not self._norms:

@@ -33,6 +33,7 @@ from lorascope.geometry import (
     seed_vs_seed,
     top_k_atoms,
 )
+from lorascope.geometry.density import token_norms
 from lorascope.results import ResultRow
 from lorascope.saes import SAE, create_sae
 
@@ -93,8 +94,8 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, s: Settings, where: d
     n, d = delta.shape
     norms = DeltaNormStats()
     norms.update(hb, h_ft)
-    dn = delta.double().norm(dim=1)
-    rel = dn / hb.double().norm(dim=1).clamp_min(1e-30)
+    tn = token_norms(hb, delta)
+    dn, rel = tn.delta, tn.ratio
     per_token = {schema.DELTA_NORM_MEAN: dn, schema.REL_DELTA_NORM_MEAN: rel}
     for row in norms.rows(**where):
         v = per_token.get(row.metric)
@@ -103,7 +104,7 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, s: Settings, where: d
             row.ci_low, row.ci_high = ci.low, ci.high
         out.rows.append(row)
     fam = schema.DELTA_NORM
-    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(hb.double().norm(dim=1).mean()), n=n, d=d, **where))
+    out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(tn.base.mean()), n=n, d=d, **where))
     eig = torch.linalg.eigvalsh(torch.cov(delta.double().T)).flip(0).clamp_min(0)
     out.rows.append(ResultRow(fam, schema.EFFECTIVE_RANK_PR, participation_ratio(eig), n=n, d=d,
                               note="participation ratio (Σλ)²/Σλ² of Δ's covariance", **where))
