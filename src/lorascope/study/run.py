@@ -115,22 +115,27 @@ def check_inputs(config: ExperimentConfig) -> None:
                              fix=f"choose layers in 0..{int(n) - 1}")
     if config.reference_sae.source == "path":
         _check_reference(config, mc.get("hidden_size", mc.get("n_embd")))
-    _check_lengths(config)
+    _check_data(config)
 
 
-def _check_lengths(config: ExperimentConfig) -> None:
-    """The long-example policy on the fine-tuning and activation data, on the tokenizer alone (before any model
-    is loaded): counts are logged, and ``data.long_examples: error`` stops here on the first example too long."""
+def _check_data(config: ExperimentConfig) -> None:
+    """The fine-tuning and activation data load (format, fields, encoding; files are small next to a model), and,
+    with ``data.long_examples: error``, fit ``data.max_length``, checked on the tokenizer alone. The other
+    policies never stop a run: the training stage prints their counts before it loads the model, extraction logs
+    them."""
     from lorascope.activations.extract import tokenize_docs
     from lorascope.data import load_dataset_spec
-    from lorascope.models.tokenizer import load_tokenizer
     from lorascope.study.adapters import check_lengths
 
-    d = config.data
-    tok = load_tokenizer(config.model.spec, config.model.trust_remote_code)
-    t = config.adapters.train
-    if t is not None and t.ranks:
-        examples = load_dataset_spec(d.finetune, limit=d.n_finetune, seed=config.seed, columns=d.finetune_columns)
-        check_lengths(config, examples, tok)
+    d, t = config.data, config.adapters.train
+    examples = (load_dataset_spec(d.finetune, limit=d.n_finetune, seed=config.seed, columns=d.finetune_columns)
+                if t is not None and t.ranks else [])
     docs = load_dataset_spec(d.activations, limit=d.n_docs, seed=config.seed + 1, columns=d.activations_columns)
+    if d.long_examples != "error":
+        return
+    from lorascope.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(config.model.spec, config.model.trust_remote_code)
+    if examples:
+        check_lengths(config, examples, tok)
     tokenize_docs(tok, docs, d.max_length, d.long_examples)
