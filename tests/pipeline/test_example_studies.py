@@ -82,3 +82,30 @@ def test_full_finetune_study_runs_and_skips_only_the_splice(built, monkeypatch):
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["config"]["adapters"]["kind"] == "full-model"  # two models run on the same batches
     assert "id='checkpoints'" not in (out / "report.html").read_text()  # no sequence, no section
+
+
+def test_chat_jsonl_study_on_a_tiny_model(built, monkeypatch):
+    """chat_jsonl.yaml with the tiny model in place of SmolLM2 (same data: chat-JSONL fine-tuning, plain-text
+    activations); the embedded-model run itself takes minutes and is the same code."""
+    monkeypatch.chdir(built)
+    small = {"model.spec": "runs/examples-data/tiny-base", "extraction.layers": "[1]", "data.max_length": "96",
+             "adapter_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
+             "reference_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
+             "geometry": "{subspace_k: 4, bootstrap: 20, cka_max_tokens: 200, eval_tokens: 400, splice_docs: 4}"}
+    args = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    try:
+        main(["run", str(EXAMPLES / "chat_jsonl.yaml"), "--quiet", *args])
+    except SystemExit as exc:
+        assert exc.code in (0, None), exc.code
+    out = built / "runs" / "example_chat"
+    df = pd.read_parquet(out / "results" / "results.parquet")
+    assert {"rank_4", "rank_16"} <= set(df.adapter)
+    lora = df[df.family == "lora"]
+    assert set(lora.metric) >= {"train_loss_start", "train_loss_end", "heldout_loss_adapted"}
+    for done in (out / "adapters").glob("rank_*/done.json"):
+        examples = json.loads(done.read_text())["info"]["examples"]
+        assert examples["policy"] == "truncate" and examples["kept"] + examples["truncated"] > 30, examples
+    store = next((out / "activations").glob("store-*/store"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["config"]["n_docs"] == 96  # every paragraph of corpus.txt is a document
+    assert "splice" in set(df.family)  # PEFT adapters: the splice test runs

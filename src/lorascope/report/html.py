@@ -45,7 +45,8 @@ def _header(run: RunData) -> str:
     if isinstance(adapters, dict):
         order = sorted(adapters.items(), key=lambda kv: (0, kv[1], str(kv[0])) if isinstance(kv[1], int)
                        else (1, 0, str(kv[0])))
-        ad_txt = ", ".join(f"{_e(k)} (rank {_e(v)})" for k, v in order)
+        ad_txt = ", ".join(f"{_e(k)} (rank {_e(v)})" if not isinstance(v, int) or v >= 0 else _e(k)
+                           for k, v in order)  # rank -1: a whole model, or a rank not known
     else:
         ad_txt = _e(adapters)
     facts = [("Model", _e(m.get("model", "unknown"))),
