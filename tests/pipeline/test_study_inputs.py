@@ -167,3 +167,26 @@ def test_checkpoint_table_pivots_the_rows_by_step():
     html = checkpoints_section(df, contexts)
     assert html.count("<tr><td class='num'>") == 2 and "other" not in html and "&#x27;ahoy&#x27;" in html
     assert checkpoints_section(df[df.family != "checkpoint"], contexts) == ""
+
+
+@pytest.mark.slow
+def test_a_dora_adapter_is_studied_without_the_splice(tmp_path, tiny_llama_dir, tiny_adapters):
+    """DoRA cannot run in PEFT's mixed batches: extraction falls back to separate forwards and the splice test
+    (mixed batches) leaves it out, saying why; the LoRA beside it is measured in full."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorascope.models import load_base
+    from lorascope.study import run
+
+    model = load_base(tiny_llama_dir).model
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          init_lora_weights=False, use_dora=True))
+    pm.save_pretrained(tmp_path / "dora")
+    load = {"lora": str(tiny_adapters["rank_2"]), "dora": str(tmp_path / "dora")}
+    cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "o", **{"adapters.train": None, "adapters.load": load}))
+    df = run(cfg, progress=False, report=False).table
+    assert set(df[df.family == "splice"].adapter) == {"lora"}
+    for name in ("lora", "dora"):
+        rows = df[df.adapter == name]
+        assert {"delta_norm", "reconstruction", "decoder_similarity"} <= set(rows.family), name
+        assert rows.value.map(math.isfinite).all(), name

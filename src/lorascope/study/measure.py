@@ -146,6 +146,7 @@ def _splice_docs(st: RunState, store) -> list:
 def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
     """KL recovered when the adapted forward runs on h_base + Δ̂, for the adapter SAE's and the reference SAE's
     difference reconstruction, per (layer, adapter) not yet measured."""
+    from lorascope.models.variants import mixed_batch_support
     from lorascope.saes import load_sae
     from lorascope.study.splice import splice_kl
 
@@ -157,6 +158,10 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
         return
     base = st.base()
     peft = st.peft({a.name: a.path for a in adapters})
+    unserved = {n: why for n, why in mixed_batch_support(peft, [a.name for a in adapters]).items() if why}
+    for name, why in unserved.items():  # the splice runs base and adapted rows in one mixed batch
+        st.log(f"splice test skipped for {name}: {why}")
+    todo = [(layer, a) for layer, a in todo if a.name not in unserved]
     docs = _splice_docs(st, store)
     for layer, a in todo:
         st.log(f"splice test: layer {layer}, {a.name} ({len(docs)} docs)")
