@@ -121,6 +121,9 @@ def extract_cmd(
 ) -> None:
     """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
 
+    Whole fine-tuned models (--full-model, or checkpoints that are models) are run as their own models on the same
+    batches, one resident at a time by default (--resident); then every fine-tune goes that way, in one process.
+
     Under ``torchrun --nproc_per_node N -m lorascope extract …`` the documents' shards are split over the ranks
     (round-robin), each rank writes its own shards into the one store, and rank 0 merges the manifest.
     """
