@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -37,9 +38,16 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    finetune: str = Field("demo", description="'demo', an Alpaca JSON/JSONL path, or hf:NAME[:SPLIT]")
+    finetune: str = Field("demo", description="'demo', a dataset file (chat messages / ShareGPT / Alpaca / text "
+                                              "JSON(L) or .txt, auto-detected), or hf:NAME[:SPLIT]")
     n_finetune: int = Field(512, gt=0)
-    activations: str = Field("demo", description="dataset whose prompts+responses are run for activations")
+    activations: str = Field("demo", description="dataset run for activations (same forms as finetune; a "
+                                                 "different dataset from finetune is recommended)")
+    finetune_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
+    activations_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
+    long_examples: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="longer than max_length: truncate the response (skip if the prompt alone does not "
+                                "fit), skip, or error")
     n_docs: int = Field(400, gt=0, description="documents (examples) to extract activations from")
     held_out_fraction: float = Field(0.2, gt=0, lt=1, description="documents held out from SAE training")
     max_length: int = Field(160, ge=8)
@@ -63,9 +71,43 @@ class TrainAdaptersCfg(_Strict):
         return self
 
 
+class LoadSpecCfg(_Strict):
+    """A fine-tune that is not one PEFT folder: a whole model, or a folder of training checkpoints."""
+
+    model: str | None = Field(None, description="a fully fine-tuned (or merged) model folder, compared with the base")
+    checkpoints: str | None = Field(None, description="a folder of checkpoint-<step>/ sub-folders, one entry each")
+
+    @model_validator(mode="after")
+    def _one(self) -> LoadSpecCfg:
+        if (self.model is None) == (self.checkpoints is None):
+            raise ValueError("give exactly one of model or checkpoints")
+        return self
+
+
 class AdaptersCfg(_Strict):
     train: TrainAdaptersCfg | None = Field(default_factory=TrainAdaptersCfg)
-    load: dict[str, str] = Field(default_factory=dict, description="existing adapters: {name: folder}")
+    load: dict[str, str | LoadSpecCfg] = Field(
+        default_factory=dict, description="existing fine-tunes: {name: PEFT folder or hub id}, {name: {model: DIR}} "
+                                          "or {name: {checkpoints: DIR}} (lorascope.models.finetunes)")
+
+    @field_validator("load", mode="before")
+    @classmethod
+    def _load_specs(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, spec in value.items():
+            if isinstance(spec, dict):
+                try:
+                    spec = LoadSpecCfg.model_validate(spec)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    where = ".".join(str(p) for p in err["loc"])
+                    what = (f"unknown key '{where}'" if err["type"] == "extra_forbidden"
+                            else err["msg"].removeprefix("Value error, "))
+                    raise ValueError(f"{name}: {what} (give {{model: DIR}} or {{checkpoints: DIR}})") from None
+            out[name] = spec
+        return out
 
     @model_validator(mode="after")
     def _some(self) -> AdaptersCfg:
@@ -110,7 +152,10 @@ class SAETrainingCfg(_Strict):
 
 class ReferenceExtrasCfg(SAETrainingCfg):
     source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
-    path: str | None = Field(None, description="pretrained SAE folder/file per layer: use {layer} in the path")
+    path: str | dict[int, str] | None = Field(
+        None, description="pretrained SAE per layer: a template with {layer}, a {layer: path} mapping, or a glob "
+                          "with target_l0 (lorascope.saes.pretrained.resolve_reference_paths)")
+    target_l0: float | None = Field(None, gt=0, description="with a glob path: pick the file whose L0 is closest")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
                                                   "that needs full unpickling): only for files you trust")

@@ -430,3 +430,14 @@ def lookup(name: str) -> Metric | None:
         if re.fullmatch(pattern, name):
             return Metric(family, name, description, null, ci)
     return None
+
+
+# ---- checkpoint sequences (adapters.load: {name: {checkpoints: DIR}}) ------------------------------------------
+# Every checkpoint is an adapter of its own, named ``<name>_step_<N>`` (lorascope.models.finetunes), so all the
+# per-adapter rows above exist per checkpoint; one ``checkpoint_step`` row per checkpoint carries its step.
+CHECKPOINT = "checkpoint"
+CHECKPOINT_STEP = "checkpoint_step"
+_CHECKPOINT_METRIC = Metric(CHECKPOINT, CHECKPOINT_STEP, "training step of this checkpoint (value; its sequence's "
+                                                         "name in note)")
+_FIXED.append(_CHECKPOINT_METRIC)
+METRICS[CHECKPOINT_STEP] = _CHECKPOINT_METRIC

@@ -3,6 +3,7 @@ and every adapter), a sharded resumable store, a seeded streaming reader with a 
 per-layer statistics computed while extracting."""
 
 from lorascope.activations.extract import FORWARD_DTYPES, ExtractConfig, adapter_fingerprints, extract, tokenize_docs
+from lorascope.activations.full import FullExtraction, extract_full
 from lorascope.activations.reader import (
     KINDS,
     SPLITS,
@@ -18,6 +19,6 @@ from lorascope.activations.store import DELTA_DEFINITION, finalize_store
 from lorascope.activations.tokens import TOKEN_MODES, TokenSelection, select_positions
 
 __all__ = ["DELTA_DEFINITION", "FORWARD_DTYPES", "KINDS", "SPLITS", "TOKEN_MODES", "ActivationReader",
-           "ActivationStore", "Batch", "DeltaStats", "ExtractConfig", "PairedRows", "TokenSelection",
-           "adapter_fingerprints", "extract", "finalize_store", "held_out_mask", "open_store", "select_positions",
-           "tokenize_docs"]
+           "ActivationStore", "Batch", "DeltaStats", "ExtractConfig", "FullExtraction", "PairedRows",
+           "TokenSelection", "adapter_fingerprints", "extract", "extract_full", "finalize_store", "held_out_mask",
+           "open_store", "select_positions", "tokenize_docs"]

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +42,7 @@ from lorascope.activations.store import (
 )
 from lorascope.activations.template import pad_masks
 from lorascope.activations.tokens import TokenSelection, select_positions
-from lorascope.data.chat import TokenizedExample, tokenize_example
+from lorascope.data.chat import LENGTH_POLICIES, TokenizedExample, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.errors import IntegrityError, LorascopeError
 from lorascope.io import TMP_PREFIX, OutputLock, clean_tmp_files, read_json, stable_hash, write_json
@@ -65,6 +67,7 @@ class ExtractConfig:
     max_length: int = 256
     dtype: str = "float32"  # on disk: float32 | bfloat16
     forward_dtype: str = "float32"  # float32 | bf16-autocast (adds error to deltas: measure before using)
+    length_policy: str = "truncate"  # long documents (lorascope.data.chat); its effect enters the hash via docs_hash
     exclude_template: bool = False  # drop chat-template scaffolding (activations.template), recorded in the manifest
     progress: bool = field(default=True, compare=False)
 
@@ -76,6 +79,9 @@ class ExtractConfig:
         if self.batch_size < 1 or self.docs_per_shard < 1 or self.max_length < 2:
             raise LorascopeError("batch_size and docs_per_shard must be >= 1 and max_length >= 2",
                                  fix="e.g. batch_size=8, docs_per_shard=32")
+        if self.length_policy not in LENGTH_POLICIES:
+            raise LorascopeError(f"unknown long-example policy {self.length_policy!r}",
+                                 fix=f"use one of {', '.join(LENGTH_POLICIES)}")
         _ = self.selection  # validates the token rule
 
     @property
@@ -96,7 +102,9 @@ def adapter_fingerprints(peft_model, adapters: Sequence[str]) -> dict[str, str]:
         h = hashlib.sha256()
         cfg = peft_model.peft_config[name]
         targets = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules or [])
-        h.update(json_str({"r": cfg.r, "alpha": cfg.lora_alpha, "targets": targets}))
+        desc = {"r": cfg.r, "alpha": cfg.lora_alpha, "targets": targets}
+        desc.update({k: True for k in ("use_rslora", "use_dora") if getattr(cfg, k, False)})  # old hashes unchanged
+        h.update(json_str(desc))
         for k in sorted(k for k in state if f".{name}." in k):
             h.update(k.encode())
             _tensor_digest(h, state[k])
@@ -125,19 +133,26 @@ def _blocks(model):
     return decoder_blocks(model)
 
 
-def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int) -> list[TokenizedExample]:
-    docs = [tokenize_example(tokenizer, ex, max_length, with_response=True) for ex in examples]
+def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate"
+                  ) -> list[TokenizedExample]:
+    """Documents for extraction under the long-example ``policy`` (default: truncate the response, skip an
+    example whose prompt alone exceeds ``max_length``); the counts are logged (use :func:`tokenize_examples`
+    for the :class:`~lorascope.data.chat.LengthReport` itself)."""
+    docs, lengths = tokenize_examples(tokenizer, examples, max_length, policy)
+    if lengths.truncated or lengths.skipped:
+        logging.getLogger("lorascope").warning("activation documents: %s", lengths.summary())
     ids = [d.doc_id for d in docs]
     if len(set(ids)) != len(ids):
         raise LorascopeError("document ids are not unique", fix="give every example a distinct id")
     return docs
 
 
-def _template_masks(tokenizer, docs: list[TokenizedExample]):
-    """Chat-template scaffolding of the documents (None for fewer than 2 documents: nothing repeats)."""
+def template_exclusion(tokenizer, docs: list[TokenizedExample], config: ExtractConfig) -> Any:
+    """Chat-template scaffolding of the documents when ``config.exclude_template`` (None when off, or for fewer
+    than 2 documents: nothing repeats)."""
     from lorascope.activations.template import detect_template_positions
 
-    if len(docs) < 2:
+    if not config.exclude_template or len(docs) < 2:
         return None
     return detect_template_positions([d.input_ids for d in docs], [d.response_start for d in docs],
                                      tokenizer=tokenizer)
@@ -151,16 +166,16 @@ def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int,
                                  fix="check the model and adapter weights, or use float32 instead of bfloat16")
 
 
-def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: range, s: int, cfg: ExtractConfig,
-               adapters: list[str], pad_id: int, prog: RankProgress, bar,
-               template: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    layers, A = cap.layers, len(adapters)
+def _run_shard(job: ExtractJob, forward: Forward, dev: torch.device, doc_range: range, s: int, prog: RankProgress,
+               bar) -> tuple[dict[str, torch.Tensor], dict]:
+    docs, cfg, layers, adapters, pad_id = job.docs, job.config, job.layers, job.adapters, job.pad_id
+    template = job.template.masks if job.template is not None else None
+    A = len(adapters)
     store_dtype = STORE_DTYPES[cfg.dtype]
-    dev = next(cap.model.parameters()).device  # GPU: forward and Δ there, rows go to the CPU for the shard
     parts: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
     rows_per_doc: list[int] = []
-    autocast = (torch.autocast(device_type=next(cap.model.parameters()).device.type, dtype=torch.bfloat16)
+    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
                 if cfg.forward_dtype == "bf16-autocast" else contextlib.nullcontext())
     for b, start in enumerate(range(doc_range.start, doc_range.stop, cfg.batch_size)):
         idx = range(start, min(start + cfg.batch_size, doc_range.stop))
@@ -168,9 +183,8 @@ def _run_shard(cap: ResidualCapture, docs: list[TokenizedExample], doc_range: ra
         B = len(chunk)
         batch = collate(chunk, pad_id)
         att = batch["attention_mask"]
-        names = [BASE] * B + [a for a in adapters for _ in range(B)]
         with autocast:
-            caps = cap(batch["input_ids"].repeat(1 + A, 1).to(dev), att.repeat(1 + A, 1).to(dev), names)
+            caps = forward(batch["input_ids"].to(dev), att.to(dev))
         caps = {L: h.float() for L, h in caps.items()}
         _check_finite(caps, att.repeat(1 + A, 1).bool().to(dev), s, b, idx)
         norms = {L: caps[L][:B].norm(dim=-1).cpu() for L in layers}
@@ -208,10 +222,15 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     """Extract base rows and Δ rows [N, d] at ``config.layers`` for each adapter into ``out_dir``.
 
     ``peft_model``: a PeftModel holding the adapters (``lorascope.models.load_adapters``); ``adapters`` defaults
-    to all of them. Resumable: re-running the same call after an interruption continues where it stopped (per
-    rank). Returns the opened store; ``None`` on ranks of a multi-rank run without a ``torch.distributed``
-    process group (then call :func:`finalize_extraction` once every rank has finished).
+    to all of them. Adapters that PEFT's mixed-batch forward cannot serve (DoRA; ``modules_to_save`` on a module
+    other than Linear/Embedding/Conv) are run as separate forwards instead, with a log line saying so (see
+    :func:`lorascope.models.variants.mixed_batch_support`). Resumable: re-running the same call after an
+    interruption continues where it stopped (per rank). Returns the opened store; ``None`` on ranks of a multi-rank
+    run without a ``torch.distributed`` process group (then call :func:`finalize_extraction` once every rank has
+    finished).
     """
+    from lorascope.models.variants import mixed_batch_support
+
     if getattr(peft_model, "peft_config", None) is None:
         raise LorascopeError("extract needs a PeftModel with the adapters loaded",
                              fix="use lorascope.models.load_adapters(base, {name: folder})")
@@ -219,31 +238,123 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     unknown = [a for a in adapters if a not in peft_model.peft_config]
     if unknown or not adapters:
         raise LorascopeError(f"unknown adapter(s) {unknown}", fix=f"choose from {list(peft_model.peft_config)}")
-    if not 0 <= rank < world_size:
-        raise LorascopeError(f"rank {rank} is not in 0..{world_size - 1}", fix="check the launcher's rank")
+    grouped = _check_rank(rank, world_size)
+    peft_model.eval()
+    layers = check_layers(peft_model, config.layers)
+    docs = tokenize_docs(tokenizer, examples, config.max_length, config.length_policy)
+    unsupported = {a: why for a, why in mixed_batch_support(peft_model, adapters).items() if why}
+    adapters_info: dict = {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)}
+    if unsupported:
+        logging.getLogger("lorascope").warning(
+            "running base and each adapter as separate forwards (slower; same Δ definition): %s",
+            "; ".join(f"{a}: {why}" for a, why in unsupported.items()))
+        adapters_info["forward"] = "separate"
+    cap = ResidualCapture(peft_model, layers, truncate=True)
+    fwd = separate_forward(peft_model, cap, adapters) if unsupported else mixed_batch_forward(cap, adapters)
+    dev = next(peft_model.parameters()).device
+    job = ExtractJob(Path(out_dir), docs, config, layers, adapters, _model_info(peft_model), adapters_info,
+                     tokenizer.pad_token_id, lambda _ranges: (fwd, dev), template_exclusion(tokenizer, docs, config))
+    return run_extraction(job, rank, world_size, grouped)
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], dict[int, torch.Tensor]]
+"""(input_ids [B, T], attention_mask [B, T]) -> {layer: residuals [(1 + A)·B, T, d]}: base rows, then each
+adapter's rows in ``adapters`` order (the layout of one PEFT mixed batch)."""
+
+
+def mixed_batch_forward(cap: ResidualCapture, adapters: Sequence[str]) -> Forward:
+    """Base and every adapter in one PEFT mixed-batch forward (``adapter_names`` per row)."""
+    def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
+        B, A = ids.shape[0], len(adapters)
+        names = [BASE] * B + [a for a in adapters for _ in range(B)]
+        return cap(ids.repeat(1 + A, 1), att.repeat(1 + A, 1), names)
+
+    return forward
+
+
+def separate_forward(peft_model, cap: ResidualCapture, adapters: Sequence[str]) -> Forward:
+    """Base (adapters disabled) and each adapter (set active) as separate forwards, stacked like a mixed batch."""
+    def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
+        previous = peft_model.active_adapter
+        with peft_model.disable_adapter():
+            outs = [cap(ids, att)]
+        try:
+            for a in adapters:
+                peft_model.set_adapter(a, inference_mode=True)
+                outs.append(cap(ids, att))
+        finally:
+            peft_model.set_adapter(previous, inference_mode=True)
+        return {L: torch.cat([o[L] for o in outs]) for L in cap.layers}
+
+    return forward
+
+
+@dataclass
+class ExtractJob:
+    """What :func:`run_extraction` needs, independent of how the residuals are computed.
+
+    ``make_forward(doc_ranges)`` is called once the shards still to do are known (their document ranges) and
+    returns the :data:`Forward` and the device its batches go to.
+    """
+
+    out: Path
+    docs: list[TokenizedExample]
+    config: ExtractConfig
+    layers: list[int]
+    adapters: list[str]
+    model_info: dict
+    adapters_info: dict  # {"names", "fingerprints", ...}: enters the config hash
+    pad_id: int
+    make_forward: Callable[[list[range]], tuple[Forward, torch.device]]
+    template: Any = None  # activations.template.TemplateExclusion of the documents, or None (nothing excluded)
+
+
+def _check_rank(rank: int, world_size: int) -> bool:
+    """Validate the rank; True when the ranks form a ``torch.distributed`` process group (torchrun)."""
     from lorascope import distributed
 
+    if not 0 <= rank < world_size:
+        raise LorascopeError(f"rank {rank} is not in 0..{world_size - 1}", fix="check the launcher's rank")
     grouped = world_size > 1 and distributed.is_initialized()  # torchrun: barrier + merge here
     if grouped and (distributed.get_world_size(), distributed.get_rank()) != (world_size, rank):
         raise LorascopeError(f"extract was called as rank {rank} of {world_size} inside a process group of "
                              f"{distributed.get_world_size()} (this is rank {distributed.get_rank()})",
                              fix="pass rank=distributed.get_rank(), world_size=distributed.get_world_size()")
-    peft_model.eval()
-    layers = check_layers(peft_model, config.layers)
-    docs = tokenize_docs(tokenizer, examples, config.max_length)
-    if not docs:
+    return grouped
+
+
+def _full_config(job: ExtractJob) -> dict:
+    settings = {k: v for k, v in asdict(job.config).items() if k not in ("layers", "progress", "length_policy")}
+    docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in job.docs])
+    full = {"model": job.model_info, "adapters": job.adapters_info, "layers": job.layers,
+            "selection": job.config.selection.describe(), **settings, "n_docs": len(job.docs), "docs_hash": docs_hash}
+    if job.template is not None:
+        full["template"] = job.template.describe()
+    return full
+
+
+def _load_progress(out: Path, rank: int, job: ExtractJob, config_hash: str) -> RankProgress:
+    prog_path = out / progress_name(rank)
+    d = job.model_info["d_model"]
+    if not prog_path.is_file():
+        return RankProgress(config_hash, job.layers, job.adapters, d)
+    prog = RankProgress.load(prog_path, job.layers, job.adapters, d)
+    if prog.config_hash != config_hash:
+        raise LorascopeError(f"{out} holds an unfinished extraction with another config",
+                             fix="re-run it with the same options, or choose another output folder")
+    return prog
+
+
+def run_extraction(job: ExtractJob, rank: int = 0, world_size: int = 1, grouped: bool = False
+                   ) -> ActivationStore | None:
+    """Write (or resume) the store of ``job``: shards, per-rank progress, manifest (see :func:`extract`)."""
+    from lorascope import distributed
+
+    if not job.docs:
         raise LorascopeError("no documents to extract", fix="give at least one example")
-    info = _model_info(peft_model)
-    docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in docs])
-    settings = {k: v for k, v in asdict(config).items() if k not in ("layers", "progress")}
-    template = _template_masks(tokenizer, docs) if config.exclude_template else None
-    full = {"model": info, "adapters": {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)},
-            "layers": layers, "selection": config.selection.describe(), **settings,
-            "n_docs": len(docs), "docs_hash": docs_hash}
-    if template is not None:
-        full["template"] = template.describe()
+    config, docs, out = job.config, job.docs, job.out
+    full = _full_config(job)
     config_hash = stable_hash(full)
-    out = Path(out_dir)
     with OutputLock(out / ".locks" / f"rank{rank:03d}"):
         if (out / "manifest.json").is_file():
             store = open_store(out)
@@ -253,28 +364,21 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
             return store
         mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
         _prepare(out, docs, {"config": full, "config_hash": config_hash}, rank, world_size, grouped, mine)
-        prog_path = out / progress_name(rank)
-        prog = RankProgress(config_hash, layers, adapters, info["d_model"])
-        if prog_path.is_file():
-            prog = RankProgress.load(prog_path, layers, adapters, info["d_model"])
-            if prog.config_hash != config_hash:
-                raise LorascopeError(f"{out} holds an unfinished extraction with another config",
-                                     fix="re-run it with the same options, or choose another output folder")
+        prog = _load_progress(out, rank, job, config_hash)
         for s in mine:  # shard files not recorded in progress are leftovers of a killed run: redo them
             if s not in prog.shards:
                 (out / shard_name(s)).unlink(missing_ok=True)
         todo = [s for s in mine if s not in prog.shards]
+        forward, dev = job.make_forward([shard_docs(s, config.docs_per_shard, len(docs)) for s in todo])
         bar = _bar(config, docs, mine, todo) if rank == 0 else None
-        cap = ResidualCapture(peft_model, layers, truncate=True)
         try:
             for s in todo:
                 doc_range = shard_docs(s, config.docs_per_shard, len(docs))
-                tensors, record = _run_shard(cap, docs, doc_range, s, config, adapters, tokenizer.pad_token_id,
-                                             prog, bar, template.masks if template is not None else None)
+                tensors, record = _run_shard(job, forward, dev, doc_range, s, prog, bar)
                 meta = {"config_hash": config_hash, "shard": s, "dtype": config.dtype}
                 record["sha256"] = write_shard(out / record["file"], tensors, meta)
                 prog.shards[s] = record
-                prog.save(prog_path)
+                prog.save(out / progress_name(rank))
         finally:
             if bar is not None:
                 bar.close()
@@ -341,5 +445,5 @@ def _bar(config: ExtractConfig, docs: list[TokenizedExample], mine: list[int], t
                 desc="extract", dynamic_ncols=True)
 
 
-__all__ = ["FORWARD_DTYPES", "ExtractConfig", "adapter_fingerprints", "extract", "finalize_extraction",
-           "tokenize_docs"]
+__all__ = ["FORWARD_DTYPES", "ExtractConfig", "ExtractJob", "Forward", "adapter_fingerprints", "extract",
+           "finalize_extraction", "mixed_batch_forward", "run_extraction", "separate_forward", "tokenize_docs"]

@@ -15,12 +15,12 @@ from lorascope.cli import app
 from lorascope.errors import LorascopeError
 
 
-def _parse_adapters(specs: list[str]) -> dict[str, str]:
+def _parse_adapters(specs: list[str], option: str = "--adapter") -> dict[str, str]:
     out: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
-            raise LorascopeError(f"--adapter {spec!r} is not NAME=PATH", fix="e.g. --adapter rank_8=runs/rank_8")
+            raise LorascopeError(f"{option} {spec!r} is not NAME=PATH", fix=f"e.g. {option} rank_8=runs/rank_8")
         if name in out:
             raise LorascopeError(f"adapter name {name!r} is given twice", fix="give each adapter a distinct name")
         out[name] = path
@@ -35,12 +35,12 @@ def _parse_layers(text: str) -> list[int]:
                              fix="e.g. --layers 5,15,25") from exc
 
 
-def _check_prompts_fit(tokenizer, examples, max_length: int) -> None:
-    """Every prompt fits in --max-length tokens (the prompt is never truncated): checked on the tokenizer alone."""
+def _check_prompts_fit(tokenizer, examples, max_length: int, policy: str) -> None:
+    """Under the long-example policy, the documents fit in --max-length tokens: checked on the tokenizer alone."""
     from lorascope.activations.extract import tokenize_docs
 
     try:
-        tokenize_docs(tokenizer, examples, max_length)
+        tokenize_docs(tokenizer, examples, max_length, policy)
     except LorascopeError as exc:
         if "max_length" not in exc.problem:
             raise
@@ -48,19 +48,85 @@ def _check_prompts_fit(tokenizer, examples, max_length: int) -> None:
                              fix="raise --max-length, or shorten the instruction") from exc
 
 
+def _load_entries(adapter: list[str], full_model: list[str], checkpoints: list[str]) -> list:
+    """--adapter / --full-model / --checkpoints as ``adapters.load`` entries (lorascope.models.finetunes)."""
+    from lorascope.models.finetunes import expand_load_specs
+
+    load: dict[str, object] = dict(_parse_adapters(adapter))
+    for name, path in _parse_adapters(full_model, "--full-model").items():
+        load[name] = {"model": path} if name not in load else None
+    for name, path in _parse_adapters(checkpoints, "--checkpoints").items():
+        load[name] = {"checkpoints": path} if name not in load else None
+    repeated = [name for name, spec in load.items() if spec is None]
+    if repeated:
+        raise LorascopeError(f"fine-tune name {repeated[0]!r} is given twice", fix="give each one a distinct name")
+    if not load:
+        raise LorascopeError("nothing to compare with the base model",
+                             fix="give --adapter NAME=DIR, --full-model NAME=DIR or --checkpoints NAME=DIR")
+    return expand_load_specs(load)
+
+
+def _parse_columns(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        ours, sep, theirs = spec.partition("=")
+        if not sep or not ours or not theirs:
+            raise LorascopeError(f"--column {spec!r} is not OURS=YOURS", fix="e.g. --column output=answer")
+        out[ours] = theirs
+    return out
+
+
+def _extract_store(model: str, entries: list, examples, out: Path, cfg, dist, trust_remote_code: bool,
+                   resident: str, claim):
+    """PEFT adapters only: one mixed batch per step (``extract``); any whole model: every fine-tune as its own
+    model on the same batches (``extract_full``, single process)."""
+    from lorascope.activations import extract, extract_full
+    from lorascope.models import load_adapters, load_base
+    from lorascope.models.tokenizer import load_tokenizer
+
+    if all(e.kind == "peft" for e in entries):
+        # documents too long for --max-length fail on the tokenizer alone, before the model's weights are loaded
+        base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code,
+                         check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, cfg.max_length,
+                                                                         cfg.length_policy))
+        peft_model = load_adapters(base, {e.name: e.path for e in entries})
+        claim()
+        return extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
+    if dist.world_size > 1:
+        raise LorascopeError("whole-model fine-tunes (--full-model, or model checkpoints) run in one process",
+                             fix="run without torchrun")
+    tok = load_tokenizer(model, trust_remote_code)
+    _check_prompts_fit(tok, examples, cfg.max_length, cfg.length_policy)
+    claim()
+    return extract_full(model, {e.name: e.path for e in entries}, tok, examples, out, cfg, resident=resident,
+                        load={"device": str(dist.device)}).store
+
+
 @app.command("extract")
 def extract_cmd(
     model: str = typer.Option("embedded", "--model", "-m",
                               help="Base model: 'embedded' (SmolLM2-135M-Instruct), a HF folder, a .gguf or a hub id."),
-    adapter: list[str] = typer.Option(..., "--adapter", "-a", help="NAME=PATH of a PEFT adapter folder; repeat."),
-    data: str = typer.Option("demo", "--data", "-d", help="'demo', an Alpaca JSON/JSONL file, or hf:NAME[:SPLIT]."),
+    adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of a PEFT adapter folder (or hub id "
+                                                                  "when online); repeat."),
+    full_model: list[str] = typer.Option([], "--full-model", help="NAME=DIR of a whole fine-tuned (or merged) model "
+                                                                  "compared with --model; repeat."),
+    checkpoints: list[str] = typer.Option([], "--checkpoints", help="NAME=DIR of a folder of checkpoint-<step>/ "
+                                                                    "folders: entries NAME_step_<N>; repeat."),
+    data: str = typer.Option("demo", "--data", "-d", help="'demo', a dataset file (chat messages / ShareGPT / "
+                                                          "Alpaca / text JSON(L) or .txt), or hf:NAME[:SPLIT]."),
+    column: list[str] = typer.Option([], "--column", help="OURS=YOURS: read your field YOURS as lorascope's OURS "
+                                                          "(e.g. output=answer); repeat."),
+    long_examples: str = typer.Option("truncate", help="Longer than --max-length: truncate the response (skip if the "
+                                                       "prompt alone does not fit), skip, or error."),
+    resident: str = typer.Option("one", help="Whole models: 'one' resident at a time (activations spilled to disk) "
+                                             "or 'both' at once."),
     layers: str = typer.Option(..., "--layers", "-l", help="Comma-separated block indices, e.g. 5,15,25."),
     tokens: str = typer.Option("all", help="Which tokens become rows: all, prompt or response."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder of the activation store (resumable)."),
     n_docs: int = typer.Option(256, help="Number of documents (demo: how many to generate)."),
     batch_size: int = typer.Option(8, help="Documents per forward pass (each runs 1 + n_adapters rows)."),
     docs_per_shard: int = typer.Option(32, help="Documents per shard file (the unit of resume)."),
-    max_length: int = typer.Option(256, help="Max tokens per document (prompt is never truncated)."),
+    max_length: int = typer.Option(256, help="Max tokens per document (see --long-examples)."),
     dtype: str = typer.Option("float32", help="On-disk dtype: float32 or bfloat16 (deltas are computed in fp32)."),
     forward_dtype: str = typer.Option("float32", help="float32, or bf16-autocast (faster, adds error to deltas)."),
     skip_first: int = typer.Option(1, help="Drop the first N positions of every document (BOS / first token)."),
@@ -75,6 +141,9 @@ def extract_cmd(
 ) -> None:
     """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
 
+    Whole fine-tuned models (--full-model, or checkpoints that are models) are run as their own models on the same
+    batches, one resident at a time by default (--resident); then every fine-tune goes that way, in one process.
+
     Under ``torchrun --nproc_per_node N -m lorascope extract …`` the documents' shards are split over the ranks
     (round-robin), each rank writes its own shards into the one store, and rank 0 merges the manifest.
     """
@@ -82,23 +151,26 @@ def extract_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from lorascope.activations import ExtractConfig, extract
+    from lorascope.activations import ExtractConfig
+    from lorascope.activations.full import RESIDENT_MODES
     from lorascope.cli import check_options
     from lorascope.config import DataCfg, ExtractionCfg
     from lorascope.data import load_dataset_spec
+    from lorascope.data.chat import LENGTH_POLICIES
     from lorascope.distributed import cleanup, init_distributed
     from lorascope.io import check_output, claimed_output
-    from lorascope.models import load_adapters, load_base
 
     # Every count and threshold is checked before anything is loaded (same rules as the experiment YAML).
     check_options(DataCfg, n_docs=n_docs, max_length=max_length)
     check_options(ExtractionCfg, {"shard_docs": "--docs-per-shard"}, batch_size=batch_size,
                   shard_docs=docs_per_shard, skip_first=skip_first)
     check_options({"max_norm_factor": (float, Field(ge=0, description="0 disables"))}, max_norm_factor=max_norm_factor)
-    adapters = _parse_adapters(adapter)
-    for name, path in adapters.items():
-        if not Path(path).exists():
-            raise LorascopeError(f"adapter {name!r}: {path} does not exist", fix="check the --adapter path")
+    if long_examples not in LENGTH_POLICIES or resident not in RESIDENT_MODES:
+        bad, options = ((f"--long-examples {long_examples!r}", LENGTH_POLICIES) if long_examples not in LENGTH_POLICIES
+                        else (f"--resident {resident!r}", RESIDENT_MODES))
+        raise LorascopeError(f"{bad} is not a known choice", fix=f"use one of {', '.join(options)}")
+    entries = _load_entries(adapter, full_model, checkpoints)
+    adapters = {e.name: str(e.path) for e in entries}
     dist = init_distributed(device)
 
     def where(spec: str) -> str:  # paths count by location, so a re-run from another folder still matches
@@ -113,16 +185,15 @@ def extract_cmd(
     cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
                         max_norm_factor=max_norm_factor or None, batch_size=batch_size,
                         docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,
-                        forward_dtype=forward_dtype, progress=progress and dist.is_main)
-    examples = load_dataset_spec(data, limit=n_docs, seed=seed)
-    # prompts longer than --max-length fail on the tokenizer alone, before the model's weights are loaded
-    base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code,
-                     check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, max_length))
-    peft_model = load_adapters(base, adapters)
-    if dist.world_size == 1:
-        with claimed_output(out, "activation store", settings, overwrite):
-            pass
-    store = extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
+                        forward_dtype=forward_dtype, progress=progress and dist.is_main, length_policy=long_examples)
+    examples = load_dataset_spec(data, limit=n_docs, seed=seed, columns=_parse_columns(column))
+
+    def claim() -> None:  # the folder is claimed only once the loads have succeeded
+        if dist.world_size == 1:
+            with claimed_output(out, "activation store", settings, overwrite):
+                pass
+
+    store = _extract_store(model, entries, examples, out, cfg, dist, trust_remote_code, resident, claim)
     cleanup()
     if not dist.is_main:
         return

@@ -16,7 +16,8 @@ def train_lora_cmd(
                                    "a .gguf file, or a hub id such as google/gemma-2-9b."),
     rank: list[int] = typer.Option(..., "--rank", "-r", help="LoRA rank r (> 0). Repeat for several adapters."),
     data: str = typer.Option("demo", "--data", "-d",
-                             help="'demo' (offline pirate-voice task), an Alpaca JSON/JSONL file, or hf:NAME[:SPLIT]."),
+                             help="'demo' (offline pirate-voice task), a dataset file (chat `messages` / ShareGPT / "
+                                  "Alpaca / `text` JSON or JSONL, or .txt; auto-detected), or hf:NAME[:SPLIT]."),
     n_examples: int = typer.Option(512, help="Number of examples to use (demo: how many to generate)."),
     out: Path = typer.Option(Path("runs/adapters"), "--out", "-o", help="Folder; each adapter goes to OUT/rank_R."),
     steps: int = typer.Option(60, help="Optimizer steps."),
@@ -27,6 +28,9 @@ def train_lora_cmd(
                                        help="Comma-separated module names (q_proj,v_proj) or 'all-linear'."),
     batch_size: int = typer.Option(8, help="Examples per step."),
     max_length: int = typer.Option(192, help="Max tokens per example (prompt is never truncated)."),
+    long_examples: str = typer.Option("truncate", help="Examples longer than --max-length: 'truncate' the response "
+                                                       "(an example whose prompt alone is too long is skipped), "
+                                                       "'skip' them, or 'error'."),
     seed: int = typer.Option(0, help="Seed for data order and LoRA init (training is deterministic on CPU)."),
     dtype: str = typer.Option("float32", help="Base model dtype: float32 or bfloat16."),
     held_out: float = typer.Option(0.2, help="Fraction of examples held out for the base-vs-adapted loss."),
@@ -40,15 +44,19 @@ def train_lora_cmd(
     from lorascope.config import DataCfg
     from lorascope.data import load_dataset_spec, split_examples
     from lorascope.models import LoraSettings, held_out_loss, load_adapters, load_base, train_lora
+    from lorascope.models.lora import prepare_training_data
+    from lorascope.models.tokenizer import load_tokenizer
 
     check_options(DataCfg, {"n_finetune": "--n-examples", "held_out_fraction": "--held-out"},
                   n_finetune=n_examples, held_out_fraction=held_out)
     settings = [LoraSettings(rank=r, alpha=alpha, dropout=dropout, steps=steps, lr=lr, batch_size=batch_size,
-                             max_length=max_length, seed=seed,
+                             max_length=max_length, seed=seed, length_policy=long_examples,
                              target_modules=target_modules if target_modules == "all-linear"
                              else [t.strip() for t in target_modules.split(",") if t.strip()]) for r in rank]
     examples = load_dataset_spec(data, limit=n_examples, seed=seed)
     train, held = split_examples(examples, held_out, seed=seed)
+    _, lengths = prepare_training_data(load_tokenizer(model, trust_remote_code), train, max_length, long_examples)
+    Console(stderr=True).print(f"fine-tuning examples: {lengths.summary()}")  # checked before the model load
     base = load_base(model, dtype=dtype, trust_remote_code=trust_remote_code)
     results = {}
     for s in settings:

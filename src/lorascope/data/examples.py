@@ -1,9 +1,14 @@
-"""Instruction examples and their loaders (Alpaca JSON/JSONL, the Alpaca seed-task layout, HF datasets)."""
+"""Examples (instruction, chat conversation or plain-text document) and their loaders.
+
+File formats and auto-detection live in :mod:`lorascope.data.formats`; this module keeps the :class:`Example`
+type, the Alpaca record reader, the HF hub loader and ``load_dataset_spec`` (the one entry point the CLI and the
+study call).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +17,24 @@ from lorascope.errors import LorascopeError
 
 @dataclass(frozen=True)
 class Example:
-    """One instruction-following example. ``id`` is stable and unique: documents are split by it."""
+    """One example. ``id`` is stable and unique: documents are split by it.
+
+    Three kinds: an instruction example (``instruction`` [+ ``input``] -> ``output``); a chat conversation
+    (``messages``: (role, content) turns, roles system/user/assistant; ``instruction``/``output`` then hold the
+    first user turn and the last assistant turn, for display); a plain-text document (``text``; no chat template).
+    """
 
     id: str
     instruction: str
     input: str = ""
     output: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    text: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``instruction``, ``chat`` or ``text``."""
+        return "text" if self.text is not None else "chat" if self.messages else "instruction"
 
     @property
     def user_message(self) -> str:
@@ -46,74 +63,75 @@ def _record_to_example(rec: object, where: str, source: str, index: int) -> Exam
     return Example(_example_id(source, index, rec["instruction"]), rec["instruction"], inp, rec["output"])
 
 
+def load_examples(path: str | Path, limit: int | None = None, columns: Mapping[str, str] | None = None,
+                  fmt: str | None = None) -> list[Example]:
+    """Examples of a dataset file in any supported format, auto-detected (see :mod:`lorascope.data.formats`).
+
+    ``.json`` (a list of records), ``.jsonl`` (one record per line) or ``.txt``/``.md`` (one plain-text document
+    per blank-line-separated paragraph). UTF-8 with or without BOM. Errors name the file and the line.
+    """
+    from lorascope.data.formats import records_to_examples
+    from lorascope.data.records import read_records
+
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise LorascopeError(f"dataset {path} has no examples", fix="give a non-empty dataset file")
+    _, examples = records_to_examples(records, path.stem, columns, fmt)
+    return examples[:limit] if limit else examples
+
+
 def load_alpaca(path: str | Path, limit: int | None = None) -> list[Example]:
     """Load Alpaca-format examples from a JSON list or a JSONL file (one object per line).
 
     Also accepts the Alpaca seed-task layout (``instruction`` + ``instances[0].input/output``). A record with a
     missing field raises an error naming the file and line (JSONL) or index (JSON).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise LorascopeError(f"dataset file {path} does not exist", fix="check the path (Alpaca JSON or JSONL)")
-    text = path.read_text(encoding="utf-8")
-    examples: list[Example] = []
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LorascopeError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})",
-                                 fix="fix the file or use JSONL") from exc
-        for i, rec in enumerate(records):
-            examples.append(_record_to_example(rec, f"{path} item {i}", path.stem, i))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LorascopeError(f"{path} line {lineno} is not valid JSON ({exc.msg})",
-                                     fix="one JSON object per line") from exc
-            examples.append(_record_to_example(rec, f"{path} line {lineno}", path.stem, lineno))
-    if not examples:
-        raise LorascopeError(f"dataset {path} has no examples", fix="give a non-empty Alpaca JSON/JSONL file")
-    return examples[:limit] if limit else examples
+    return load_examples(path, limit, fmt="alpaca")
 
 
 def load_hf_dataset(name: str, split: str = "train", limit: int | None = None,
-                    fields: tuple[str, str, str] = ("instruction", "input", "output")) -> list[Example]:
-    """Load an Alpaca-style dataset from the Hugging Face hub (needs internet and ``pip install datasets``)."""
+                    columns: Mapping[str, str] | None = None) -> list[Example]:
+    """Load a dataset from the Hugging Face hub (needs internet and ``pip install datasets``).
+
+    The format is auto-detected like a file's; ``columns`` maps lorascope's field names to the dataset's
+    (``{"instruction": "question", "output": "answer"}`` for GSM8K).
+    """
+    from lorascope.data.formats import records_to_examples
+    from lorascope.data.records import Record
+
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as exc:
         raise LorascopeError("loading a hub dataset needs the 'datasets' package",
-                             fix="pip install datasets, or give a local Alpaca JSON/JSONL file") from exc
+                             fix="pip install datasets, or give a local JSON/JSONL/TXT file") from exc
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, …
         raise LorascopeError(f"could not load dataset {name!r} from the hub ({type(exc).__name__})",
                              fix="check the name and your connection, or export it to JSONL and pass the file") from exc
-    ins, inp, out = fields
-    examples = []
+    records = []
     for i, rec in enumerate(ds):
         if limit and i >= limit:
             break
-        examples.append(_record_to_example({"instruction": rec.get(ins), "input": rec.get(inp) or "",
-                                            "output": rec.get(out)}, f"{name} row {i}", name, i))
-    return examples
+        records.append(Record(dict(rec), f"{name} row {i}", i))
+    return records_to_examples(records, name, columns)[1]
 
 
-def load_dataset_spec(spec: str, limit: int | None = None, seed: int = 0) -> list[Example]:
-    """``demo`` (the offline demo task), a path to Alpaca JSON/JSONL, or ``hf:NAME[:SPLIT]``."""
+def load_dataset_spec(spec: str, limit: int | None = None, seed: int = 0,
+                      columns: Mapping[str, str] | None = None) -> list[Example]:
+    """``demo`` (the offline demo task), a dataset file (any supported format), or ``hf:NAME[:SPLIT]``.
+
+    ``columns`` renames the dataset's field names to lorascope's before format detection.
+    """
     from lorascope.data.demo import make_demo_dataset
 
     if spec == "demo":
         return make_demo_dataset(n=limit or 512, seed=seed)
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
-        return load_hf_dataset(parts[0], parts[1] if len(parts) > 1 else "train", limit)
-    return load_alpaca(spec, limit)
+        return load_hf_dataset(parts[0], parts[1] if len(parts) > 1 else "train", limit, columns)
+    return load_examples(spec, limit, columns)
 
 
 def split_examples(examples: list[Example], held_out_fraction: float, seed: int = 0) -> tuple[list[Example],

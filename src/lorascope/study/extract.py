@@ -1,4 +1,9 @@
-"""Stage 2: residual activations of the base model and every adapter on the same documents (one store)."""
+"""Stage 2: residual activations of the base model and every fine-tune on the same documents (one store).
+
+PEFT adapters run as rows of one mixed batch (:func:`lorascope.activations.extract`); when any fine-tune is a
+whole model (``adapters.load: {name: {model: DIR}}``), every fine-tune runs as its own model on the same batches
+(:func:`lorascope.activations.full.extract_full`, one model resident at a time). Either way the store is the same.
+"""
 
 from __future__ import annotations
 
@@ -23,29 +28,51 @@ class Extracted:
         return open_store(self.path)
 
 
-def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
-    from lorascope.activations import ExtractConfig, extract
+def activation_examples(st: RunState) -> list:
+    """The documents activations are extracted from (also the splice test's, which must tokenise them alike)."""
     from lorascope.data import load_dataset_spec
+
+    d, seed = st.config.data, st.config.seed
+    return load_dataset_spec(d.activations, limit=d.n_docs, seed=seed + 1, columns=d.activations_columns)
+
+
+def _inputs(st: RunState, adapters: list[Adapter]) -> dict:
+    cfg = st.config
+    inputs = {"model": cfg.model.spec, "dtype": cfg.model.dtype, "adapters": {a.name: a.key for a in adapters},
+              "data": cfg.data.activations, "n_docs": cfg.data.n_docs, "max_length": cfg.data.max_length,
+              "seed": cfg.seed, **cfg.extraction.model_dump()}
+    # new settings enter the key only when not at their default, so existing caches stay valid
+    if cfg.data.activations_columns:
+        inputs["columns"] = cfg.data.activations_columns
+    if cfg.data.long_examples != "truncate":
+        inputs["long_examples"] = cfg.data.long_examples
+    return inputs
+
+
+def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
+    from lorascope.activations import ExtractConfig, extract, extract_full
     from lorascope.models.residual import check_layers
 
     cfg = st.config
     e = cfg.extraction
-    inputs = {"model": cfg.model.spec, "dtype": cfg.model.dtype, "adapters": {a.name: a.key for a in adapters},
-              "data": cfg.data.activations, "n_docs": cfg.data.n_docs, "max_length": cfg.data.max_length,
-              "seed": cfg.seed, **e.model_dump()}
-    sd = StageDir.make(st.out, "activations", "store", inputs)
+    sd = StageDir.make(st.out, "activations", "store", _inputs(st, adapters))
     if not sd.done:
         t0 = time.perf_counter()
-        base = st.base()
-        check_layers(base.model, e.layers)
-        peft = st.peft({a.name: a.path for a in adapters})
-        examples = load_dataset_spec(cfg.data.activations, limit=cfg.data.n_docs, seed=cfg.seed + 1)
+        examples = activation_examples(st)
         xcfg = ExtractConfig(layers=list(e.layers), tokens=e.tokens, skip_first=e.skip_first,
                              max_norm_factor=e.max_norm_factor, batch_size=e.batch_size, docs_per_shard=e.shard_docs,
                              max_length=cfg.data.max_length, dtype=e.store_dtype, progress=st.progress,
-                             exclude_template=e.exclude_template)
-        st.log(f"extracting activations at layers {list(e.layers)} for {len(adapters)} adapters")
-        extract(peft, base.tokenizer, examples, sd.path / "store", xcfg, adapters=[a.name for a in adapters])
+                             length_policy=cfg.data.long_examples, exclude_template=e.exclude_template)
+        st.log(f"extracting activations at layers {list(e.layers)} for {len(adapters)} fine-tunes")
+        if all(a.kind == "peft" for a in adapters):
+            base = st.base()
+            check_layers(base.model, e.layers)
+            peft = st.peft({a.name: a.path for a in adapters})
+            extract(peft, base.tokenizer, examples, sd.path / "store", xcfg, adapters=[a.name for a in adapters])
+        else:  # a whole model among them: every fine-tune runs as its own model, one resident at a time
+            st.log("a fine-tune is a whole model: base and fine-tunes run one after another on the same batches")
+            extract_full(cfg.model.spec, {a.name: str(a.path) for a in adapters}, st.tokenizer(), examples,
+                         sd.path / "store", xcfg, load={"dtype": cfg.model.dtype, "device": cfg.model.device})
         sd.mark_done()
         st.finished("extraction", t0)
     return Extracted(sd.path / "store", sd.key)

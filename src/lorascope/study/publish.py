@@ -35,8 +35,19 @@ def write_results(st: RunState, stage_dir: Path, rows: list[ResultRow], adapters
                                    "n_layers": store.manifest.get("config", {}).get("model", {}).get("n_layers"),
                                    "layers": list(cfg.extraction.layers),
                                    "adapters": {a.name: a.rank for a in adapters},
+                                   "fine_tunes": {a.name: {"kind": a.kind, "step": a.step} for a in adapters},
+                                   "reference_saes": _reference_picks(cfg),
                                    "config": cfg.model_dump(), "lorascope_version": __version__,
                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _reference_picks(cfg) -> dict[str, str]:
+    """Which pretrained reference SAE file each layer used, and why (empty when the reference SAEs were trained)."""
+    if cfg.reference_sae.source != "path":
+        return {}
+    from lorascope.study.saes import reference_picks
+
+    return {str(layer): pick.describe() for layer, pick in reference_picks(cfg).items()}
 
 
 def _source(stage_dir: Path, density_dir: Path | None) -> str:

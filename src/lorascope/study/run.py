@@ -21,13 +21,13 @@ from lorascope.config import ExperimentConfig
 from lorascope.errors import LorascopeError
 from lorascope.io import OutputLock, clean_tmp_files, content_key, read_json, write_json
 from lorascope.study import publish
-from lorascope.study.adapters import check_adapter_folder, stage_adapters
+from lorascope.study.adapters import stage_adapters
 from lorascope.study.cache import RunState
 from lorascope.study.density import stage_density
 from lorascope.study.explain import explain_layer, gate_adapters, stage_explain
 from lorascope.study.extract import Extracted, stage_extract
 from lorascope.study.measure import stage_measure
-from lorascope.study.saes import StudySAEs, reference_path, stage_saes
+from lorascope.study.saes import StudySAEs, reference_picks, stage_saes
 
 
 @dataclass
@@ -91,8 +91,8 @@ def _check_reference(config: ExperimentConfig, width: Any) -> None:
     from lorascope.saes import load_sae
 
     r = config.reference_sae
-    for layer in config.extraction.layers:
-        p = reference_path(r.path, layer)
+    for layer, pick in reference_picks(config).items():
+        p = pick.path
         try:
             sae = load_sae(p, allow_pickle=r.allow_pickle)
         except LorascopeError as exc:
@@ -106,11 +106,14 @@ def _check_reference(config: ExperimentConfig, width: Any) -> None:
 
 
 def check_inputs(config: ExperimentConfig) -> None:
-    """Fail fast, before any training, on inputs that would otherwise fail only in a late stage: adapter folders
-    without adapter_config.json, layers out of range (local model folders, read from config.json) and reference
-    SAEs that are missing, unreadable, pickled without ``reference_sae.allow_pickle`` or of the wrong width."""
-    for name, path in config.adapters.load.items():
-        check_adapter_folder(name, Path(path).expanduser())
+    """Fail fast, before any training, on inputs that would otherwise fail only in a late stage: ``adapters.load``
+    entries that are not PEFT folders (or hub ids), model folders or checkpoint folders, layers out of range
+    (local model folders, read from config.json), reference SAEs that are missing, unreadable, pickled without
+    ``reference_sae.allow_pickle`` or of the wrong width, and data that does not load or (policy ``error``)
+    does not fit ``data.max_length``."""
+    from lorascope.models.finetunes import expand_load_specs
+
+    expand_load_specs(config.adapters.load)  # every entry names a PEFT folder / hub id, a model or checkpoints
     mc = _model_config(config.model.spec)
     n = mc.get("num_hidden_layers", mc.get("n_layer"))
     bad = [x for x in config.extraction.layers if n is not None and not 0 <= x < int(n)]
@@ -121,3 +124,27 @@ def check_inputs(config: ExperimentConfig) -> None:
         _check_reference(config, mc.get("hidden_size", mc.get("n_embd")))
     if config.explain.enabled:
         explain_layer(config)
+    _check_data(config)
+
+
+def _check_data(config: ExperimentConfig) -> None:
+    """The fine-tuning and activation data load (format, fields, encoding; files are small next to a model), and,
+    with ``data.long_examples: error``, fit ``data.max_length``, checked on the tokenizer alone. The other
+    policies never stop a run: the training stage prints their counts before it loads the model, extraction logs
+    them."""
+    from lorascope.activations.extract import tokenize_docs
+    from lorascope.data import load_dataset_spec
+    from lorascope.study.adapters import check_lengths
+
+    d, t = config.data, config.adapters.train
+    examples = (load_dataset_spec(d.finetune, limit=d.n_finetune, seed=config.seed, columns=d.finetune_columns)
+                if t is not None and t.ranks else [])
+    docs = load_dataset_spec(d.activations, limit=d.n_docs, seed=config.seed + 1, columns=d.activations_columns)
+    if d.long_examples != "error":
+        return
+    from lorascope.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(config.model.spec, config.model.trust_remote_code)
+    if examples:
+        check_lengths(config, examples, tok)
+    tokenize_docs(tok, docs, d.max_length, d.long_examples)

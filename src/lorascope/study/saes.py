@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorascope.errors import LorascopeError
 from lorascope.io import stable_hash
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState, StageDir
@@ -118,13 +117,13 @@ def _study_sae(st: RunState, extracted: Extracted, job: SAEJob, section: Any, la
     return sd.path / "sae"
 
 
-def reference_path(template: str, layer: int) -> Path:
-    """The pretrained reference SAE of ``layer`` (``{layer}`` in the path is substituted); must exist."""
-    p = Path(template.format(layer=layer)).expanduser()
-    if not p.exists():
-        raise LorascopeError(f"reference_sae.path for layer {layer}: {p} does not exist",
-                             fix="use {layer} in the path to name one SAE per layer")
-    return p
+def reference_picks(config) -> dict:
+    """{layer: ReferencePick} of ``reference_sae.path`` (a {layer} template, a {layer: path} mapping, or a glob
+    with ``target_l0``; :func:`lorascope.saes.pretrained.resolve_reference_paths`); every picked path exists."""
+    from lorascope.saes.pretrained import resolve_reference_paths
+
+    r = config.reference_sae
+    return resolve_reference_paths(r.path, config.extraction.layers, r.target_l0)
 
 
 def stage_saes(st: RunState, extracted: Extracted, adapters: list[Adapter]) -> StudySAEs:
@@ -136,7 +135,10 @@ def stage_saes(st: RunState, extracted: Extracted, adapters: list[Adapter]) -> S
                    f"L{layer}__{a.name}__seed{seed}", opened) for seed in cfg.adapter_sae.seeds]
         for layer in cfg.extraction.layers for a in adapters}
     r = cfg.reference_sae
-    ref = {layer: reference_path(r.path, layer) if r.source == "path" else
+    picks = reference_picks(cfg) if r.source == "path" else {}
+    for pick in picks.values():
+        st.log(f"reference SAE {pick.describe()}")
+    ref = {layer: picks[layer].path if r.source == "path" else
            _study_sae(st, extracted, SAEJob(layer, "base", None, r.seeds[0], frac, split_seed), r,
                       f"L{layer}__reference", opened) for layer in cfg.extraction.layers}
     return StudySAEs(adapter_saes, ref)
