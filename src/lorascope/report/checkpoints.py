@@ -25,7 +25,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("FVU adapter SAE", schema.FVU_ADAPTER_SAE),
     ("L0 adapter SAE", schema.L0_ADAPTER_SAE),
     ("dead fraction", schema.DEAD_FRACTION_ADAPTER_SAE),
-    ("KL recovered (adapter SAE)", schema.KL_RECOVERED_ADAPTER_SAE),
+    ("KL recovered vs Δ̂ = 0 (adapter SAE)", schema.KL_RECOVERED_REL_ADAPTER_SAE),
 )
 TOP_FEATURES_SHOWN = 3
 
