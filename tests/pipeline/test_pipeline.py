@@ -48,7 +48,8 @@ def test_timing_record_lists_every_stage_and_reads_in_the_benchmark(mini_run):
 
     cfg, res = mini_run
     rec = json.loads((res.output_dir / "timings.json").read_text())
-    stages = {"model_load", "adapters", "extraction", "saes", "geometry"} | ({"report"} if res.report else set())
+    stages = {"model_load", "adapters", "extraction", "saes", "geometry", "explain", "density"}
+    stages |= {"report"} if res.report else set()
     assert set(rec["stages"]) == stages and rec["reused"] == [] and rec["total"] == res.timings["total"]
     assert all(v > 0 for v in rec["stages"].values())
     assert sum(rec["stages"].values()) <= rec["total"]  # model loading is counted once, apart
