@@ -47,7 +47,8 @@ def test_loaded_adapters_expand_checkpoints_in_step_order_with_kind_rank_and_ste
     assert [(a.name, a.kind, a.rank, a.step) for a in got] == [
         ("lora", "peft", 2, None), ("run_step_2", "peft", 4, 2), ("run_step_10", "peft", 4, 10),
         ("run_step_30", "peft", 4, 30), ("ft", "full", -1, None)]
-    assert len({a.key for a in got}) == 5  # every fine-tune has its own cache key
+    # cache keys follow the weight files' contents: the three checkpoints here are byte-identical copies
+    assert len({a.key for a in got}) == 3
 
 
 @pytest.mark.parametrize(("load", "message"), [

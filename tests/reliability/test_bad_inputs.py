@@ -449,7 +449,7 @@ EXTRACT_BAD = {
     "skip-first-negative": (["--skip-first", "-1"], r"--skip-first -1: Input should be greater than or equal to 0"),
     "max-norm-factor-negative": (["--max-norm-factor", "-2"], r"--max-norm-factor -2\.0: Input should be greater"),
     "max-length-too-short": (["--max-length", "8"], r"--max-length 8 is too short: .*prompt is \d+ tokens"),
-    "adapter-path-missing": (["-a", "other=/nonexistent/adapter"], r"adapter 'other': /nonexistent/adapter does not"),
+    "adapter-path-missing": (["-a", "other=/nonexistent/adapter"], r"adapter 'other': (folder )?/nonexistent/adapter does not"),
 }
 
 

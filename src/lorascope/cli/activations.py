@@ -40,7 +40,8 @@ def _check_prompts_fit(tokenizer, examples, max_length: int, policy: str) -> Non
     from lorascope.activations.extract import tokenize_docs
 
     try:
-        tokenize_docs(tokenizer, examples, max_length, policy)
+        if not tokenize_docs(tokenizer, examples, max_length, policy):  # nothing fits: the strict policy says why
+            tokenize_docs(tokenizer, examples, max_length, "error")
     except LorascopeError as exc:
         if "max_length" not in exc.problem:
             raise
