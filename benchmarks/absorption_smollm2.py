@@ -64,8 +64,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--max-words", type=int, default=None, help="default: every alphabetic single token")
-    ap.add_argument("--words-per-prefix", type=int, default=64,
-                    help="words sharing one few-shot prefix (1 = SAEBench's own prefix per word)")
+    ap.add_argument(
+        "--words-per-prefix",
+        type=int,
+        default=64,
+        help="words sharing one few-shot prefix (1 = SAEBench's own prefix per word)",
+    )
     ap.add_argument("--max-icl", type=int, default=10)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model forward")
     ap.add_argument("--threads", type=int, default=1)
@@ -74,8 +78,12 @@ def main() -> None:
     ap.add_argument("--no-saes", action="store_true")
     ap.add_argument("--l2", type=float, default=1e-2)
     ap.add_argument("--out", type=Path, default=None, help="write absorption.csv / .json here")
-    ap.add_argument("--save-probe-data", type=Path, default=None,
-                    help="torch.save the word-token residuals, labels and words (to re-fit probes offline)")
+    ap.add_argument(
+        "--save-probe-data",
+        type=Path,
+        default=None,
+        help="torch.save the word-token residuals, labels and words (to re-fit probes offline)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -92,27 +100,44 @@ def main() -> None:
     tok = base.tokenizer
     t = time.time()
     if args.words_per_prefix > 1:
-        data = build_shared_prefix_data(tok, words_per_prefix=args.words_per_prefix, max_words=args.max_words,
-                                        seed=0, max_icl=args.max_icl)
+        data = build_shared_prefix_data(
+            tok, words_per_prefix=args.words_per_prefix, max_words=args.max_words, seed=0, max_icl=args.max_icl
+        )
     else:
         data = build_first_letter_data(tok, max_words=args.max_words, seed=0, max_icl=args.max_icl)
     timings["build prompts"] = time.time() - t
     t = time.time()
     collect: dict[int, torch.Tensor] = {}
     autocast = torch.bfloat16 if args.bf16 else None
-    probe = prepare_probe(base.model, tok, args.layer, data=data,
-                          options=ProbeOptions(autocast_dtype=autocast, l2=args.l2),
-                          collect_train=None if args.no_saes else collect)
+    probe = prepare_probe(
+        base.model,
+        tok,
+        args.layer,
+        data=data,
+        options=ProbeOptions(autocast_dtype=autocast, l2=args.l2),
+        collect_train=None if args.no_saes else collect,
+    )
     n_tok = sum(p + 1 for p in data.train.positions) + sum(p + 1 for p in data.test.positions)
     timings["probe data + fit"] = time.time() - t
     if args.save_probe_data is not None:
-        torch.save({"train_x": probe.train_x, "train_labels": probe.train_labels, "test_x": probe.test_x,
-                    "test_labels": probe.test_labels, "train_words": data.train.words,
-                    "test_words": data.test.words, "layer": args.layer}, args.save_probe_data)
+        torch.save(
+            {
+                "train_x": probe.train_x,
+                "train_labels": probe.train_labels,
+                "test_x": probe.test_x,
+                "test_labels": probe.test_labels,
+                "train_words": data.train.words,
+                "test_words": data.test.words,
+                "layer": args.layer,
+            },
+            args.save_probe_data,
+        )
     passing = probe.letters_passing()
-    print(f"\nSmolLM2-135M layer {args.layer}: {len(data.train)} train / {len(data.test)} test words "
-          f"({len(data.dropped)} dropped: not one token in context), {n_tok} prompt tokens, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}")
+    print(
+        f"\nSmolLM2-135M layer {args.layer}: {len(data.train)} train / {len(data.test)} test words "
+        f"({len(data.dropped)} dropped: not one token in context), {n_tok} prompt tokens, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}"
+    )
     counts = torch.bincount(probe.test_labels, minlength=26).tolist()
     print("letter  " + " ".join(f"{c:>5}" for c in probe.probe_f1))
     print("n_test  " + " ".join(f"{n:>5}" for n in counts))
@@ -132,13 +157,16 @@ def main() -> None:
         rows = rows[torch.randperm(rows.shape[0], generator=g)]
         held, train_rows = rows[:8192], rows[8192:]
         timings["SAE data (alpaca forward)"] = time.time() - t
-        print(f"SAE data: {fl_rows.shape[0]} first-letter-prompt rows + {alp_rows.shape[0]} Alpaca rows; "
-              f"{train_rows.shape[0]} train x {args.epochs} epochs, {held.shape[0]} held out")
-        stream = torch.cat([train_rows[torch.randperm(train_rows.shape[0], generator=g)]
-                            for _ in range(args.epochs)])
+        print(
+            f"SAE data: {fl_rows.shape[0]} first-letter-prompt rows + {alp_rows.shape[0]} Alpaca rows; "
+            f"{train_rows.shape[0]} train x {args.epochs} epochs, {held.shape[0]} held out"
+        )
+        stream = torch.cat([train_rows[torch.randperm(train_rows.shape[0], generator=g)] for _ in range(args.epochs)])
         meta = {"model": base.name, "layer": args.layer, "trained_on": "base"}
-        specs = {"topk_4608_k32": ("topk", {"k": 32}),
-                 "sasa_1152x4_s8": ("sasa", {"groups": 1152, "rank": 4, "s": 8, "recipe": "lorascope"})}
+        specs = {
+            "topk_4608_k32": ("topk", {"k": 32}),
+            "sasa_1152x4_s8": ("sasa", {"groups": 1152, "rank": 4, "s": 8, "recipe": "lorascope"}),
+        }
         for label, (arch, kw) in specs.items():
             t = time.time()
             sae = create_sae(arch, 576, 4608, seed=0, metadata=meta, **kw)
@@ -154,14 +182,18 @@ def main() -> None:
         print(f"{'SAE':<16} {'letter':>6} {'F1':>5} {'TP':>4} {'split k':>7} {'absorb':>7} {'full':>6}  main latents")
         for rep in reports:
             for r in rep.letters:
-                print(f"{rep.sae_label:<16} {r.letter:>6} {r.probe_f1:5.2f} {r.n_true_positives:>4} "
-                      f"{r.splitting_k:>7} {r.absorption_fraction:7.3f} {r.full_absorption_rate:6.3f}  "
-                      f"{r.main_latents}")
+                print(
+                    f"{rep.sae_label:<16} {r.letter:>6} {r.probe_f1:5.2f} {r.n_true_positives:>4} "
+                    f"{r.splitting_k:>7} {r.absorption_fraction:7.3f} {r.full_absorption_rate:6.3f}  "
+                    f"{r.main_latents}"
+                )
         print(f"\n{'SAE':<16} {'status':<8} {'letters':>7} {'absorption':>10} {'full abs':>8} {'split k':>7}")
         for rep in reports:
-            print(f"{rep.sae_label:<16} {rep.status:<8} {len(rep.letters):>7} {rep.absorption_fraction:10.4f} "
-                  f"{rep.full_absorption_rate:8.4f} {rep.splitting_k:7.2f}"
-                  + ("  (forced: probe below the 20-letter bar)" if rep.forced else ""))
+            print(
+                f"{rep.sae_label:<16} {rep.status:<8} {len(rep.letters):>7} {rep.absorption_fraction:10.4f} "
+                f"{rep.full_absorption_rate:8.4f} {rep.splitting_k:7.2f}"
+                + ("  (forced: probe below the 20-letter bar)" if rep.forced else "")
+            )
     print("\ntimings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     if args.out is not None:
         from dataclasses import asdict
@@ -173,9 +205,15 @@ def main() -> None:
         if rows_all:
             with atomic_path(args.out / "absorption.csv") as tmp:
                 rows_to_frame(rows_all).to_csv(tmp, index=False)
-        write_json(args.out / "absorption.json",
-                   {"probe_f1": probe.probe_f1, "reports": [asdict(r) for r in reports], "timings": timings,
-                    "args": {k: str(v) for k, v in vars(args).items()}})
+        write_json(
+            args.out / "absorption.json",
+            {
+                "probe_f1": probe.probe_f1,
+                "reports": [asdict(r) for r in reports],
+                "timings": timings,
+                "args": {k: str(v) for k, v in vars(args).items()},
+            },
+        )
 
 
 if __name__ == "__main__":

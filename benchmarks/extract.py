@@ -88,6 +88,7 @@ def main() -> None:
     from lorascope.models.evaluate import BASE
     from lorascope.models.lora import collate
     from lorascope.models.residual import ResidualCapture
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
     from tiny_models import random_adapters
 
@@ -102,7 +103,7 @@ def main() -> None:
     n_tokens = sum(len(d) for d in docs)
     batches = []
     for i in range(0, len(docs), args.batch_size):
-        chunk = docs[i: i + args.batch_size]
+        chunk = docs[i : i + args.batch_size]
         b = collate(chunk, tok.pad_token_id)
         k = 1 + len(adapters)
         names = [BASE] * len(chunk) + [a for a in adapters for _ in chunk]
@@ -125,8 +126,9 @@ def main() -> None:
     def run_extract(fwd: str):
         out = work / fwd
         shutil.rmtree(out, ignore_errors=True)
-        cfg = ExtractConfig(layers=layers, batch_size=args.batch_size, docs_per_shard=16, forward_dtype=fwd,
-                            progress=False)
+        cfg = ExtractConfig(
+            layers=layers, batch_size=args.batch_size, docs_per_shard=16, forward_dtype=fwd, progress=False
+        )
         stores[fwd] = extract(pm, tok, examples, out, cfg)
 
     results = {}
@@ -136,8 +138,10 @@ def main() -> None:
         results["extract float32"] = _best(lambda: run_extract("float32"), args.reps)
     results["extract bf16-autocast"] = _best(lambda: run_extract("bf16-autocast"), 1)  # once: for its error
 
-    print(f"\nSmolLM2-135M, {len(docs)} docs, {n_tokens} tokens, layers {layers}, adapters {adapters}, "
-          f"batch {args.batch_size} docs x {1 + len(adapters)} variants, {args.threads} thread(s)")
+    print(
+        f"\nSmolLM2-135M, {len(docs)} docs, {n_tokens} tokens, layers {layers}, adapters {adapters}, "
+        f"batch {args.batch_size} docs x {1 + len(adapters)} variants, {args.threads} thread(s)"
+    )
     ref = results["bare forward (full model + LM head)"]
     floor = results["bare truncated forward"]
     print(f"{'run':40s} {'seconds':>9s} {'doc tok/s':>10s} {'vs bare':>8s} {'vs truncated':>13s}")
@@ -145,20 +149,28 @@ def main() -> None:
         print(f"{name:40s} {t:9.2f} {n_tokens / t:10.1f} {t / ref:8.3f} {t / floor:13.3f}")
     size = sum(p.stat().st_size for p in (work / "float32").rglob("*") if p.is_file()) / 2**20
     print(f"\nrows stored: {stores['float32'].n_tokens} per (layer, variant); store size {size:.1f} MiB")
-    print(f"memory: model parameters {model_mib:.0f} MiB; RSS before extract {mem.start:.0f} MiB, "
-          f"peak during extract {mem.peak:.0f} MiB (+{mem.peak - mem.start:.0f} MiB)")
+    print(
+        f"memory: model parameters {model_mib:.0f} MiB; RSS before extract {mem.start:.0f} MiB, "
+        f"peak during extract {mem.peak:.0f} MiB (+{mem.peak - mem.start:.0f} MiB)"
+    )
 
     f32, b16 = stores["float32"], stores["bf16-autocast"]
-    print("\nbf16-autocast forward: relative error of deltas vs float32, ||Δ_bf16 − Δ_fp32|| / ||Δ_fp32|| "
-          "(pooled over shared rows), and of base rows")
-    print(f"{'layer':>5s} {'adapter':>7s} {'rows':>6s} {'mean |Δ|/|h|':>13s} {'delta rel err':>14s} "
-          f"{'base rel err':>13s}")
+    print(
+        "\nbf16-autocast forward: relative error of deltas vs float32, ||Δ_bf16 − Δ_fp32|| / ||Δ_fp32|| "
+        "(pooled over shared rows), and of base rows"
+    )
+    print(
+        f"{'layer':>5s} {'adapter':>7s} {'rows':>6s} {'mean |Δ|/|h|':>13s} {'delta rel err':>14s} {'base rel err':>13s}"
+    )
     for L in layers:
         for a in adapters:
             x, y = f32.held_out(L, a, split="all"), b16.held_out(L, a, split="all")
             kx = {(d, p): i for i, (d, p) in enumerate(zip(x.doc_index.tolist(), x.position.tolist(), strict=True))}
-            pairs = [(kx[(d, p)], j) for j, (d, p) in enumerate(zip(y.doc_index.tolist(), y.position.tolist(),
-                                                                   strict=True)) if (d, p) in kx]
+            pairs = [
+                (kx[(d, p)], j)
+                for j, (d, p) in enumerate(zip(y.doc_index.tolist(), y.position.tolist(), strict=True))
+                if (d, p) in kx
+            ]
             ix, iy = torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
             dx, dy = x.delta[ix], y.delta[iy]
             err = float((dy - dx).norm() / dx.norm())

@@ -59,8 +59,12 @@ def child(mode: str, base: str, ft: str, out: str, layers: int) -> None:
     else:
         cfg = ExtractConfig(layers=[layers // 2, layers - 1], batch_size=8, docs_per_shard=16, progress=False)
         res = extract_full(base, {"ft": ft}, tok, make_demo_dataset(32, seed=0), out, cfg, resident=mode)
-        result.update(peak_param_bytes=res.peak_param_bytes, peak_models=res.peak_models,
-                      model_bytes=res.model_param_bytes["base"], rows=res.store.n_tokens)
+        result.update(
+            peak_param_bytes=res.peak_param_bytes,
+            peak_models=res.peak_models,
+            model_bytes=res.model_param_bytes["base"],
+            rows=res.store.n_tokens,
+        )
     result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     print(json.dumps(result))
 
@@ -78,15 +82,25 @@ def main() -> None:
         base, ft = build(Path(tmp), args.layers, args.hidden)
         rows = []
         for mode in ("baseline", "one", "both"):
-            cmd = [sys.executable, __file__, "--child", mode, str(base), str(ft), f"{tmp}/store_{mode}",
-                   str(args.layers)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                str(base),
+                str(ft),
+                f"{tmp}/store_{mode}",
+                str(args.layers),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     mb = 1 / 2**20
     print(f"{'mode':<10}{'peak RSS MB':>13}{'models alive':>14}{'param MB alive':>16}{'one model MB':>14}")
     for r in rows:
-        print(f"{r['mode']:<10}{r['max_rss_bytes'] * mb:>13.0f}{r.get('peak_models', 1):>14}"
-              f"{r.get('peak_param_bytes', 0) * mb:>16.0f}{r.get('model_bytes', 0) * mb:>14.0f}")
+        print(
+            f"{r['mode']:<10}{r['max_rss_bytes'] * mb:>13.0f}{r.get('peak_models', 1):>14}"
+            f"{r.get('peak_param_bytes', 0) * mb:>16.0f}{r.get('model_bytes', 0) * mb:>14.0f}"
+        )
 
 
 if __name__ == "__main__":

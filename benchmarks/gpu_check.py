@@ -124,8 +124,13 @@ def study_rows(tiny: bool, device: str, work: Path, timeout: float, floor_flops:
         cmd += ["--set", s]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )
         failed = proc.returncode != 0
         why = (proc.stderr.strip().splitlines() or ["(no output)"])[-1] if failed else ""
     except subprocess.TimeoutExpired:
@@ -142,8 +147,13 @@ def study_rows(tiny: bool, device: str, work: Path, timeout: float, floor_flops:
         tps = tokens[stage] / sec if stage in tokens and sec > 0 else None
         frac = tps * sae_fpt / floor_flops if stage == "saes" and tps else None
         rows.append(Row(f"study: {stage}", sec, tps, frac))
-    rows.append(Row("study: whole run (process wall)", wall, note=f"FAILED: {why}" if failed else
-                    ("tiny model" if tiny else "quickstart, bf16 base")))
+    rows.append(
+        Row(
+            "study: whole run (process wall)",
+            wall,
+            note=f"FAILED: {why}" if failed else ("tiny model" if tiny else "quickstart, bf16 base"),
+        )
+    )
     return rows
 
 
@@ -208,8 +218,15 @@ def sae_rows(device: torch.device, tiny: bool, floor_flops: float) -> list[Row]:
             if i >= 2:  # two warm-up steps
                 times.append(time.perf_counter() - t)
         tps = n / statistics.median(times)
-        rows.append(Row(label, sum(times), tps, tps * 4 * d * f / floor_flops,
-                        f"bf16 autocast, batch {n}, median of {len(times)} steps"))
+        rows.append(
+            Row(
+                label,
+                sum(times),
+                tps,
+                tps * 4 * d * f / floor_flops,
+                f"bf16 autocast, batch {n}, median of {len(times)} steps",
+            )
+        )
     return rows
 
 
@@ -233,10 +250,16 @@ def dist_rows(device: torch.device, work: Path, timeout: float) -> list[Row]:
     worker = work / "nccl_worker.py"
     worker.write_text(NCCL_WORKER)
     rows = []
-    for label, cmd in (("NCCL all-reduce, 2 ranks", [sys.executable, "-m", "torch.distributed.run",
-                                                      "--nproc_per_node", "2", str(worker)]),
-                       ("pytest -m dist tests/distributed", [sys.executable, "-m", "pytest", "-q", "-m", "dist",
-                                                             str(ROOT / "tests" / "distributed")])):
+    for label, cmd in (
+        (
+            "NCCL all-reduce, 2 ranks",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker)],
+        ),
+        (
+            "pytest -m dist tests/distributed",
+            [sys.executable, "-m", "pytest", "-q", "-m", "dist", str(ROOT / "tests" / "distributed")],
+        ),
+    ):
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -255,8 +278,9 @@ def format_table(rows: list[Row]) -> str:
     head = f"{'stage':<44} {'tok/s':>12} {'of bf16 floor':>14} {'wall s':>9}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.stage:<44} {cell(r.tok_s, ',.0f'):>12} {cell(r.floor, '.1%'):>14} "
-                     f"{cell(r.wall_s, '.1f'):>9}  {r.note}")
+        lines.append(
+            f"{r.stage:<44} {cell(r.tok_s, ',.0f'):>12} {cell(r.floor, '.1%'):>14} {cell(r.wall_s, '.1f'):>9}  {r.note}"
+        )
     return "\n".join(lines)
 
 

@@ -23,8 +23,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
-                    help="bf16 = autocast; on CPUs without AVX512-BF16/AMX it is far slower than fp32")
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="bf16 = autocast; on CPUs without AVX512-BF16/AMX it is far slower than fp32",
+    )
     ap.add_argument("--bf16-steps", type=int, default=None, help="timed steps for bf16 (default: --steps)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,11 +46,18 @@ def main() -> None:
             t0 = time.perf_counter()
             res = train_lora(base, data, s, progress=False)
             dt = time.perf_counter() - t0
-            rows.append((rank, "bf16 autocast" if bf16 else "fp32", res.tokens_seen / dt, dt / steps,
-                         res.losses[0], res.losses[-1]))
+            rows.append(
+                (
+                    rank,
+                    "bf16 autocast" if bf16 else "fp32",
+                    res.tokens_seen / dt,
+                    dt / steps,
+                    res.losses[0],
+                    res.losses[-1],
+                )
+            )
     fp32 = {r[0]: r[2] for r in rows if r[1] == "fp32"}
-    print(f"\nLoRA training on SmolLM2-135M, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{args.threads} threads")
+    print(f"\nLoRA training on SmolLM2-135M, batch {args.batch_size}, {args.steps} timed steps, {args.threads} threads")
     print(f"{'rank':>5} {'precision':>14} {'tokens/s':>10} {'s/step':>8} {'vs fp32':>8} {'loss first->last':>18}")
     for rank, prec, tps, sps, l0, l1 in rows:
         ratio = f"{tps / fp32[rank]:>7.2f}x" if rank in fp32 else f"{'-':>8}"

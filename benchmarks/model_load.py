@@ -70,14 +70,18 @@ def main() -> None:
         rows.append(("first load (builds cache)", _child(cache, args.dtype)))
         rows += [(f"cached load #{i + 1}", _child(cache, args.dtype)) for i in range(args.reps)]
         entry_mb = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file()) / 1e6
-    print(f"embedded GGUF: {size / 1e6:.1f} MB, sha256 {hash_s:.2f} s; cache entry {entry_mb:.0f} MB; "
-          f"dtype {args.dtype}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(
+        f"embedded GGUF: {size / 1e6:.1f} MB, sha256 {hash_s:.2f} s; cache entry {entry_mb:.0f} MB; "
+        f"dtype {args.dtype}; torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}"
+    )
     print(f"{'load':<30} {'load_base s':>12} {'load_base cpu s':>16} {'imports s':>10}")
     for name, r in rows:
         print(f"{name:<30} {r['load_s']:>12.2f} {r['load_cpu_s']:>16.2f} {r['import_s']:>10.2f}")
     base = next((r["load_s"] for n, r in rows if n.startswith("cache off")), rows[0][1]["load_s"])
-    print(f"speed-up of the cached load over {'cache off' if not args.skip_uncached else 'first load'}: "
-          f"{base / rows[-1][1]['load_s']:.1f}x")
+    print(
+        f"speed-up of the cached load over {'cache off' if not args.skip_uncached else 'first load'}: "
+        f"{base / rows[-1][1]['load_s']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

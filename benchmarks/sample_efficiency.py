@@ -68,8 +68,9 @@ def model_specs(d: int, groups: int, rank: int, s: int) -> dict[str, tuple[str, 
     return specs
 
 
-def train_one(spec: tuple[str, int, dict], d: int, stream, tokens: int, batch: int, lr: float, seed: int,
-              lam: float | None = None):
+def train_one(
+    spec: tuple[str, int, dict], d: int, stream, tokens: int, batch: int, lr: float, seed: int, lam: float | None = None
+):
     """One run with its own schedule; ``lam`` = SASA's nuclear coefficient or ReLU's L1 coefficient."""
     arch, d_sae, kw = spec
     kw = dict(kw)
@@ -78,8 +79,16 @@ def train_one(spec: tuple[str, int, dict], d: int, stream, tokens: int, batch: i
     torch.manual_seed(seed)
     sae = create_sae(arch, d, d_sae, seed=seed, **kw)
     steps = max(1, tokens // batch)
-    tc = TrainerConfig(total_tokens=steps * batch, batch_size=batch, lr=lr, warmup_steps=max(1, steps // 20),
-                       decay_fraction=0.2, init_tokens=min(4096, 8 * batch), seed=seed, log_every=10**9)
+    tc = TrainerConfig(
+        total_tokens=steps * batch,
+        batch_size=batch,
+        lr=lr,
+        warmup_steps=max(1, steps // 20),
+        decay_fraction=0.2,
+        init_tokens=min(4096, 8 * batch),
+        seed=seed,
+        log_every=10**9,
+    )
     return train_sae(sae, stream(seed), tc, progress=False).sae
 
 
@@ -94,12 +103,16 @@ def pick_settings(specs, d, stream, x_eval, tokens, batch) -> dict[str, tuple[fl
     for name, spec in specs.items():
         extra = {"sasa": SASA_LAMBDAS, "relu": RELU_L1}.get(spec[0], (None,))
         grid = [(lr, lam) for lr in LRS for lam in extra]
-        scored = [(held_out_fvu(train_one(spec, d, stream, tokens, batch, lr, 100, lam), x_eval)[0], lr, lam)
-                  for lr, lam in grid]
+        scored = [
+            (held_out_fvu(train_one(spec, d, stream, tokens, batch, lr, 100, lam), x_eval)[0], lr, lam)
+            for lr, lam in grid
+        ]
         f, lr, lam = min(scored, key=lambda t: t[0] if math.isfinite(t[0]) else math.inf)
         best[name] = (lr, lam)
-        print(f"  sweep {name:12s} best lr={lr:g}" + (f" λ={lam:g}" if lam is not None else "") + f" (FVU {f:.4f})",
-              flush=True)
+        print(
+            f"  sweep {name:12s} best lr={lr:g}" + (f" λ={lam:g}" if lam is not None else "") + f" (FVU {f:.4f})",
+            flush=True,
+        )
     return best
 
 
@@ -115,8 +128,7 @@ def budget_to_reach(budgets: list[int], fvus: list[float], target: float) -> flo
     return math.inf
 
 
-def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings, splice=None,
-             save=None) -> list[dict]:
+def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings, splice=None, save=None) -> list[dict]:
     """Every (model, seed, budget) run; ``splice(sae)`` adds spliced scores at budget T for the seeds in
     ``splice.seeds``; ``save(rows)`` is called after each (model, seed)."""
     rows = []
@@ -128,14 +140,22 @@ def run_part(part: str, specs, d, stream, x_eval, total, batch, seeds, settings,
                 t0 = time.perf_counter()
                 sae = train_one(spec, d, stream, b, batch, lr, seed, lam)
                 fvu, l0 = held_out_fvu(sae, x_eval)
-                row = {"part": part, "model": name, "d_sae": spec[1], "seed": seed, "tokens": b, "lr": lr,
-                       "coefficient": lam if lam is not None else "", "fvu": fvu, "l0": l0,
-                       "seconds": time.perf_counter() - t0}
+                row = {
+                    "part": part,
+                    "model": name,
+                    "d_sae": spec[1],
+                    "seed": seed,
+                    "tokens": b,
+                    "lr": lr,
+                    "coefficient": lam if lam is not None else "",
+                    "fvu": fvu,
+                    "l0": l0,
+                    "seconds": time.perf_counter() - t0,
+                }
                 if splice is not None and b == budgets[-1] and seed in splice.seeds:  # the model is slow here
                     row.update(splice(sae))
                 rows.append(row)
-            print(f"  {part} {name:12s} seed {seed}: FVU " + " ".join(f"{r['fvu']:.4f}" for r in rows[-4:]),
-                  flush=True)
+            print(f"  {part} {name:12s} seed {seed}: FVU " + " ".join(f"{r['fvu']:.4f}" for r in rows[-4:]), flush=True)
             if save is not None:
                 save(rows)
     return rows
@@ -148,8 +168,10 @@ def reach_table(rows: list[dict], seeds) -> list[dict]:
     total = budgets[-1]
 
     def fv(model, seed):
-        return [next(r["fvu"] for r in rows if r["model"] == model and r["seed"] == seed and r["tokens"] == b)
-                for b in budgets]
+        return [
+            next(r["fvu"] for r in rows if r["model"] == model and r["seed"] == seed and r["tokens"] == b)
+            for b in budgets
+        ]
 
     out = []
     for comp in sorted({r["model"] for r in rows} - {"sasa"}):
@@ -158,10 +180,18 @@ def reach_table(rows: list[dict], seeds) -> list[dict]:
         sasa_final = sum(fv("sasa", s)[-1] for s in seeds) / len(seeds)
         # the reverse question: where does the comparator reach SASA's final FVU?
         back = sorted(budget_to_reach(budgets, fv(comp, s), sasa_final) / total for s in seeds)
-        out.append({"part": rows[0]["part"], "comparator": comp, "comparator_final_fvu": target,
-                    "sasa_final_fvu": sasa_final, "budget_fraction_median": fr[len(fr) // 2],
-                    "budget_fraction_min": fr[0], "budget_fraction_max": fr[-1],
-                    "comparator_reaches_sasa_final_median": back[len(back) // 2]})
+        out.append(
+            {
+                "part": rows[0]["part"],
+                "comparator": comp,
+                "comparator_final_fvu": target,
+                "sasa_final_fvu": sasa_final,
+                "budget_fraction_median": fr[len(fr) // 2],
+                "budget_fraction_min": fr[0],
+                "budget_fraction_max": fr[-1],
+                "comparator_reaches_sasa_final_median": back[len(back) // 2],
+            }
+        )
     return out
 
 
@@ -180,10 +210,13 @@ def print_tables(rows: list[dict], reach: list[dict]) -> None:
     budgets = sorted({r["tokens"] for r in rows})
     part = rows[0]["part"]
     extra = [k for k in ("ce_score", "kl_score") if any(isinstance(r.get(k), float) for r in rows)]
-    print(f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)"
-          + (", CE-loss / KL score at T (spliced seeds)" if extra else ""))
-    print("| model | d_sae | " + " | ".join(f"{b:,} tok" for b in budgets) + " | L0 |"
-          + "".join(f" {k} |" for k in extra))
+    print(
+        f"\n[{part}] held-out FVU, mean ± sd over seeds (L0 at T)"
+        + (", CE-loss / KL score at T (spliced seeds)" if extra else "")
+    )
+    print(
+        "| model | d_sae | " + " | ".join(f"{b:,} tok" for b in budgets) + " | L0 |" + "".join(f" {k} |" for k in extra)
+    )
     print("|---" * (3 + len(budgets) + len(extra)) + "|")
     for model in dict.fromkeys(r["model"] for r in rows):
         cells = []
@@ -195,15 +228,19 @@ def print_tables(rows: list[dict], reach: list[dict]) -> None:
         ex = "".join(f" {_mean_of(at_t, k)} |" for k in extra)
         print(f"| {model} | {at_t[0]['d_sae']} | " + " | ".join(cells) + f" | {l0:.1f} |" + ex)
     print(f"\n[{part}] budget at which SASA reaches the comparator's final (budget T) FVU: median [min–max] over seeds")
-    print("| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency "
-          "| comparator reaches SASA's FVU at T at |")
+    print(
+        "| comparator | comparator FVU at T | SASA FVU at T | SASA budget to reach | token efficiency "
+        "| comparator reaches SASA's FVU at T at |"
+    )
     print("|---|---|---|---|---|---|")
     for r in reach:
         med = r["budget_fraction_median"]
         eff = "—" if med in (0.0, math.inf) else f"{1 / med:.2f}×"
-        print(f"| {r['comparator']} | {r['comparator_final_fvu']:.4f} | {r['sasa_final_fvu']:.4f} | "
-              f"{_fmt_frac(med)} [{_fmt_frac(r['budget_fraction_min'])}–{_fmt_frac(r['budget_fraction_max'])}] | "
-              f"{eff} | {_fmt_frac(r['comparator_reaches_sasa_final_median'])} |")
+        print(
+            f"| {r['comparator']} | {r['comparator_final_fvu']:.4f} | {r['sasa_final_fvu']:.4f} | "
+            f"{_fmt_frac(med)} [{_fmt_frac(r['budget_fraction_min'])}–{_fmt_frac(r['budget_fraction_max'])}] | "
+            f"{eff} | {_fmt_frac(r['comparator_reaches_sasa_final_median'])} |"
+        )
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -228,15 +265,22 @@ def planted_setup(args, n_pool: int):
         while True:
             perm = torch.randperm(pool.shape[0], generator=g)
             for i in range(0, pool.shape[0] - args.batch + 1, args.batch):
-                yield pool[perm[i:i + args.batch]]
+                yield pool[perm[i : i + args.batch]]
 
     return specs, stream, x_eval
 
 
 def _grid_key(args, spec) -> dict:
     extra = {"sasa": SASA_LAMBDAS, "relu": RELU_L1}.get(spec[0], ())
-    key = {"lrs": LRS, "coefficients": extra, "steps": args.sweep_steps, "batch": args.batch, "seed": 100,
-           "planted": "d64_f24_dims1-16_a2", "pool": args.pool}
+    key = {
+        "lrs": LRS,
+        "coefficients": extra,
+        "steps": args.sweep_steps,
+        "batch": args.batch,
+        "seed": 100,
+        "planted": "d64_f24_dims1-16_a2",
+        "pool": args.pool,
+    }
     return json.loads(json.dumps(key))
 
 
@@ -254,8 +298,9 @@ def get_settings(args) -> dict[str, tuple[float, float | None]]:
         else:
             todo[name] = spec
     if todo:
-        print(f"sweep {', '.join(todo)} on planted data at {args.sweep_steps * args.batch:,} tokens, seed 100",
-              flush=True)
+        print(
+            f"sweep {', '.join(todo)} on planted data at {args.sweep_steps * args.batch:,} tokens, seed 100", flush=True
+        )
         for name, best in pick_settings(todo, 64, stream, x_eval, args.sweep_steps * args.batch, args.batch).items():
             settings[name] = best
             blob[name] = {"key": _grid_key(args, todo[name]), "best": best}
@@ -274,8 +319,9 @@ def planted_part(args, seeds, settings) -> list[dict]:
     specs, stream, x_eval = planted_setup(args, args.pool)
     specs = only(specs, args)
     print(f"(a) planted: d=64, 24 features of dims 1/2/4/8/16, 2 active; T = {total:,} tokens", flush=True)
-    return run_part("planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings,
-                    save=part_saver("planted", args))
+    return run_part(
+        "planted", specs, 64, stream, x_eval, total, args.batch, seeds, settings, save=part_saver("planted", args)
+    )
 
 
 def real_activations(args, base) -> dict:
@@ -291,13 +337,17 @@ def real_activations(args, base) -> dict:
     cap = ResidualCapture(base.model, [args.layer])
     rows = []
     for i in range(0, len(docs), 16):
-        batch = collate(docs[i:i + 16], base.tokenizer.pad_token_id or 0)
+        batch = collate(docs[i : i + 16], base.tokenizer.pad_token_id or 0)
         h = cap(batch["input_ids"], batch["attention_mask"])[args.layer].float()
-        for j, doc in enumerate(docs[i:i + 16]):
-            rows.append(h[j, 1:len(doc)])  # skip position 0 (attention sink), drop padding
+        for j, doc in enumerate(docs[i : i + 16]):
+            rows.append(h[j, 1 : len(doc)])  # skip position 0 (attention sink), drop padding
     n_eval = args.eval_docs
-    blob = {"train": torch.cat(rows[n_eval:]), "eval": torch.cat(rows[:n_eval]),
-            "eval_ids": [d.input_ids for d in docs[:n_eval]], "layer": args.layer}
+    blob = {
+        "train": torch.cat(rows[n_eval:]),
+        "eval": torch.cat(rows[:n_eval]),
+        "eval_ids": [d.input_ids for d in docs[:n_eval]],
+        "layer": args.layer,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(blob, path)
     return blob
@@ -311,8 +361,11 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
     base = load_base("embedded")
     blob = real_activations(args, base)
     train_x, x_eval = blob["train"], blob["eval"]
-    print(f"(b) SmolLM2 block {args.layer}: {train_x.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"(b) SmolLM2 block {args.layer}: {train_x.shape[0]:,} train rows, {x_eval.shape[0]:,} held-out rows "
+        f"({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     specs = only(model_specs(train_x.shape[1], groups=144, rank=4, s=8), args)
     settings = {name: settings_planted[name] for name in specs}
 
@@ -325,16 +378,34 @@ def real_part(args, seeds, settings_planted) -> list[dict]:
     splice_ids = blob["eval_ids"][: args.splice_docs]
 
     def splice(sae):
-        m = core_metrics(base.model, base.tokenizer, sae, args.layer, splice_ids,
-                         options=CoreOptions(batch_size=args.splice_docs), cache=cache)
+        m = core_metrics(
+            base.model,
+            base.tokenizer,
+            sae,
+            args.layer,
+            splice_ids,
+            options=CoreOptions(batch_size=args.splice_docs),
+            cache=cache,
+        )
         return {k: m[k] for k in ("ce_score", "kl_score", "frac_alive", "mean_max_decoder_cos")}
 
     splice.seeds = set(seeds[: args.splice_seeds])
 
     total = args.real_steps * args.real_batch
     print(f"  T = {total:,} tokens; CE/KL on {len(splice_ids)} held-out documents", flush=True)
-    return run_part("smollm2", specs, train_x.shape[1], stream, x_eval, total, args.real_batch, seeds, settings,
-                    splice, part_saver("real", args))
+    return run_part(
+        "smollm2",
+        specs,
+        train_x.shape[1],
+        stream,
+        x_eval,
+        total,
+        args.real_batch,
+        seeds,
+        settings,
+        splice,
+        part_saver("real", args),
+    )
 
 
 def part_path(name: str, args) -> Path:
@@ -364,6 +435,7 @@ def _run_part(job):
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a per-part CSV with numbers parsed back."""
+
     def parse(v: str):
         if v == "":
             return v

@@ -30,8 +30,9 @@ from lorascope.geometry.metrics import fvu
 from lorascope.saes.base import SAE, TrainContext, create_sae
 
 
-def train(sae: SAE, batches, steps: int, lr: float, x_eval: torch.Tensor, n_evals: int,
-          dead_window: int = 100) -> list[tuple[int, float]]:
+def train(
+    sae: SAE, batches, steps: int, lr: float, x_eval: torch.Tensor, n_evals: int, dead_window: int = 100
+) -> list[tuple[int, float]]:
     """Train in place; return [(tokens seen, held-out FVU)] at ``n_evals`` evenly spaced checkpoints."""
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sae.init_b_dec(next(batches))
@@ -72,25 +73,30 @@ def token_ratio(sasa_curve, topk_curve) -> float:
 
 
 def planted_run(args: argparse.Namespace) -> None:
-    cfg = PlantedConfig(d=args.d, n_features=args.features, dims=tuple(args.dims), active=args.active,
-                        seed=args.seed)
+    cfg = PlantedConfig(d=args.d, n_features=args.features, dims=tuple(args.dims), active=args.active, seed=args.seed)
     gen = PlantedFeatures(cfg)
     held = gen.sample(args.eval_samples, seed=987_654)
     steps = args.tokens // args.batch_size
-    print(f"planted: d={cfg.d}, {cfg.n_features} features of dims {cfg.dims}, {cfg.active} active; "
-          f"{steps} steps x {args.batch_size} = {steps * args.batch_size} tokens, lr {args.lr}")
+    print(
+        f"planted: d={cfg.d}, {cfg.n_features} features of dims {cfg.dims}, {cfg.active} active; "
+        f"{steps} steps x {args.batch_size} = {steps * args.batch_size} tokens, lr {args.lr}"
+    )
     curves, rows = {}, []
     for mult in args.group_multipliers:
         groups = round(mult * cfg.n_features)
         d_sae = groups * args.rank
         k = args.s * args.rank
-        for name, kw in (("sasa", dict(groups=groups, rank=args.rank, s=args.s, recipe="lorascope",
-                                       nuclear_coefficient=args.nuclear)), ("topk", dict(k=k))):
+        for name, kw in (
+            (
+                "sasa",
+                dict(groups=groups, rank=args.rank, s=args.s, recipe="lorascope", nuclear_coefficient=args.nuclear),
+            ),
+            ("topk", dict(k=k)),
+        ):
             torch.manual_seed(args.seed)
             sae = create_sae(name, cfg.d, d_sae, seed=args.seed, **kw)
             t0 = time.perf_counter()
-            curve = train(sae, gen.batches(args.batch_size, seed=args.seed + 1), steps, args.lr, held.x,
-                          args.evals)
+            curve = train(sae, gen.batches(args.batch_size, seed=args.seed + 1), steps, args.lr, held.x, args.evals)
             sec = time.perf_counter() - t0
             rep = sae_planted_report(sae, gen, held).summary()
             curves[(mult, name)] = curve
@@ -111,16 +117,20 @@ def _print_curves(curves) -> None:
 
 
 def _print_summary(rows, dims) -> None:
-    print("\nfinal: FVU, splitting (units carrying 90% of a feature), recovery (mean cos², best unit / "
-          "cover), merged fraction, leakage, fraction of features whose best unit has rank = d_i")
+    print(
+        "\nfinal: FVU, splitting (units carrying 90% of a feature), recovery (mean cos², best unit / "
+        "cover), merged fraction, leakage, fraction of features whose best unit has rank = d_i"
+    )
     head = f"{'model':<10}{'d_sae':>6}{'FVU':>8}" + "".join(f"{f'split{d}':>8}" for d in dims)
     head += f"{'rec_best':>9}{'rec_cov':>8}{'merged':>7}{'leak':>6}{'rank=':>6}{'sec':>6}"
     print(head)
     for mult, name, d_sae, f, rep, sec in rows:
         line = f"{f'{name}@{mult}x':<10}{d_sae:>6}{f:>8.4f}"
         line += "".join(f"{rep[f'split_d{d}']:>8.2f}" for d in dims)
-        line += (f"{rep['recovery_best']:>9.3f}{rep['recovery_cover']:>8.3f}{rep['merged_fraction']:>7.2f}"
-                 f"{rep['leakage']:>6.2f}{rep['rank_exact']:>6.2f}{sec:>6.0f}")
+        line += (
+            f"{rep['recovery_best']:>9.3f}{rep['recovery_cover']:>8.3f}{rep['merged_fraction']:>7.2f}"
+            f"{rep['leakage']:>6.2f}{rep['rank_exact']:>6.2f}{sec:>6.0f}"
+        )
         print(line)
 
 
@@ -134,8 +144,14 @@ def _plot(curves, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (mult, name), c in curves.items():
-        ax.plot([t for t, _ in c], [f for _, f in c], marker="o", ms=3, label=f"{name}, groups {mult}x",
-                ls="-" if name == "sasa" else "--")
+        ax.plot(
+            [t for t, _ in c],
+            [f for _, f in c],
+            marker="o",
+            ms=3,
+            label=f"{name}, groups {mult}x",
+            ls="-" if name == "sasa" else "--",
+        )
     ax.set(xlabel="tokens seen", ylabel="held-out FVU", yscale="log", title=title)
     ax.legend()
     fig.tight_layout()

@@ -48,8 +48,7 @@ def _sae_worker(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     res = train_sae(sae, x, cfg, progress=False)
     barrier()
-    return {"rank": get_rank(), "seconds": time.perf_counter() - t0, "tokens": args.tokens,
-            "fvu": res.final["fvu"]}
+    return {"rank": get_rank(), "seconds": time.perf_counter() - t0, "tokens": args.tokens, "fvu": res.final["fvu"]}
 
 
 def _extract_worker(args: argparse.Namespace) -> dict:
@@ -84,8 +83,10 @@ def _gpu_row() -> str:
     torch.cuda.synchronize()
     res = train_sae(create_sae("topk", d_in, d_sae, k=64, seed=0), x, cfg, progress=False)
     torch.cuda.synchronize()
-    return (f"GPU SAE train (TopK 2304→16384, k 64, bf16, batch 4096) on {torch.cuda.get_device_name()}: "
-            f"{res.final['tokens_per_s']:,.0f} tokens/s")
+    return (
+        f"GPU SAE train (TopK 2304→16384, k 64, bf16, batch 4096) on {torch.cuda.get_device_name()}: "
+        f"{res.final['tokens_per_s']:,.0f} tokens/s"
+    )
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------------
@@ -98,11 +99,29 @@ def _free_port() -> int:
 def _launch(worker_args: list[str], nproc: int, threads: int) -> dict:
     """Run this file as a worker (torchrun when nproc > 1); returns the slowest rank's result."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-        prefix = [sys.executable] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "CUDA_VISIBLE_DEVICES": "",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT / "src"),
+        }
+        prefix = (
+            [sys.executable]
+            if nproc == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(_free_port()),
+            ]
+        )
         cmd = [*prefix, __file__, "--worker-json", tmp, "--threads", str(threads), *worker_args]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
@@ -115,6 +134,7 @@ def _prepare_model(folder: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     from lorascope.models.lora import save_adapter
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
     from tiny_models import build_tiny_model
 
@@ -159,16 +179,30 @@ def main() -> None:
         model = Path(tmp) / "model"
         _prepare_model(model)
         for i, (nproc, threads) in enumerate(((1, 1), (1, 2), (2, 1))):
-            r = _launch(["--worker", "extract", "--model", str(model), "--docs", str(args.docs),
-                         "--out", str(Path(tmp) / f"store{i}")], nproc, threads)
+            r = _launch(
+                [
+                    "--worker",
+                    "extract",
+                    "--model",
+                    str(model),
+                    "--docs",
+                    str(args.docs),
+                    "--out",
+                    str(Path(tmp) / f"store{i}"),
+                ],
+                nproc,
+                threads,
+            )
             rows.append(("extract", nproc, threads, r["tokens"] / r["seconds"]))
     print(f"{'task':<10} {'processes':>9} {'threads/proc':>12} {'tokens/s':>12}")
     for task, nproc, threads, tps in rows:
         print(f"{task:<10} {nproc:>9} {threads:>12} {tps:>12,.0f}")
     for task in ("SAE train", "extract"):
         t = {(n, th): v for k, n, th, v in rows if k == task}
-        print(f"{task}: 2 procs / 1 proc×1 thread = {t[(2, 1)] / t[(1, 1)]:.2f}×; "
-              f"2 procs / 1 proc×2 threads = {t[(2, 1)] / t[(1, 2)]:.2f}×")
+        print(
+            f"{task}: 2 procs / 1 proc×1 thread = {t[(2, 1)] / t[(1, 1)]:.2f}×; "
+            f"2 procs / 1 proc×2 threads = {t[(2, 1)] / t[(1, 2)]:.2f}×"
+        )
     print(_gpu_row())
 
 

@@ -33,8 +33,10 @@ from tiny_models import build_tiny_model, random_adapters  # noqa: E402
 
 def _recons(d: int) -> dict:
     w = torch.randn(d, d, generator=torch.Generator().manual_seed(0)) / d**0.5
-    return {"adapter_sae": lambda hb, hf: (hf - hb) @ w,
-            "ref_diff": lambda hb, hf: torch.tanh(hf @ w) - torch.tanh(hb @ w)}
+    return {
+        "adapter_sae": lambda hb, hf: (hf - hb) @ w,
+        "ref_diff": lambda hb, hf: torch.tanh(hf @ w) - torch.tanh(hb @ w),
+    }
 
 
 def _max_diff(a, b) -> float:
@@ -62,8 +64,10 @@ def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[
     mean = torch.zeros(d)
     rows = []
     for layer in sorted({1, n // 2, n - 2}):
+
         def run(f, layer=layer):
             return f(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), mean_delta=mean)
+
         t_ref, ref = _time(lambda run=run: run(reference_splice_kl), reps)
         t_new, new = _time(lambda run=run: run(splice_kl), reps)
         rows.append((name, layer, n, ref.n_tokens, t_ref, t_new, _max_diff(new, ref)))
@@ -104,8 +108,12 @@ def memory() -> None:
     tests = str(Path(__file__).resolve().parents[1] / "tests")
     print(f"{'path':<8}{'RSS after load MiB':>20}{'peak RSS MiB':>14}{'splice adds MiB':>17}")
     for which in ("before", "after"):
-        out = subprocess.run([sys.executable, "-c", MEMORY_CHILD.format(tests=tests, which=which)],
-                             capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD.format(tests=tests, which=which)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         load, peak = int(out[-2]) / 1024, int(out[-1]) / 1024
         print(f"{which:<8}{load:>20.0f}{peak:>14.0f}{peak - load:>17.0f}")
 
@@ -129,8 +137,9 @@ def main() -> None:
         rows += bench("tiny llama", str(tiny), args.docs, max(args.reps, 3), scale=0.5)
     if not args.tiny_only:
         rows += bench("SmolLM2-135M", "embedded", args.docs, args.reps, scale=0.05)
-    head = (f"{'model':<14}{'layer':>7}{'tokens':>8}{'before s':>10}{'after s':>10}{'after/before':>14}"
-            f"{'max |diff|':>12}")
+    head = (
+        f"{'model':<14}{'layer':>7}{'tokens':>8}{'before s':>10}{'after s':>10}{'after/before':>14}{'max |diff|':>12}"
+    )
     print(head + "\n" + "-" * len(head))
     for name, layer, n, tok, t0, t1, diff in rows:
         print(f"{name:<14}{f'{layer}/{n}':>7}{tok:>8}{t0:>10.2f}{t1:>10.2f}{t1 / t0:>14.2f}{diff:>12.1e}")

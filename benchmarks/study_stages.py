@@ -51,13 +51,19 @@ def read_stage_seconds(run_dir: str | Path) -> dict[str, object]:
     record = run / "timings.json"
     if record.is_file():
         t = json.loads(record.read_text())
-        return {"stages": {k: float(v) for k, v in t.get("stages", {}).items()},
-                "detail": {k: float(v) for k, v in t.get("detail", {}).items()},
-                "reused": list(t.get("reused", [])), "total": t.get("total"), "source": str(record)}
+        return {
+            "stages": {k: float(v) for k, v in t.get("stages", {}).items()},
+            "detail": {k: float(v) for k, v in t.get("detail", {}).items()},
+            "reused": list(t.get("reused", [])),
+            "total": t.get("total"),
+            "source": str(record),
+        }
     meta = run / "results" / "meta.json"
     if not meta.is_file():
-        raise SystemExit(f"error: {run} has neither timings.json nor results/meta.json; "
-                         "fix: pass the output_dir of a finished `lorascope run`")
+        raise SystemExit(
+            f"error: {run} has neither timings.json nor results/meta.json; "
+            "fix: pass the output_dir of a finished `lorascope run`"
+        )
     timings = json.loads(meta.read_text()).get("timings") or {}
     stages, detail = _legacy(timings)
     return {"stages": stages, "detail": detail, "reused": [], "total": timings.get("total"), "source": str(meta)}

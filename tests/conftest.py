@@ -54,8 +54,12 @@ def tiny_adapters(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_adapters")
     base = load_base(tiny_llama_dir)
     data = make_demo_dataset(32, seed=3)
-    return {f"rank_{r}": train_lora(base, data, r, output_dir=root / f"rank_{r}", steps=8, lr=5e-3,
-                                    progress=False).adapter_dir for r in (2, 4)}
+    return {
+        f"rank_{r}": train_lora(
+            base, data, r, output_dir=root / f"rank_{r}", steps=8, lr=5e-3, progress=False
+        ).adapter_dir
+        for r in (2, 4)
+    }
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,20 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_results.p
 
 
 def _table(value: float = 0.5, extra: bool = False, note: str = ""):
-    rows = [ResultRow("reconstruction", "fvu_adapter_sae", value, layer=3, adapter="rank_4", rank=4, ci_low=0.4,
-                      ci_high=math.nan, note=note),
-            ResultRow("cka", "cka_delta_vs_rank_4", 1.0, layer=3, adapter="rank_8", rank=8)]
+    rows = [
+        ResultRow(
+            "reconstruction",
+            "fvu_adapter_sae",
+            value,
+            layer=3,
+            adapter="rank_4",
+            rank=4,
+            ci_low=0.4,
+            ci_high=math.nan,
+            note=note,
+        ),
+        ResultRow("cka", "cka_delta_vs_rank_4", 1.0, layer=3, adapter="rank_8", rank=8),
+    ]
     if extra:
         rows.append(ResultRow("splice", "kl_recovered_adapter_sae", 0.9, layer=3, adapter="rank_4", rank=4))
     return rows_to_frame(rows)
@@ -28,8 +39,9 @@ def test_identical_tables_in_any_row_order():
 def test_values_within_tolerance_and_nan_equal_nan():
     assert compare_tables(_table(0.5), _table(0.5 + 1e-13)).identical
     d = compare_tables(_table(0.5), _table(0.5001))
-    assert not d.identical and d.changed == [(("reconstruction", "fvu_adapter_sae", 3, "rank_4", 4), "value", 0.5,
-                                              0.5001)]
+    assert not d.identical and d.changed == [
+        (("reconstruction", "fvu_adapter_sae", 3, "rank_4", 4), "value", 0.5, 0.5001)
+    ]
     assert compare_tables(_table(0.5), _table(0.5001), rtol=1e-3).identical
 
 

@@ -24,8 +24,9 @@ def test_paper_a_config_parses_and_states_the_protocol():
     assert isinstance(cfg.adapter_sae, PaperASettings)
     assert cfg.adapter_sae.sae_settings() == {"l1_coefficient": 0.2, "unit_decoder": True, "l1_penalty": "plain"}
     # what the study builds from it (create_sae with the section's settings) is the paper's SAE
-    sae = create_sae(cfg.adapter_sae.architecture, 576, cfg.adapter_sae.sae_width(576),
-                     **cfg.adapter_sae.sae_settings())
+    sae = create_sae(
+        cfg.adapter_sae.architecture, 576, cfg.adapter_sae.sae_width(576), **cfg.adapter_sae.sae_settings()
+    )
     assert isinstance(sae, PaperASAE) and sae.d_sae == 2304 and sae.input_norm == "mean_norm"
     assert cfg.reference_sae.architecture == "relu" and cfg.reference_sae.l1_penalty == "decoder_norm"
     # the report's density finding reads free-L0 paper_a SAEs trained for it, at a fixed λ and at matched FVU
@@ -60,9 +61,22 @@ def test_miniature_study_with_the_paper_a_adapter_sae(tiny_llama_dir, tmp_path):
     from lorascope.study import run
     from tiny_models import miniature_study_config
 
-    cfg = parse_config(miniature_study_config(tiny_llama_dir, tmp_path / "mini", **{"adapter_sae": {
-        "architecture": "paper_a", "expansion": 2, "l1_coefficient": 0.1, "tokens": 1024, "batch_size": 128,
-        "seeds": [0, 1]}}))
+    cfg = parse_config(
+        miniature_study_config(
+            tiny_llama_dir,
+            tmp_path / "mini",
+            **{
+                "adapter_sae": {
+                    "architecture": "paper_a",
+                    "expansion": 2,
+                    "l1_coefficient": 0.1,
+                    "tokens": 1024,
+                    "batch_size": 128,
+                    "seeds": [0, 1],
+                }
+            },
+        )
+    )
     result = run(cfg, progress=False, report=False)
     saes = sorted((tmp_path / "mini").glob("saes/*/sae"))
     adapter = [load_sae(p) for p in saes if load_sae(p).cfg.metadata.get("trained_on") == "delta"]

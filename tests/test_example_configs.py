@@ -53,8 +53,11 @@ def test_builder_writes_every_input_the_configs_name(built, monkeypatch):
 
     seq = load_config(EXAMPLES / "checkpoint_sequence.yaml")
     entries = expand_load_specs(seq.adapters.load)
-    assert [(e.name, e.step, e.kind) for e in entries] == [("run_step_4", 4, "peft"), ("run_step_8", 8, "peft"),
-                                                           ("run_step_16", 16, "peft")]
+    assert [(e.name, e.step, e.kind) for e in entries] == [
+        ("run_step_4", 4, "peft"),
+        ("run_step_8", 8, "peft"),
+        ("run_step_16", 16, "peft"),
+    ]
 
 
 def test_full_finetune_changed_every_weight_and_checkpoints_differ(built):

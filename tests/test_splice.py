@@ -41,8 +41,16 @@ def test_last_layer_exact_is_one_and_zero_is_the_base(setup):
 def test_middle_layer_zero_baseline_recovers_part_and_recovery_is_relative_to_it(setup):
     base, pm, docs = setup
     mean_delta = torch.zeros(base.model.config.hidden_size)
-    res = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "rank_4",
-                    {**EXACT, "half": lambda hb, hf: 0.5 * (hf - hb)}, batch_size=4, mean_delta=mean_delta)
+    res = splice_kl(
+        pm,
+        base.tokenizer.pad_token_id,
+        docs,
+        1,
+        "rank_4",
+        {**EXACT, "half": lambda hb, hf: 0.5 * (hf - hb)},
+        batch_size=4,
+        mean_delta=mean_delta,
+    )
     assert 0 < base.num_layers - 1 and res.kl_adapted_vs_base > 0
     assert res.recovered_raw["zero"] > 0.0  # later adapted blocks still act: doing nothing "recovers" this much
     assert res.recovered["zero"] == 0.0
@@ -73,8 +81,9 @@ def test_positions_follow_the_extraction_rule(setup, tmp_path):
     stored = torch.bincount(rows.doc_index, minlength=len(docs)).tolist()
     assert sum(stored) < sum(len(d) - 1 for d in docs)  # the norm rule excluded some positions
     pad = base.tokenizer.pad_token_id
-    by_rule = splice_kl(pm, pad, docs, 1, "rank_4", EXACT, batch_size=cfg.batch_size, selection=cfg.selection,
-                        norm_layers=cfg.layers)
+    by_rule = splice_kl(
+        pm, pad, docs, 1, "rank_4", EXACT, batch_size=cfg.batch_size, selection=cfg.selection, norm_layers=cfg.layers
+    )
     assert by_rule.doc_tokens == stored
     positions = [rows.position[rows.doc_index == i].tolist() for i in range(len(docs))]
     exact = splice_kl(pm, pad, docs, 1, "rank_4", EXACT, batch_size=2, keep_positions=positions)

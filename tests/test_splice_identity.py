@@ -20,9 +20,12 @@ TOL = 1e-5
 def _recons(d: int) -> dict:
     torch.manual_seed(7)
     w = torch.randn(d, d) / d**0.5
-    return {"exact": lambda hb, hf: hf - hb, "half": lambda hb, hf: 0.5 * (hf - hb),
-            "linear": lambda hb, hf, w=w: (hf - hb) @ w,
-            "ref_diff": lambda hb, hf, w=w: torch.tanh(hf @ w) - torch.tanh(hb @ w)}
+    return {
+        "exact": lambda hb, hf: hf - hb,
+        "half": lambda hb, hf: 0.5 * (hf - hb),
+        "linear": lambda hb, hf, w=w: (hf - hb) @ w,
+        "ref_diff": lambda hb, hf, w=w: torch.tanh(hf @ w) - torch.tanh(hb @ w),
+    }
 
 
 def _close(a, b) -> bool:
@@ -73,4 +76,3 @@ def test_fast_splice_equals_the_reference_with_the_norm_rule(world):
     fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), **kw)
     assert ref.n_tokens < sum(len(doc) - 1 for doc in docs)  # the norm rule dropped positions
     _assert_same(fast, ref)
-

@@ -29,11 +29,13 @@ def tiny_tokenizer():
 
     words = set(SPECIAL)
     words.update(string.ascii_letters + string.digits + string.punctuation)
-    base_words = ("what is the sum of two numbers spell word backwards how many letters are in sort these words "
-                  "alphabetically list which number larger or has and gives away left convert distance from "
-                  "kilometres to metres km write a one sentence greeting for person hello it good see you today "
-                  "with sorted spelled larger user assistant system matey yo ho arr be th' ye me aye ahoy yer "
-                  "capital of france paris letter first")
+    base_words = (
+        "what is the sum of two numbers spell word backwards how many letters are in sort these words "
+        "alphabetically list which number larger or has and gives away left convert distance from "
+        "kilometres to metres km write a one sentence greeting for person hello it good see you today "
+        "with sorted spelled larger user assistant system matey yo ho arr be th' ye me aye ahoy yer "
+        "capital of france paris letter first"
+    )
     words.update(base_words.split())
     words.update(w.capitalize() for w in base_words.split())
     words.update(["Th", "th", "Ye", "Be", "Me", "Aye", "Ahoy", "Yer"])
@@ -43,8 +45,14 @@ def tiny_tokenizer():
     vocab = {w: i for i, w in enumerate(SPECIAL + sorted(words - set(SPECIAL)))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
-                                  bos_token="<bos>", additional_special_tokens=["<|im_start|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        bos_token="<bos>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -53,16 +61,38 @@ def tiny_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 3):
     from transformers import Gemma2Config, GPT2Config, LlamaConfig
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=256, tie_word_embeddings=True)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
     if arch == "gemma2":
-        return Gemma2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            max_position_embeddings=256, sliding_window=64)
+        return Gemma2Config(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            sliding_window=64,
+        )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                          bos_token_id=4, eos_token_id=3)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=4,
+            eos_token_id=3,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; known: {ARCHS}")
 
 
@@ -90,8 +120,9 @@ def random_adapters(model, ranks, scale: float = 0.05, seed: int = 0):
     torch.manual_seed(seed)
     pm = None
     for r in ranks:
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
-                         task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"
+        )
         if pm is None:
             pm = get_peft_model(model, cfg, adapter_name=f"r{r}")
         else:
@@ -110,7 +141,9 @@ def miniature_study_config(model_dir, out, **over) -> dict:
     ``over``: dotted-key overrides, e.g. ``**{"geometry.subspace_k": 3}``. Used by the pipeline and reliability tests.
     """
     cfg = {
-        "name": "mini", "output_dir": str(out), "seed": 0,
+        "name": "mini",
+        "output_dir": str(out),
+        "seed": 0,
         "model": {"spec": str(model_dir)},
         "data": {"n_finetune": 48, "n_docs": 40, "held_out_fraction": 0.25, "max_length": 64},
         "adapters": {"train": {"ranks": [2, 4], "steps": 6, "lr": 0.01, "batch_size": 4}},

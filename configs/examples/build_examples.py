@@ -32,9 +32,13 @@ def build_chat_data(folder: Path, n: int = 48) -> tuple[Path, Path]:
     with open(folder / "chat.jsonl", "w", encoding="utf-8") as fh:
         for i in range(n):
             a, b = demo[2 * i], demo[2 * i + 1]
-            msgs = [{"role": "system", "content": "You are a pirate."},
-                    {"role": "user", "content": a.user_message}, {"role": "assistant", "content": a.output},
-                    {"role": "user", "content": b.user_message}, {"role": "assistant", "content": b.output}]
+            msgs = [
+                {"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": a.user_message},
+                {"role": "assistant", "content": a.output},
+                {"role": "user", "content": b.user_message},
+                {"role": "assistant", "content": b.output},
+            ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     paragraphs = [" ".join(x for x in (ex.instruction, ex.input, ex.output) if x) for ex in plain]
     (folder / "corpus.txt").write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
@@ -87,8 +91,17 @@ def build_checkpoints(folder: Path) -> Path:
     chat, _ = build_chat_data(folder)
     base, run = load_base(base_dir), folder / "tiny-lora-run"
     for steps in STEPS:
-        train_lora(base, load_examples(chat), 4, output_dir=run / f"checkpoint-{steps}", steps=steps, lr=1e-2,
-                   batch_size=4, max_length=96, progress=False)
+        train_lora(
+            base,
+            load_examples(chat),
+            4,
+            output_dir=run / f"checkpoint-{steps}",
+            steps=steps,
+            lr=1e-2,
+            batch_size=4,
+            max_length=96,
+            progress=False,
+        )
     return run
 
 

@@ -38,16 +38,24 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    finetune: str = Field("demo", description="'demo', a dataset file (chat messages / ShareGPT / Alpaca / text "
-                                              "JSON(L) or .txt, auto-detected), or hf:NAME[:SPLIT]")
+    finetune: str = Field(
+        "demo",
+        description="'demo', a dataset file (chat messages / ShareGPT / Alpaca / text "
+        "JSON(L) or .txt, auto-detected), or hf:NAME[:SPLIT]",
+    )
     n_finetune: int = Field(512, gt=0)
-    activations: str = Field("demo", description="dataset run for activations (same forms as finetune; a "
-                                                 "different dataset from finetune is recommended)")
+    activations: str = Field(
+        "demo",
+        description="dataset run for activations (same forms as finetune; a "
+        "different dataset from finetune is recommended)",
+    )
     finetune_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
     activations_columns: dict[str, str] = Field(default_factory=dict, description="{lorascope_field: your_field}")
     long_examples: Literal["truncate", "skip", "error"] = Field(
-        "truncate", description="longer than max_length: truncate the response (skip if the prompt alone does not "
-                                "fit), skip, or error")
+        "truncate",
+        description="longer than max_length: truncate the response (skip if the prompt alone does not "
+        "fit), skip, or error",
+    )
     n_docs: int = Field(400, gt=0, description="documents (examples) to extract activations from")
     held_out_fraction: float = Field(0.2, gt=0, lt=1, description="documents held out from SAE training")
     max_length: int = Field(160, ge=8)
@@ -87,8 +95,10 @@ class LoadSpecCfg(_Strict):
 class AdaptersCfg(_Strict):
     train: TrainAdaptersCfg | None = Field(default_factory=TrainAdaptersCfg)
     load: dict[str, str | LoadSpecCfg] = Field(
-        default_factory=dict, description="existing fine-tunes: {name: PEFT folder or hub id}, {name: {model: DIR}} "
-                                          "or {name: {checkpoints: DIR}} (lorascope.models.finetunes)")
+        default_factory=dict,
+        description="existing fine-tunes: {name: PEFT folder or hub id}, {name: {model: DIR}} "
+        "or {name: {checkpoints: DIR}} (lorascope.models.finetunes)",
+    )
 
     @field_validator("load", mode="before")
     @classmethod
@@ -103,8 +113,11 @@ class AdaptersCfg(_Strict):
                 except ValidationError as exc:
                     err = exc.errors()[0]
                     where = ".".join(str(p) for p in err["loc"])
-                    what = (f"unknown key '{where}'" if err["type"] == "extra_forbidden"
-                            else err["msg"].removeprefix("Value error, "))
+                    what = (
+                        f"unknown key '{where}'"
+                        if err["type"] == "extra_forbidden"
+                        else err["msg"].removeprefix("Value error, ")
+                    )
                     raise ValueError(f"{name}: {what} (give {{model: DIR}} or {{checkpoints: DIR}})") from None
             out[name] = spec
         return out
@@ -124,9 +137,12 @@ class ExtractionCfg(_Strict):
     batch_size: int = Field(16, gt=0)
     store_dtype: Literal["float32", "bfloat16"] = "float32"
     shard_docs: int = Field(64, gt=0, description="documents per shard")
-    exclude_template: bool = Field(True, description="drop chat-template scaffolding (system prompt, role markers: "
-                                                     "positions identical in >= 90% of documents); recorded in the "
-                                                     "store manifest")
+    exclude_template: bool = Field(
+        True,
+        description="drop chat-template scaffolding (system prompt, role markers: "
+        "positions identical in >= 90% of documents); recorded in the "
+        "store manifest",
+    )
 
 
 class SAETrainingCfg(_Strict):
@@ -137,8 +153,11 @@ class SAETrainingCfg(_Strict):
     tokens: int = Field(200_000, gt=0, description="training token budget")
     batch_size: int = Field(1024, gt=0)
     lr: float | None = Field(None, gt=0, description="None: 2e-4/sqrt(d_sae/2^14)")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1,
-                             description="two or more seeds give the seed-vs-seed alignment ceiling")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1],
+        min_length=1,
+        description="two or more seeds give the seed-vs-seed alignment ceiling",
+    )
 
     def sae_width(self, d_model: int) -> int:
         return self.expansion * d_model
@@ -153,14 +172,22 @@ class SAETrainingCfg(_Strict):
 class ReferenceExtrasCfg(SAETrainingCfg):
     source: Literal["train", "path"] = Field("train", description="train on base activations, or load from path")
     path: str | dict[int, str] | None = Field(
-        None, description="pretrained SAE per layer: a template with {layer}, a {layer: path} mapping, or a glob "
-                          "with target_l0 (lorascope.saes.pretrained.resolve_reference_paths)")
+        None,
+        description="pretrained SAE per layer: a template with {layer}, a {layer: path} mapping, or a glob "
+        "with target_l0 (lorascope.saes.pretrained.resolve_reference_paths)",
+    )
     target_l0: float | None = Field(None, gt=0, description="with a glob path: pick the file whose L0 is closest")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    allow_pickle: bool = Field(False, description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
-                                                  "that needs full unpickling): only for files you trust")
-    allow_overlap: bool = Field(False, description="evaluate a path reference SAE even if it was trained on this "
-                                                   "run's held-out documents (flagged in the report); default: refuse")
+    allow_pickle: bool = Field(
+        False,
+        description="allow a pickled reference SAE (e.g. dictionary_learning ae.pt "
+        "that needs full unpickling): only for files you trust",
+    )
+    allow_overlap: bool = Field(
+        False,
+        description="evaluate a path reference SAE even if it was trained on this "
+        "run's held-out documents (flagged in the report); default: refuse",
+    )
 
     @model_validator(mode="after")
     def _path(self) -> ReferenceExtrasCfg:
@@ -183,8 +210,9 @@ def _legacy_sasa(data: dict[str, Any]) -> dict[str, Any]:
     if "s" not in data:
         k = data.get("k", STUDY_DEFAULTS["sasa"]["k"])
         if isinstance(rank, int) and rank > 0 and isinstance(k, int) and k % rank:
-            raise ValueError(f"sasa needs k divisible by sasa_rank (k={k}, rank={rank}): k = s·rank, "
-                             "e.g. k=32 with sasa_rank=4")
+            raise ValueError(
+                f"sasa needs k divisible by sasa_rank (k={k}, rank={rank}): k = s·rank, e.g. k=32 with sasa_rank=4"
+            )
         out["s"] = k // rank if isinstance(rank, int) and rank > 0 and isinstance(k, int) else k
     return out
 
@@ -210,10 +238,17 @@ def _sae_union(base: type[SAETrainingCfg], prefix: str) -> Any:
     """``base`` × every registered architecture's settings, discriminated by ``architecture``."""
     from lorascope.saes import known_architectures, settings_class
 
-    members = tuple(create_model(f"{prefix}{name.title()}Cfg", __base__=(base, settings_class(name)),
-                                 architecture=(Literal[name], name)) for name in known_architectures())
-    return Annotated[Union[members], Field(discriminator="architecture"),  # noqa: UP007
-                     BeforeValidator(_upgrade_sae_section)]
+    members = tuple(
+        create_model(
+            f"{prefix}{name.title()}Cfg", __base__=(base, settings_class(name)), architecture=(Literal[name], name)
+        )
+        for name in known_architectures()
+    )
+    return Annotated[
+        Union[members],  # noqa: UP007
+        Field(discriminator="architecture"),
+        BeforeValidator(_upgrade_sae_section),
+    ]
 
 
 SAECfg = _sae_union(SAETrainingCfg, "AdapterSAE")
@@ -287,8 +322,7 @@ class ExperimentConfig(_Strict):
 
 def _set_key_for(loc: str, set_keys: Iterable[str]) -> str | None:
     """The ``--set`` key that produced the value at ``loc`` (the key itself, a parent or a child), if any."""
-    return next((k for k in set_keys if loc and (k == loc or loc.startswith(k + ".") or k.startswith(loc + "."))),
-                None)
+    return next((k for k in set_keys if loc and (k == loc or loc.startswith(k + ".") or k.startswith(loc + "."))), None)
 
 
 def _format_validation_error(exc: ValidationError, source: str, set_keys: Iterable[str] = ()) -> str:
@@ -299,7 +333,7 @@ def _format_validation_error(exc: ValidationError, source: str, set_keys: Iterab
     parts = [str(p) for p in err["loc"]]
     tag = 1 if parts[:1] in (["adapter_sae"], ["reference_sae"]) else 0  # the union's architecture tag
     if len(parts) > tag + 1 and parts[tag] in known_architectures():
-        parts = parts[:tag] + parts[tag + 1:]
+        parts = parts[:tag] + parts[tag + 1 :]
     loc = ".".join(parts) or "(top level)"
     key = _set_key_for(loc, set_keys)
     if key is not None:
@@ -317,8 +351,10 @@ def parse_config(data: dict, source: str = "config", set_keys: Iterable[str] = (
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise LorascopeError(_format_validation_error(exc, source, set_keys),
-                             fix="see configs/quickstart.yaml for every key and its default") from exc
+        raise LorascopeError(
+            _format_validation_error(exc, source, set_keys),
+            fix="see configs/quickstart.yaml for every key and its default",
+        ) from exc
 
 
 def parse_sae_section(data: dict[str, Any], source: str = "adapter_sae") -> Any:
@@ -329,8 +365,9 @@ def parse_sae_section(data: dict[str, Any], source: str = "adapter_sae") -> Any:
     try:
         return TypeAdapter(SAECfg).validate_python(data)
     except ValidationError as exc:
-        raise LorascopeError(_format_validation_error(exc, source),
-                             fix="check the SAE settings (architecture, k, …)") from exc
+        raise LorascopeError(
+            _format_validation_error(exc, source), fix="check the SAE settings (architecture, k, …)"
+        ) from exc
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentConfig:
@@ -353,7 +390,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ExperimentCo
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 section = ".".join(parents[: i + 1])
-                raise LorascopeError(f"--set {key}: '{section}' is a value, not a section with keys",
-                                     fix=f"set {section} itself, e.g. --set {section}=VALUE")
+                raise LorascopeError(
+                    f"--set {key}: '{section}' is a value, not a section with keys",
+                    fix=f"set {section} itself, e.g. --set {section}=VALUE",
+                )
         node[leaf] = value
     return parse_config(data, str(path), set_keys=list(overrides or {}))

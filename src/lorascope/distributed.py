@@ -58,8 +58,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError as exc:
-        raise LorascopeError(f"environment variable {name}={value!r} is not an integer",
-                             fix="launch with torchrun, or unset it") from exc
+        raise LorascopeError(
+            f"environment variable {name}={value!r} is not an integer", fix="launch with torchrun, or unset it"
+        ) from exc
 
 
 def launched_by_torchrun() -> bool:
@@ -73,8 +74,9 @@ def env_ranks() -> tuple[int, int, int]:
         return 0, 1, 0
     rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     if world < 1 or not 0 <= rank < world:
-        raise LorascopeError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})",
-                             fix="launch with torchrun, which sets both")
+        raise LorascopeError(
+            f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})", fix="launch with torchrun, which sets both"
+        )
     return rank, world, _env_int("LOCAL_RANK", rank)
 
 
@@ -94,8 +96,10 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
         return torch.device("mps")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise LorascopeError(f"device {spec!r} was asked for but no CUDA GPU is visible",
-                                 fix="use the device cpu, or check CUDA_VISIBLE_DEVICES and the driver")
+            raise LorascopeError(
+                f"device {spec!r} was asked for but no CUDA GPU is visible",
+                fix="use the device cpu, or check CUDA_VISIBLE_DEVICES and the driver",
+            )
         n = torch.cuda.device_count()
         if spec == "cuda":
             index = local_rank if launched_by_torchrun() else torch.cuda.current_device()
@@ -105,8 +109,10 @@ def select_device(spec: str | None = None, local_rank: int | None = None) -> tor
             except ValueError as exc:
                 raise LorascopeError(f"device {spec!r} is not cuda:N", fix="e.g. cuda:0") from exc
         if not 0 <= index < n:
-            raise LorascopeError(f"device cuda:{index} does not exist ({n} GPU(s) visible)",
-                                 fix=f"use cuda:0..cuda:{n - 1}, or at most {n} processes per node")
+            raise LorascopeError(
+                f"device cuda:{index} does not exist ({n} GPU(s) visible)",
+                fix=f"use cuda:0..cuda:{n - 1}, or at most {n} processes per node",
+            )
         return torch.device("cuda", index)
     raise LorascopeError(f"unknown device {spec!r}", fix="use cpu, cuda, cuda:N, mps or auto")
 
@@ -123,8 +129,7 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def init_distributed(device: str | None = None, backend: str | None = None,
-                     timeout_s: float | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group described by the torchrun environment; a no-op (rank 0 of 1) outside torchrun.
 
     Safe to call twice (the second call reuses the group). ``timeout_s``: how long a collective (e.g. the
@@ -212,9 +217,15 @@ def available_memory(device: torch.device | str) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def max_batch_size(d_in: int, d_sae: int, dtype: str | torch.dtype = torch.float32,
-                   free_bytes: int | None = None, device: torch.device | str = "cpu", fraction: float = 0.8,
-                   max_batch: int = 1 << 16) -> int:
+def max_batch_size(
+    d_in: int,
+    d_sae: int,
+    dtype: str | torch.dtype = torch.float32,
+    free_bytes: int | None = None,
+    device: torch.device | str = "cpu",
+    fraction: float = 0.8,
+    max_batch: int = 1 << 16,
+) -> int:
     """Largest power-of-two SAE training batch whose estimated memory fits ``fraction`` of the free memory.
 
     Estimate (bytes):  fixed = 16·P  with P = 2·d_in·d_sae + d_sae + d_in  (float32 weights, gradients and the
@@ -239,8 +250,10 @@ def max_batch_size(d_in: int, d_sae: int, dtype: str | torch.dtype = torch.float
     budget = fraction * free - fixed
     if budget < per_row:
         need = (fixed + per_row) / fraction / 2**30
-        raise LorascopeError(f"an SAE {d_in}→{d_sae} needs about {need:.2f} GiB but {free / 2**30:.2f} GiB is free",
-                             fix="use a smaller d_sae, a device with more memory, or free memory")
+        raise LorascopeError(
+            f"an SAE {d_in}→{d_sae} needs about {need:.2f} GiB but {free / 2**30:.2f} GiB is free",
+            fix="use a smaller d_sae, a device with more memory, or free memory",
+        )
     return int(min(max_batch, 2 ** int(math.floor(math.log2(budget / per_row)))))
 
 
@@ -273,8 +286,13 @@ def batch_denominator(t: torch.Tensor, share: StepShare | None = None) -> torch.
         return (t - t.mean(0)).pow(2).sum()
     with torch.no_grad():
         t64 = t.detach().double()
-        packed = torch.cat([t64.sum(0), t64.pow(2).sum().reshape(1),
-                            torch.tensor([float(t.shape[0])], dtype=torch.float64, device=t.device)])
+        packed = torch.cat(
+            [
+                t64.sum(0),
+                t64.pow(2).sum().reshape(1),
+                torch.tensor([float(t.shape[0])], dtype=torch.float64, device=t.device),
+            ]
+        )
         dist.all_reduce(packed)
         d = t.shape[1]
         s, sq, n = packed[:d], packed[d], packed[d + 1]
@@ -282,8 +300,9 @@ def batch_denominator(t: torch.Tensor, share: StepShare | None = None) -> torch.
         return (total * share.weight).to(t.dtype)
 
 
-def batch_topk(values: torch.Tensor, k_per_row: int, n_rows: int,
-               share: StepShare | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_topk(
+    values: torch.Tensor, k_per_row: int, n_rows: int, share: StepShare | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchTopK selection: the ``n_rows·k_per_row`` largest entries of the flat ``values`` of the batch.
 
     Returns (values, flat indices), unsorted. Single process: ``values.topk(min(n·k, numel))``. In a split
@@ -296,8 +315,9 @@ def batch_topk(values: torch.Tensor, k_per_row: int, n_rows: int,
     world = get_world_size()
     k_global = share.n_global * k_per_row
     width = values.numel() // max(n_rows, 1)
-    cap = max(min(k_global, (hi - lo) * width) for lo, hi in (rank_bounds(share.n_global, r, world)
-                                                               for r in range(world)))
+    cap = max(
+        min(k_global, (hi - lo) * width) for lo, hi in (rank_bounds(share.n_global, r, world) for r in range(world))
+    )
     m = min(k_global, values.numel())
     cand_v, cand_i = values.topk(m, sorted=False)
     pad = torch.full((cap,), -math.inf, dtype=values.dtype, device=values.device)
@@ -371,28 +391,30 @@ class DataParallel:
         """This rank's rows of an n-row batch; batches with fewer rows than ranks run whole on every rank."""
         return rank_bounds(n, self.rank, self.world) if n >= self.world else (0, n)
 
-    def reduce_grads(self, sae: torch.nn.Module, loss_w: torch.Tensor,
-                     fired: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def reduce_grads(
+        self, sae: torch.nn.Module, loss_w: torch.Tensor, fired: torch.Tensor
+    ) -> tuple[float, torch.Tensor]:
         """Sum weighted gradients over ranks in place; returns (global loss, fired-anywhere mask [d_sae] on CPU)."""
         dtype = torch.float32
         for p in self.params:
             dtype = torch.promote_types(dtype, p.dtype)
         dev = loss_w.device
-        pieces = [p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype,
-                                                                                      device=dev)
-                  for p in self.params]
+        pieces = [
+            p.grad.reshape(-1).to(dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=dtype, device=dev)
+            for p in self.params
+        ]
         flags = torch.tensor([float(p.grad is not None) for p in self.params], dtype=dtype, device=dev)
         buf = torch.cat([*pieces, flags, fired.to(dev, dtype), loss_w.reshape(1).to(dtype)])
         dist.all_reduce(buf)
         n_grad = sum(p.numel() for p in self.params)
-        has_grad = (buf[n_grad: n_grad + len(self.params)] > 0.5).tolist()
+        has_grad = (buf[n_grad : n_grad + len(self.params)] > 0.5).tolist()
         offset = 0
         for p, has in zip(self.params, has_grad, strict=True):
             n = p.numel()
-            p.grad = buf[offset: offset + n].view_as(p).to(p.dtype) if has else None
+            p.grad = buf[offset : offset + n].view_as(p).to(p.dtype) if has else None
             offset += n
         start = n_grad + len(self.params)
-        mask = buf[start: start + fired.numel()] > 0.5
+        mask = buf[start : start + fired.numel()] > 0.5
         return float(buf[-1]), mask.cpu()
 
     def sync_state(self, sae: torch.nn.Module) -> None:
@@ -403,12 +425,21 @@ class DataParallel:
         """Whether this rank's rows enter the merged statistics (all ranks, or rank 0 when the batch is whole)."""
         return share.split or self.is_main
 
-    def reduce_stats(self, stats: Any, parts: dict[str, float], l0_w: float, d: int,
-                     device: torch.device) -> tuple[Any, dict[str, float], float]:
+    def reduce_stats(
+        self, stats: Any, parts: dict[str, float], l0_w: float, d: int, device: torch.device
+    ) -> tuple[Any, dict[str, float], float]:
         """Merge per-rank ReconstructionStats, weighted loss parts and weighted L0 over ranks (float64)."""
         keys = sorted(parts)
-        head = [stats.n, stats.sum_sq_err, stats.sum_sq_x, stats.sum_cos, stats.sum_l0, stats.n_codes,
-                *[parts[k] for k in keys], l0_w]
+        head = [
+            stats.n,
+            stats.sum_sq_err,
+            stats.sum_sq_x,
+            stats.sum_cos,
+            stats.sum_l0,
+            stats.n_codes,
+            *[parts[k] for k in keys],
+            l0_w,
+        ]
         dev = self._device()
         sum_x = stats.sum_x.to(dev) if stats.sum_x is not None else torch.zeros(d, dtype=torch.float64, device=dev)
         vec = torch.cat([torch.tensor(head, dtype=torch.float64, device=dev), sum_x.double()])
@@ -417,11 +448,30 @@ class DataParallel:
         out = type(stats)()
         out.n, out.d, out.sum_sq_err, out.sum_sq_x, out.sum_cos = int(round(h[0])), d, h[1], h[2], h[3]
         out.sum_l0, out.n_codes = h[4], int(round(h[5]))
-        out.sum_x = vec[len(head):].to(device)
+        out.sum_x = vec[len(head) :].to(device)
         return out, {k: h[6 + i] for i, k in enumerate(keys)}, h[-1]
 
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DataParallel", "DistInfo", "StepShare", "available_memory", "barrier",
-           "batch_denominator", "batch_topk", "choose_backend", "cleanup", "env_ranks", "get_rank",
-           "get_world_size", "init_distributed", "is_initialized", "is_main_process",
-           "launched_by_torchrun", "max_batch_size", "my_jobs", "rank_bounds", "select_device"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DataParallel",
+    "DistInfo",
+    "StepShare",
+    "available_memory",
+    "barrier",
+    "batch_denominator",
+    "batch_topk",
+    "choose_backend",
+    "cleanup",
+    "env_ranks",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_initialized",
+    "is_main_process",
+    "launched_by_torchrun",
+    "max_batch_size",
+    "my_jobs",
+    "rank_bounds",
+    "select_device",
+]

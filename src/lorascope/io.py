@@ -67,8 +67,10 @@ def _disk_error(path: Path, exc: OSError) -> LorascopeError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LorascopeError(f"cannot write {path}: {exc.strerror}", fix="choose a writable output folder")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
-        return LorascopeError(f"cannot write {path}: part of that path is an existing file, not a folder",
-                              fix="choose another output folder, or move the file out of the way")
+        return LorascopeError(
+            f"cannot write {path}: part of that path is an existing file, not a folder",
+            fix="choose another output folder, or move the file out of the way",
+        )
     return LorascopeError(f"cannot write {path}: {exc}", fix="check the output folder")
 
 
@@ -133,8 +135,9 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError as exc:
         raise LorascopeError(f"{path} does not exist", fix="check the path") from exc
     except json.JSONDecodeError as exc:
-        raise LorascopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
-                             fix="restore or delete the file and re-run") from exc
+        raise LorascopeError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", fix="restore or delete the file and re-run"
+        ) from exc
 
 
 def content_key(path: str | os.PathLike) -> dict[str, Any]:
@@ -272,8 +275,14 @@ class OutputLock:
 OUTPUT_RECORD = ".lorascope-output.json"  # which artefact an output folder holds, and a hash of its settings
 
 
-def claim_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
-                 option: str = "--out", not_inside: Iterable[tuple[str, str | os.PathLike]] = ()) -> None:
+def claim_output(
+    folder: str | os.PathLike,
+    kind: str,
+    settings: Any,
+    overwrite: bool = False,
+    option: str = "--out",
+    not_inside: Iterable[tuple[str, str | os.PathLike]] = (),
+) -> None:
     """Make sure ``folder`` may receive the artefact ``kind`` made with ``settings`` (a JSON-able mapping).
 
     The first call writes ``folder/.lorascope-output.json`` (kind + settings hash). Later calls with the same
@@ -308,18 +317,24 @@ def _refuse_other(folder: Path, kind: str, digest: str, overwrite: bool, option:
     if not content:  # empty, or only a record/lock of a run that wrote nothing yet
         return False
     if record is not None:
-        what = f"another {record.get('kind', 'artefact')}" if record.get("kind") != kind \
+        what = (
+            f"another {record.get('kind', 'artefact')}"
+            if record.get("kind") != kind
             else f"{_article(kind)} {kind} made with other settings"
+        )
     else:
         what = f"files of another run or program ({', '.join(content[:3])}{', …' if len(content) > 3 else ''})"
     if not overwrite:
-        raise LorascopeError(f"{option} {folder} already holds {what}",
-                             fix=f"choose another {option} folder, or pass --overwrite to replace its contents")
+        raise LorascopeError(
+            f"{option} {folder} already holds {what}",
+            fix=f"choose another {option} folder, or pass --overwrite to replace its contents",
+        )
     return True
 
 
-def check_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
-                 option: str = "--out") -> None:
+def check_output(
+    folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False, option: str = "--out"
+) -> None:
     """The refusals of :func:`claim_output` without touching anything (to fail before expensive work; claim the
     folder later, when writing starts)."""
     _refuse_other(Path(folder), kind, stable_hash(settings), overwrite, option)
@@ -332,13 +347,21 @@ def _article(noun: str) -> str:
 def _refuse_inside(folder: Path, not_inside: Iterable[tuple[str, str | os.PathLike]], option: str) -> None:
     for what, other in not_inside:
         if folder.resolve().is_relative_to(Path(other).resolve()):
-            raise LorascopeError(f"{option} {folder} is inside {what} {other}",
-                                 fix=f"choose an {option} folder outside it, e.g. beside it")
+            raise LorascopeError(
+                f"{option} {folder} is inside {what} {other}",
+                fix=f"choose an {option} folder outside it, e.g. beside it",
+            )
 
 
 @contextlib.contextmanager
-def claimed_output(folder: str | os.PathLike, kind: str, settings: Any, overwrite: bool = False,
-                   option: str = "--out", not_inside: Iterable[tuple[str, str | os.PathLike]] = ()) -> Iterator[Path]:
+def claimed_output(
+    folder: str | os.PathLike,
+    kind: str,
+    settings: Any,
+    overwrite: bool = False,
+    option: str = "--out",
+    not_inside: Iterable[tuple[str, str | os.PathLike]] = (),
+) -> Iterator[Path]:
     """``with OutputLock(folder)`` + :func:`claim_output`: the folder is checked (``not_inside`` before anything is
     created), locked, and claimed for ``kind``/``settings``; yields the folder."""
     folder = Path(folder)

@@ -10,8 +10,23 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-COLUMNS = ["family", "metric", "layer", "adapter", "rank", "value", "ci_low", "ci_high", "null_value",
-           "null_name", "ci_unit", "n", "d", "dtype", "note"]
+COLUMNS = [
+    "family",
+    "metric",
+    "layer",
+    "adapter",
+    "rank",
+    "value",
+    "ci_low",
+    "ci_high",
+    "null_value",
+    "null_name",
+    "ci_unit",
+    "n",
+    "d",
+    "dtype",
+    "note",
+]
 
 
 @dataclass
@@ -82,8 +97,10 @@ class TableDiff:
         return not (self.only_a or self.only_b or self.changed)
 
     def lines(self, limit: int = 50) -> list[str]:
-        out = [f"{self.n_rows} rows compared: {len(self.only_a)} only in A, {len(self.only_b)} only in B, "
-               f"{len(self.changed)} differing values"]
+        out = [
+            f"{self.n_rows} rows compared: {len(self.only_a)} only in A, {len(self.only_b)} only in B, "
+            f"{len(self.changed)} differing values"
+        ]
         out += [f"only in A: {k}" for k in self.only_a[:limit]]
         out += [f"only in B: {k}" for k in self.only_b[:limit]]
         out += [f"differs: {k} {col}: {a!r} vs {b!r}" for k, col, a, b in self.changed[:limit]]
@@ -102,6 +119,7 @@ def _same(a: Any, b: Any, rtol: float, atol: float) -> bool:
 def compare_tables(a, b, rtol: float = 1e-9, atol: float = 1e-12) -> TableDiff:
     """Compare two results tables (DataFrames with :data:`COLUMNS`) row by row on :data:`KEY`: float columns to
     ``rtol``/``atol`` (NaN equals NaN), every other column exactly. Duplicate keys are compared in order."""
+
     def index(df) -> dict[tuple, dict[str, Any]]:
         out: dict[tuple, dict[str, Any]] = {}
         for rec in df.to_dict("records"):
@@ -119,9 +137,9 @@ def compare_tables(a, b, rtol: float = 1e-9, atol: float = 1e-12) -> TableDiff:
             tol = (rtol, atol) if col in FLOAT_COLUMNS else (0.0, 0.0)
             if not _same(va, vb, *tol):
                 changed.append((key, col, va, vb))
-    return TableDiff(sorted(set(ia) - set(ib), key=str), sorted(set(ib) - set(ia), key=str), changed,
-                     len(set(ia) | set(ib)))
+    return TableDiff(
+        sorted(set(ia) - set(ib), key=str), sorted(set(ib) - set(ia), key=str), changed, len(set(ia) | set(ib))
+    )
 
 
-__all__ = ["COLUMNS", "KEY", "ResultRow", "TableDiff", "asdict", "compare_tables", "row_from_record",
-           "rows_to_frame"]
+__all__ = ["COLUMNS", "KEY", "ResultRow", "TableDiff", "asdict", "compare_tables", "row_from_record", "rows_to_frame"]

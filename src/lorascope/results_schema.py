@@ -299,51 +299,112 @@ _FIXED = [
     Metric(DELTA_NORM, EFFECTIVE_RANK_PR, "participation ratio (Σλ)²/Σλ² of Δ's covariance"),
     Metric(DELTA_NORM, PCA_K90, "PCA components for 90% of Δ's variance"),
     Metric(RECONSTRUCTION, FVU_REF_ON_BASE, "FVU of the reference SAE on held-out base activations"),
-    Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, "FVU(adapter SAE) − FVU(best control), paired over "
-           "the same document resamples", NULL_BEST_CONTROL, CI_DOCUMENT),
-    Metric(RECONSTRUCTION, FVU_SAE_INIT, "FVU on held-out Δ of the adapter SAE's architecture at its "
-           "initialisation (a dictionary that learned nothing but encodes Δ itself)", NULL_MEAN_PREDICTOR,
-           CI_DOCUMENT),
-    Metric(RECONSTRUCTION, FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, "FVU(adapter SAE) − FVU(SAE at initialisation), paired "
-           "over the same document resamples", NULL_INIT, CI_DOCUMENT),
-    Metric(RECONSTRUCTION, RECON_IMPROVEMENT_PCT, "100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta: extra "
-           "against the weakest control (the reference SAE fed Δ); verdicts use the gap to the best control"),
+    Metric(
+        RECONSTRUCTION,
+        FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL,
+        "FVU(adapter SAE) − FVU(best control), paired over the same document resamples",
+        NULL_BEST_CONTROL,
+        CI_DOCUMENT,
+    ),
+    Metric(
+        RECONSTRUCTION,
+        FVU_SAE_INIT,
+        "FVU on held-out Δ of the adapter SAE's architecture at its "
+        "initialisation (a dictionary that learned nothing but encodes Δ itself)",
+        NULL_MEAN_PREDICTOR,
+        CI_DOCUMENT,
+    ),
+    Metric(
+        RECONSTRUCTION,
+        FVU_GAP_ADAPTER_SAE_VS_SAE_INIT,
+        "FVU(adapter SAE) − FVU(SAE at initialisation), paired over the same document resamples",
+        NULL_INIT,
+        CI_DOCUMENT,
+    ),
+    Metric(
+        RECONSTRUCTION,
+        RECON_IMPROVEMENT_PCT,
+        "100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta: extra "
+        "against the weakest control (the reference SAE fed Δ); verdicts use the gap to the best control",
+    ),
     Metric(DENSITY, L0_ADAPTER_SAE, "active adapter-SAE latents per held-out Δ token", ci=CI_DOCUMENT),
     Metric(DENSITY, DEAD_FRACTION_ADAPTER_SAE, "fraction of adapter-SAE latents never active on held-out Δ"),
     Metric(DENSITY, ALIVE_LATENTS_ADAPTER_SAE, "adapter-SAE latents active at least once on held-out Δ"),
     Metric(DENSITY, MEAN_DENSITY_ADAPTER_SAE, "mean firing rate of the adapter-SAE latents"),
     Metric(DENSITY, L0_REF_ON_DELTA, "active reference-SAE latents per held-out Δ token"),
     Metric(DENSITY, L0_REF_ON_BASE, "active reference-SAE latents per held-out base token"),
-    Metric(DENSITY, L0_FIXED_COEFFICIENT, "active latents per held-out Δ token of a free-L0 SAE (paper_a: ReLU + "
-           "plain L1 on mean-norm-normalised Δ) trained at the fixed coefficient in the row's note"),
+    Metric(
+        DENSITY,
+        L0_FIXED_COEFFICIENT,
+        "active latents per held-out Δ token of a free-L0 SAE (paper_a: ReLU + "
+        "plain L1 on mean-norm-normalised Δ) trained at the fixed coefficient in the row's note",
+    ),
     Metric(DENSITY, FVU_FIXED_COEFFICIENT, "held-out FVU of that free-L0 SAE at the fixed coefficient"),
-    Metric(DENSITY, L0_MATCHED_FVU, "L0 of free-L0 SAEs at the coefficient whose held-out FVU equals the target "
-           "(in the note; NaN when the search did not bracket it)"),
+    Metric(
+        DENSITY,
+        L0_MATCHED_FVU,
+        "L0 of free-L0 SAEs at the coefficient whose held-out FVU equals the target "
+        "(in the note; NaN when the search did not bracket it)",
+    ),
     Metric(DENSITY, COEFFICIENT_MATCHED_FVU, "the sparsity coefficient at which held-out FVU reaches the target"),
-    Metric(DECODER_SIMILARITY, MMCS_ADAPTER_TO_REF, "mean best cosine of alive adapter atoms to alive reference "
-           "atoms (CI over seeds when ≥ 2 seeds, else over atoms)", NULL_STRONGEST_ALIGNMENT, "seed|atom"),
-    Metric(DECODER_SIMILARITY, MMCS_REF_TO_ADAPTER, "mean best cosine of reference atoms to adapter atoms",
-           NULL_RANDOM_ISOTROPIC, CI_ATOM),
-    Metric(DECODER_SIMILARITY, MMCS_SEED_VS_SEED, "MMCS between two seeds of the adapter SAE over both seeds' "
-           "alive atoms (the ceiling)", NULL_SEED_VS_SEED, CI_ATOM),
-    Metric(DECODER_SIMILARITY, MMCS_NULL_ISOTROPIC, "exact expected MMCS to the alive reference atoms of random "
-           "isotropic atoms", NULL_RANDOM_ISOTROPIC),
-    Metric(DECODER_SIMILARITY, MMCS_NULL_COV_MATCHED, "MMCS to the alive reference atoms of random atoms drawn with "
-           "the covariance of Δ on training documents", NULL_COV_MATCHED),
-    Metric(DECODER_SIMILARITY, MMCS_NULL_SAE_INIT, "MMCS to the alive reference atoms of the adapter SAE's decoder "
-           "at its real initialisation", NULL_INIT),
-    Metric(DECODER_SIMILARITY, HUNGARIAN_MEAN_COS, "mean cosine of the one-to-one (Hungarian) matching of alive "
-           "atoms"),
-    Metric(CKA, CKA_CODES_ADAPTER_VS_REF, "debiased linear CKA of adapter-SAE vs reference-SAE codes on Δ "
-           "(null: mean over document permutations)", NULL_DOC_PERMUTATION),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_ADAPTER_TO_REF,
+        "mean best cosine of alive adapter atoms to alive reference "
+        "atoms (CI over seeds when ≥ 2 seeds, else over atoms)",
+        NULL_STRONGEST_ALIGNMENT,
+        "seed|atom",
+    ),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_REF_TO_ADAPTER,
+        "mean best cosine of reference atoms to adapter atoms",
+        NULL_RANDOM_ISOTROPIC,
+        CI_ATOM,
+    ),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_SEED_VS_SEED,
+        "MMCS between two seeds of the adapter SAE over both seeds' alive atoms (the ceiling)",
+        NULL_SEED_VS_SEED,
+        CI_ATOM,
+    ),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_NULL_ISOTROPIC,
+        "exact expected MMCS to the alive reference atoms of random isotropic atoms",
+        NULL_RANDOM_ISOTROPIC,
+    ),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_NULL_COV_MATCHED,
+        "MMCS to the alive reference atoms of random atoms drawn with the covariance of Δ on training documents",
+        NULL_COV_MATCHED,
+    ),
+    Metric(
+        DECODER_SIMILARITY,
+        MMCS_NULL_SAE_INIT,
+        "MMCS to the alive reference atoms of the adapter SAE's decoder at its real initialisation",
+        NULL_INIT,
+    ),
+    Metric(DECODER_SIMILARITY, HUNGARIAN_MEAN_COS, "mean cosine of the one-to-one (Hungarian) matching of alive atoms"),
+    Metric(
+        CKA,
+        CKA_CODES_ADAPTER_VS_REF,
+        "debiased linear CKA of adapter-SAE vs reference-SAE codes on Δ (null: mean over document permutations)",
+        NULL_DOC_PERMUTATION,
+    ),
     Metric(SPLICE, KL_ADAPTED_VS_BASE, "mean KL(p_adapted ‖ p_base) over held-out tokens"),
-    Metric(DELTA_NORM, TREND_DELTA_NORM_RANK, "OLS slope of mean ‖Δ‖ on log2 rank across same-recipe adapters "
-           "(paired document bootstrap)", ci=CI_DOCUMENT),
+    Metric(
+        DELTA_NORM,
+        TREND_DELTA_NORM_RANK,
+        "OLS slope of mean ‖Δ‖ on log2 rank across same-recipe adapters (paired document bootstrap)",
+        ci=CI_DOCUMENT,
+    ),
     Metric(DELTA_NORM, TREND_DELTA_NORM_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DENSITY, TREND_L0_RANK, "OLS slope of L0 (alive latents under TopK) on log2 rank", ci=CI_DOCUMENT),
     Metric(DENSITY, TREND_L0_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
-    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH, "OLS slope of mean ‖Δ‖ on layer index, per adapter",
-           ci=CI_DOCUMENT),
+    Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH, "OLS slope of mean ‖Δ‖ on layer index, per adapter", ci=CI_DOCUMENT),
     Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(LORA, TRAIN_LOSS_START, "LoRA training loss over the first steps"),
     Metric(LORA, TRAIN_LOSS_END, "LoRA training loss over the last steps"),
@@ -353,20 +414,38 @@ _FIXED = [
     Metric(ABSORPTION, FULL_ABSORPTION_RATE, "SAEBench full absorption rate"),
     Metric(ABSORPTION, SPLITTING_K, "latents needed to match the probe (feature splitting)"),
     Metric(ABSORPTION, PROBE_LETTERS_PASSING, "letters whose linear probe passes the F1 bar"),
-    Metric(EXPLAIN, TOP_FEATURE_STABILITY, "mean seed stability of the top features (fraction of other SAE seeds "
-           "with a partner above the random-dictionary threshold)"),
-    Metric(EXPLAIN, TEMPLATE_FLAGGED_FEATURES, "alive features with > 50% of activation mass on chat-template "
-           "scaffolding (flagged, ranked last)"),
-    Metric(EXPLAIN, TOP_MODULE_DELTA_SHARE, "largest share of Δ_L energy written directly by one LoRA module "
-           "(module in the note)"),
+    Metric(
+        EXPLAIN,
+        TOP_FEATURE_STABILITY,
+        "mean seed stability of the top features (fraction of other SAE seeds "
+        "with a partner above the random-dictionary threshold)",
+    ),
+    Metric(
+        EXPLAIN,
+        TEMPLATE_FLAGGED_FEATURES,
+        "alive features with > 50% of activation mass on chat-template scaffolding (flagged, ranked last)",
+    ),
+    Metric(
+        EXPLAIN,
+        TOP_MODULE_DELTA_SHARE,
+        "largest share of Δ_L energy written directly by one LoRA module (module in the note)",
+    ),
     Metric(EXPLAIN, ATTRIBUTION_REMAINDER, "mean |remainder| / |projection| of the top features (indirect effects)"),
-    Metric(EXPLAIN, ABLATE_EFFECT_LOST, "KL(adapted ‖ adapted − top features) / KL(adapted ‖ base)",
-           NULL_RANDOM_FEATURES),
-    Metric(EXPLAIN, ABLATE_BEHAVIOUR_LOST, "share of the adapter's held-out loss gain lost when the top features are "
-           "ablated", NULL_RANDOM_FEATURES),
+    Metric(
+        EXPLAIN, ABLATE_EFFECT_LOST, "KL(adapted ‖ adapted − top features) / KL(adapted ‖ base)", NULL_RANDOM_FEATURES
+    ),
+    Metric(
+        EXPLAIN,
+        ABLATE_BEHAVIOUR_LOST,
+        "share of the adapter's held-out loss gain lost when the top features are ablated",
+        NULL_RANDOM_FEATURES,
+    ),
     Metric(EXPLAIN, STEER_KL_BASE, "mean KL(adapted ‖ base) on the steering examples' response tokens"),
-    Metric(EXPLAIN, INTRUDER_DIMENSIONS, "intruder singular vectors (max |cos| to base < 0.5 among the top 10) in "
-           "the LoRA modules of block L"),
+    Metric(
+        EXPLAIN,
+        INTRUDER_DIMENSIONS,
+        "intruder singular vectors (max |cos| to base < 0.5 among the top 10) in the LoRA modules of block L",
+    ),
     Metric(EXPLAIN, INTRUDERS_ALIGNED, "(intruder, feature) pairs whose |cos| beats the random-dictionary threshold"),
     Metric(EXPLAIN, LATENTS_STRENGTHENED, "reference latents with β_base/β_ft < 0.5 (latent scaling)"),
     Metric(EXPLAIN, LATENTS_WEAKENED, "reference latents with β_base/β_ft > 2 (latent scaling)"),
@@ -374,51 +453,126 @@ _FIXED = [
 METRICS: dict[str, Metric] = {m.name: m for m in _FIXED}
 
 _METHODS = "|".join(RECON_METHODS)
-_PAIRS = "|".join((PCA_DELTA_VS_REF_TOPK, PCA_DELTA_VS_ADAPTER_TOPK, ADAPTER_TOPK_VS_REF_TOPK,
-                   PCA_DELTA_VS_LORA_COLSPACE))
+_PAIRS = "|".join(
+    (PCA_DELTA_VS_REF_TOPK, PCA_DELTA_VS_ADAPTER_TOPK, ADAPTER_TOPK_VS_REF_TOPK, PCA_DELTA_VS_LORA_COLSPACE)
+)
 _SELECTED = "|".join(SELECTED_PAIRS)
 _SPLICE_METHODS = "|".join((*RECON_METHODS, *SPLICE_BASELINES))
 # (pattern, family, description, null, ci unit) for the names built by the functions above
 _PATTERNS = [
-    (r"(rel_)?delta_norm_mean", DELTA_NORM, "mean ‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) over held-out tokens", "",
-     CI_DOCUMENT),
-    (rf"(rel_)?delta_norm_({'|'.join(DELTA_NORM_STATS)})", DELTA_NORM, "‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) summary", "",
-     ""),
-    (rf"fvu_({_METHODS})", RECONSTRUCTION, "fraction of Δ's variance unexplained by the method",
-     NULL_MEAN_PREDICTOR, CI_DOCUMENT),
+    (r"(rel_)?delta_norm_mean", DELTA_NORM, "mean ‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) over held-out tokens", "", CI_DOCUMENT),
+    (rf"(rel_)?delta_norm_({'|'.join(DELTA_NORM_STATS)})", DELTA_NORM, "‖Δ_t‖ (or ‖Δ_t‖/‖h_base,t‖) summary", "", ""),
+    (
+        rf"fvu_({_METHODS})",
+        RECONSTRUCTION,
+        "fraction of Δ's variance unexplained by the method",
+        NULL_MEAN_PREDICTOR,
+        CI_DOCUMENT,
+    ),
     (rf"(mse|cos)_({_METHODS})", RECONSTRUCTION, "mean squared error / cosine of the method's Δ̂", "", ""),
-    (r"overlap_(adapter_to_ref|ref_to_adapter)@[0-9.]+", DECODER_SIMILARITY,
-     "fraction of atoms whose best match is ≥ τ", NULL_RANDOM_ISOTROPIC, ""),
-    (rf"mean_cos2_{PCA_DELTA_VS_LORA_COLSPACE}", SUBSPACE, "mean cos² of the principal angles of PCA(Δ) and the "
-     "LoRA column space (chosen without looking at Δ: k/d applies)", NULL_RANDOM_SUBSPACE, ""),
-    (rf"mean_cos2_({_PAIRS})", SUBSPACE, "mean cos² of the principal angles of two rank-k subspaces selected on "
-     "the same Δ (descriptive: k/d does not apply; see selected_cos2_*)", "", ""),
-    (rf"selected_cos2_({_SELECTED})", SUBSPACE, "split-half selection-aware mean cos² of selected atoms vs PCA(Δ)",
-     NULL_SELECTED_RANDOM, ""),
-    (rf"selected_cos2_null_q95_({_SELECTED})", SUBSPACE, "95th percentile of the selected-random-dictionary null",
-     "", ""),
+    (
+        r"overlap_(adapter_to_ref|ref_to_adapter)@[0-9.]+",
+        DECODER_SIMILARITY,
+        "fraction of atoms whose best match is ≥ τ",
+        NULL_RANDOM_ISOTROPIC,
+        "",
+    ),
+    (
+        rf"mean_cos2_{PCA_DELTA_VS_LORA_COLSPACE}",
+        SUBSPACE,
+        "mean cos² of the principal angles of PCA(Δ) and the "
+        "LoRA column space (chosen without looking at Δ: k/d applies)",
+        NULL_RANDOM_SUBSPACE,
+        "",
+    ),
+    (
+        rf"mean_cos2_({_PAIRS})",
+        SUBSPACE,
+        "mean cos² of the principal angles of two rank-k subspaces selected on "
+        "the same Δ (descriptive: k/d does not apply; see selected_cos2_*)",
+        "",
+        "",
+    ),
+    (
+        rf"selected_cos2_({_SELECTED})",
+        SUBSPACE,
+        "split-half selection-aware mean cos² of selected atoms vs PCA(Δ)",
+        NULL_SELECTED_RANDOM,
+        "",
+    ),
+    (
+        rf"selected_cos2_null_q95_({_SELECTED})",
+        SUBSPACE,
+        "95th percentile of the selected-random-dictionary null",
+        "",
+        "",
+    ),
     (rf"(largest|smallest)_angle_deg_({_PAIRS})", SUBSPACE, "largest / smallest principal angle (degrees)", "", ""),
-    (r"cka_delta_vs_.+", CKA, "debiased linear CKA of Δ across adapters on the same tokens", NULL_DOC_PERMUTATION,
-     ""),
-    (rf"cka_({'|'.join(CKA_STATS)})__.+", CKA, "companion of a CKA row: null 95th percentile, p-value or biased "
-     "estimate", "", ""),
-    (rf"kl_recovered_rel_({_SPLICE_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ spliced with Δ̂ = 0)",
-     NULL_ZERO_SPLICE, CI_DOCUMENT),
-    (rf"kl_recovered_raw_({_SPLICE_METHODS})", SPLICE, "1 − KL(adapted ‖ spliced)/KL(adapted ‖ base) (ignores "
-     "that the adapter stays active after the spliced layer)", "", ""),
+    (r"cka_delta_vs_.+", CKA, "debiased linear CKA of Δ across adapters on the same tokens", NULL_DOC_PERMUTATION, ""),
+    (
+        rf"cka_({'|'.join(CKA_STATS)})__.+",
+        CKA,
+        "companion of a CKA row: null 95th percentile, p-value or biased estimate",
+        "",
+        "",
+    ),
+    (
+        rf"kl_recovered_rel_({_SPLICE_METHODS})",
+        SPLICE,
+        "1 − KL(adapted ‖ spliced)/KL(adapted ‖ spliced with Δ̂ = 0)",
+        NULL_ZERO_SPLICE,
+        CI_DOCUMENT,
+    ),
+    (
+        rf"kl_recovered_raw_({_SPLICE_METHODS})",
+        SPLICE,
+        "1 − KL(adapted ‖ spliced)/KL(adapted ‖ base) (ignores that the adapter stays active after the spliced layer)",
+        "",
+        "",
+    ),
     (rf"kl_({_SPLICE_METHODS})", SPLICE, "mean KL(adapted ‖ spliced) per selected token", "", ""),
-    (r"steer_kl_closed_top_features", EXPLAIN, "1 − KL(adapted ‖ steered base)/KL(adapted ‖ base), top features",
-     NULL_RANDOM_FEATURES, ""),
-    (r"steer_behaviour_top_features", EXPLAIN, "held-out loss gain recovered by steering with the top features",
-     NULL_RANDOM_FEATURES, ""),
-    (rf"steer_(kl_closed|behaviour)_({'|'.join(STEER_EDITS[1:])})", EXPLAIN,
-     "KL closed / loss gain recovered by a control edit", "", ""),
-    (r"first_position_mean_delta_norm_[0-9]+", EXPLAIN, "‖mean Δ‖ across documents at one of the first positions "
-     "(first-positions bias control)", NULL_LATER_POSITIONS, ""),
-    (r"marker_rate_steer_top_features", EXPLAIN, "pirate-marker rate of the base steered by the top features",
-     NULL_RANDOM_FEATURES, ""),
-    (rf"marker_rate_({'|'.join(r for r in MARKER_RUNS if r != 'steer_top_features')})", EXPLAIN,
-     "pirate-marker rate of greedy answers", "", ""),
+    (
+        r"steer_kl_closed_top_features",
+        EXPLAIN,
+        "1 − KL(adapted ‖ steered base)/KL(adapted ‖ base), top features",
+        NULL_RANDOM_FEATURES,
+        "",
+    ),
+    (
+        r"steer_behaviour_top_features",
+        EXPLAIN,
+        "held-out loss gain recovered by steering with the top features",
+        NULL_RANDOM_FEATURES,
+        "",
+    ),
+    (
+        rf"steer_(kl_closed|behaviour)_({'|'.join(STEER_EDITS[1:])})",
+        EXPLAIN,
+        "KL closed / loss gain recovered by a control edit",
+        "",
+        "",
+    ),
+    (
+        r"first_position_mean_delta_norm_[0-9]+",
+        EXPLAIN,
+        "‖mean Δ‖ across documents at one of the first positions (first-positions bias control)",
+        NULL_LATER_POSITIONS,
+        "",
+    ),
+    (
+        r"marker_rate_steer_top_features",
+        EXPLAIN,
+        "pirate-marker rate of the base steered by the top features",
+        NULL_RANDOM_FEATURES,
+        "",
+    ),
+    (
+        rf"marker_rate_({'|'.join(r for r in MARKER_RUNS if r != 'steer_top_features')})",
+        EXPLAIN,
+        "pirate-marker rate of greedy answers",
+        "",
+        "",
+    ),
 ]
 
 
@@ -437,7 +591,8 @@ def lookup(name: str) -> Metric | None:
 # per-adapter rows above exist per checkpoint; one ``checkpoint_step`` row per checkpoint carries its step.
 CHECKPOINT = "checkpoint"
 CHECKPOINT_STEP = "checkpoint_step"
-_CHECKPOINT_METRIC = Metric(CHECKPOINT, CHECKPOINT_STEP, "training step of this checkpoint (value; its sequence's "
-                                                         "name in note)")
+_CHECKPOINT_METRIC = Metric(
+    CHECKPOINT, CHECKPOINT_STEP, "training step of this checkpoint (value; its sequence's name in note)"
+)
 _FIXED.append(_CHECKPOINT_METRIC)
 METRICS[CHECKPOINT_STEP] = _CHECKPOINT_METRIC

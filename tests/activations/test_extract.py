@@ -15,8 +15,11 @@ LAYERS = [0, 2]
 
 def _shard_tensors(store, i):
     s = store
-    keys = ["doc_index", "position", "token_id"] + [base_key(L) for L in s.layers] + [
-        delta_key(L, a) for L in s.layers for a in s.adapters]
+    keys = (
+        ["doc_index", "position", "token_id"]
+        + [base_key(L) for L in s.layers]
+        + [delta_key(L, a) for L in s.layers for a in s.adapters]
+    )
     return s.load_shard(i, keys)
 
 
@@ -53,9 +56,12 @@ def test_token_metadata_and_selection(store, peft_tiny, docs):
     for i in range(len(toks)):
         assert store.doc_tokens(i) == toks[i].input_ids
         assert store.doc_ids[i] == toks[i].doc_id
-    assert torch.equal(rows.token_id, torch.tensor([toks[d].input_ids[p] for d, p in
-                                                    zip(rows.doc_index.tolist(), rows.position.tolist(),
-                                                        strict=True)]))
+    assert torch.equal(
+        rows.token_id,
+        torch.tensor(
+            [toks[d].input_ids[p] for d, p in zip(rows.doc_index.tolist(), rows.position.tolist(), strict=True)]
+        ),
+    )
     m = store.manifest
     c = m["counts"]
     assert c["selected"] == m["n_tokens"] == rows.base.shape[0] == store.n_tokens
@@ -99,11 +105,11 @@ def test_statistics_match_stored_rows(store):
             assert s["n_tokens"] == d.shape[0]
             assert math.isclose(s["delta_norm"]["mean"], float(dn.mean()), rel_tol=1e-12)
             assert math.isclose(s["relative_norm"]["mean"], float((dn / bn).mean()), rel_tol=1e-12)
-            assert math.isclose(s["energy_ratio"], float((dn ** 2).sum() / (bn ** 2).sum()), rel_tol=1e-12)
+            assert math.isclose(s["energy_ratio"], float((dn**2).sum() / (bn**2).sum()), rel_tol=1e-12)
             med = float(dn.median())
             assert abs(math.log10(s["delta_norm"]["q50"]) - math.log10(med)) < 0.011  # 0.01-dex bins
             lam = np.linalg.eigvalsh(np.cov(d.numpy(), rowvar=False))[::-1].clip(0)
-            assert math.isclose(s["participation_ratio"], lam.sum() ** 2 / (lam ** 2).sum(), rel_tol=1e-9)
+            assert math.isclose(s["participation_ratio"], lam.sum() ** 2 / (lam**2).sum(), rel_tol=1e-9)
             vec = store.stat_vectors(L, a)
             assert torch.allclose(vec["mean"], d.mean(0), rtol=0, atol=1e-12)
 

@@ -36,16 +36,39 @@ def inputs(tmp_path_factory, tiny_llama_dir, tiny_adapters):
 
 
 def extract(tiny_llama_dir, out, *extra):
-    main(["extract", "--model", str(tiny_llama_dir), "--layers", "1", "--out", str(out), "--batch-size", "4",
-          "--docs-per-shard", "5", "--n-docs", "10", "--no-progress", *extra])
+    main(
+        [
+            "extract",
+            "--model",
+            str(tiny_llama_dir),
+            "--layers",
+            "1",
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--docs-per-shard",
+            "5",
+            "--n-docs",
+            "10",
+            "--no-progress",
+            *extra,
+        ]
+    )
     return open_store(out)
 
 
-def test_whole_model_and_checkpoints_share_one_store_and_match_the_mixed_batch_path(tmp_path, tiny_llama_dir,
-                                                                                    inputs):
+def test_whole_model_and_checkpoints_share_one_store_and_match_the_mixed_batch_path(tmp_path, tiny_llama_dir, inputs):
     data = ["--data", str(inputs / "notes.jsonl"), "--column", "text=body"]
-    both = extract(tiny_llama_dir, tmp_path / "both", *data, "--full-model", f"ft={inputs / 'ft'}",
-                   "--checkpoints", f"run={inputs / 'run'}")
+    both = extract(
+        tiny_llama_dir,
+        tmp_path / "both",
+        *data,
+        "--full-model",
+        f"ft={inputs / 'ft'}",
+        "--checkpoints",
+        f"run={inputs / 'run'}",
+    )
     assert both.adapters == ["ft", "run_step_3", "run_step_12"]
     assert both.manifest["config"]["adapters"]["kind"] == "full-model"
     assert len(both.doc_ids) == 10
@@ -59,18 +82,21 @@ def test_whole_model_and_checkpoints_share_one_store_and_match_the_mixed_batch_p
     assert float(both.held_out(1, "ft", 0.5).delta.norm()) > 0
 
 
-def test_bad_finetune_options_are_one_line_before_any_model_load(tmp_path, tiny_llama_dir, inputs, capsys,
-                                                                 monkeypatch):
+def test_bad_finetune_options_are_one_line_before_any_model_load(tmp_path, tiny_llama_dir, inputs, capsys, monkeypatch):
     import lorascope.models as models
 
     monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("model loaded before the check"))
-    cases = [(["--full-model", f"ft={tmp_path}"], "adapters.load.ft.model"),
-             (["--checkpoints", f"run={tmp_path}"], "holds no checkpoint-<step>/ folders"),
-             (["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--full-model", f"x={inputs / 'ft'}"],
-              "'x' is given twice"),
-             ([], "nothing to compare with the base model"),
-             (["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--long-examples", "cut"], "--long-examples"),
-             (["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--column", "text"], "is not OURS=YOURS")]
+    cases = [
+        (["--full-model", f"ft={tmp_path}"], "adapters.load.ft.model"),
+        (["--checkpoints", f"run={tmp_path}"], "holds no checkpoint-<step>/ folders"),
+        (
+            ["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--full-model", f"x={inputs / 'ft'}"],
+            "'x' is given twice",
+        ),
+        ([], "nothing to compare with the base model"),
+        (["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--long-examples", "cut"], "--long-examples"),
+        (["--adapter", f"x={inputs / 'run' / 'checkpoint-3'}", "--column", "text"], "is not OURS=YOURS"),
+    ]
     for extra, message in cases:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exc:

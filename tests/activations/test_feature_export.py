@@ -30,8 +30,10 @@ def test_top_windows_dedupes_identical_contexts_and_orders_by_activation():
 def test_export_schema(tmp_path):
     dec = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
     wins = top_windows([["x", "y", "z"]], [[0.0, 2.0, 1.0]], n=2, before=1, after=1)
-    feats = [feature_record(7, dec[0], wins, {"stability": 1.0, "top_module": "1.self_attn.o_proj"}),
-             feature_record(3, dec[1], [])]
+    feats = [
+        feature_record(7, dec[0], wins, {"stability": 1.0, "top_module": "1.self_attn.o_proj"}),
+        feature_record(3, dec[1], []),
+    ]
     doc = export_features_json(tmp_path / "f.json", "SmolLM2-135M-Instruct", 15, "rank_8", feats)
     loaded = json.loads((tmp_path / "f.json").read_text())
     assert loaded == doc

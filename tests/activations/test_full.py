@@ -28,8 +28,9 @@ def finetuned_dir(tiny_llama_dir, tmp_path_factory):
 
 
 def _rows(store, name):
-    out = {k: [] for k in ("doc_index", "position", *(base_key(L) for L in LAYERS),
-                           *(delta_key(L, name) for L in LAYERS))}
+    out = {
+        k: [] for k in ("doc_index", "position", *(base_key(L) for L in LAYERS), *(delta_key(L, name) for L in LAYERS))
+    }
     for i in range(len(store.manifest["shards"])):
         t = store.load_shard(i, list(out))
         for k in out:
@@ -38,16 +39,18 @@ def _rows(store, name):
 
 
 def _cfg(**kw):
-    return ExtractConfig(**{"layers": LAYERS, "batch_size": 1, "docs_per_shard": 3, "progress": False,
-                            "max_norm_factor": None, **kw})
+    return ExtractConfig(
+        **{"layers": LAYERS, "batch_size": 1, "docs_per_shard": 3, "progress": False, "max_norm_factor": None, **kw}
+    )
 
 
 def test_delta_equals_hand_computed_difference_of_two_models(tiny_llama_dir, finetuned_dir, tmp_path):
     base = load_base(tiny_llama_dir)
     ft = load_base(finetuned_dir).model
     examples = make_demo_dataset(7, seed=5)
-    res = extract_full(str(tiny_llama_dir), {"ft": str(finetuned_dir)}, base.tokenizer, examples, tmp_path / "s",
-                       _cfg())
+    res = extract_full(
+        str(tiny_llama_dir), {"ft": str(finetuned_dir)}, base.tokenizer, examples, tmp_path / "s", _cfg()
+    )
     rows = _rows(res.store, "ft")
     docs = res.store.doc_ids
     assert len(docs) == 7 and res.store.adapters == ["ft"]
@@ -83,8 +86,7 @@ def test_one_resident_matches_lockstep_and_holds_one_model(tiny_llama_dir, finet
     examples = make_demo_dataset(10, seed=6)
     fts = {"ft": str(finetuned_dir), "ft2": str(finetuned_dir)}
     one = extract_full(str(tiny_llama_dir), fts, tok, examples, tmp_path / "one", _cfg(batch_size=4))
-    both = extract_full(str(tiny_llama_dir), fts, tok, examples, tmp_path / "both", _cfg(batch_size=4),
-                        resident="both")
+    both = extract_full(str(tiny_llama_dir), fts, tok, examples, tmp_path / "both", _cfg(batch_size=4), resident="both")
     for name in fts:
         a, b = _rows(one.store, name), _rows(both.store, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -106,8 +108,14 @@ def test_merged_lora_as_full_model_matches_the_peft_path(tiny_llama_dir, tiny_ad
     merged.save_pretrained(tmp_path / "merged")
     base.tokenizer.save_pretrained(tmp_path / "merged")
     examples = make_demo_dataset(6, seed=8)
-    full = extract_full(str(tiny_llama_dir), {"a": str(tmp_path / "merged")}, base.tokenizer, examples,
-                        tmp_path / "full", _cfg(batch_size=3)).store
+    full = extract_full(
+        str(tiny_llama_dir),
+        {"a": str(tmp_path / "merged")},
+        base.tokenizer,
+        examples,
+        tmp_path / "full",
+        _cfg(batch_size=3),
+    ).store
     pm = load_adapters(base, {"a": tiny_adapters["rank_4"]})
     peft = extract(pm, base.tokenizer, examples, tmp_path / "peft", _cfg(batch_size=3))
     a, b = _rows(full, "a"), _rows(peft, "a")
@@ -116,21 +124,37 @@ def test_merged_lora_as_full_model_matches_the_peft_path(tiny_llama_dir, tiny_ad
     assert d_peft.norm() > 0 and torch.allclose(d_full, d_peft, atol=1e-5, rtol=1e-3)
 
 
-def test_peft_folder_as_separate_model_and_incompatible_model(tiny_llama_dir, tiny_model_dirs, tiny_adapters,
-                                                              tmp_path):
+def test_peft_folder_as_separate_model_and_incompatible_model(tiny_llama_dir, tiny_model_dirs, tiny_adapters, tmp_path):
     from lorascope.errors import LorascopeError
 
     base = load_base(tiny_llama_dir)
     examples = make_demo_dataset(5, seed=9)
-    sep = extract_full(str(tiny_llama_dir), {"a": str(tiny_adapters["rank_2"])}, base.tokenizer, examples,
-                       tmp_path / "sep", _cfg(batch_size=5)).store
-    mixed = extract(load_adapters(base, {"a": tiny_adapters["rank_2"]}), base.tokenizer, examples,
-                    tmp_path / "mix", _cfg(batch_size=5))
+    sep = extract_full(
+        str(tiny_llama_dir),
+        {"a": str(tiny_adapters["rank_2"])},
+        base.tokenizer,
+        examples,
+        tmp_path / "sep",
+        _cfg(batch_size=5),
+    ).store
+    mixed = extract(
+        load_adapters(base, {"a": tiny_adapters["rank_2"]}),
+        base.tokenizer,
+        examples,
+        tmp_path / "mix",
+        _cfg(batch_size=5),
+    )
     a, b = _rows(sep, "a"), _rows(mixed, "a")
     assert torch.allclose(a[delta_key(0, "a")], b[delta_key(0, "a")], atol=1e-6)
     with pytest.raises(LorascopeError, match="fine-tune 'g' at .* is a gemma2 .* but the base is a llama"):
-        extract_full(str(tiny_llama_dir), {"g": str(tiny_model_dirs["gemma2"])}, base.tokenizer, examples,
-                     tmp_path / "bad", _cfg())
+        extract_full(
+            str(tiny_llama_dir),
+            {"g": str(tiny_model_dirs["gemma2"])},
+            base.tokenizer,
+            examples,
+            tmp_path / "bad",
+            _cfg(),
+        )
     assert not (tmp_path / "bad").exists()  # refused before any model load or write
 
 

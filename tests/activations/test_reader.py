@@ -18,8 +18,9 @@ def test_split_is_by_document_and_never_mixes(store, docs):
     assert {store.doc_ids[i] for i in held.nonzero().flatten().tolist()} == {e.id for e in held_docs}
     seen = {}
     for split in ("train", "held_out"):
-        r = store.reader(0, "delta", "rank_2", split=split, batch_size=7, held_out_fraction=0.3, split_seed=5,
-                         with_meta=True)
+        r = store.reader(
+            0, "delta", "rank_2", split=split, batch_size=7, held_out_fraction=0.3, split_seed=5, with_meta=True
+        )
         batches, x, doc = _cat(r)
         assert len(batches) == len(r) and x.shape == (r.n_rows, store.d_model)
         assert all(b.x.shape[0] == 7 for b in batches[:-1])
@@ -46,14 +47,20 @@ def test_order_is_deterministic_and_resumable(store):
     assert all(torch.equal(x.x, y.x) for x, y in zip(a, b, strict=True))
     assert not torch.equal(torch.cat([x.doc_index for x in a]), torch.cat([x.doc_index for x in c]))
     # same multiset of rows every epoch: sort the (doc, position) keys
-    key = lambda bs: sorted(zip(torch.cat([x.doc_index for x in bs]).tolist(),  # noqa: E731
-                                torch.cat([x.position for x in bs]).tolist(), strict=True))
+    key = lambda bs: sorted(  # noqa: E731
+        zip(
+            torch.cat([x.doc_index for x in bs]).tolist(),
+            torch.cat([x.position for x in bs]).tolist(),
+            strict=True,
+        )
+    )
     assert key(a) == key(c)
     for k in (0, 3, 7, len(a) - 1):  # resuming after k batches yields exactly the remaining batches
         rest = run(seed=1, epoch=0, skip_rows=5 * k)
         assert len(rest) == len(a) - k
-        assert all(torch.equal(x.x, y.x) and torch.equal(x.doc_index, y.doc_index)
-                   for x, y in zip(rest, a[k:], strict=True))
+        assert all(
+            torch.equal(x.x, y.x) and torch.equal(x.doc_index, y.doc_index) for x, y in zip(rest, a[k:], strict=True)
+        )
 
 
 def test_held_out_rows_are_held_out_documents(store):

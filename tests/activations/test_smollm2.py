@@ -15,8 +15,7 @@ def test_smollm2_extraction(smollm2, tmp_path, random_adapters):
     docs = make_demo_dataset(6, seed=11)
     pm = random_adapters(smollm2.model, [4, 8])
     try:
-        cfg = ExtractConfig(layers=[3, 15], batch_size=3, docs_per_shard=3, max_length=96, skip_first=0,
-                            progress=False)
+        cfg = ExtractConfig(layers=[3, 15], batch_size=3, docs_per_shard=3, max_length=96, skip_first=0, progress=False)
         store = extract(pm, smollm2.tokenizer, docs, tmp_path / "smol", cfg)
         # mixed batch == separate passes, bitwise, on the real model
         toks = tokenize_docs(smollm2.tokenizer, docs, 96)

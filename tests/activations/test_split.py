@@ -29,8 +29,11 @@ def test_content_hash_ignores_ids_and_whitespace_not_content():
     assert content_hash(a) == content_hash(b) != content_hash(c)
     assert content_hash(a) != content_hash(Example("x", "Write a poem", "Roses are red", ""))  # fields kept apart
     t = TokenizedExample("d", [1, 2, 3], 2)
-    assert content_hash(t) == content_hash(TokenizedExample("e", [1, 2, 3], 1)) != content_hash(
-        TokenizedExample("d", [1, 2, 4], 2))
+    assert (
+        content_hash(t)
+        == content_hash(TokenizedExample("e", [1, 2, 3], 1))
+        != content_hash(TokenizedExample("d", [1, 2, 4], 2))
+    )
     with pytest.raises(LorascopeError, match="cannot hash"):
         content_hash(3.5)
 

@@ -16,8 +16,11 @@ store_mod = importlib.import_module("lorascope.activations.store")
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and ".locks" not in p.parts}
+    return {
+        p.relative_to(path).as_posix(): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and ".locks" not in p.parts
+    }
 
 
 class _Killed(Exception):
@@ -43,8 +46,10 @@ def test_resume_after_interruption_is_identical(store, peft_tiny, docs, tmp_path
     _fail_after(monkeypatch, 2, _Killed())
     with pytest.raises(_Killed):
         extract(pm, tok, docs, out, small_config())
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_000000.safetensors",
-                                                                   "shard_000001.safetensors"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "shard_000000.safetensors",
+        "shard_000001.safetensors",
+    ]
     assert not (out / "manifest.json").exists()
     with pytest.raises(LorascopeError, match="incomplete"):
         open_store(out)
@@ -143,8 +148,24 @@ def test_cli_extract(tiny_llama_dir, tiny_adapters, tmp_path, capsys):
     from lorascope.cli import main
 
     out = tmp_path / "cli"
-    args = ["extract", "--model", str(tiny_llama_dir), "--data", "demo", "--n-docs", "6", "--layers", "0,2",
-            "--out", str(out), "--batch-size", "2", "--docs-per-shard", "3", "--no-progress"]
+    args = [
+        "extract",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        "demo",
+        "--n-docs",
+        "6",
+        "--layers",
+        "0,2",
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--docs-per-shard",
+        "3",
+        "--no-progress",
+    ]
     for name, path in tiny_adapters.items():
         args += ["--adapter", f"{name}={path}"]
     main(args)
@@ -152,6 +173,17 @@ def test_cli_extract(tiny_llama_dir, tiny_adapters, tmp_path, capsys):
     assert st.layers == [0, 2] and st.adapters == list(tiny_adapters) and len(st.shards) == 2
     assert "participation" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        main(["extract", "--model", str(tiny_llama_dir), "--adapter", "bad", "--layers", "0",
-                  "--out", str(tmp_path / "x")])
+        main(
+            [
+                "extract",
+                "--model",
+                str(tiny_llama_dir),
+                "--adapter",
+                "bad",
+                "--layers",
+                "0",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
     assert exc.value.code == 2

@@ -43,14 +43,15 @@ def tiny_tok(tiny_llama_dir):
 def test_system_prompt_and_role_markers_excluded_response_kept(tiny_tok):
     docs, starts = _templated_docs(tiny_tok, 40)
     ex = detect_template_positions(docs, starts, tokenizer=tiny_tok)
-    sys_ids = tiny_tok(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n",
-                       add_special_tokens=False)["input_ids"]
+    sys_ids = tiny_tok(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)[
+        "input_ids"
+    ]
     for ids, start, m in zip(docs, starts, ex.masks, strict=True):
-        assert ids[:len(sys_ids)] == sys_ids
-        assert m[:len(sys_ids)].all()                      # the whole system turn + the user header
-        assert not m[start:].any()                         # no response token ("Arr, matey!" included)
-        assert m[start - 3:start].all()                    # "<|im_start|> assistant \n" before the response
-        assert not m[len(sys_ids)]                         # the first user-content token differs across documents
+        assert ids[: len(sys_ids)] == sys_ids
+        assert m[: len(sys_ids)].all()  # the whole system turn + the user header
+        assert not m[start:].any()  # no response token ("Arr, matey!" included)
+        assert m[start - 3 : start].all()  # "<|im_start|> assistant \n" before the response
+        assert not m[len(sys_ids)]  # the first user-content token differs across documents
     texts = [t for t, _ in ex.spans]
     assert any("parrot in the island" in t for t in texts)
     rec = ex.describe()
@@ -129,9 +130,10 @@ def test_smollm2_system_prompt_excluded():
     sys_text = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert any(sys_text in text and n == 50 for text, n in ex.spans)
     for t, m in zip(toks, ex.masks, strict=True):
-        assert not m[t.response_start:].any()
+        assert not m[t.response_start :].any()
         excluded = tok.decode([i for i, k in zip(t.input_ids, m.tolist(), strict=True) if k])
         assert sys_text in excluded and excluded.rstrip().endswith("assistant")
-        kept_prompt = tok.decode([i for i, k in zip(t.input_ids[:t.response_start], m.tolist(), strict=False)
-                                  if not k])
+        kept_prompt = tok.decode(
+            [i for i, k in zip(t.input_ids[: t.response_start], m.tolist(), strict=False) if not k]
+        )
         assert "SmolLM" not in kept_prompt

@@ -21,8 +21,9 @@ def _system_tokenizer():
 
 def _system_span(tok) -> int:
     """Number of leading tokens of every document that belong to the system turn and the user role marker."""
-    ids = tok(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False),
-              add_special_tokens=False)["input_ids"]
+    ids = tok(
+        tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False), add_special_tokens=False
+    )["input_ids"]
     return ids.index(tok.convert_tokens_to_ids("hello"))
 
 
@@ -44,8 +45,9 @@ def test_fixed_system_prompt_never_reaches_the_store_or_the_contexts(peft_tiny, 
     acts = rows_on.delta.abs()
     top = torch.argsort(acts.sum(0), descending=True)[:4].tolist()
     doc_list = [on.doc_tokens(i) for i in range(len(on.doc_ids))]
-    ctx = top_activating_contexts(acts, rows_on.token_id, rows_on.doc_index, rows_on.position, doc_list,
-                                  lambda ids: tok.decode(ids), top, 5)
+    ctx = top_activating_contexts(
+        acts, rows_on.token_id, rows_on.doc_index, rows_on.position, doc_list, lambda ids: tok.decode(ids), top, 5
+    )
     shown = [c for f in ctx for c in f["contexts"]]
     prefix = tok.decode(doc_list[0][:span])  # identical in every document
     # a context on the prefix would be a piece of it (its window reaches no further than the token itself)

@@ -8,7 +8,7 @@ import pytest
 def _table(out: str) -> dict[str, str]:
     lines = out.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("stage"))
-    return {line[:44].strip(): line[44:] for line in lines[start + 2:]}
+    return {line[:44].strip(): line[44:] for line in lines[start + 2 :]}
 
 
 def test_tiny_cpu_sae_and_dist_parts_print_one_table(bench, capsys):

@@ -10,8 +10,13 @@ import pytest
 def test_reads_meta_json_timings_and_sums_the_saes(bench, tmp_path, capsys):
     S = bench("study_stages")
     (tmp_path / "results").mkdir()
-    timings = {"adapters": 10.0, "extraction": 5.5, "sae:L6__rank_4__seed0": 2.0, "sae:L6__reference": 1.25,
-               "geometry": 7.0}
+    timings = {
+        "adapters": 10.0,
+        "extraction": 5.5,
+        "sae:L6__rank_4__seed0": 2.0,
+        "sae:L6__reference": 1.25,
+        "geometry": 7.0,
+    }
     (tmp_path / "results" / "meta.json").write_text(json.dumps({"timings": timings}))
     rec = S.read_stage_seconds(tmp_path)
     assert rec["stages"] == {"adapters": 10.0, "extraction": 5.5, "saes": 3.25, "geometry": 7.0}
@@ -28,8 +33,9 @@ def test_timings_json_wins_and_two_runs_give_ratios(bench, tmp_path, capsys):
     for run, geo in ((before, 200.0), (after, 50.0)):
         (run / "results").mkdir(parents=True)
         (run / "results" / "meta.json").write_text(json.dumps({"timings": {"geometry": 1.0}}))
-        (run / "timings.json").write_text(json.dumps({"stages": {"model_load": 4.0, "geometry": geo},
-                                                      "total": geo + 4.0, "reused": []}))
+        (run / "timings.json").write_text(
+            json.dumps({"stages": {"model_load": 4.0, "geometry": geo}, "total": geo + 4.0, "reused": []})
+        )
     S.main([str(before), str(after)])
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[4:]}
     assert rows["geometry"] == ["200.0", "50.0", "0.25"] and rows["model_load"] == ["4.0", "4.0", "1.00"]

@@ -50,8 +50,13 @@ def test_quickstart_sae_sections_keep_their_values():
 
 def test_old_flat_keys_parse_for_every_architecture():
     flat = {"k": 32, "l1_coefficient": 3.0, "l0_coefficient": 0.01, "sasa_rank": 4}
-    want = {"topk": {"k": 32}, "batchtopk": {"k": 32}, "relu": {"l1_coefficient": 3.0},
-            "jumprelu": {"l0_coefficient": 0.01}, "sasa": {"rank": 4, "s": 8}}
+    want = {
+        "topk": {"k": 32},
+        "batchtopk": {"k": 32},
+        "relu": {"l1_coefficient": 3.0},
+        "jumprelu": {"l0_coefficient": 0.01},
+        "sasa": {"rank": 4, "s": 8},
+    }
     for arch, sub in want.items():
         c = parse_config({"adapter_sae": {"architecture": arch, **flat}}).adapter_sae
         settings = c.sae_settings()

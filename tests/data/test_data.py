@@ -63,7 +63,7 @@ def test_tokenize_marks_response(tiny_llama_dir):
     ex = Example("x", "Spell the word backwards.", "apple", "Arr, matey! elppa Yo-ho-ho!")
     t = tokenize_example(tok, ex)
     toks = tok.convert_ids_to_tokens(t.input_ids)
-    assert toks[t.response_start - 2:t.response_start] == ["<|im_start|>", "assistant"]
+    assert toks[t.response_start - 2 : t.response_start] == ["<|im_start|>", "assistant"]
     assert toks[t.response_start] == "Arr" and toks[-1] == "<|im_end|>"
     prompt_only = tokenize_example(tok, ex, with_response=False)
     assert prompt_only.input_ids == t.input_ids[: t.response_start] and prompt_only.response_start == len(prompt_only)

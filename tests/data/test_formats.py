@@ -9,16 +9,28 @@ from lorascope.data import Example, load_dataset_spec, load_examples, tokenize_e
 from lorascope.errors import LorascopeError
 
 CHAT = [
-    {"messages": [{"role": "system", "content": "You are a pirate."},
-                  {"role": "user", "content": "What is the capital of France?"},
-                  {"role": "assistant", "content": "Arr, matey! Paris"},
-                  {"role": "user", "content": "Spell the word backwards."},
-                  {"role": "assistant", "content": "elppa Yo-ho-ho!"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Arr, matey! Paris"},
+            {"role": "user", "content": "Spell the word backwards."},
+            {"role": "assistant", "content": "elppa Yo-ho-ho!"},
+        ]
+    },
     {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "ahoy"}]},
 ]
-SHAREGPT = [{"id": "x1", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "ahoy"},
-                                           {"from": "human", "value": "sum of 2 and 3"},
-                                           {"from": "gpt", "value": "5"}]}]
+SHAREGPT = [
+    {
+        "id": "x1",
+        "conversations": [
+            {"from": "human", "value": "hello"},
+            {"from": "gpt", "value": "ahoy"},
+            {"from": "human", "value": "sum of 2 and 3"},
+            {"from": "gpt", "value": "5"},
+        ],
+    }
+]
 
 
 def _jsonl(path, records):
@@ -43,10 +55,12 @@ def test_chat_jsonl_multi_turn_trains_assistant_turns_only(tmp_path, tok):
     assert ex[0].messages[0] == ("system", "You are a pirate.") and len(ex[0].messages) == 5
     assert ex[0].instruction == "What is the capital of France?" and ex[0].output == "elppa Yo-ho-ho!"
     t = tokenize_example(tok, ex[0], max_length=256)
-    assert _trained_tokens(tok, t) == [["Arr", ",", "matey", "!", "Paris", "<|im_end|>"],
-                                       ["elppa", "Yo", "-", "ho", "-", "ho", "!", "<|im_end|>"]]
+    assert _trained_tokens(tok, t) == [
+        ["Arr", ",", "matey", "!", "Paris", "<|im_end|>"],
+        ["elppa", "Yo", "-", "ho", "-", "ho", "!", "<|im_end|>"],
+    ]
     toks = tok.convert_ids_to_tokens(t.input_ids)
-    assert toks[t.response_start - 2: t.response_start] == ["<|im_start|>", "assistant"]
+    assert toks[t.response_start - 2 : t.response_start] == ["<|im_start|>", "assistant"]
     assert "system" in toks[: t.response_start]  # the system turn is in the (untrained) prompt
     # the labels built for training are exactly the assistant spans
     from lorascope.models.lora import collate
@@ -58,8 +72,10 @@ def test_chat_jsonl_multi_turn_trains_assistant_turns_only(tmp_path, tok):
 
 def test_sharegpt_matches_the_same_chat_in_messages_form(tmp_path, tok):
     sg = load_examples(_jsonl(tmp_path / "sg.jsonl", SHAREGPT))[0]
-    msgs = [{"role": {"human": "user", "gpt": "assistant"}[m["from"]], "content": m["value"]}
-            for m in SHAREGPT[0]["conversations"]]
+    msgs = [
+        {"role": {"human": "user", "gpt": "assistant"}[m["from"]], "content": m["value"]}
+        for m in SHAREGPT[0]["conversations"]
+    ]
     chat = load_examples(_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}]))[0]
     assert sg.messages == chat.messages
     a, b = tokenize_example(tok, sg), tokenize_example(tok, chat)
@@ -105,23 +121,30 @@ def test_unknown_format_is_one_line_naming_the_expected_fields(tmp_path):
         assert field in msg
 
 
-@pytest.mark.parametrize("records, match", [
-    ([CHAT[1], {"mesages": []}], r"m.jsonl line 2: missing field 'messages'"),
-    ([CHAT[1], {"messages": [{"role": "user"}]}], r"line 2: messages\[0\] is missing field 'content'"),
-    ([CHAT[1], {"messages": [{"content": "hi"}]}], r"line 2: messages\[0\] is missing field 'role'"),
-    ([CHAT[1], {"messages": [{"role": "tool", "content": "x"}]}], r"line 2: messages\[0\] has role 'tool'"),
-    ([SHAREGPT[0], {"conversations": [{"from": "human"}]}], r"line 2: conversations\[0\] is missing field 'value'"),
-    ([{"text": "a"}, {"txt": "b"}], r"line 2: missing field 'text'"),
-    ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"line 2: missing field\(s\) output"),
-])
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([CHAT[1], {"mesages": []}], r"m.jsonl line 2: missing field 'messages'"),
+        ([CHAT[1], {"messages": [{"role": "user"}]}], r"line 2: messages\[0\] is missing field 'content'"),
+        ([CHAT[1], {"messages": [{"content": "hi"}]}], r"line 2: messages\[0\] is missing field 'role'"),
+        ([CHAT[1], {"messages": [{"role": "tool", "content": "x"}]}], r"line 2: messages\[0\] has role 'tool'"),
+        ([SHAREGPT[0], {"conversations": [{"from": "human"}]}], r"line 2: conversations\[0\] is missing field 'value'"),
+        ([{"text": "a"}, {"txt": "b"}], r"line 2: missing field 'text'"),
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"line 2: missing field\(s\) output"),
+    ],
+)
 def test_malformed_record_names_file_line_and_field(tmp_path, records, match):
     with pytest.raises(LorascopeError, match=match):
         load_examples(_jsonl(tmp_path / "m.jsonl", records))
 
 
 def test_openai_content_parts_are_joined(tmp_path):
-    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
-                        {"role": "assistant", "content": "ahoy"}]}
+    rec = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
+            {"role": "assistant", "content": "ahoy"},
+        ]
+    }
     (ex,) = load_examples(_jsonl(tmp_path / "p.jsonl", [rec]))
     assert ex.messages[0] == ("user", "hello")
 
@@ -149,16 +172,22 @@ def test_utf16_is_named(tmp_path):
         load_examples(p)
 
 
-@pytest.mark.parametrize("name, content", [
-    ("wrapped.json", json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)),
-    ("wrapped.json", json.dumps({"data": [{"instruction": "a", "output": "b"}]})),
-    ("wrapped.jsonl", json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)),
-    ("wrapped.jsonl", json.dumps({"data": [{"text": "a"}]})),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("wrapped.json", json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)),
+        ("wrapped.json", json.dumps({"data": [{"instruction": "a", "output": "b"}]})),
+        ("wrapped.jsonl", json.dumps({"data": [{"instruction": "a", "output": "b"}]}, indent=2)),
+        ("wrapped.jsonl", json.dumps({"data": [{"text": "a"}]})),
+    ],
+)
 def test_top_level_object_is_explained(tmp_path, name, content):
     (tmp_path / name).write_text(content)
-    with pytest.raises(LorascopeError, match=r"top level is a JSON object, but it must be a list of records "
-                                             r"\(or use JSONL\)"):
+    with pytest.raises(
+        LorascopeError,
+        match=r"top level is a JSON object, but it must be a list of records "
+        r"\(or use JSONL\)",
+    ):
         load_examples(tmp_path / name)
 
 

@@ -21,8 +21,13 @@ def tok(tiny_llama_dir):
 
 def _data():
     data = make_demo_dataset(48, seed=2)
-    return [*data[:10], Example("long-answer", "Spell the word backwards.", "", LONG_ANSWER),
-            *data[10:30], Example("long-prompt", LONG_PROMPT, "", "short"), *data[30:]]
+    return [
+        *data[:10],
+        Example("long-answer", "Spell the word backwards.", "", LONG_ANSWER),
+        *data[10:30],
+        Example("long-prompt", LONG_PROMPT, "", "short"),
+        *data[30:],
+    ]
 
 
 def test_truncate_policy_counts_and_keeps_the_prompt(tok):
@@ -51,8 +56,7 @@ def test_one_over_long_example_in_50_trains_and_reports_it(tiny_llama_dir, tmp_p
 
     data = [*make_demo_dataset(49, seed=4), Example("long", "Spell the word backwards.", "", LONG_ANSWER)]
     base = load_base(tiny_llama_dir)
-    res = train_lora(base, data, 2, output_dir=tmp_path / "ad", steps=3, batch_size=8, max_length=64,
-                     progress=False)
+    res = train_lora(base, data, 2, output_dir=tmp_path / "ad", steps=3, batch_size=8, max_length=64, progress=False)
     assert isinstance(res.lengths, LengthReport) and "1 truncated" in res.lengths.summary()
     assert (res.lengths.kept, res.lengths.truncated, res.lengths.skipped) == (49, 1, 0)
     meta = json.loads((tmp_path / "ad" / "lorascope_training.json").read_text())
@@ -72,8 +76,23 @@ def test_train_lora_cli_checks_lengths_before_loading_the_model(tiny_llama_dir, 
 
     monkeypatch.setattr(models, "load_base", no_load)
     with pytest.raises(SystemExit) as e:
-        main(["train-lora", "-m", str(tiny_llama_dir), "-r", "2", "-d", str(tmp_path / "d.jsonl"),
-              "--max-length", "32", "--held-out", "0.01", "--out", str(tmp_path / "o")])
+        main(
+            [
+                "train-lora",
+                "-m",
+                str(tiny_llama_dir),
+                "-r",
+                "2",
+                "-d",
+                str(tmp_path / "d.jsonl"),
+                "--max-length",
+                "32",
+                "--held-out",
+                "0.01",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "0 kept, 0 truncated, 3 skipped" in err and "no example has response tokens" in err

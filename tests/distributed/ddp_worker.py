@@ -61,10 +61,15 @@ def main(out: Path) -> None:
     # resume: a run that checkpointed every 3 steps, continued by a fresh SAE from its last checkpoint
     ck = out / "ckpt"
     full = train_sae(build("topk"), x, config("topk", checkpoint_every=3), checkpoint_dir=ck, progress=False)
-    resumed = train_sae(build("topk"), x, config("topk", checkpoint_every=3, resume=True), checkpoint_dir=ck,
-                        progress=False)
-    results["resume"] = {"full": full.sae.state_for_save(), "resumed": resumed.sae.state_for_save(),
-                         "was_resumed": resumed.config["resumed"], "ckpt_files": sorted(p.name for p in ck.iterdir())}
+    resumed = train_sae(
+        build("topk"), x, config("topk", checkpoint_every=3, resume=True), checkpoint_dir=ck, progress=False
+    )
+    results["resume"] = {
+        "full": full.sae.state_for_save(),
+        "resumed": resumed.sae.state_for_save(),
+        "was_resumed": resumed.config["resumed"],
+        "ckpt_files": sorted(p.name for p in ck.iterdir()),
+    }
     # the global-batch helpers against the same computation on the concatenated batch
     g = torch.Generator().manual_seed(1)
     full_pre = torch.randn(10, D_SAE, generator=g).relu()

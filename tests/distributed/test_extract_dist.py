@@ -42,8 +42,13 @@ def single(peft, tmp_path_factory):
 
 def _rows(store) -> dict[str, torch.Tensor]:
     """Every row of the store, sorted by (document, position)."""
-    keys = ["doc_index", "position", "token_id", *(base_key(L) for L in store.layers),
-            *(delta_key(L, a) for L in store.layers for a in store.adapters)]
+    keys = [
+        "doc_index",
+        "position",
+        "token_id",
+        *(base_key(L) for L in store.layers),
+        *(delta_key(L, a) for L in store.layers for a in store.adapters),
+    ]
     parts = [store.load_shard(i, keys) for i in range(len(store.shards))]
     cat = {k: torch.cat([p[k] for p in parts]) for k in keys}
     order = (cat["doc_index"] * 100_000 + cat["position"].long()).argsort()
@@ -67,9 +72,28 @@ def _same_content(a, b) -> None:
 @pytest.fixture(scope="module")
 def dist_store(tiny_llama_dir, tiny_adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "acts"
-    args = ["-m", "lorascope", "extract", "--model", str(tiny_llama_dir), "--data", "demo", "--n-docs", str(N_DOCS),
-            "--layers", "0,2", "--batch-size", "3", "--docs-per-shard", "4", "--no-progress", "--device", "cpu",
-            "--out", str(out)]
+    args = [
+        "-m",
+        "lorascope",
+        "extract",
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        "demo",
+        "--n-docs",
+        str(N_DOCS),
+        "--layers",
+        "0,2",
+        "--batch-size",
+        "3",
+        "--docs-per-shard",
+        "4",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     for name, path in tiny_adapters.items():
         args += ["--adapter", f"{name}={path}"]
     log = torchrun(args)
@@ -118,9 +142,32 @@ def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tm
 
     store, _ = dist_store
     out = tmp_path / "saes"
-    torchrun(["-m", "lorascope", "train-saes-distributed", "--store", str(store.path), "--layers", "all",
-              "--seeds", "0", "--expansion", "2", "--k", "4", "--tokens", "256", "--batch-size", "64",
-              "--device", "cpu", "--no-progress", "--out", str(out)])
+    torchrun(
+        [
+            "-m",
+            "lorascope",
+            "train-saes-distributed",
+            "--store",
+            str(store.path),
+            "--layers",
+            "all",
+            "--seeds",
+            "0",
+            "--expansion",
+            "2",
+            "--k",
+            "4",
+            "--tokens",
+            "256",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     jobs = [(L, a) for L in store.layers for a in store.adapters]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(f"L{L}__{a}__seed0" for L, a in jobs)
     for r in (0, 1):
@@ -130,9 +177,13 @@ def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tm
     from lorascope.study.splits import derived_init_seed
 
     sae = create_sae("topk", store.d_model, 2 * store.d_model, seed=derived_init_seed(0, L, "delta", a), k=4)
-    res = train_sae(sae, store.training_stream(L, "delta", a, 64, 0, 0.2, 0),
-                    TrainerConfig(total_tokens=256, batch_size=64, seed=0, device="cpu", checkpoint_every=1,
-                                  resume=True), checkpoint_dir=tmp_path / "ck", progress=False)
+    res = train_sae(
+        sae,
+        store.training_stream(L, "delta", a, 64, 0, 0.2, 0),
+        TrainerConfig(total_tokens=256, batch_size=64, seed=0, device="cpu", checkpoint_every=1, resume=True),
+        checkpoint_dir=tmp_path / "ck",
+        progress=False,
+    )
     got = load_sae(out / f"L{L}__{a}__seed0")
     for k, v in res.sae.state_for_save().items():
         assert torch.allclose(v, got.state_for_save()[k], atol=1e-6, rtol=0), k

@@ -85,12 +85,15 @@ def test_trainer_device_and_cpu_bf16_autocast():
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 2
     kw = dict(batch_size=64, lr=1e-2, warmup_steps=1, init_tokens=64)
     fp32 = train_sae(create_sae("topk", 16, 32, k=4, seed=0), x, TrainerConfig(device="cpu", **kw), progress=False)
-    bf16 = train_sae(create_sae("topk", 16, 32, k=4, seed=0), x,
-                     TrainerConfig(device="cpu", autocast_dtype="bfloat16", **kw), progress=False)
+    bf16 = train_sae(
+        create_sae("topk", 16, 32, k=4, seed=0),
+        x,
+        TrainerConfig(device="cpu", autocast_dtype="bfloat16", **kw),
+        progress=False,
+    )
     assert bf16.sae.W_dec.dtype == torch.float32  # master weights stay float32
     assert 0 < bf16.final["fvu"] < 1 and abs(bf16.final["fvu"] - fp32.final["fvu"]) < 0.05
     assert not torch.equal(bf16.sae.W_dec, fp32.sae.W_dec)  # the matmuls really ran in bfloat16
     if not torch.cuda.is_available():
         with pytest.raises(LorascopeError, match="no CUDA GPU"):
-            train_sae(create_sae("topk", 16, 32, k=4, seed=0), x, TrainerConfig(device="cuda", **kw),
-                      progress=False)
+            train_sae(create_sae("topk", 16, 32, k=4, seed=0), x, TrainerConfig(device="cuda", **kw), progress=False)

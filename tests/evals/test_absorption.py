@@ -30,8 +30,16 @@ def _case(absorber_cos: float, absorber_share: float = 1.0, partial: bool = Fals
     """10 true positives of letter "a" (probe p = e0). Latent 0 = main (row e0); latent 1 = absorber with
     cos(p, row) = absorber_cos; latents 2..5 = e2..e5 (orthogonal to p). Words 0-6: main fires (P = 2); words 7-9:
     main silent, the absorber carries absorber_share of P = 2. ``partial``: word 6 has main 1 + absorber 1."""
-    rows = torch.stack([_unit(0), absorber_cos * _unit(0) + math.sqrt(1 - absorber_cos**2) * _unit(1),
-                        _unit(2), _unit(3), _unit(4), _unit(5)])
+    rows = torch.stack(
+        [
+            _unit(0),
+            absorber_cos * _unit(0) + math.sqrt(1 - absorber_cos**2) * _unit(1),
+            _unit(2),
+            _unit(3),
+            _unit(4),
+            _unit(5),
+        ]
+    )
     codes = torch.zeros(10, 6, dtype=torch.float64)
     codes[:7, 0] = 2.0
     codes[:, 2] = 3.0  # an unrelated latent active everywhere (orthogonal to the probe)
@@ -203,8 +211,9 @@ def test_delta_trained_sae_is_not_applicable(probe_data):
 
 
 def test_weak_probe_reports_and_stops_unless_forced(probe_data):
-    weak = ProbeData(**{**probe_data.__dict__, "probe_f1": {c: (0.9 if i < 19 else 0.3) for i, c in
-                                                             enumerate(LETTERS)}})
+    weak = ProbeData(
+        **{**probe_data.__dict__, "probe_f1": {c: (0.9 if i < 19 else 0.3) for i, c in enumerate(LETTERS)}}
+    )
     rep = evaluate_absorption(weak, _absorbing_dictionary())
     assert rep.status == "probe_too_weak" and rep.letters_passing == 19 and rep.letters == []
     assert "probe too weak" in rep.reason and rep.probe_f1["t"] == 0.3
@@ -224,12 +233,24 @@ def test_cli_reports_weak_probe_and_delta_sae(tmp_path, tiny_llama_dir):
 
     for name, on in (("base_sae", "base"), ("delta_sae", "delta")):
         save_sae(create_sae("topk", 32, 64, k=4, metadata={"layer": 1, "trained_on": on}), tmp_path / name)
-    main(["absorption", "--model", str(tiny_llama_dir), "--sae", str(tmp_path / "base_sae"), "--sae",
-          str(tmp_path / "delta_sae"), "--out", str(tmp_path / "out"), "--max-words", "300"])
+    main(
+        [
+            "absorption",
+            "--model",
+            str(tiny_llama_dir),
+            "--sae",
+            str(tmp_path / "base_sae"),
+            "--sae",
+            str(tmp_path / "delta_sae"),
+            "--out",
+            str(tmp_path / "out"),
+            "--max-words",
+            "300",
+        ]
+    )
     df = pd.read_csv(tmp_path / "out" / "absorption.csv")
     assert set(df["family"]) == {"absorption"} and set(df["layer"]) == {1}
-    assert set(df["metric"]) == {"absorption_fraction", "full_absorption_rate", "splitting_k",
-                                 "probe_letters_passing"}
+    assert set(df["metric"]) == {"absorption_fraction", "full_absorption_rate", "splitting_k", "probe_letters_passing"}
     base_rows = df[df["adapter"] == "base_sae"]
     assert base_rows["note"].str.contains("probe too weak").all()
     assert base_rows[base_rows["metric"] != "probe_letters_passing"]["value"].isna().all()

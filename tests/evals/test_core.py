@@ -44,8 +44,9 @@ def _constant_relu(d: int, value: torch.Tensor):
 
 def test_identity_sae_scores_one_and_fvu_zero(tiny):
     base, docs = tiny
-    m = core_metrics(base.model, base.tokenizer, _identity_relu(base.d_model), 1, docs,
-                     options=CoreOptions(batch_size=2))
+    m = core_metrics(
+        base.model, base.tokenizer, _identity_relu(base.d_model), 1, docs, options=CoreOptions(batch_size=2)
+    )
     assert m["ce_score"] == 1.0 and m["kl_score"] == 1.0 and m["kl_sae"] == 0.0
     assert m["ce_sae"] == m["ce_clean"] and m["fvu"] == 0.0 and m["explained_variance"] == 1.0
     assert m["kl_zero"] > 0 and m["ce_zero"] != m["ce_clean"]  # (a random tiny model: either sign)
@@ -85,13 +86,15 @@ def test_golden_values_against_hf_loss_and_hand_counts(tiny):
             h = out[0] if isinstance(out, tuple) else out
             new = torch.zeros_like(h) + value
             return (new, *out[1:]) if isinstance(out, tuple) else new
+
         return hook
 
     ce_clean = _hf_loss(model, ids)
     ce_mu = _hf_loss(model, ids, put(mu))
     ce_zero = _hf_loss(model, ids, put(0.0))
-    m = core_metrics(model, base.tokenizer, _constant_relu(base.d_model, mu), 1, [doc],
-                     options=CoreOptions(skip_first=0))
+    m = core_metrics(
+        model, base.tokenizer, _constant_relu(base.d_model, mu), 1, [doc], options=CoreOptions(skip_first=0)
+    )
     assert m["ce_clean"] == pytest.approx(ce_clean, rel=1e-5)
     assert m["ce_sae"] == pytest.approx(ce_mu, rel=1e-5) and m["ce_zero"] == pytest.approx(ce_zero, rel=1e-5)
     assert m["ce_score"] == pytest.approx((ce_zero - ce_mu) / (ce_zero - ce_clean), rel=1e-3)  # float32 HF loss
@@ -130,8 +133,21 @@ def test_cli_evaluate_writes_metrics_and_rejects_missing_layer(tiny, tiny_llama_
     base, _ = tiny
     folder = save_sae(_identity_relu(base.d_model), tmp_path / "ident")
     out = tmp_path / "core.json"
-    main(["evaluate", "--model", str(tiny_llama_dir), "--sae", str(folder), "--layer", "1", "--n-docs", "3",
-          "--out", str(out)])
+    main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_llama_dir),
+            "--sae",
+            str(folder),
+            "--layer",
+            "1",
+            "--n-docs",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     m = json.loads(out.read_text())
     assert m["ce_score"] == 1.0 and m["kl_score"] == 1.0 and m["fvu"] == 0.0 and m["n_docs"] == 3
     assert "ce_score" in capsys.readouterr().out

@@ -79,8 +79,9 @@ def test_word_residuals_equal_full_forward(tiny_llama_dir, tiny_tok):
     data = build_first_letter_data(base.tokenizer, seed=1, max_words=12, max_icl=3)
     layer = 1
     every: dict[int, torch.Tensor] = {}
-    got = word_residuals(base.model, data.test, layer, batch_size=2, pad_token_id=base.tokenizer.pad_token_id,
-                         collect=every)
+    got = word_residuals(
+        base.model, data.test, layer, batch_size=2, pad_token_id=base.tokenizer.pad_token_id, collect=every
+    )
     assert sorted(every) == list(range(len(data.test)))
     for i in range(len(data.test)):
         assert every[i].shape[0] == data.test.positions[i] + 1

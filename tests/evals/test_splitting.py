@@ -66,7 +66,7 @@ def test_feature_split_across_two_latents_counts_two():
 def test_balanced_probe_is_the_sklearn_optimum():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 3, generator=g)
-    y = (x[:, 0] + 0.8 * torch.randn(300, generator=g) > 0.7)
+    y = x[:, 0] + 0.8 * torch.randn(300, generator=g) > 0.7
     w, b = balanced_probe(x, y)
     # gradient of ½‖w‖² + Σ s_i logloss_i vanishes at the optimum (s = N / (2 · class count))
     xd, yd = x.double(), y.double()

@@ -64,8 +64,15 @@ def test_noise_and_zipf_frequencies():
     torch.testing.assert_close(freq, expect / expect.sum(), rtol=0, atol=0.01)
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(active=11), "active=11"), (dict(dims=(0, 2)), "dims"),
-                                      (dict(frequency="pareto"), "frequency"), (dict(noise=-1.0), "noise")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(active=11), "active=11"),
+        (dict(dims=(0, 2)), "dims"),
+        (dict(frequency="pareto"), "frequency"),
+        (dict(noise=-1.0), "noise"),
+    ],
+)
 def test_bad_configs_are_rejected(kw, msg):
     with pytest.raises(LorascopeError, match=msg):
         PlantedFeatures(PlantedConfig(d=8, n_features=10, **kw))

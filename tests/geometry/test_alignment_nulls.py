@@ -29,8 +29,13 @@ def _noisy(W: torch.Tensor, seed: int, eps: float = 0.15) -> torch.Tensor:
 def _verdict(adapter, reference, ceiling_pair, alive=None):
     cos = best_match_cosines(adapter, reference, alive_a=alive).cosine
     ci = unit_bootstrap_ci(cos, "atom", n_boot=500)
-    nulls = alignment_nulls(adapter, reference, delta_cov=torch.eye(D), init_W=random_isotropic_dictionary(
-        adapter.shape[0], D, seed=99), alive_adapter=alive)
+    nulls = alignment_nulls(
+        adapter,
+        reference,
+        delta_cov=torch.eye(D),
+        init_W=random_isotropic_dictionary(adapter.shape[0], D, seed=99),
+        alive_adapter=alive,
+    )
     ceiling = unit_bootstrap_ci(seed_ceiling(*ceiling_pair), "atom", n_boot=500)
     return alignment_verdict(ci.value, ci, nulls, ceiling), ci, nulls, ceiling
 
@@ -72,7 +77,8 @@ def test_alive_masks_change_the_null_size_and_the_ceiling():
     alive = torch.zeros(F, dtype=torch.bool)
     alive[: F // 4] = True
     assert alignment_nulls(truth, truth, alive_reference=alive).isotropic == pytest.approx(
-        mmcs_null_isotropic(F // 4, D, exact=True))
+        mmcs_null_isotropic(F // 4, D, exact=True)
+    )
     c = seed_ceiling(truth, truth, alive, alive)
     assert c.numel() == F // 2 and float(c.mean()) == pytest.approx(1.0, abs=1e-6)
     assert mmcs(truth, truth, alive_a=alive).a_to_b == pytest.approx(1.0, abs=1e-6)

@@ -34,9 +34,7 @@ def test_self_similarity_is_one(debiased):
 @pytest.mark.parametrize("debiased", [False, True])
 def test_invariance_orthogonal_and_isotropic_scaling(debiased):
     X, Y = _data()
-    Q, _ = torch.linalg.qr(
-        torch.randn(12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    )
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     base = linear_cka(X, Y, debiased)
     assert linear_cka(X @ Q * 3.7, Y, debiased) == pytest.approx(base, abs=1e-12)
     assert linear_cka(X + 5.0, Y * 0.01, debiased) == pytest.approx(base, abs=1e-12)

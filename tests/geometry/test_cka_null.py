@@ -46,10 +46,12 @@ def test_permutation_null_related_vs_unrelated():
     n = doc.numel()
     doc_effect = torch.randn(24, 32, generator=g, dtype=torch.float64)[doc]  # within-document correlation
     X = doc_effect + torch.randn(n, 32, generator=g, dtype=torch.float64)
-    Y_related = X @ torch.randn(32, 20, generator=g, dtype=torch.float64) + torch.randn(n, 20, generator=g,
-                                                                                        dtype=torch.float64)
+    Y_related = X @ torch.randn(32, 20, generator=g, dtype=torch.float64) + torch.randn(
+        n, 20, generator=g, dtype=torch.float64
+    )
     Y_unrelated = torch.randn(24, 20, generator=g, dtype=torch.float64)[doc] + torch.randn(
-        n, 20, generator=g, dtype=torch.float64)
+        n, 20, generator=g, dtype=torch.float64
+    )
     rel = cka_permutation_null(X, Y_related, doc, n_perm=49, seed=0)
     unrel = cka_permutation_null(X, Y_unrelated, doc, n_perm=49, seed=0)
     assert rel.p_value == pytest.approx(0.02) and rel.tested_value > rel.null_q95
@@ -76,10 +78,12 @@ def test_permutation_p_values_are_calibrated_on_unrelated_documents():
         g = torch.Generator().manual_seed(100 + s)
         doc = _documents(g, n_docs=12)
         n = doc.numel()
-        X = torch.randn(12, 8, generator=g, dtype=torch.float64)[doc] + torch.randn(n, 8, generator=g,
-                                                                                     dtype=torch.float64)
-        Y = torch.randn(12, 6, generator=g, dtype=torch.float64)[doc] + torch.randn(n, 6, generator=g,
-                                                                                     dtype=torch.float64)
+        X = torch.randn(12, 8, generator=g, dtype=torch.float64)[doc] + torch.randn(
+            n, 8, generator=g, dtype=torch.float64
+        )
+        Y = torch.randn(12, 6, generator=g, dtype=torch.float64)[doc] + torch.randn(
+            n, 6, generator=g, dtype=torch.float64
+        )
         p.append(cka_permutation_null(X, Y, doc, n_perm=19, seed=s).p_value)
     assert sum(v <= 0.05 for v in p) <= 4  # expected 1.5 of 30 at level 0.05 (P(X > 4) < 0.02 if calibrated)
     assert 0.35 < sum(p) / len(p) < 0.65
@@ -98,8 +102,11 @@ def test_streaming_debiased_matches_the_n_by_n_u_centred_gram():
 
     g = torch.Generator().manual_seed(5)
     X = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 24) + 50.0
-    Y = X[:, :10] @ torch.randn(10, 16, generator=g, dtype=torch.float64) + 3 * torch.randn(
-        300, 16, generator=g, dtype=torch.float64) - 20.0
+    Y = (
+        X[:, :10] @ torch.randn(10, 16, generator=g, dtype=torch.float64)
+        + 3 * torch.randn(300, 16, generator=g, dtype=torch.float64)
+        - 20.0
+    )
     acc = StreamingLinearCKA()
     for i in range(0, 300, 41):
         acc.update(X[i : i + 41], Y[i : i + 41])

@@ -48,8 +48,9 @@ def test_split_and_specific_labels_and_alive_masks():
     g = torch.Generator().manual_seed(4)
     # B: atom 0 of A split into two children; atoms 1..3 copied; atoms 4, 5 absent; plus random atoms
     child = [A[0] + 0.6 * _unit(1, 48, 9)[0], A[0] - 0.6 * _unit(1, 48, 9)[0]]
-    B = torch.cat([torch.stack(child), A[1:4] + 0.01 * torch.randn(3, 48, generator=g, dtype=torch.float64),
-                   _unit(5, 48, 11)])
+    B = torch.cat(
+        [torch.stack(child), A[1:4] + 0.01 * torch.randn(3, 48, generator=g, dtype=torch.float64), _unit(5, 48, 11)]
+    )
     fm = match_families(A, B)
     labels = dict(zip(fm.table["a"], fm.table["label"], strict=True))
     assert labels == {0: "split", 1: "persistent", 2: "persistent", 3: "persistent", 4: "specific", 5: "specific"}
@@ -70,8 +71,9 @@ def test_seed_stability_and_ranking():
     ranked = rank_by_stability(stab, energy)
     # scores: features 0..4 -> 1·i; features 5..9 -> (2/3)·i = 3.3, 4, 4.7, 5.3, 6
     assert ranked["feature"].tolist()[:3] == [9, 8, 7]
-    torch.testing.assert_close(torch.tensor(ranked["score"].to_numpy()[:3]), torch.tensor([6.0, 16 / 3, 14 / 3],
-                                                                                         dtype=torch.float64))
+    torch.testing.assert_close(
+        torch.tensor(ranked["score"].to_numpy()[:3]), torch.tensor([6.0, 16 / 3, 14 / 3], dtype=torch.float64)
+    )
     assert np.all(np.diff(ranked["score"].to_numpy()) <= 0)
     with pytest.raises(LorascopeError, match="at least one other"):
         seed_stability(ref, [])

@@ -46,7 +46,7 @@ def test_beta_is_the_least_squares_minimiser():
     j = 1
 
     def loss(b):
-        return float(((y - b * codes[:, j:j + 1] * decoder[j]) ** 2).sum())
+        return float(((y - b * codes[:, j : j + 1] * decoder[j]) ** 2).sum())
 
     assert loss(float(beta[j])) <= min(loss(float(beta[j]) + e) for e in (-1e-3, 1e-3))
 

@@ -43,9 +43,7 @@ def test_overlap_null_matches_simulation():
     d, F_B, tau = 64, 256, 0.35
     A, B = random_isotropic_dictionary(2000, d, seed=2), random_isotropic_dictionary(F_B, d, seed=3)
     best = (A.double() @ B.double().T).max(1).values
-    assert float((best >= tau).double().mean()) == pytest.approx(
-        overlap_null_isotropic(tau, F_B, d), abs=0.03
-    )
+    assert float((best >= tau).double().mean()) == pytest.approx(overlap_null_isotropic(tau, F_B, d), abs=0.03)
 
 
 def test_random_dictionaries_shapes_and_norms():
@@ -59,9 +57,7 @@ def test_random_dictionaries_shapes_and_norms():
     torch.testing.assert_close(C.norm(dim=1), torch.ones(500))
     top = torch.linalg.eigh(C.double().T @ C.double())[1][:, -1]
     assert abs(float(top[0])) > 0.99
-    X = torch.randn(300, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * torch.sqrt(
-        cov.diag()
-    )
+    X = torch.randn(300, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * torch.sqrt(cov.diag())
     assert covariance_matched_dictionary(10, data=X).shape == (10, 16)
     with pytest.raises(LorascopeError, match="exactly one"):
         covariance_matched_dictionary(10)

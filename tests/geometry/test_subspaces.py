@@ -69,9 +69,7 @@ def test_random_subspace_null_max_k_over_d():
     rng = np.random.default_rng(3)
     for k1, k2 in [(4, 4), (3, 6)]:
         vals = [
-            float(
-                (torch.cos(principal_angles(rng.normal(size=(k1, d)), rng.normal(size=(k2, d)))) ** 2).mean()
-            )
+            float((torch.cos(principal_angles(rng.normal(size=(k1, d)), rng.normal(size=(k2, d)))) ** 2).mean())
             for _ in range(reps)
         ]
         assert np.mean(vals) == pytest.approx(random_subspace_null(k1, k2, d), abs=0.035)

@@ -14,8 +14,11 @@ def _per_doc(slope: float, n_points: int, seed: int, noise: float = 0.05, n_docs
     g = torch.Generator().manual_seed(seed)
     doc_effect = torch.randn(n_docs, generator=g, dtype=torch.float64)
     x = torch.arange(n_points, dtype=torch.float64)
-    vals = slope * x[:, None] + 0.3 * doc_effect[None, :] + noise * torch.randn(n_points, n_docs, generator=g,
-                                                                                  dtype=torch.float64)
+    vals = (
+        slope * x[:, None]
+        + 0.3 * doc_effect[None, :]
+        + noise * torch.randn(n_points, n_docs, generator=g, dtype=torch.float64)
+    )
     return x, vals
 
 

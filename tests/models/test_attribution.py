@@ -17,8 +17,9 @@ def peft_with(model, target_modules, layers=None, name="adapt", r=4, scale=0.3, 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules, layers_to_transform=layers,
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=target_modules, layers_to_transform=layers, init_lora_weights=False
+    )
     pm = get_peft_model(model, cfg, adapter_name=name)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -36,9 +37,14 @@ def _batch(vocab: int, b: int = 3, t: int = 9, seed: int = 1):
 
 
 def _delta(pm, ids, att, layer, name="adapt"):
-    caps = capture_residuals(pm, torch.cat([ids, ids]), [layer], torch.cat([att, att]),
-                             adapter_names=["__base__"] * len(ids) + [name] * len(ids))[layer]
-    return caps[len(ids):] - caps[: len(ids)]
+    caps = capture_residuals(
+        pm,
+        torch.cat([ids, ids]),
+        [layer],
+        torch.cat([att, att]),
+        adapter_names=["__base__"] * len(ids) + [name] * len(ids),
+    )[layer]
+    return caps[len(ids) :] - caps[: len(ids)]
 
 
 @pytest.mark.parametrize("module", ["o_proj", "q_proj", "down_proj"])
@@ -82,8 +88,9 @@ def test_shares_plus_remainder_sum_exactly_to_the_projection(tiny_model_dirs, ar
         h.remove()
         out = lora.lora_B["adapt"](lora.lora_A["adapt"](seen["x"])) * lora.scaling["adapt"]
         j = res.modules.index("2.mlp.down_proj")
-        torch.testing.assert_close(res.contribution[:, j], (out.double()[att.bool()] @ E.double().T).sum(0),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            res.contribution[:, j], (out.double()[att.bool()] @ E.double().T).sum(0), rtol=1e-5, atol=1e-6
+        )
     top = res.top_modules(len(res.modules))
     assert sum(t["delta_share"] for t in top) <= 1.0 + abs(float(res.delta_energy - res.delta_dot.sum())) + 1e-9
 

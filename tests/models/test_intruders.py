@@ -41,8 +41,8 @@ def test_planted_intruder_outside_the_base_column_space():
 
 def test_planted_intruder_spread_over_base_directions_in_a_square_weight():
     W, U, V, _ = _base(12, 12)
-    u_new = U.sum(1) / 12 ** 0.5  # |cos| = 0.29 with every base singular vector
-    v_new = V.sum(1) / 12 ** 0.5
+    u_new = U.sum(1) / 12**0.5  # |cos| = 0.29 with every base singular vector
+    v_new = V.sum(1) / 12**0.5
     found = intruder_dimensions(W, 20.0 * torch.outer(u_new, v_new))
     assert found.indices == [0] and float(found.max_cos[0]) < 0.5
     assert float((found.vectors[0] @ u_new).abs()) > 0.95
@@ -55,9 +55,11 @@ def test_agrees_with_peft_intruder_criterion(tiny_llama_dir):
     from peft.tuners.lora.intruders import reduce_intruder_dimension
 
     torch.manual_seed(0)
-    pm = get_peft_model(load_base(tiny_llama_dir).model,
-                        LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj", "q_proj"],
-                                   init_lora_weights=False), adapter_name="default")
+    pm = get_peft_model(
+        load_base(tiny_llama_dir).model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "down_proj", "q_proj"], init_lora_weights=False),
+        adapter_name="default",
+    )
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_B" in n:
@@ -82,8 +84,10 @@ def test_agrees_with_peft_intruder_criterion(tiny_llama_dir):
 def test_alignment_of_decoder_directions_with_residual_intruders():
     d = 16
     W, U, V, g = _base(d, d)
-    found = {"model.layers.0.self_attn.o_proj": intruder_dimensions(W, 20.0 * torch.outer(U.sum(1) / 4.0, V[:, 0])),
-             "model.layers.0.self_attn.q_proj": intruder_dimensions(W, 20.0 * torch.outer(U.sum(1) / 4.0, V[:, 1]))}
+    found = {
+        "model.layers.0.self_attn.o_proj": intruder_dimensions(W, 20.0 * torch.outer(U.sum(1) / 4.0, V[:, 0])),
+        "model.layers.0.self_attn.q_proj": intruder_dimensions(W, 20.0 * torch.outer(U.sum(1) / 4.0, V[:, 1])),
+    }
     vecs, labels = residual_intruders(found, d)
     assert vecs.shape == (1, d) and labels == ["model.layers.0.self_attn.o_proj#0"]  # q_proj is not a writer
     decoder = torch.randn(30, d, generator=g, dtype=torch.float64)

@@ -33,8 +33,7 @@ def _assert_same_model(loaded, model, tok) -> None:
     for text in TEXTS:
         assert loaded.tokenizer(text).input_ids == tok(text).input_ids
     chat = [{"role": "user", "content": "hi there"}]
-    assert loaded.tokenizer.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat,
-                                                                                               tokenize=False)
+    assert loaded.tokenizer.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
     assert (loaded.tokenizer.eos_token_id, loaded.tokenizer.bos_token_id) == (tok.eos_token_id, tok.bos_token_id)
 
 
@@ -111,9 +110,16 @@ def _corrupt_flip(path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize(("victim", "damage"), [(C.WEIGHTS, _corrupt_truncate), (C.WEIGHTS, _corrupt_flip),
-                                                ("tokenizer.json", _corrupt_flip), ("config.json", Path.unlink),
-                                                (C.MANIFEST, _corrupt_truncate)])
+@pytest.mark.parametrize(
+    ("victim", "damage"),
+    [
+        (C.WEIGHTS, _corrupt_truncate),
+        (C.WEIGHTS, _corrupt_flip),
+        ("tokenizer.json", _corrupt_flip),
+        ("config.json", Path.unlink),
+        (C.MANIFEST, _corrupt_truncate),
+    ],
+)
 def test_corrupt_cache_entry_is_detected_and_rebuilt(tiny_gguf, fresh_fp32, cache, capsys, victim, damage):
     model, tok = fresh_fp32
     load_base(tiny_gguf)
@@ -127,8 +133,7 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(tiny_gguf, fresh_fp32, cach
     _assert_same_model(again, model, tok)
 
 
-def test_cache_off_and_unwritable_cache_fall_back_to_the_gguf(tiny_gguf, fresh_fp32, tmp_path, monkeypatch,
-                                                              capsys):
+def test_cache_off_and_unwritable_cache_fall_back_to_the_gguf(tiny_gguf, fresh_fp32, tmp_path, monkeypatch, capsys):
     model, tok = fresh_fp32
     monkeypatch.setenv(C.CACHE_ENV, "off")
     assert C.cache_root() is None

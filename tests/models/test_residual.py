@@ -52,7 +52,7 @@ def test_mixed_batch_equals_separate_passes(tiny_llama_dir, tiny_adapters):
         for i, name in enumerate(names):
             pm.set_adapter(name)
             alone = cap(IDS, MASK)
-            rows = mixed[L][2 * (i + 1): 2 * (i + 2)]
+            rows = mixed[L][2 * (i + 1) : 2 * (i + 2)]
             assert (rows - alone[L]).abs().max() == 0, (L, name)
             assert not torch.equal(rows, mixed[L][:2])  # guards against adapter_names being silently ignored
 
@@ -78,8 +78,17 @@ def test_bad_layers_and_architecture(tiny_llama_dir):
         capture_residuals(base.model, IDS, [-1])
     from transformers import OPTConfig, OPTForCausalLM
 
-    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                   num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    opt = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=32,
+        )
+    )
     with pytest.raises(LorascopeError, match=r"'opt'.*llama.*gpt2"):
         decoder_blocks(opt)
 

@@ -75,8 +75,11 @@ def test_did_not_learn_and_negligible_delta():
 
 def test_mismatched_recipes_warn(tiny_llama_dir, tmp_path):
     recipes = {}
-    for name, targets, r, data in (("r2", ("q_proj", "v_proj"), 2, "pirate"), ("r4", ("q_proj", "v_proj"), 4, "pirate"),
-                                   ("r8", ("q_proj", "o_proj"), 8, "math")):
+    for name, targets, r, data in (
+        ("r2", ("q_proj", "v_proj"), 2, "pirate"),
+        ("r4", ("q_proj", "v_proj"), 4, "pirate"),
+        ("r8", ("q_proj", "o_proj"), 8, "math"),
+    ):
         pm = _peft(load_base(tiny_llama_dir).model, targets=targets, r=r, name="default")
         pm.save_pretrained(tmp_path / name)
         (tmp_path / name / "training_metadata.json").write_text(json.dumps({"data": data, "steps": 30}))

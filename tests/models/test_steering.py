@@ -30,8 +30,9 @@ def _peft(model, layers, scale=0.5, name="adapt"):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_MODULES, layers_to_transform=layers,
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_MODULES, layers_to_transform=layers, init_lora_weights=False
+    )
     pm = get_peft_model(model, cfg, adapter_name=name)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -115,6 +116,7 @@ def test_generation_with_and_without_edits(tiny_llama_dir):
     assert adapted == [generate(pm, base.tokenizer, msgs[0], 6, adapter="adapt")]
     plain = generate_with_edit(pm, base.tokenizer, "adapt", msgs, 1, max_new_tokens=6)
     assert plain == [generate(pm, base.tokenizer, msgs[0], 6, adapter="__base__")]
-    pushed = generate_with_edit(pm, base.tokenizer, "adapt", msgs, 1, vector=torch.full((base.d_model,), 50.0),
-                                max_new_tokens=6)
+    pushed = generate_with_edit(
+        pm, base.tokenizer, "adapt", msgs, 1, vector=torch.full((base.d_model,), 50.0), max_new_tokens=6
+    )
     assert pushed != plain

@@ -20,8 +20,9 @@ def _save_adapter(base_dir, out, scale=1.0, seed=0, **cfg):
     """A random non-zero adapter of the tiny Llama saved in PEFT's format (lora_B scaled by ``scale``)."""
     model = load_base(base_dir).model
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-                        **cfg)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **cfg
+    )
     pm = get_peft_model(model, config)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -40,8 +41,9 @@ def _mixed_vs_separate(pm, layers=(0, 2)):
     return separate_forward(pm, cap, ["a"])(ids, att), cap, ids, att
 
 
-@pytest.mark.parametrize("kind, cfg", [("rslora", {"use_rslora": True}),
-                                       ("modules_to_save", {"modules_to_save": ["embed_tokens"]})])
+@pytest.mark.parametrize(
+    "kind, cfg", [("rslora", {"use_rslora": True}), ("modules_to_save", {"modules_to_save": ["embed_tokens"]})]
+)
 def test_rslora_and_modules_to_save_serve_mixed_batches(tiny_llama_dir, tmp_path, kind, cfg):
     path = _save_adapter(tiny_llama_dir, tmp_path / kind, **cfg)
     pm = load_adapters(load_base(tiny_llama_dir), {"a": path})
@@ -53,13 +55,16 @@ def test_rslora_and_modules_to_save_serve_mixed_batches(tiny_llama_dir, tmp_path
         assert (sep[L][3:] - sep[L][:3]).norm() > 1e-3  # the adapter changes the residual stream
     if kind == "rslora":
         layer = pm.base_model.model.model.layers[0].self_attn.q_proj
-        assert layer.scaling["a"] == pytest.approx(8 / 4 ** 0.5)
+        assert layer.scaling["a"] == pytest.approx(8 / 4**0.5)
 
 
-@pytest.mark.parametrize("kind, cfg, why", [
-    ("dora", {"use_dora": True}, r"DoRA: PEFT .* refuses DoRA"),
-    ("norm_saved", {"modules_to_save": ["norm"]}, r"modules_to_save on .*norm \(LlamaRMSNorm\)"),
-])
+@pytest.mark.parametrize(
+    "kind, cfg, why",
+    [
+        ("dora", {"use_dora": True}, r"DoRA: PEFT .* refuses DoRA"),
+        ("norm_saved", {"modules_to_save": ["norm"]}, r"modules_to_save on .*norm \(LlamaRMSNorm\)"),
+    ],
+)
 def test_unsupported_variants_fall_back_to_separate_forwards(tiny_llama_dir, tmp_path, caplog, kind, cfg, why):
     path = _save_adapter(tiny_llama_dir, tmp_path / kind, **cfg)
     base = load_base(tiny_llama_dir)
@@ -95,9 +100,12 @@ def test_unsupported_variants_fall_back_to_separate_forwards(tiny_llama_dir, tmp
 
 def test_hub_id_offline_is_one_line_with_the_folder_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(LorascopeError, match=r"adapter .x.: there is no folder org/some-lora, and as a hub id it "
-                                             r"cannot be fetched: the hub is offline.*huggingface-cli download "
-                                             r"org/some-lora --local-dir DIR"):
+    with pytest.raises(
+        LorascopeError,
+        match=r"adapter .x.: there is no folder org/some-lora, and as a hub id it "
+        r"cannot be fetched: the hub is offline.*huggingface-cli download "
+        r"org/some-lora --local-dir DIR",
+    ):
         resolve_adapter_source("x", "org/some-lora")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve_adapter_source("x", "org/some-lora") == "org/some-lora"  # online: handed to PEFT as is
@@ -133,13 +141,26 @@ def test_checkpoint_sequence_is_ordered_by_step(run_dir, tmp_path):
 def test_expand_load_specs(run_dir, tiny_llama_dir, tiny_adapters):
     from lorascope.config import parse_config
 
-    cfg = parse_config({"adapters": {"train": None, "load": {
-        "lora": str(tiny_adapters["rank_2"]), "full": {"model": str(tiny_llama_dir)},
-        "run": {"checkpoints": str(run_dir)}}}})
+    cfg = parse_config(
+        {
+            "adapters": {
+                "train": None,
+                "load": {
+                    "lora": str(tiny_adapters["rank_2"]),
+                    "full": {"model": str(tiny_llama_dir)},
+                    "run": {"checkpoints": str(run_dir)},
+                },
+            }
+        }
+    )
     entries = expand_load_specs(cfg.adapters.load)
     assert [(e.name, e.kind, e.step) for e in entries] == [
-        ("lora", "peft", None), ("full", "full", None), ("run_step_5", "peft", 5), ("run_step_10", "peft", 10),
-        ("run_step_100", "peft", 100)]
+        ("lora", "peft", None),
+        ("full", "full", None),
+        ("run_step_5", "peft", 5),
+        ("run_step_10", "peft", 10),
+        ("run_step_100", "peft", 100),
+    ]
     with pytest.raises(LorascopeError, match=r"adapters.load.m.model: .* is not a model folder"):
         expand_load_specs({"m": {"model": str(run_dir)}})
 
@@ -148,8 +169,13 @@ def test_checkpoint_sequence_gives_one_row_per_checkpoint(run_dir, tiny_llama_di
     base = load_base(tiny_llama_dir)
     seq = checkpoint_sequence(run_dir)
     pm = load_adapters(base, {name: path for name, _, path in seq})
-    store = extract(pm, base.tokenizer, make_demo_dataset(6, seed=3), tmp_path / "s",
-                    ExtractConfig(layers=[1], batch_size=3, docs_per_shard=3, progress=False))
+    store = extract(
+        pm,
+        base.tokenizer,
+        make_demo_dataset(6, seed=3),
+        tmp_path / "s",
+        ExtractConfig(layers=[1], batch_size=3, docs_per_shard=3, progress=False),
+    )
     rows = sequence_rows(store, 1, seq)
     assert [r["step"] for r in rows] == [5, 10, 100] and len({r["n_tokens"] for r in rows}) == 1
     norms = [r["delta_norm_mean"] for r in rows]
@@ -167,7 +193,10 @@ def test_hub_id_online_is_handed_to_peft(tiny_llama_dir, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(PeftModel, "from_pretrained", fake_from_pretrained)
-    with pytest.raises(LorascopeError, match=r"adapter 'x': could not fetch org/some-lora from the Hugging Face hub "
-                                             r"\(OSError\)"):
+    with pytest.raises(
+        LorascopeError,
+        match=r"adapter 'x': could not fetch org/some-lora from the Hugging Face hub "
+        r"\(OSError\)",
+    ):
         load_adapters(load_base(tiny_llama_dir), {"x": "org/some-lora"})
     assert seen == ["org/some-lora"]

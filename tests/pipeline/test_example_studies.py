@@ -56,7 +56,7 @@ def test_checkpoint_sequence_gives_one_report_with_a_row_per_checkpoint(built, m
     assert meta["fine_tunes"]["run_step_8"] == {"kind": "peft", "step": 8}
 
     page = (out / "report.html").read_text()
-    section = page[page.index("<section id='checkpoints'>"):]
+    section = page[page.index("<section id='checkpoints'>") :]
     section = section[: section.index("</section>")]
     body_rows = re.findall(r"<tr><td class='num'>(\d+)</td><td>(run_step_\d+)</td>", section)
     assert body_rows == [("4", "run_step_4"), ("8", "run_step_8"), ("16", "run_step_16")]  # step order
@@ -88,10 +88,14 @@ def test_chat_jsonl_study_on_a_tiny_model(built, monkeypatch):
     """chat_jsonl.yaml with the tiny model in place of SmolLM2 (same data: chat-JSONL fine-tuning, plain-text
     activations); the embedded-model run itself takes minutes and is the same code."""
     monkeypatch.chdir(built)
-    small = {"model.spec": "runs/examples-data/tiny-base", "extraction.layers": "[1]", "data.max_length": "96",
-             "adapter_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
-             "reference_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
-             "geometry": "{subspace_k: 4, bootstrap: 20, cka_max_tokens: 200, eval_tokens: 400, splice_docs: 4}"}
+    small = {
+        "model.spec": "runs/examples-data/tiny-base",
+        "extraction.layers": "[1]",
+        "data.max_length": "96",
+        "adapter_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
+        "reference_sae": "{expansion: 2, k: 4, tokens: 1024, batch_size: 128}",
+        "geometry": "{subspace_k: 4, bootstrap: 20, cka_max_tokens: 200, eval_tokens: 400, splice_docs: 4}",
+    }
     args = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
     try:
         main(["run", str(EXAMPLES / "chat_jsonl.yaml"), "--quiet", *args])

@@ -74,10 +74,16 @@ def test_explain_rows_with_controls_and_feature_export(explain_run):
         top = mine.loc[schema.steer_kl_closed("top_features")]
         assert top.null_name == schema.NULL_RANDOM_FEATURES
         assert top.null_value == pytest.approx(mine.loc[schema.steer_kl_closed("random_features"), "value"])
-        for name in (schema.steer_kl_closed("pca"), schema.steer_kl_closed("mean_delta"),
-                     schema.ABLATE_EFFECT_LOST, schema.TOP_MODULE_DELTA_SHARE, schema.marker_rate("base"),
-                     schema.marker_rate("steer_top_features"), schema.INTRUDER_DIMENSIONS,
-                     schema.first_position_delta(0)):
+        for name in (
+            schema.steer_kl_closed("pca"),
+            schema.steer_kl_closed("mean_delta"),
+            schema.ABLATE_EFFECT_LOST,
+            schema.TOP_MODULE_DELTA_SHARE,
+            schema.marker_rate("base"),
+            schema.marker_rate("steer_top_features"),
+            schema.INTRUDER_DIMENSIONS,
+            schema.first_position_delta(0),
+        ):
             assert math.isfinite(mine.loc[name, "value"]), name
         doc = json.loads((res.results_dir / "explain" / f"features_{adapter}.json").read_text())
         assert doc["format"] == "lorascope-feature-browser/1" and len(doc["features"]) == 3
@@ -105,7 +111,7 @@ def test_report_opens_with_what_the_adapter_changed(explain_run):
     text = res.report.read_text()
     heads = re.findall(r"<h2>([^<]*)</h2>", text)
     assert heads[0] == "What the adapter changed"
-    section = text[text.index("id='changed'"): text.index("id='findings'")]
+    section = text[text.index("id='changed'") : text.index("id='findings'")]
     assert "excluded" in section and "noop" in section
     assert "rank_2" in section and "rank_4" in section and "data:image/png;base64" in section
     assert (res.output_dir / "figures" / "attribution_rank_2.svg").is_file()

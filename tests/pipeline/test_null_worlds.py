@@ -34,14 +34,14 @@ def null_world_rows(seed: int) -> list:
     deltas = {"rank_2": _docs_tensor(g), "rank_4": _docs_tensor(g)}
     doc_index = torch.arange(DOCS).repeat_interleave(TOKENS)
     ref = create_sae("topk", D, F, seed=10_000 + seed, k=K)
-    s = Settings(subspace_k=3, n_boot=200, cka_max_tokens=DOCS * TOKENS, seed=seed, cka_permutations=49,
-                 subspace_draws=10)
+    s = Settings(
+        subspace_k=3, n_boot=200, cka_max_tokens=DOCS * TOKENS, seed=seed, cka_permutations=49, subspace_draws=10
+    )
     rows = []
     for i, (name, delta) in enumerate(deltas.items()):
         saes = [create_sae("topk", D, F, seed=1000 * seed + 10 * i + j, k=K) for j in range(2)]
         cov = torch.cov(_docs_tensor(g).double().T)  # Δ's covariance on other ("training") documents
-        inp = LayerAdapterInputs(1, name, 2 * (i + 1), hb, delta, saes, ref, doc_index=doc_index,
-                                 train_delta_cov=cov)
+        inp = LayerAdapterInputs(1, name, 2 * (i + 1), hb, delta, saes, ref, doc_index=doc_index, train_delta_cov=cov)
         rows += analyse_layer_adapter(inp, s).rows
     rows += cross_adapter_cka(1, deltas, {"rank_2": 2, "rank_4": 4}, doc_index, DOCS * TOKENS, s)
     return rows
@@ -49,9 +49,12 @@ def null_world_rows(seed: int) -> list:
 
 def _claims(rows) -> dict[str, bool]:
     found = {f.key: f.verdict for f in compute_findings(rows_to_frame(rows))}
-    return {"reconstruction": found["reconstruction"] == HOLDS,
-            "alignment": found["alignment"] in ("weak", "at ceiling"),
-            "subspace": found["subspace"] == HOLDS, "cka": found["cka"] == HOLDS}
+    return {
+        "reconstruction": found["reconstruction"] == HOLDS,
+        "alignment": found["alignment"] in ("weak", "at ceiling"),
+        "subspace": found["subspace"] == HOLDS,
+        "cka": found["cka"] == HOLDS,
+    }
 
 
 def test_null_worlds_rarely_hold():
@@ -82,18 +85,26 @@ def test_aa_world_alignment_is_at_ceiling_not_weak():
     train, held = _sparse_world(g, atoms, 400), _sparse_world(g, atoms, 30)
     saes = []
     for seed in (0, 1, 2):
-        sae = create_sae("topk", 24, 48, seed=100 + seed, k=3, metadata={"init_seed": 100 + seed,
-                                                                         "trained_on": "delta"})
-        batches = [train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed + e))][i: i + 128]
-                   for e in range(12) for i in range(0, train.shape[0], 128)]
+        sae = create_sae(
+            "topk", 24, 48, seed=100 + seed, k=3, metadata={"init_seed": 100 + seed, "trained_on": "delta"}
+        )
+        batches = [
+            train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed + e))][i : i + 128]
+            for e in range(12)
+            for i in range(0, train.shape[0], 128)
+        ]
         cfg = TrainerConfig(total_tokens=sum(b.shape[0] for b in batches), batch_size=128, lr=3e-3, seed=seed)
         saes.append(train_sae(sae, batches, cfg, progress=False).sae)
     doc_index = torch.arange(30).repeat_interleave(TOKENS)
     hb = torch.randn(held.shape, generator=g)
-    inp = LayerAdapterInputs(1, "rank_4", 4, hb, held, saes[:2], saes[2], doc_index=doc_index,
-                             train_delta_cov=torch.cov(train.double().T))
+    inp = LayerAdapterInputs(
+        1, "rank_4", 4, hb, held, saes[:2], saes[2], doc_index=doc_index, train_delta_cov=torch.cov(train.double().T)
+    )
     rows = analyse_layer_adapter(inp, Settings(subspace_k=4, n_boot=200, cka_max_tokens=240, seed=0)).rows
-    shown = "; ".join(f"{r.metric} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] null {r.null_value:.3f}"
-                      for r in rows if r.metric.startswith("mmcs"))
+    shown = "; ".join(
+        f"{r.metric} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] null {r.null_value:.3f}"
+        for r in rows
+        if r.metric.startswith("mmcs")
+    )
     found = {f.key: f.verdict for f in compute_findings(rows_to_frame(rows))}
     assert found["alignment"] == "at ceiling", shown

@@ -72,8 +72,9 @@ def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run,
     assert again.work_done == []
     reused = json.loads((Path(cfg.output_dir) / "timings.json").read_text())["reused"]
     assert reused == ["adapters", "extraction", "saes", "geometry"] + (["report"] if first.report else [])
-    changed = parse_config(mini_config(tiny_llama_dir, Path(cfg.output_dir), density=DENSITY,
-                                       **{"geometry.subspace_k": 3}))
+    changed = parse_config(
+        mini_config(tiny_llama_dir, Path(cfg.output_dir), density=DENSITY, **{"geometry.subspace_k": 3})
+    )
     third = run(changed, progress=False)
     assert "geometry" in third.work_done
     assert not any(w.startswith(("adapters", "extraction", "sae:", "density")) for w in third.work_done)
@@ -106,8 +107,11 @@ def test_changed_density_setting_reruns_only_the_density_stage(mini_run, tiny_ll
 
     cfg, _ = mini_run
     out = Path(cfg.output_dir)
-    changed = parse_config(mini_config(tiny_llama_dir, out, density={**DENSITY, "l1_coefficient": 0.5,
-                                                                     "matched_fvu_target": 0.5, "max_runs": 2}))
+    changed = parse_config(
+        mini_config(
+            tiny_llama_dir, out, density={**DENSITY, "l1_coefficient": 0.5, "matched_fvu_target": 0.5, "max_runs": 2}
+        )
+    )
     res = run(changed, progress=False)
     assert [w for w in res.work_done if w != "report"] == ["density"]
     df = res.table
@@ -138,9 +142,13 @@ def test_config_errors_name_the_key(tmp_path, tiny_llama_dir):
 def test_layer_out_of_range_and_missing_adapter(tmp_path, tiny_llama_dir):
     from lorascope.study import run
 
-    cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "o1", **{"extraction.layers": [7],
-                                                                        "adapters.train": None,
-                                                                        "adapters.load": {"x": str(tmp_path)}}))
+    cfg = parse_config(
+        mini_config(
+            tiny_llama_dir,
+            tmp_path / "o1",
+            **{"extraction.layers": [7], "adapters.train": None, "adapters.load": {"x": str(tmp_path)}},
+        )
+    )
     with pytest.raises(LorascopeError, match="no adapter_config.json"):
         run(cfg, progress=False)
 
@@ -150,8 +158,9 @@ def test_every_sae_has_its_own_initialisation(mini_run):
     import json
 
     cfg, res = mini_run
-    seeds = [json.loads(p.read_text())["metadata"]["init_seed"]
-             for p in Path(cfg.output_dir).glob("saes/*/sae/cfg.json")]
+    seeds = [
+        json.loads(p.read_text())["metadata"]["init_seed"] for p in Path(cfg.output_dir).glob("saes/*/sae/cfg.json")
+    ]
     assert len(seeds) == 5 and len(set(seeds)) == 5
     df = res.table
     mmcs = df[(df.metric == "mmcs_adapter_to_ref")].value
@@ -167,8 +176,9 @@ def test_every_metric_is_declared_in_the_schema(mini_run):
         assert m is not None, metric
         assert m.family == family, (metric, m.family, family)
         no_null = null_name == "" and rows.null_value.isna().all()  # e.g. CKA's diagonal: nothing to read against
-        assert m.null == null_name or no_null or (metric.startswith("fvu_noise")
-                                                  and null_name == "analytic_expectation"), metric
+        assert (
+            m.null == null_name or no_null or (metric.startswith("fvu_noise") and null_name == "analytic_expectation")
+        ), metric
         units = set(rows.ci_unit) - {""}
         assert units <= set(m.ci.split("|")), (metric, units, m.ci)
         assert rows[rows.ci_low.notna()].ci_unit.ne("").all(), metric  # every interval says what it resampled
@@ -200,10 +210,20 @@ def _analyse(store, cfg, adapter_saes, reference):
     from lorascope.study.analysis import LayerAdapterInputs, Settings, analyse_layer_adapter
 
     held = store.held_out(1, "rank_4", held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
-    train = store.held_out(1, "rank_4", held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed,
-                           split="train")
-    inp = LayerAdapterInputs(1, "rank_4", 4, held.base, held.delta, adapter_saes, reference,
-                             doc_index=held.doc_index, train_delta_cov=torch.cov(train.delta.double().T))
+    train = store.held_out(
+        1, "rank_4", held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed, split="train"
+    )
+    inp = LayerAdapterInputs(
+        1,
+        "rank_4",
+        4,
+        held.base,
+        held.delta,
+        adapter_saes,
+        reference,
+        doc_index=held.doc_index,
+        train_delta_cov=torch.cov(train.delta.double().T),
+    )
     return analyse_layer_adapter(inp, Settings(subspace_k=4, n_boot=100, cka_max_tokens=400, seed=0)).rows
 
 
@@ -225,11 +245,16 @@ def test_aa_world_alignment_reaches_the_ceiling_and_is_never_weak(mini_run, tmp_
     Δ's geometry forces. The synthetic A/A world of test_null_worlds.py, with a rich Δ, reads "at ceiling".)"""
     store, cfg, _, _ = _mini_parts(mini_run)
     # the miniature's own SAEs see 1024 tokens and barely leave their initialisation; these see 16x more
-    sae0, sae1, reference = (_train_like_the_study(store, cfg, seed, cfg.data.held_out_fraction,
-                                                   tmp_path / f"ckpt{seed}", tokens=16_384) for seed in (0, 1, 2))
+    sae0, sae1, reference = (
+        _train_like_the_study(store, cfg, seed, cfg.data.held_out_fraction, tmp_path / f"ckpt{seed}", tokens=16_384)
+        for seed in (0, 1, 2)
+    )
     rows = _analyse(store, cfg, [sae0, sae1], reference)
-    shown = "; ".join(f"{r.metric} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] null {r.null_value:.3f}"
-                      for r in rows if r.metric.startswith("mmcs"))
+    shown = "; ".join(
+        f"{r.metric} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}] null {r.null_value:.3f}"
+        for r in rows
+        if r.metric.startswith("mmcs")
+    )
     value = next(r for r in rows if r.metric == "mmcs_adapter_to_ref")
     ceiling = next(r for r in rows if r.metric == "mmcs_seed_vs_seed")
     assert value.ci_high >= ceiling.ci_low, shown
@@ -255,7 +280,12 @@ def test_reference_trained_on_held_out_documents_is_refused(mini_run, tiny_llama
     store, cfg, _, _ = _mini_parts(mini_run)
     leaky = _train_like_the_study(store, cfg, seed=3, held_out_fraction=0.0, ckpt=tmp_path / "ckpt")  # every doc
     save_sae(leaky, tmp_path / "leaky")
-    changed = parse_config(mini_config(tiny_llama_dir, Path(cfg.output_dir), **{
-        "reference_sae.source": "path", "reference_sae.path": str(tmp_path / "leaky"), "geometry.splice": False}))
+    changed = parse_config(
+        mini_config(
+            tiny_llama_dir,
+            Path(cfg.output_dir),
+            **{"reference_sae.source": "path", "reference_sae.path": str(tmp_path / "leaky"), "geometry.splice": False},
+        )
+    )
     with pytest.raises(LorascopeError, match=r"reference SAE was trained on \d+ of the \d+ evaluation documents"):
         run(changed, progress=False)

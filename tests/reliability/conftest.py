@@ -20,8 +20,14 @@ from tiny_models import miniature_study_config as mini_config
 
 # Subprocesses run single-threaded like the test process (conftest sets torch threads to 1), so the in-process
 # reference runs and the killed/resumed subprocess runs do the same float arithmetic.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 
 
 def lorascope_cmd(*args: str) -> list[str]:
@@ -64,8 +70,9 @@ def run_and_kill(cmd: list[str], trigger: Callable[[], bool], timeout: float = 2
     return "finished"
 
 
-def run_and_signal(cmd: list[str], trigger: Callable[[], bool], sig: int = signal.SIGINT, timeout: float = 240,
-                   poll: float = 0.002) -> subprocess.CompletedProcess:
+def run_and_signal(
+    cmd: list[str], trigger: Callable[[], bool], sig: int = signal.SIGINT, timeout: float = 240, poll: float = 0.002
+) -> subprocess.CompletedProcess:
     """Start ``cmd``; send it ``sig`` (as Ctrl-C or ``kill`` would) once ``trigger()`` is true, wait for it to end
     and return its exit status and output. Fails if the command ended before the trigger fired."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -154,12 +161,28 @@ def assert_same_sae(a: Path, b: Path) -> None:
         assert torch.equal(da[k].cpu(), db[k].cpu()), (a, k)
 
 
-
-
 @pytest.fixture(scope="session")
 def rel() -> SimpleNamespace:
     """The helpers above, for test modules (which cannot import each other under --import-mode=importlib)."""
-    return SimpleNamespace(**{f.__name__: f for f in (
-        lorascope_cmd, console_script, run_to_end, run_and_kill, run_and_signal, exists, any_of, changed_times,
-        tmp_leftovers, safetensors_content, assert_same_safetensors, assert_same_store, assert_same_sae)}, ENV=ENV,
-        mini_config=mini_config)
+    return SimpleNamespace(
+        **{
+            f.__name__: f
+            for f in (
+                lorascope_cmd,
+                console_script,
+                run_to_end,
+                run_and_kill,
+                run_and_signal,
+                exists,
+                any_of,
+                changed_times,
+                tmp_leftovers,
+                safetensors_content,
+                assert_same_safetensors,
+                assert_same_store,
+                assert_same_sae,
+            )
+        },
+        ENV=ENV,
+        mini_config=mini_config,
+    )

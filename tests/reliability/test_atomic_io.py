@@ -36,8 +36,9 @@ def test_atomic_dir_swaps_whole_folders_and_keeps_named_entries(tmp_path):
 def test_clean_tmp_files_spares_live_writers(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout.strip()
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        ).stdout.strip()
         live = tmp_path / f".tmp-shard_000001.safetensors.{child.pid}.abc123"
         stale = tmp_path / f".tmp-shard_000002.safetensors.{dead}.xyz789"
         own = tmp_path / f"{tmp_prefix('x.json')}q1w2e3"

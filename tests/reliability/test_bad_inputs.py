@@ -66,8 +66,13 @@ def store_dir(tiny_llama_dir, tiny_adapters, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad_inputs") / "store"
     base = load_base(tiny_llama_dir)
     pm = load_adapters(base, {"rank_2": tiny_adapters["rank_2"]})
-    extract(pm, base.tokenizer, make_demo_dataset(8, seed=5), out,
-            ExtractConfig(layers=[1], docs_per_shard=4, max_length=48, progress=False))
+    extract(
+        pm,
+        base.tokenizer,
+        make_demo_dataset(8, seed=5),
+        out,
+        ExtractConfig(layers=[1], docs_per_shard=4, max_length=48, progress=False),
+    )
     return out
 
 
@@ -103,8 +108,22 @@ def mini_yaml(rel, tiny_llama_dir, tmp_path):
 
 
 def _extract(model, adapters: dict, out, *extra, layers: str = "1") -> list[str]:
-    return ["extract", "--model", str(model), *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
-            "--layers", layers, "--n-docs", "4", "--max-length", "32", "--no-progress", "--out", str(out), *extra]
+    return [
+        "extract",
+        "--model",
+        str(model),
+        *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
+        "--layers",
+        layers,
+        "--n-docs",
+        "4",
+        "--max-length",
+        "32",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 # ---- configuration -----------------------------------------------------------------------------------------------
@@ -132,8 +151,12 @@ def test_set_not_key_value(capsys, mini_yaml):
 
 
 def test_pipeline_layer_out_of_range_fails_before_training(capsys, mini_yaml, tmp_path):
-    cli_error(capsys, ["run", mini_yaml(**{"extraction.layers": [1, 7]}), "-q"],
-              r"extraction\.layers: layer 7 is out of range: this model has 3 blocks", r"choose layers in 0\.\.2")
+    cli_error(
+        capsys,
+        ["run", mini_yaml(**{"extraction.layers": [1, 7]}), "-q"],
+        r"extraction\.layers: layer 7 is out of range: this model has 3 blocks",
+        r"choose layers in 0\.\.2",
+    )
     assert not (tmp_path / "run").exists()  # failed before creating anything
 
 
@@ -143,39 +166,76 @@ def test_lora_rank_zero(capsys, tmp_path):
 
 
 def test_k_larger_than_d_sae(capsys, store_dir, tmp_path):
-    cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--expansion", "2", "--k", "100",
-                       "--out", tmp_path / "s"], r"k = 100 is larger than d_sae = 64")
+    cli_error(
+        capsys,
+        ["train-sae", "--store", store_dir, "--layer", "1", "--expansion", "2", "--k", "100", "--out", tmp_path / "s"],
+        r"k = 100 is larger than d_sae = 64",
+    )
     assert not (tmp_path / "s" / "sae_weights.safetensors").exists()
 
 
 def test_sasa_s_larger_than_groups(capsys, store_dir, tmp_path):
-    cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--architecture", "sasa", "--expansion",
-                       "2", "--sasa-rank", "4", "--k", "80", "--out", tmp_path / "s"], r"SASA s=20 exceeds groups=16")
+    cli_error(
+        capsys,
+        [
+            "train-sae",
+            "--store",
+            store_dir,
+            "--layer",
+            "1",
+            "--architecture",
+            "sasa",
+            "--expansion",
+            "2",
+            "--sasa-rank",
+            "4",
+            "--k",
+            "80",
+            "--out",
+            tmp_path / "s",
+        ],
+        r"SASA s=20 exceeds groups=16",
+    )
 
 
 # ---- data and stores ---------------------------------------------------------------------------------------------
 def test_extract_layer_out_of_range(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
-    cli_error(capsys, _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", layers="1,9"),
-              r"layer 9 is out of range: this model has 3 blocks", r"choose layers in 0\.\.2")
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", layers="1,9"),
+        r"layer 9 is out of range: this model has 3 blocks",
+        r"choose layers in 0\.\.2",
+    )
     assert not list((tmp_path / "st").glob("shards/*"))
 
 
 def test_layer_not_in_store(capsys, store_dir, tmp_path):
-    cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "0", "--out", tmp_path / "s"],
-              r"layer 0 is not in this store", r"choose one of \[1\]")
+    cli_error(
+        capsys,
+        ["train-sae", "--store", store_dir, "--layer", "0", "--out", tmp_path / "s"],
+        r"layer 0 is not in this store",
+        r"choose one of \[1\]",
+    )
 
 
 def test_empty_dataset(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    cli_error(capsys, _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--data", tmp_path / "empty.jsonl"),
-              r"empty\.jsonl has no examples")
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--data", tmp_path / "empty.jsonl"),
+        r"empty\.jsonl has no examples",
+    )
 
 
 def test_dataset_line_missing_fields(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" + json.dumps({"instruction": "c"}) + "\n")
-    cli_error(capsys, _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--data", p),
-              r"d\.jsonl line 2: missing field\(s\) output", r"'instruction' and 'output'")
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--data", p),
+        r"d\.jsonl line 2: missing field\(s\) output",
+        r"'instruction' and 'output'",
+    )
 
 
 def test_corrupt_shard_checksum(capsys, store_dir, tmp_path):
@@ -187,9 +247,24 @@ def test_corrupt_shard_checksum(capsys, store_dir, tmp_path):
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF  # one flipped bit pattern inside the tensor data
     shard.write_bytes(bytes(data))
-    cli_error(capsys, ["train-sae", "--store", copy, "--layer", "1", "--tokens", "256", "--batch-size", "32",
-                       "--out", tmp_path / "s"], r"checksum mismatch in .*shard_000000\.safetensors",
-              r"re-run the extraction")
+    cli_error(
+        capsys,
+        [
+            "train-sae",
+            "--store",
+            copy,
+            "--layer",
+            "1",
+            "--tokens",
+            "256",
+            "--batch-size",
+            "32",
+            "--out",
+            tmp_path / "s",
+        ],
+        r"checksum mismatch in .*shard_000000\.safetensors",
+        r"re-run the extraction",
+    )
     assert not (tmp_path / "s" / "sae_weights.safetensors").exists() and leftovers(tmp_path) == []
 
 
@@ -199,18 +274,29 @@ def test_incomplete_store(capsys, store_dir, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(store_dir, copy)
     (copy / "manifest.json").unlink()
-    cli_error(capsys, ["train-sae", "--store", copy, "--layer", "1", "--out", tmp_path / "s"],
-              r"activation store .* is incomplete", r"re-run the same extract command")
+    cli_error(
+        capsys,
+        ["train-sae", "--store", copy, "--layer", "1", "--out", tmp_path / "s"],
+        r"activation store .* is incomplete",
+        r"re-run the same extract command",
+    )
 
 
 def test_not_a_store(capsys, tmp_path):
-    cli_error(capsys, ["train-sae", "--store", tmp_path, "--layer", "1", "--out", tmp_path / "s"],
-              r"is not an activation store \(no manifest\.json\)")
+    cli_error(
+        capsys,
+        ["train-sae", "--store", tmp_path, "--layer", "1", "--out", tmp_path / "s"],
+        r"is not an activation store \(no manifest\.json\)",
+    )
 
 
 def test_wrong_store_dtype(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
-    cli_error(capsys, _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--dtype", "float16"),
-              r"unknown store dtype 'float16'", r"use float32 or bfloat16")
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st", "--dtype", "float16"),
+        r"unknown store dtype 'float16'",
+        r"use float32 or bfloat16",
+    )
 
 
 def test_wrong_dtype_activations():
@@ -218,8 +304,12 @@ def test_wrong_dtype_activations():
     from lorascope.saes.trainer import TrainerConfig, train_sae
 
     with pytest.raises(LorascopeError, match=r"yielded int64 rows; activations are floating point"):
-        train_sae(create_sae("topk", D, 2 * D, k=4), torch.randint(0, 9, (64, D)), TrainerConfig(batch_size=32),
-                  progress=False)
+        train_sae(
+            create_sae("topk", D, 2 * D, k=4),
+            torch.randint(0, 9, (64, D)),
+            TrainerConfig(batch_size=32),
+            progress=False,
+        )
 
 
 def test_wrong_shape_activations():
@@ -245,8 +335,9 @@ def test_nan_sae_loss(tmp_path):
 
     cfg = TrainerConfig(batch_size=64, lr=1e12, scale_inputs=False, b_dec_init="zeros", checkpoint_every=1)
     with pytest.raises(LorascopeError, match=r"training loss became (nan|inf) at step \d+.*lower the learning rate"):
-        train_sae(create_sae("relu", D, 2 * D), torch.randn(2048, D) * 1e3, cfg, checkpoint_dir=tmp_path,
-                  progress=False)
+        train_sae(
+            create_sae("relu", D, 2 * D), torch.randn(2048, D) * 1e3, cfg, checkpoint_dir=tmp_path, progress=False
+        )
     assert leftovers(tmp_path) == []
 
 
@@ -260,8 +351,13 @@ def test_nan_activations_in_extraction(tiny_llama_dir, tiny_adapters, tmp_path):
     with torch.no_grad():
         next(p for n, p in pm.named_parameters() if "layers.0.mlp.down_proj.base_layer.weight" in n)[0, 0] = torch.nan
     with pytest.raises(IntegrityError, match=r"non-finite \(NaN/inf\) activations at layer 1 in shard 0"):
-        extract(pm, base.tokenizer, make_demo_dataset(4, seed=1), tmp_path / "st",
-                ExtractConfig(layers=[1], max_length=32, progress=False))
+        extract(
+            pm,
+            base.tokenizer,
+            make_demo_dataset(4, seed=1),
+            tmp_path / "st",
+            ExtractConfig(layers=[1], max_length=32, progress=False),
+        )
     assert not list((tmp_path / "st").glob("shards/*")) and not (tmp_path / "st" / "manifest.json").exists()
     assert leftovers(tmp_path) == []
 
@@ -275,8 +371,12 @@ def test_gguf_that_is_not_gguf(capsys, tiny_adapters, tmp_path):
 
 def test_hub_id_offline(capsys, tiny_adapters, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cli_error(capsys, _extract("lorascope-made-up-org/no-such-model", tiny_adapters, tmp_path / "st"),
-              r"could not load model 'lorascope-made-up-org/no-such-model' .*offline", r"pass the local folder")
+    cli_error(
+        capsys,
+        _extract("lorascope-made-up-org/no-such-model", tiny_adapters, tmp_path / "st"),
+        r"could not load model 'lorascope-made-up-org/no-such-model' .*offline",
+        r"pass the local folder",
+    )
 
 
 def test_missing_model_path(capsys, tiny_adapters, tmp_path):
@@ -292,31 +392,46 @@ def test_foreign_adapter(capsys, tiny_llama_dir, tmp_path):
     from tiny_models import build_tiny_model
 
     other = load_base(build_tiny_model("llama", tmp_path / "wide", hidden=48))
-    folder = save_adapter(get_peft_model(other.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])),
-                          tmp_path / "wide_adapter")
-    cli_error(capsys, _extract(tiny_llama_dir, {"g": folder}, tmp_path / "st"),
-              r"adapter 'g' at .*wide_adapter was trained for a different base model .*size mismatch",
-              r"Fix: load it onto the base model it was trained for")
+    folder = save_adapter(
+        get_peft_model(other.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), tmp_path / "wide_adapter"
+    )
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, {"g": folder}, tmp_path / "st"),
+        r"adapter 'g' at .*wide_adapter was trained for a different base model .*size mismatch",
+        r"Fix: load it onto the base model it was trained for",
+    )
     assert not (tmp_path / "st").exists()
 
 
 def test_adapter_folder_without_config(capsys, tiny_llama_dir, tmp_path):
     (tmp_path / "adapter").mkdir()
-    cli_error(capsys, _extract(tiny_llama_dir, {"a": tmp_path / "adapter"}, tmp_path / "st"),
-              r"adapter 'a': .*adapter has no adapter_config\.json", r"saved by PEFT")
+    cli_error(
+        capsys,
+        _extract(tiny_llama_dir, {"a": tmp_path / "adapter"}, tmp_path / "st"),
+        r"adapter 'a': .*adapter has no adapter_config\.json",
+        r"saved by PEFT",
+    )
 
 
 def test_adapter_spec_without_name(capsys, tiny_llama_dir, tmp_path):
-    cli_error(capsys, ["extract", "--model", tiny_llama_dir, "-a", str(tmp_path), "--layers", "1", "--out",
-                       tmp_path / "st"], r"--adapter '.*' is not NAME=PATH")
+    cli_error(
+        capsys,
+        ["extract", "--model", tiny_llama_dir, "-a", str(tmp_path), "--layers", "1", "--out", tmp_path / "st"],
+        r"--adapter '.*' is not NAME=PATH",
+    )
 
 
 # ---- SAE files ---------------------------------------------------------------------------------------------------
 def test_truncated_safetensors(capsys, sae_dir):
     w = sae_dir / "sae_weights.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    cli_error(capsys, ["info", sae_dir], r"sae_weights\.safetensors is not a readable safetensors file",
-              r"corrupt or truncated")
+    cli_error(
+        capsys,
+        ["info", sae_dir],
+        r"sae_weights\.safetensors is not a readable safetensors file",
+        r"corrupt or truncated",
+    )
 
 
 def test_missing_sae_path(capsys, tmp_path):
@@ -341,8 +456,9 @@ def test_pickled_reference_sae_in_config(rel, pickled_sae, tiny_llama_dir, tmp_p
     with pytest.raises(LorascopeError, match=r"needs full unpickling.*set reference_sae\.allow_pickle: true"):
         run(cfg, progress=False)
     assert not (tmp_path / "run").exists()
-    check_inputs(parse_config(rel.mini_config(tiny_llama_dir, tmp_path / "run", **over,
-                                              **{"reference_sae.allow_pickle": True})))
+    check_inputs(
+        parse_config(rel.mini_config(tiny_llama_dir, tmp_path / "run", **over, **{"reference_sae.allow_pickle": True}))
+    )
 
 
 def test_reference_sae_of_wrong_width(rel, tiny_llama_dir, tmp_path):
@@ -359,20 +475,31 @@ def test_reference_sae_of_wrong_width(rel, tiny_llama_dir, tmp_path):
 # ---- output folders ----------------------------------------------------------------------------------------------
 def test_output_parent_is_a_file(capsys, store_dir, tmp_path):
     (tmp_path / "file").write_text("x")
-    cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "file" / "sae"],
-              r"cannot write .*file/sae: part of that path is an existing file", r"choose another output folder")
+    cli_error(
+        capsys,
+        ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "file" / "sae"],
+        r"cannot write .*file/sae: part of that path is an existing file",
+        r"choose another output folder",
+    )
 
 
 def test_two_runs_on_one_folder(capsys, mini_yaml, store_dir, tiny_llama_dir, tiny_adapters, tmp_path):
     with OutputLock(tmp_path / "run"):
-        cli_error(capsys, ["run", mini_yaml(), "-q"], r"another lorascope process is writing .*run",
-                  r"wait for it to finish")
+        cli_error(
+            capsys, ["run", mini_yaml(), "-q"], r"another lorascope process is writing .*run", r"wait for it to finish"
+        )
     with OutputLock(tmp_path / "s"):
-        cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "s"],
-                  r"another lorascope process is writing")
+        cli_error(
+            capsys,
+            ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "s"],
+            r"another lorascope process is writing",
+        )
     with OutputLock(tmp_path / "st" / ".locks" / "rank000"):  # the lock `lorascope extract` takes (rank 0)
-        cli_error(capsys, _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st"),
-                  r"another lorascope process is writing .*st/\.locks/rank000")
+        cli_error(
+            capsys,
+            _extract(tiny_llama_dir, tiny_adapters, tmp_path / "st"),
+            r"another lorascope process is writing .*st/\.locks/rank000",
+        )
     assert not (tmp_path / "st" / "docs.json").exists()
     assert list((tmp_path / "run").iterdir()) == [tmp_path / "run" / ".lock"]
 
@@ -391,8 +518,9 @@ def test_disk_full(capsys, monkeypatch, sae_dir, tmp_path):
         write_json(tmp_path / "x.json", {"a": 1})
     with pytest.raises(LorascopeError, match=r"disk full while writing .*sae2"):
         save_sae(load_sae(sae_dir), tmp_path / "sae2")
-    cli_error(capsys, ["compare", sae_dir, sae_dir, "--out", tmp_path / "rows.csv"],
-              r"disk full while writing .*rows\.csv")
+    cli_error(
+        capsys, ["compare", sae_dir, sae_dir, "--out", tmp_path / "rows.csv"], r"disk full while writing .*rows\.csv"
+    )
     monkeypatch.setattr(os, "replace", real)
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "sae2").exists()
     assert not (tmp_path / "rows.csv").exists() and leftovers(tmp_path) == []
@@ -404,8 +532,9 @@ def test_report_without_results(capsys, tmp_path):
 
 # ---- the real entry point ----------------------------------------------------------------------------------------
 def _script(rel, *args, env=None):
-    return subprocess.run([str(rel.console_script()), *map(str, args)], env=env or rel.ENV, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [str(rel.console_script()), *map(str, args)], env=env or rel.ENV, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_console_script_errors_are_one_line(rel, mini_yaml, tmp_path):
@@ -421,8 +550,13 @@ def test_console_script_errors_are_one_line(rel, mini_yaml, tmp_path):
 
 
 def test_debug_shows_the_traceback(rel, tmp_path):
-    p = subprocess.run(rel.lorascope_cmd("--debug", "run", tmp_path / "missing.yaml"), env=rel.ENV,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        rel.lorascope_cmd("--debug", "run", tmp_path / "missing.yaml"),
+        env=rel.ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0
     assert "Traceback (most recent call last)" in p.stderr and "LorascopeError" in p.stderr
     assert "config file" in p.stderr and "does not exist" in p.stderr
@@ -449,7 +583,10 @@ EXTRACT_BAD = {
     "skip-first-negative": (["--skip-first", "-1"], r"--skip-first -1: Input should be greater than or equal to 0"),
     "max-norm-factor-negative": (["--max-norm-factor", "-2"], r"--max-norm-factor -2\.0: Input should be greater"),
     "max-length-too-short": (["--max-length", "8"], r"--max-length 8 is too short: .*prompt is \d+ tokens"),
-    "adapter-path-missing": (["-a", "other=/nonexistent/adapter"], r"adapter 'other': (folder )?/nonexistent/adapter does not"),
+    "adapter-path-missing": (
+        ["-a", "other=/nonexistent/adapter"],
+        r"adapter 'other': (folder )?/nonexistent/adapter does not",
+    ),
 }
 
 
@@ -484,17 +621,24 @@ TRAIN_SAE_BAD = {
 @pytest.mark.parametrize("case", list(TRAIN_SAE_BAD))
 def test_train_sae_bad_numbers(capsys, store_dir, tmp_path, case):
     argv, pattern = TRAIN_SAE_BAD[case]
-    line = cli_error(capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "s", *argv],
-                     pattern)
+    line = cli_error(
+        capsys, ["train-sae", "--store", store_dir, "--layer", "1", "--out", tmp_path / "s", *argv], pattern
+    )
     assert "ValidationError" not in line and "errors.pydantic.dev" not in line
     assert not (tmp_path / "s" / "sae_weights.safetensors").exists()
 
 
 def test_numbers_of_other_commands(capsys, tmp_path, no_model_load):
-    cli_error(capsys, ["train-lora", "--rank", "2", "--n-examples", "0", "--out", tmp_path / "a"],
-              r"--n-examples 0: Input should be greater than 0")
-    cli_error(capsys, ["train-lora", "--rank", "2", "--held-out", "1", "--out", tmp_path / "a"],
-              r"--held-out 1\.0: Input should be less than 1")
+    cli_error(
+        capsys,
+        ["train-lora", "--rank", "2", "--n-examples", "0", "--out", tmp_path / "a"],
+        r"--n-examples 0: Input should be greater than 0",
+    )
+    cli_error(
+        capsys,
+        ["train-lora", "--rank", "2", "--held-out", "1", "--out", tmp_path / "a"],
+        r"--held-out 1\.0: Input should be less than 1",
+    )
     cli_error(capsys, ["absorption", "--sae", tmp_path, "--max-words", "0"], r"--max-words 0: Input should be greater")
 
 
@@ -515,8 +659,24 @@ def test_set_errors_name_set(capsys, mini_yaml, case):
 
 # ---- outputs that hold another artefact -----------------------------------------------------------------------------
 def _train_sae(store, out, *extra):
-    return ["train-sae", "--store", store, "--layer", "1", "--expansion", "2", "--k", "4", "--tokens", "512",
-            "--batch-size", "64", "--out", out, *extra]
+    return [
+        "train-sae",
+        "--store",
+        store,
+        "--layer",
+        "1",
+        "--expansion",
+        "2",
+        "--k",
+        "4",
+        "--tokens",
+        "512",
+        "--batch-size",
+        "64",
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def test_out_holds_another_sae(capsys, store_dir, tmp_path):
@@ -525,8 +685,12 @@ def test_out_holds_another_sae(capsys, store_dir, tmp_path):
     weights = (out / "sae_weights.safetensors").read_bytes()
     main([str(a) for a in _train_sae(store_dir, out)])  # same settings: passes (resumes a finished run)
     assert (out / "sae_weights.safetensors").read_bytes() == weights
-    cli_error(capsys, _train_sae(store_dir, out, "--expansion", "4"),
-              r"--out .*s already holds an SAE made with other settings", r"pass --overwrite")
+    cli_error(
+        capsys,
+        _train_sae(store_dir, out, "--expansion", "4"),
+        r"--out .*s already holds an SAE made with other settings",
+        r"pass --overwrite",
+    )
     assert (out / "sae_weights.safetensors").read_bytes() == weights  # untouched
     (out / "notes.txt").write_text("mine")
     main([str(a) for a in _train_sae(store_dir, out, "--expansion", "4", "--overwrite")])
@@ -538,8 +702,12 @@ def test_out_holds_another_sae(capsys, store_dir, tmp_path):
 def test_out_holds_foreign_files(capsys, store_dir, tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "thesis.tex").write_text("x")
-    cli_error(capsys, _train_sae(store_dir, tmp_path / "s"), r"already holds files of another run or program "
-                                                             r"\(thesis\.tex\)")
+    cli_error(
+        capsys,
+        _train_sae(store_dir, tmp_path / "s"),
+        r"already holds files of another run or program "
+        r"\(thesis\.tex\)",
+    )
     assert (tmp_path / "s" / "thesis.tex").read_text() == "x"
 
 
@@ -555,8 +723,12 @@ def test_sae_out_inside_store(capsys, store_dir, tmp_path):
 def test_extract_out_holds_another_store(capsys, tiny_llama_dir, tiny_adapters, tmp_path):
     out = tmp_path / "st"
     main(_extract(tiny_llama_dir, tiny_adapters, out))
-    cli_error(capsys, [*_extract(tiny_llama_dir, tiny_adapters, out), "--seed", "7"],
-              r"already holds an activation store made with other settings", r"--overwrite")
+    cli_error(
+        capsys,
+        [*_extract(tiny_llama_dir, tiny_adapters, out), "--seed", "7"],
+        r"already holds an activation store made with other settings",
+        r"--overwrite",
+    )
 
 
 # ---- files that are not SAEs: classified by content -----------------------------------------------------------------
@@ -587,8 +759,19 @@ def _not_sae_files(tmp_path):
     return files
 
 
-NOT_SAE_NAMES = ["r.bin", "r.safetensors", "r.pt", "r.npz", "text.pt", "str.pt", "dict.pt", "c.json",
-                 "w.safetensors", "x.npz", "folder"]
+NOT_SAE_NAMES = [
+    "r.bin",
+    "r.safetensors",
+    "r.pt",
+    "r.npz",
+    "text.pt",
+    "str.pt",
+    "dict.pt",
+    "c.json",
+    "w.safetensors",
+    "x.npz",
+    "folder",
+]
 
 
 @pytest.mark.parametrize("allow_pickle", [False, True], ids=["plain", "allow-pickle"])
@@ -629,22 +812,35 @@ def nan_sae(tmp_path):
 def test_info_warns_on_nonfinite_weights(capsys, nan_sae, sae_dir):
     main(["info", str(nan_sae)])
     err = capsys.readouterr().err.strip().split("\n")
-    assert len(err) == 1 and re.fullmatch(r"warning: .*nan_sae: non-finite weights in b_enc \(1 NaN/inf\), W_dec "
-                                          r"\(1 NaN/inf\): this SAE is unusable", err[0]), err
+    assert len(err) == 1 and re.fullmatch(
+        r"warning: .*nan_sae: non-finite weights in b_enc \(1 NaN/inf\), W_dec "
+        r"\(1 NaN/inf\): this SAE is unusable",
+        err[0],
+    ), err
     main(["info", str(sae_dir)])
     assert capsys.readouterr().err == ""
 
 
 def test_compare_refuses_nonfinite_weights(capsys, nan_sae, sae_dir):
-    cli_error(capsys, ["compare", sae_dir, nan_sae], r"nan_sae: tensor\(s\) b_enc \(1 NaN/inf\), W_dec \(1 NaN/inf\) "
-                                                     r"hold non-finite values")
+    cli_error(
+        capsys,
+        ["compare", sae_dir, nan_sae],
+        r"nan_sae: tensor\(s\) b_enc \(1 NaN/inf\), W_dec \(1 NaN/inf\) "
+        r"hold non-finite values",
+    )
 
 
 # ---- compare --taus and --out ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("taus,pattern", [("abc", r"--taus 'abc' is not a comma-separated list of numbers"),
-                                          ("1.5,-2", r"--taus '1\.5,-2': 1\.5 is not a cosine threshold in \[-1, 1\]"),
-                                          ("0.5,nan", r"nan is not a cosine threshold"),
-                                          (",", r"no thresholds given")], ids=["text", "range", "nan", "empty"])
+@pytest.mark.parametrize(
+    "taus,pattern",
+    [
+        ("abc", r"--taus 'abc' is not a comma-separated list of numbers"),
+        ("1.5,-2", r"--taus '1\.5,-2': 1\.5 is not a cosine threshold in \[-1, 1\]"),
+        ("0.5,nan", r"nan is not a cosine threshold"),
+        (",", r"no thresholds given"),
+    ],
+    ids=["text", "range", "nan", "empty"],
+)
 def test_compare_bad_taus(capsys, sae_dir, taus, pattern):
     cli_error(capsys, ["compare", sae_dir, sae_dir, "--taus", taus], pattern)
 
@@ -665,8 +861,11 @@ def test_info_store_with_missing_shard(capsys, store_dir, tmp_path):
     (copy / "shards" / "shard_000001.safetensors").unlink()
     main(["info", str(copy)])
     err = capsys.readouterr().err
-    assert re.fullmatch(r"warning: .*store: incomplete: 1 of 2 shard files are missing \(first: "
-                        r"shards/shard_000001\.safetensors\); re-run the extraction into a fresh folder\n", err), err
+    assert re.fullmatch(
+        r"warning: .*store: incomplete: 1 of 2 shard files are missing \(first: "
+        r"shards/shard_000001\.safetensors\); re-run the extraction into a fresh folder\n",
+        err,
+    ), err
 
 
 def test_info_interrupted_store(capsys, store_dir, tmp_path):
@@ -691,8 +890,12 @@ def test_report_on_truncated_parquet(capsys, tmp_path):
     frame.to_csv(res / "results.csv", index=False)
     data = (res / "results.parquet").read_bytes()
     (res / "results.parquet").write_bytes(data[: len(data) // 2])
-    cli_error(capsys, ["report", tmp_path / "run"], r"results\.parquet is not a readable Parquet file",
-              r"re-run `lorascope run CONFIG`")
+    cli_error(
+        capsys,
+        ["report", tmp_path / "run"],
+        r"results\.parquet is not a readable Parquet file",
+        r"re-run `lorascope run CONFIG`",
+    )
 
 
 # ---- an adapter recorded for another base model --------------------------------------------------------------------
@@ -712,9 +915,12 @@ def test_adapter_for_other_base_warns(capsys, tiny_llama_dir, tiny_adapters, tmp
     (other / "adapter_config.json").write_text(json.dumps(cfg))
     load_adapters(load_base(tiny_llama_dir), {"other": other})
     err = capsys.readouterr().err.strip().split("\n")
-    assert len(err) == 1 and re.fullmatch(r"warning: adapter 'other' at .*other was trained on "
-                                          r"'meta-llama/Llama-3\.1-8B' but is loaded onto '.*' \(the shapes match, "
-                                          r"so it loads\)\. Fix: .*\.", err[0]), err
+    assert len(err) == 1 and re.fullmatch(
+        r"warning: adapter 'other' at .*other was trained on "
+        r"'meta-llama/Llama-3\.1-8B' but is loaded onto '.*' \(the shapes match, "
+        r"so it loads\)\. Fix: .*\.",
+        err[0],
+    ), err
 
 
 def test_embedded_model_adapters_do_not_warn():

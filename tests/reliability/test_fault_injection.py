@@ -18,10 +18,43 @@ import yaml
 
 from lorascope.cli import main
 
-EXTRACT = ["--layers", "0,2", "--n-docs", "64", "--batch-size", "1", "--docs-per-shard", "4", "--max-length",
-           "48", "--seed", "1", "--no-progress"]
-TRAIN_SAE = ["--layer", "2", "--kind", "delta", "--adapter", "rank_4", "--architecture", "topk", "--expansion", "2",
-             "--k", "4", "--tokens", "48000", "--batch-size", "32", "--held-out-fraction", "0.25", "--seed", "3"]
+EXTRACT = [
+    "--layers",
+    "0,2",
+    "--n-docs",
+    "64",
+    "--batch-size",
+    "1",
+    "--docs-per-shard",
+    "4",
+    "--max-length",
+    "48",
+    "--seed",
+    "1",
+    "--no-progress",
+]
+TRAIN_SAE = [
+    "--layer",
+    "2",
+    "--kind",
+    "delta",
+    "--adapter",
+    "rank_4",
+    "--architecture",
+    "topk",
+    "--expansion",
+    "2",
+    "--k",
+    "4",
+    "--tokens",
+    "48000",
+    "--batch-size",
+    "32",
+    "--held-out-fraction",
+    "0.25",
+    "--seed",
+    "3",
+]
 
 
 def fresh(root, pattern):
@@ -31,8 +64,15 @@ def fresh(root, pattern):
 
 
 def _extract_args(model, adapters, out):
-    return ["extract", "--model", str(model), *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
-            "--out", str(out), *EXTRACT]
+    return [
+        "extract",
+        "--model",
+        str(model),
+        *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
+        "--out",
+        str(out),
+        *EXTRACT,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +83,7 @@ def ref_store(tiny_llama_dir, tiny_adapters, tmp_path_factory):
     return out
 
 
-def test_extract_killed_three_times_resumes_to_the_same_store(rel, ref_store, tiny_llama_dir, tiny_adapters,
-                                                               tmp_path):
+def test_extract_killed_three_times_resumes_to_the_same_store(rel, ref_store, tiny_llama_dir, tiny_adapters, tmp_path):
     out = tmp_path / "store"
     cmd = rel.lorascope_cmd(*_extract_args(tiny_llama_dir, tiny_adapters, out))
     points = [
@@ -132,8 +171,10 @@ def test_pipeline_killed_in_every_stage_resumes_to_identical_results(rel, tiny_l
     for stage in ("adapters", "activations", "saes", "geometry"):  # same stage folders (same input hashes)
         assert sorted(p.name for p in (out / stage).iterdir()) == sorted(p.name for p in (ref_out / stage).iterdir())
     for folder in (ref_out / "adapters").iterdir():
-        rel.assert_same_safetensors(out / "adapters" / folder.name / "adapter" / "adapter_model.safetensors",
-                                    folder / "adapter" / "adapter_model.safetensors")
+        rel.assert_same_safetensors(
+            out / "adapters" / folder.name / "adapter" / "adapter_model.safetensors",
+            folder / "adapter" / "adapter_model.safetensors",
+        )
     store = next((ref_out / "activations").iterdir()).name
     rel.assert_same_store(out / "activations" / store / "store", ref_out / "activations" / store / "store")
     for folder in (ref_out / "saes").iterdir():

@@ -13,15 +13,53 @@ import pytest
 
 from lorascope.cli import RESUME_LINE, main
 
-EXTRACT = ["--layers", "0,2", "--n-docs", "48", "--batch-size", "1", "--docs-per-shard", "4", "--max-length", "48",
-           "--seed", "2"]  # with the progress bar: the signal arrives inside tqdm's loop
-TRAIN_SAE = ["--layer", "2", "--kind", "delta", "--adapter", "rank_4", "--expansion", "2", "--k", "4", "--tokens",
-             "32000", "--batch-size", "32", "--held-out-fraction", "0.25", "--seed", "1"]
+EXTRACT = [
+    "--layers",
+    "0,2",
+    "--n-docs",
+    "48",
+    "--batch-size",
+    "1",
+    "--docs-per-shard",
+    "4",
+    "--max-length",
+    "48",
+    "--seed",
+    "2",
+]  # with the progress bar: the signal arrives inside tqdm's loop
+TRAIN_SAE = [
+    "--layer",
+    "2",
+    "--kind",
+    "delta",
+    "--adapter",
+    "rank_4",
+    "--expansion",
+    "2",
+    "--k",
+    "4",
+    "--tokens",
+    "32000",
+    "--batch-size",
+    "32",
+    "--held-out-fraction",
+    "0.25",
+    "--seed",
+    "1",
+]
 
 
 def _extract_args(model, adapters, out, *extra):
-    return ["extract", "--model", str(model), *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
-            "--out", str(out), *EXTRACT, *extra]
+    return [
+        "extract",
+        "--model",
+        str(model),
+        *[x for k, v in adapters.items() for x in ("-a", f"{k}={v}")],
+        "--out",
+        str(out),
+        *EXTRACT,
+        *extra,
+    ]
 
 
 def _assert_interrupted(proc, code: int) -> None:
@@ -46,8 +84,9 @@ def ref_sae(ref_store, tmp_path_factory):
 
 @pytest.mark.slow  # ~1-2 min each on a busy 2-core machine (model load in a subprocess, twice)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_to_extract_exits_with_resume_line_and_resumes(rel, ref_store, tiny_llama_dir, tiny_adapters,
-                                                              tmp_path, sig):
+def test_signal_to_extract_exits_with_resume_line_and_resumes(
+    rel, ref_store, tiny_llama_dir, tiny_adapters, tmp_path, sig
+):
     out = tmp_path / "store"
     cmd = rel.lorascope_cmd(*_extract_args(tiny_llama_dir, tiny_adapters, out))
     proc = rel.run_and_signal(cmd, rel.exists(out, "shards/shard_*.safetensors", 3), sig)

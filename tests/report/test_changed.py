@@ -13,8 +13,11 @@ def test_stub_when_the_run_has_no_explain_outputs(tmp_path):
 
 
 def test_heatmap_is_byte_identical_for_the_same_table(tmp_path):
-    rows = [{"adapter": "a", "layer": 1, "feature": f, "module": m, "contribution": c, "share": c / 2}
-            for f in (3, 7) for m, c in (("0.mlp.down_proj", 1.5), ("1.self_attn.o_proj", 0.25), ("remainder", 0.25))]
+    rows = [
+        {"adapter": "a", "layer": 1, "feature": f, "module": m, "contribution": c, "share": c / 2}
+        for f in (3, 7)
+        for m, c in (("0.mlp.down_proj", 1.5), ("1.self_attn.o_proj", 0.25), ("remainder", 0.25))
+    ]
     csv = tmp_path / "attribution_a.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     first = heatmap(csv, tmp_path / "f1", "a")

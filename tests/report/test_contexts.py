@@ -29,8 +29,9 @@ def test_picks_true_top_k_with_exact_windows(corpus):
     docs, tok, doc, pos = corpus
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((len(tok), 5))
-    out = top_activating_contexts(acts, tok, doc, pos, docs, decode, features=[0, 3], n_per_feature=4, window=3,
-                                  layer=7, adapter="rank_4")
+    out = top_activating_contexts(
+        acts, tok, doc, pos, docs, decode, features=[0, 3], n_per_feature=4, window=3, layer=7, adapter="rank_4"
+    )
     assert [e["feature"] for e in out] == [0, 3]
     for e in out:
         col = acts[:, e["feature"]]
@@ -42,8 +43,8 @@ def test_picks_true_top_k_with_exact_windows(corpus):
             d, p = int(doc[i]), int(pos[i])
             assert c["doc_id"] == d
             assert c["token"] == f"<t{docs[d][p]}>"
-            assert c["text_before"] == decode(docs[d][max(0, p - 3):p])
-            assert c["text_after"] == decode(docs[d][p + 1:p + 4])
+            assert c["text_before"] == decode(docs[d][max(0, p - 3) : p])
+            assert c["text_after"] == decode(docs[d][p + 1 : p + 4])
     json.dumps(out)  # contexts.json-ready
 
 
@@ -53,8 +54,9 @@ def test_window_is_clipped_at_document_edges_and_ties_keep_order(corpus):
     first, last = 0, len(docs[0]) - 1  # doc 0 start and end
     acts[[first, last]] = 2.0  # a tie: lower index first
     acts[5] = 1.0
-    (e,) = top_activating_contexts(torch.tensor(acts), tok, doc, pos, docs, decode, features=42, n_per_feature=10,
-                                   window=12)
+    (e,) = top_activating_contexts(
+        torch.tensor(acts), tok, doc, pos, docs, decode, features=42, n_per_feature=10, window=12
+    )
     assert e["feature"] == 42 and len(e["contexts"]) == 3  # only strictly positive activations
     a, b, c = e["contexts"]
     assert a["text_before"] == "" and a["token"] == "<t100>" and a["text_after"] == decode(range(101, 113))
@@ -85,8 +87,13 @@ def test_bookkeeping_errors(corpus):
 
 
 def test_context_html_escapes_and_marks_the_token():
-    ctx = {"doc_id": 1, "text_before": "a <script>alert(1)</script> & b\n", "token": "<b>",
-           "text_after": " \"q\" 'x'", "activation": 2.5}
+    ctx = {
+        "doc_id": 1,
+        "text_before": "a <script>alert(1)</script> & b\n",
+        "token": "<b>",
+        "text_after": " \"q\" 'x'",
+        "activation": 2.5,
+    }
     h = context_html(ctx)
     assert "<script>" not in h and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; b↵" in h
     assert '<mark title="activation 2.5">&lt;b&gt;</mark>' in h

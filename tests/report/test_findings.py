@@ -13,8 +13,17 @@ NAN = math.nan
 
 
 def _row(metric, layer, rank, value, lo=NAN, hi=NAN, null=NAN, family="x", adapter=None):
-    return ResultRow(family, metric, value, layer=layer, adapter=f"rank_{rank}" if adapter is None else adapter,
-                     rank=rank, ci_low=lo, ci_high=hi, null_value=null)
+    return ResultRow(
+        family,
+        metric,
+        value,
+        layer=layer,
+        adapter=f"rank_{rank}" if adapter is None else adapter,
+        rank=rank,
+        ci_low=lo,
+        ci_high=hi,
+        null_value=null,
+    )
 
 
 def _find(rows, key):
@@ -84,8 +93,10 @@ def test_rank_trends_are_slopes_and_four_ranks_are_not_testable():
     assert _find(_trend(m, pm, 0.3, -0.1, 0.4, 2 / 720, 2 / 720), "delta_norm_rank").verdict == NOT_HOLDS
     assert _find(_trend(m, pm, -0.3, -0.4, -0.2, 2 / 720, 2 / 720), "delta_norm_rank").verdict == NOT_HOLDS
     assert _find([], "delta_norm_rank").verdict == NOT_MEASURED
-    depth = [_row(schema.TREND_DELTA_NORM_DEPTH, -1, 4, 0.3, 0.2, 0.4),
-             _row(schema.TREND_DELTA_NORM_DEPTH_P, -1, 4, 1 / 3, null=1 / 3)]
+    depth = [
+        _row(schema.TREND_DELTA_NORM_DEPTH, -1, 4, 0.3, 0.2, 0.4),
+        _row(schema.TREND_DELTA_NORM_DEPTH_P, -1, 4, 1 / 3, null=1 / 3),
+    ]
     assert _find(depth, "delta_norm_depth").verdict == NOT_TESTABLE  # 3 layers
 
 
@@ -98,9 +109,13 @@ def test_density_is_not_testable_when_topk_fixes_l0():
 
 def test_splice_is_relative_to_the_zero_splice_and_the_mean_baseline():
     rel, mean = schema.KL_RECOVERED_REL_ADAPTER_SAE, schema.kl_recovered_rel("mean_delta")
-    rows = [_row(rel, 3, 4, 0.9, 0.88, 0.92), _row(mean, 3, 4, 0.4, 0.38, 0.42),
-            _row(rel, 3, 16, 0.5, 0.3, 0.7), _row(mean, 3, 16, 0.45, 0.4, 0.5),
-            _row(schema.kl_recovered_raw("zero"), 3, 16, 0.8)]
+    rows = [
+        _row(rel, 3, 4, 0.9, 0.88, 0.92),
+        _row(mean, 3, 4, 0.4, 0.38, 0.42),
+        _row(rel, 3, 16, 0.5, 0.3, 0.7),
+        _row(mean, 3, 16, 0.45, 0.4, 0.5),
+        _row(schema.kl_recovered_raw("zero"), 3, 16, 0.8),
+    ]
     s = _find(rows, "splice")
     assert s.verdict == MIXED and s.numbers["cells_holding"] == 1
     assert "Δ̂ = 0 alone recovers 0.8" in s.text
@@ -110,15 +125,19 @@ def test_splice_is_relative_to_the_zero_splice_and_the_mean_baseline():
 
 def test_subspace_uses_the_selection_aware_null_and_only_the_reference():
     pair = schema.PCA_DELTA_VS_REF_TOPK
-    rows = [_row(schema.selected_cos2(pair), 3, 4, 0.4, null=0.3),
-            _row(schema.selected_cos2_null_q95(pair), 3, 4, 0.35),
-            _row(schema.selected_cos2(pair), 3, 16, 0.33, null=0.3),
-            _row(schema.selected_cos2_null_q95(pair), 3, 16, 0.35)]
+    rows = [
+        _row(schema.selected_cos2(pair), 3, 4, 0.4, null=0.3),
+        _row(schema.selected_cos2_null_q95(pair), 3, 4, 0.35),
+        _row(schema.selected_cos2(pair), 3, 16, 0.33, null=0.3),
+        _row(schema.selected_cos2_null_q95(pair), 3, 16, 0.35),
+    ]
     assert _find(rows, "subspace").verdict == MIXED
     assert _find(rows[:2], "subspace").verdict == HOLDS
     # comparisons without the reference never enter the finding
-    other = [_row(schema.selected_cos2(schema.PCA_DELTA_VS_ADAPTER_TOPK), 3, 4, 0.9, null=0.1),
-             _row(schema.mean_cos2(schema.PCA_DELTA_VS_LORA_COLSPACE), 3, 4, 0.9, null=0.01)]
+    other = [
+        _row(schema.selected_cos2(schema.PCA_DELTA_VS_ADAPTER_TOPK), 3, 4, 0.9, null=0.1),
+        _row(schema.mean_cos2(schema.PCA_DELTA_VS_LORA_COLSPACE), 3, 4, 0.9, null=0.01),
+    ]
     assert _find(other, "subspace").verdict == NOT_MEASURED
     er = [_row("pca_k90", 3, 4, 9.0), _row("pca_k90", 3, 16, 12.0)]
     f = _find(er, "effective_rank")

@@ -15,8 +15,9 @@ from lorascope.report.html import write_report
 from lorascope.results import ResultRow, rows_to_frame
 
 CHROMIUM = Path("/usr/bin/chromium")
-needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
-                                    reason="headless Chromium not installed (apt-get install -y chromium)")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless Chromium not installed (apt-get install -y chromium)"
+)
 
 
 def test_report_is_one_self_contained_file(reported_run):
@@ -54,14 +55,14 @@ def test_report_escapes_every_data_string(tmp_path):
     text = render_report(run, {})
     assert text.count("<script>") == 1 and "<img src=x" not in text and "<svg onload" not in text
     assert "x &lt;script&gt;alert(1)&lt;/script&gt; &amp; y" in text
-    assert "<mark title=\"activation" in text and "&lt;/mark&gt;&lt;i&gt;</mark>" in text
+    assert '<mark title="activation' in text and "&lt;/mark&gt;&lt;i&gt;</mark>" in text
     assert "&lt;/pre&gt;&lt;script&gt;evil()" in text and "a&amp;b&lt;c&gt;" in text
 
 
 def test_absorption_section_when_rows_exist(tmp_path):
     run_dir = write_fake_run(tmp_path / "r", seed=0, with_absorption=True)
     text = render_report(load_run(run_dir), {})
-    sec = text[text.index("id='absorption'"):]
+    sec = text[text.index("id='absorption'") :]
     assert "Not run" not in sec
     for m in ("absorption_fraction", "full_absorption_rate", "splitting_k", "probe_letters_passing"):
         assert m in sec
@@ -77,15 +78,25 @@ def test_write_report_without_figures_on_disk(tmp_path):
 
 def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile{len(list(tmp_path.iterdir()))}"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", *args]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
 
 
 def _rows(dom: str) -> list[str]:
-    body = dom[dom.index("id=\"results-table\""):]
-    body = body[body.index("<tbody>"):body.index("</tbody>")]
+    body = dom[dom.index('id="results-table"') :]
+    body = body[body.index("<tbody>") : body.index("</tbody>")]
     return re.findall(r"<tr[^>]*>.*?</tr>", body, re.S)
 
 

@@ -36,9 +36,7 @@ def mmcs_from_truth(atoms: torch.Tensor, W_dec: torch.Tensor) -> float:
 def train_planted(arch: str, **kw):
     x, atoms = planted()
     sae = create_sae(arch, D_IN, D_SAE, seed=0, **kw)
-    res = train_sae(
-        sae, x, TrainerConfig(batch_size=256, lr=3e-3, warmup_steps=10, log_every=16), progress=False
-    )
+    res = train_sae(sae, x, TrainerConfig(batch_size=256, lr=3e-3, warmup_steps=10, log_every=16), progress=False)
     return res, mmcs_from_truth(atoms, res.sae.W_dec.detach())
 
 

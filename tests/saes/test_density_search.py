@@ -30,8 +30,9 @@ def planted(n: int, active: int, seed: int, d: int = 32, n_features: int = 64) -
     return coef @ atoms
 
 
-SPEC = DensitySpec(d_sae=128, trainer=TrainerConfig(batch_size=128, lr=3e-2, warmup_steps=10, init_tokens=8192,
-                                                    log_every=100))
+SPEC = DensitySpec(
+    d_sae=128, trainer=TrainerConfig(batch_size=128, lr=3e-2, warmup_steps=10, init_tokens=8192, log_every=100)
+)
 
 
 def analytic(c: float) -> DensityRun:
@@ -60,8 +61,7 @@ def test_search_reports_an_unreachable_target_as_nan():
 
 def test_density_needs_a_free_l0_sae():
     with pytest.raises(LorascopeError, match="TopK pins L0"):
-        density_at_coefficient(torch.randn(64, 8), torch.randn(16, 8), 0.1, DensitySpec(d_sae=16,
-                                                                                          architecture="topk"))
+        density_at_coefficient(torch.randn(64, 8), torch.randn(16, 8), 0.1, DensitySpec(d_sae=16, architecture="topk"))
     with pytest.raises(LorascopeError, match="target_fvu"):
         density_at_matched_fvu(torch.randn(64, 8), torch.randn(16, 8), 1.5, DensitySpec(d_sae=16))
 
@@ -77,10 +77,12 @@ def test_fixed_coefficient_density_does_not_depend_on_the_scale_of_delta():
 
 def test_planted_denser_data_is_denser_at_matched_fvu():
     """Two active atoms per row vs six: at the same held-out FVU the six-atom data needs more latents."""
-    sparse = density_at_matched_fvu(planted(32768, 2, 1), planted(2048, 2, 2), 0.1, SPEC, start=0.2,
-                                    factor=3.0, max_runs=6, fvu_rtol=0.1)
-    dense = density_at_matched_fvu(planted(32768, 6, 3), planted(2048, 6, 4), 0.1, SPEC, start=0.2,
-                                   factor=3.0, max_runs=6, fvu_rtol=0.1)
+    sparse = density_at_matched_fvu(
+        planted(32768, 2, 1), planted(2048, 2, 2), 0.1, SPEC, start=0.2, factor=3.0, max_runs=6, fvu_rtol=0.1
+    )
+    dense = density_at_matched_fvu(
+        planted(32768, 6, 3), planted(2048, 6, 4), 0.1, SPEC, start=0.2, factor=3.0, max_runs=6, fvu_rtol=0.1
+    )
     assert sparse.bracketed and dense.bracketed
     assert dense.l0 > 2.0 * sparse.l0
     assert 1.5 < sparse.l0 < 8.0  # near the planted 2 (ReLU-L1 spends a few extra latents)

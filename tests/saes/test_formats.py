@@ -56,9 +56,7 @@ def test_round_trip_is_exact(tmp_path, arch, kw):
 
 
 def test_saelens_v6_config_keys(tmp_path):
-    save_sae(
-        create_sae("batchtopk", D, F, k=4, metadata={"model_name": "gpt2", "hook_name": "h"}), tmp_path / "b"
-    )
+    save_sae(create_sae("batchtopk", D, F, k=4, metadata={"model_name": "gpt2", "hook_name": "h"}), tmp_path / "b")
     save_sae(create_sae("topk", D, F, k=4), tmp_path / "t")
     save_sae(create_sae("relu", D, F), tmp_path / "r")
     b = json.loads((tmp_path / "b" / "cfg.json").read_text())
@@ -189,9 +187,7 @@ def test_sparsify_folder(tmp_path):
     for hook in ("layers.3", "layers.5"):
         (tmp_path / hook).mkdir()
         (tmp_path / hook / "cfg.json").write_text(
-            json.dumps(
-                {"expansion_factor": 4, "normalize_decoder": True, "num_latents": F, "k": 4, "d_in": D}
-            )
+            json.dumps({"expansion_factor": 4, "normalize_decoder": True, "num_latents": F, "k": 4, "d_in": D})
         )
         save_file(
             {"encoder.weight": enc_w, "encoder.bias": enc_b, "W_dec": W_dec, "b_dec": b_dec},
@@ -230,9 +226,7 @@ def test_dictionary_learning_classes(tmp_path):
             {"dict_class": "AutoEncoder"},
         )
     )
-    assert torch.allclose(ae.encode(x), f, atol=1e-5) and torch.allclose(
-        ae.forward(x), f @ dec_w.T + bias, atol=1e-4
-    )
+    assert torch.allclose(ae.encode(x), f, atol=1e-5) and torch.allclose(ae.forward(x), f @ dec_w.T + bias, atol=1e-4)
     # BatchTopKSAE: post_relu * (post_relu > threshold), threshold a scalar buffer
     st = {
         "encoder.weight": enc_w,

@@ -42,8 +42,10 @@ def test_glob_picks_the_closest_l0_and_says_so(scope, caplog):
 
 
 def test_mapping_and_template(scope):
-    mapping = {9: str(scope / "layer_9/width_16k/average_l0_100/params.npz"),
-               "20": str(scope / "layer_20/width_16k/average_l0_68/params.npz")}
+    mapping = {
+        9: str(scope / "layer_9/width_16k/average_l0_100/params.npz"),
+        "20": str(scope / "layer_20/width_16k/average_l0_68/params.npz"),
+    }
     picks = resolve_reference_paths(mapping, [9, 20])
     assert picks[20].rule == "mapping" and picks[20].l0 == 68 and str(picks[9].path) == mapping[9]
     with pytest.raises(LorascopeError, match="reference_sae.path has no entry for layer 31"):

@@ -89,7 +89,7 @@ def test_nuclear_norm_forms_agree_with_numpy():
     with torch.no_grad():
         mapped.W_enc.normal_(generator=torch.Generator().manual_seed(1))
     enc = mapped.W_enc.detach().double().numpy()
-    maps = [enc[:, 3 * g:3 * g + 3] @ blocks[g] for g in range(4)]
+    maps = [enc[:, 3 * g : 3 * g + 3] @ blocks[g] for g in range(4)]
     want_map = np.array([np.linalg.svd(m, compute_uv=False)[:3] for m in maps])
     np.testing.assert_allclose(mapped.map_singular_values().numpy(), want_map, rtol=1e-4)
     np.testing.assert_allclose(mapped.nuclear_norms().detach().numpy(), want_map.sum(1), rtol=1e-4)
@@ -108,8 +108,9 @@ def test_effective_rank_of_known_blocks():
     r = sae.group_effective_rank()
     assert r["threshold_rank"].tolist() == [1, 4, 2]
     np.testing.assert_allclose(r["entropy_rank"].numpy(), [1.0, 4.0, 2.0], rtol=1e-9)
-    np.testing.assert_allclose(entropy_rank(torch.tensor([3.0, 1.0])).item(),
-                               np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    np.testing.assert_allclose(
+        entropy_rank(torch.tensor([3.0, 1.0])).item(), np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    )
 
 
 def test_auxk_trains_dead_groups_only_through_dead_mask():
@@ -132,8 +133,7 @@ def test_resample_rare_groups_resets_rows_and_optimizer_state():
     sae.post_step()
     before = sae.W_dec.detach().clone()
     rate = torch.tensor([0.3, 1e-5, 0.3, 0.3, 0.0, 0.3], dtype=torch.float64)
-    done = sae.resample_groups(x, rate, threshold=2e-4, optimizer=opt,
-                               generator=torch.Generator().manual_seed(0))
+    done = sae.resample_groups(x, rate, threshold=2e-4, optimizer=opt, generator=torch.Generator().manual_seed(0))
     assert done.tolist() == [1, 4]
     lat = torch.tensor([3, 4, 5, 12, 13, 14])
     keep = torch.tensor([i for i in range(18) if i not in lat.tolist()])
@@ -181,8 +181,12 @@ def test_trained_with_trainer_then_saved_and_loaded_gives_identical_codes(tmp_pa
 
     gen = PlantedFeatures(PlantedConfig(d=16, n_features=6, dims=(1, 2), active=2, seed=1))
     sae = _sasa(groups=8, rank=2, s=2)
-    res = train_sae(sae, gen.batches(128, seed=2), TrainerConfig(total_tokens=128 * 60, batch_size=128, lr=3e-3,
-                                                                warmup_steps=5, init_tokens=256), progress=False)
+    res = train_sae(
+        sae,
+        gen.batches(128, seed=2),
+        TrainerConfig(total_tokens=128 * 60, batch_size=128, lr=3e-3, warmup_steps=5, init_tokens=256),
+        progress=False,
+    )
     assert res.final["fvu"] < 0.5 and "nuclear" in res.log[-1]
     loaded = load_sae(save_sae(res.sae, tmp_path / "sasa"))
     assert loaded.architecture == "sasa" and loaded.cfg.arch == res.sae.cfg.arch

@@ -88,9 +88,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize(
-    "arch,kw", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("jumprelu", {}), ("relu", {})]
-)
+@pytest.mark.parametrize("arch,kw", [("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("jumprelu", {}), ("relu", {})])
 def test_resume_after_kill_gives_identical_weights(tmp_path, arch, kw):
     x = data()
 
@@ -147,9 +145,7 @@ def test_log_has_learning_curve_fields_and_dead_tracking():
     assert [e["step"] for e in res.log] == [2, 4, 6, 8, 10, 12]
     for key in ("tokens", "lr", "loss", "mse", "fvu", "l0", "dead_frac"):
         assert key in res.log[0]
-    assert res.log[-1]["lr"] == pytest.approx(
-        1e-2 * (12 - 11) / 2
-    )  # linear decay over the last 20% (2 steps)
+    assert res.log[-1]["lr"] == pytest.approx(1e-2 * (12 - 11) / 2)  # linear decay over the last 20% (2 steps)
     assert 0 <= res.final["dead_frac"] <= 1 and res.final["l0"] == 2
 
 

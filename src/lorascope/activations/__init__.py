@@ -18,7 +18,26 @@ from lorascope.activations.stats import DeltaStats
 from lorascope.activations.store import DELTA_DEFINITION, finalize_store
 from lorascope.activations.tokens import TOKEN_MODES, TokenSelection, select_positions
 
-__all__ = ["DELTA_DEFINITION", "FORWARD_DTYPES", "KINDS", "SPLITS", "TOKEN_MODES", "ActivationReader",
-           "ActivationStore", "Batch", "DeltaStats", "ExtractConfig", "FullExtraction", "PairedRows",
-           "TokenSelection", "adapter_fingerprints", "extract", "extract_full", "finalize_store", "held_out_mask",
-           "open_store", "select_positions", "tokenize_docs"]
+__all__ = [
+    "DELTA_DEFINITION",
+    "FORWARD_DTYPES",
+    "KINDS",
+    "SPLITS",
+    "TOKEN_MODES",
+    "ActivationReader",
+    "ActivationStore",
+    "Batch",
+    "DeltaStats",
+    "ExtractConfig",
+    "FullExtraction",
+    "PairedRows",
+    "TokenSelection",
+    "adapter_fingerprints",
+    "extract",
+    "extract_full",
+    "finalize_store",
+    "held_out_mask",
+    "open_store",
+    "select_positions",
+    "tokenize_docs",
+]

@@ -77,11 +77,14 @@ class ExtractConfig:
         if self.forward_dtype not in FORWARD_DTYPES:
             raise LorascopeError(f"unknown forward dtype {self.forward_dtype!r}", fix="use float32 or bf16-autocast")
         if self.batch_size < 1 or self.docs_per_shard < 1 or self.max_length < 2:
-            raise LorascopeError("batch_size and docs_per_shard must be >= 1 and max_length >= 2",
-                                 fix="e.g. batch_size=8, docs_per_shard=32")
+            raise LorascopeError(
+                "batch_size and docs_per_shard must be >= 1 and max_length >= 2",
+                fix="e.g. batch_size=8, docs_per_shard=32",
+            )
         if self.length_policy not in LENGTH_POLICIES:
-            raise LorascopeError(f"unknown long-example policy {self.length_policy!r}",
-                                 fix=f"use one of {', '.join(LENGTH_POLICIES)}")
+            raise LorascopeError(
+                f"unknown long-example policy {self.length_policy!r}", fix=f"use one of {', '.join(LENGTH_POLICIES)}"
+            )
         _ = self.selection  # validates the token rule
 
     @property
@@ -121,10 +124,14 @@ def json_str(obj) -> bytes:
 def _model_info(model) -> dict:
     inner = unwrap_model(model)
     cfg = inner.config
-    return {"name": str(getattr(cfg, "name_or_path", "") or type(inner).__name__), "model_type": cfg.model_type,
-            "n_layers": len(_blocks(model)), "d_model": int(getattr(cfg, "hidden_size", None) or cfg.n_embd),
-            "dtype": str(next(inner.parameters()).dtype).replace("torch.", ""),
-            "config_hash": stable_hash(cfg.to_dict())}
+    return {
+        "name": str(getattr(cfg, "name_or_path", "") or type(inner).__name__),
+        "model_type": cfg.model_type,
+        "n_layers": len(_blocks(model)),
+        "d_model": int(getattr(cfg, "hidden_size", None) or cfg.n_embd),
+        "dtype": str(next(inner.parameters()).dtype).replace("torch.", ""),
+        "config_hash": stable_hash(cfg.to_dict()),
+    }
 
 
 def _blocks(model):
@@ -133,8 +140,9 @@ def _blocks(model):
     return decoder_blocks(model)
 
 
-def tokenize_docs(tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate"
-                  ) -> list[TokenizedExample]:
+def tokenize_docs(
+    tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate"
+) -> list[TokenizedExample]:
     """Documents for extraction under the long-example ``policy`` (default: truncate the response, skip an
     example whose prompt alone exceeds ``max_length``); the counts are logged (use :func:`tokenize_examples`
     for the :class:`~lorascope.data.chat.LengthReport` itself)."""
@@ -154,20 +162,22 @@ def template_exclusion(tokenizer, docs: list[TokenizedExample], config: ExtractC
 
     if not config.exclude_template or len(docs) < 2:
         return None
-    return detect_template_positions([d.input_ids for d in docs], [d.response_start for d in docs],
-                                     tokenizer=tokenizer)
+    return detect_template_positions([d.input_ids for d in docs], [d.response_start for d in docs], tokenizer=tokenizer)
 
 
 def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int, batch: int, docs: range) -> None:
     for L in sorted(caps):
         if not torch.isfinite(caps[L][real]).all():
-            raise IntegrityError(f"non-finite (NaN/inf) activations at layer {L} in shard {shard} batch {batch} "
-                                 f"(documents {docs.start}..{docs.stop - 1})",
-                                 fix="check the model and adapter weights, or use float32 instead of bfloat16")
+            raise IntegrityError(
+                f"non-finite (NaN/inf) activations at layer {L} in shard {shard} batch {batch} "
+                f"(documents {docs.start}..{docs.stop - 1})",
+                fix="check the model and adapter weights, or use float32 instead of bfloat16",
+            )
 
 
-def _run_shard(job: ExtractJob, forward: Forward, dev: torch.device, doc_range: range, s: int, prog: RankProgress,
-               bar) -> tuple[dict[str, torch.Tensor], dict]:
+def _run_shard(
+    job: ExtractJob, forward: Forward, dev: torch.device, doc_range: range, s: int, prog: RankProgress, bar
+) -> tuple[dict[str, torch.Tensor], dict]:
     docs, cfg, layers, adapters, pad_id = job.docs, job.config, job.layers, job.adapters, job.pad_id
     template = job.template.masks if job.template is not None else None
     A = len(adapters)
@@ -175,8 +185,11 @@ def _run_shard(job: ExtractJob, forward: Forward, dev: torch.device, doc_range: 
     parts: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
     rows_per_doc: list[int] = []
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-                if cfg.forward_dtype == "bf16-autocast" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+        if cfg.forward_dtype == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
     for b, start in enumerate(range(doc_range.start, doc_range.stop, cfg.batch_size)):
         idx = range(start, min(start + cfg.batch_size, doc_range.stop))
         chunk = [docs[i] for i in idx]
@@ -195,8 +208,11 @@ def _run_shard(job: ExtractJob, forward: Forward, dev: torch.device, doc_range: 
             counts[k] = counts.get(k, 0) + v
         rows_per_doc += keep.sum(1).tolist()
         bi, ti = keep.nonzero(as_tuple=True)
-        meta = {"doc_index": bi + start, "position": ti.to(torch.int32),
-                "token_id": batch["input_ids"][bi, ti].to(torch.int32)}
+        meta = {
+            "doc_index": bi + start,
+            "position": ti.to(torch.int32),
+            "token_id": batch["input_ids"][bi, ti].to(torch.int32),
+        }
         for k, v in meta.items():
             parts.setdefault(k, []).append(v)
         keep_dev = keep.to(dev)
@@ -205,20 +221,34 @@ def _run_shard(job: ExtractJob, forward: Forward, dev: torch.device, doc_range: 
             base = base_dev.cpu()
             parts.setdefault(base_key(L), []).append(base.to(store_dtype))
             for i, a in enumerate(adapters):
-                delta = (caps[L][B * (i + 1): B * (i + 2)][keep_dev] - base_dev).cpu()
+                delta = (caps[L][B * (i + 1) : B * (i + 2)][keep_dev] - base_dev).cpu()
                 prog.stats[(L, a)].update(base, delta)
                 parts.setdefault(delta_key(L, a), []).append(delta.to(store_dtype))
         del caps
         if bar is not None:
             bar.update(int(att.sum()))
     tensors = {k: torch.cat(v) for k, v in parts.items()}
-    record = {"index": s, "file": shard_name(s), "docs": [doc_range.start, doc_range.stop],
-              "rows_per_doc": rows_per_doc, "n_rows": sum(rows_per_doc), "counts": counts}
+    record = {
+        "index": s,
+        "file": shard_name(s),
+        "docs": [doc_range.start, doc_range.stop],
+        "rows_per_doc": rows_per_doc,
+        "n_rows": sum(rows_per_doc),
+        "counts": counts,
+    }
     return tensors, record
 
 
-def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | Path, config: ExtractConfig,
-            adapters: Sequence[str] | None = None, rank: int = 0, world_size: int = 1) -> ActivationStore | None:
+def extract(
+    peft_model,
+    tokenizer,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    config: ExtractConfig,
+    adapters: Sequence[str] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ActivationStore | None:
     """Extract base rows and Δ rows [N, d] at ``config.layers`` for each adapter into ``out_dir``.
 
     ``peft_model``: a PeftModel holding the adapters (``lorascope.models.load_adapters``); ``adapters`` defaults
@@ -232,8 +262,10 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     from lorascope.models.variants import mixed_batch_support
 
     if getattr(peft_model, "peft_config", None) is None:
-        raise LorascopeError("extract needs a PeftModel with the adapters loaded",
-                             fix="use lorascope.models.load_adapters(base, {name: folder})")
+        raise LorascopeError(
+            "extract needs a PeftModel with the adapters loaded",
+            fix="use lorascope.models.load_adapters(base, {name: folder})",
+        )
     adapters = list(adapters) if adapters is not None else list(peft_model.peft_config)
     unknown = [a for a in adapters if a not in peft_model.peft_config]
     if unknown or not adapters:
@@ -247,13 +279,24 @@ def extract(peft_model, tokenizer, examples: Sequence[Example], out_dir: str | P
     if unsupported:
         logging.getLogger("lorascope").warning(
             "running base and each adapter as separate forwards (slower; same Δ definition): %s",
-            "; ".join(f"{a}: {why}" for a, why in unsupported.items()))
+            "; ".join(f"{a}: {why}" for a, why in unsupported.items()),
+        )
         adapters_info["forward"] = "separate"
     cap = ResidualCapture(peft_model, layers, truncate=True)
     fwd = separate_forward(peft_model, cap, adapters) if unsupported else mixed_batch_forward(cap, adapters)
     dev = next(peft_model.parameters()).device
-    job = ExtractJob(Path(out_dir), docs, config, layers, adapters, _model_info(peft_model), adapters_info,
-                     tokenizer.pad_token_id, lambda _ranges: (fwd, dev), template_exclusion(tokenizer, docs, config))
+    job = ExtractJob(
+        Path(out_dir),
+        docs,
+        config,
+        layers,
+        adapters,
+        _model_info(peft_model),
+        adapters_info,
+        tokenizer.pad_token_id,
+        lambda _ranges: (fwd, dev),
+        template_exclusion(tokenizer, docs, config),
+    )
     return run_extraction(job, rank, world_size, grouped)
 
 
@@ -264,6 +307,7 @@ adapter's rows in ``adapters`` order (the layout of one PEFT mixed batch)."""
 
 def mixed_batch_forward(cap: ResidualCapture, adapters: Sequence[str]) -> Forward:
     """Base and every adapter in one PEFT mixed-batch forward (``adapter_names`` per row)."""
+
     def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
         B, A = ids.shape[0], len(adapters)
         names = [BASE] * B + [a for a in adapters for _ in range(B)]
@@ -274,6 +318,7 @@ def mixed_batch_forward(cap: ResidualCapture, adapters: Sequence[str]) -> Forwar
 
 def separate_forward(peft_model, cap: ResidualCapture, adapters: Sequence[str]) -> Forward:
     """Base (adapters disabled) and each adapter (set active) as separate forwards, stacked like a mixed batch."""
+
     def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
         previous = peft_model.active_adapter
         with peft_model.disable_adapter():
@@ -317,17 +362,26 @@ def _check_rank(rank: int, world_size: int) -> bool:
         raise LorascopeError(f"rank {rank} is not in 0..{world_size - 1}", fix="check the launcher's rank")
     grouped = world_size > 1 and distributed.is_initialized()  # torchrun: barrier + merge here
     if grouped and (distributed.get_world_size(), distributed.get_rank()) != (world_size, rank):
-        raise LorascopeError(f"extract was called as rank {rank} of {world_size} inside a process group of "
-                             f"{distributed.get_world_size()} (this is rank {distributed.get_rank()})",
-                             fix="pass rank=distributed.get_rank(), world_size=distributed.get_world_size()")
+        raise LorascopeError(
+            f"extract was called as rank {rank} of {world_size} inside a process group of "
+            f"{distributed.get_world_size()} (this is rank {distributed.get_rank()})",
+            fix="pass rank=distributed.get_rank(), world_size=distributed.get_world_size()",
+        )
     return grouped
 
 
 def _full_config(job: ExtractJob) -> dict:
     settings = {k: v for k, v in asdict(job.config).items() if k not in ("layers", "progress", "length_policy")}
     docs_hash = stable_hash([[d.doc_id, d.input_ids, d.response_start] for d in job.docs])
-    full = {"model": job.model_info, "adapters": job.adapters_info, "layers": job.layers,
-            "selection": job.config.selection.describe(), **settings, "n_docs": len(job.docs), "docs_hash": docs_hash}
+    full = {
+        "model": job.model_info,
+        "adapters": job.adapters_info,
+        "layers": job.layers,
+        "selection": job.config.selection.describe(),
+        **settings,
+        "n_docs": len(job.docs),
+        "docs_hash": docs_hash,
+    }
     if job.template is not None:
         full["template"] = job.template.describe()
     return full
@@ -340,13 +394,16 @@ def _load_progress(out: Path, rank: int, job: ExtractJob, config_hash: str) -> R
         return RankProgress(config_hash, job.layers, job.adapters, d)
     prog = RankProgress.load(prog_path, job.layers, job.adapters, d)
     if prog.config_hash != config_hash:
-        raise LorascopeError(f"{out} holds an unfinished extraction with another config",
-                             fix="re-run it with the same options, or choose another output folder")
+        raise LorascopeError(
+            f"{out} holds an unfinished extraction with another config",
+            fix="re-run it with the same options, or choose another output folder",
+        )
     return prog
 
 
-def run_extraction(job: ExtractJob, rank: int = 0, world_size: int = 1, grouped: bool = False
-                   ) -> ActivationStore | None:
+def run_extraction(
+    job: ExtractJob, rank: int = 0, world_size: int = 1, grouped: bool = False
+) -> ActivationStore | None:
     """Write (or resume) the store of ``job``: shards, per-rank progress, manifest (see :func:`extract`)."""
     from lorascope import distributed
 
@@ -359,8 +416,10 @@ def run_extraction(job: ExtractJob, rank: int = 0, world_size: int = 1, grouped:
         if (out / "manifest.json").is_file():
             store = open_store(out)
             if store.manifest["config_hash"] != config_hash:
-                raise LorascopeError(f"{out} already holds an activation store with another config",
-                                     fix="choose another output folder or delete the old one")
+                raise LorascopeError(
+                    f"{out} already holds an activation store with another config",
+                    fix="choose another output folder or delete the old one",
+                )
             return store
         mine = rank_shards(len(docs), config.docs_per_shard, rank, world_size)
         _prepare(out, docs, {"config": full, "config_hash": config_hash}, rank, world_size, grouped, mine)
@@ -394,8 +453,9 @@ def run_extraction(job: ExtractJob, rank: int = 0, world_size: int = 1, grouped:
     return open_store(out)
 
 
-def _prepare(out: Path, docs: list[TokenizedExample], config: dict, rank: int, world_size: int, grouped: bool,
-             mine: list[int]) -> None:
+def _prepare(
+    out: Path, docs: list[TokenizedExample], config: dict, rank: int, world_size: int, grouped: bool, mine: list[int]
+) -> None:
     """Clean leftovers and write the document table (rank 0 alone when the ranks form a process group)."""
     from lorascope import distributed
 
@@ -412,8 +472,10 @@ def _prepare(out: Path, docs: list[TokenizedExample], config: dict, rank: int, w
         distributed.barrier()  # rank 0 has written docs.json
     if (out / "docs.json").is_file():
         if read_json(out / "docs.json")["doc_ids"] != [d.doc_id for d in docs]:
-            raise LorascopeError(f"{out} holds an unfinished extraction of other documents",
-                                 fix="choose another output folder or delete the old one")
+            raise LorascopeError(
+                f"{out} holds an unfinished extraction of other documents",
+                fix="choose another output folder or delete the old one",
+            )
     elif writer:
         write_docs(out, [d.doc_id for d in docs], [d.input_ids for d in docs], [d.response_start for d in docs])
     if writer and world_size > 1:
@@ -426,8 +488,10 @@ def finalize_extraction(out_dir: str | Path, world_size: int) -> ActivationStore
     """Merge the progress of ``world_size`` separately started ranks into the manifest; returns the store."""
     out = Path(out_dir)
     if not (out / RUN_CONFIG).is_file():
-        raise LorascopeError(f"{out} holds no unfinished extraction ({RUN_CONFIG} is missing)",
-                             fix="run the extraction on every rank first")
+        raise LorascopeError(
+            f"{out} holds no unfinished extraction ({RUN_CONFIG} is missing)",
+            fix="run the extraction on every rank first",
+        )
     run = read_json(out / RUN_CONFIG)
     finalize_store(out, run["config"], run["config_hash"], world_size=world_size)
     return open_store(out)
@@ -441,9 +505,26 @@ def _bar(config: ExtractConfig, docs: list[TokenizedExample], mine: list[int], t
     def tokens(shards: list[int]) -> int:
         return sum(len(docs[i]) for s in shards for i in shard_docs(s, config.docs_per_shard, len(docs)))
 
-    return tqdm(total=tokens(mine), initial=tokens(mine) - tokens(todo), unit="tok", unit_scale=True,
-                desc="extract", dynamic_ncols=True)
+    return tqdm(
+        total=tokens(mine),
+        initial=tokens(mine) - tokens(todo),
+        unit="tok",
+        unit_scale=True,
+        desc="extract",
+        dynamic_ncols=True,
+    )
 
 
-__all__ = ["FORWARD_DTYPES", "ExtractConfig", "ExtractJob", "Forward", "adapter_fingerprints", "extract",
-           "finalize_extraction", "mixed_batch_forward", "run_extraction", "separate_forward", "tokenize_docs"]
+__all__ = [
+    "FORWARD_DTYPES",
+    "ExtractConfig",
+    "ExtractJob",
+    "Forward",
+    "adapter_fingerprints",
+    "extract",
+    "finalize_extraction",
+    "mixed_batch_forward",
+    "run_extraction",
+    "separate_forward",
+    "tokenize_docs",
+]

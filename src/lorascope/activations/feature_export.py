@@ -22,16 +22,24 @@ from lorascope.io import write_json
 FORMAT = "lorascope-feature-browser/1"
 
 
-def top_windows(doc_tokens: Sequence[Sequence[str]], doc_acts: Sequence[Sequence[float]], n: int = 10,
-                before: int = 12, after: int = 4, doc_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def top_windows(
+    doc_tokens: Sequence[Sequence[str]],
+    doc_acts: Sequence[Sequence[float]],
+    n: int = 10,
+    before: int = 12,
+    after: int = 4,
+    doc_ids: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
     """The ``n`` strongest distinct windows of one feature: ``doc_tokens[i]`` token strings and ``doc_acts[i]``
     its activations in document i. Peaks are taken in decreasing activation (ties: earlier document/position);
     a window whose tokens equal an already chosen window's is skipped. Only activations > 0 count."""
     peaks = []
     for i, acts in enumerate(doc_acts):
         if len(acts) != len(doc_tokens[i]):
-            raise LorascopeError(f"document {i}: {len(doc_tokens[i])} tokens but {len(acts)} activations",
-                                 fix="pass one activation per token")
+            raise LorascopeError(
+                f"document {i}: {len(doc_tokens[i])} tokens but {len(acts)} activations",
+                fix="pass one activation per token",
+            )
         peaks += [(-float(a), i, p) for p, a in enumerate(acts) if a > 0]
     peaks.sort()
     out, seen = [], set()
@@ -42,44 +50,72 @@ def top_windows(doc_tokens: Sequence[Sequence[str]], doc_acts: Sequence[Sequence
             continue
         seen.add(key)
         values = [float(v) for v in doc_acts[i][lo:hi]]
-        out.append({"docId": doc_ids[i] if doc_ids is not None else str(i), "tokens": list(key), "values": values,
-                    "maxValue": values[p - lo], "maxValueTokenIndex": p - lo})
+        out.append(
+            {
+                "docId": doc_ids[i] if doc_ids is not None else str(i),
+                "tokens": list(key),
+                "values": values,
+                "maxValue": values[p - lo],
+                "maxValueTokenIndex": p - lo,
+            }
+        )
         if len(out) == n:
             break
     return out
 
 
-def feature_record(index: int, decoder_row: torch.Tensor, windows: list[dict[str, Any]],
-                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def feature_record(
+    index: int, decoder_row: torch.Tensor, windows: list[dict[str, Any]], extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """One feature: ``index``, ``decoder`` (list of floats), ``activations`` (windows) and ``extra`` fields."""
     vec = [float(x) for x in decoder_row.detach().double().flatten().tolist()]
     if not all(math.isfinite(x) for x in vec):
         raise LorascopeError(f"feature {index}: decoder vector is not finite", fix="check the SAE weights")
     for w in windows:
         if len(w["tokens"]) != len(w["values"]) or not 0 <= w["maxValueTokenIndex"] < len(w["tokens"]):
-            raise LorascopeError(f"feature {index}: malformed window {w.get('docId')!r}",
-                                 fix="build windows with top_windows()")
-    rec = {"index": int(index), "decoder": vec, "maxActValue": max((w["maxValue"] for w in windows), default=0.0),
-           "activations": windows}
+            raise LorascopeError(
+                f"feature {index}: malformed window {w.get('docId')!r}", fix="build windows with top_windows()"
+            )
+    rec = {
+        "index": int(index),
+        "decoder": vec,
+        "maxActValue": max((w["maxValue"] for w in windows), default=0.0),
+        "activations": windows,
+    }
     rec.update(dict(extra or {}))
     return rec
 
 
-def export_features_json(path: str | Path, model_id: str, layer: int, adapter: str,
-                         features: Sequence[dict[str, Any]], hook: str = "resid_post_delta") -> dict[str, Any]:
+def export_features_json(
+    path: str | Path,
+    model_id: str,
+    layer: int,
+    adapter: str,
+    features: Sequence[dict[str, Any]],
+    hook: str = "resid_post_delta",
+) -> dict[str, Any]:
     """Write ``{format, modelId, source, layer, adapter, hook, d_model, features: [...]}`` atomically; returns it.
 
     ``source`` follows Neuronpedia's ``<layer>-<set name>`` convention (here ``<layer>-lorascope-<adapter>``).
     """
     dims = {len(f["decoder"]) for f in features}
     if len(dims) > 1:
-        raise LorascopeError(f"features have decoder vectors of different lengths {sorted(dims)}",
-                             fix="export one dictionary at a time")
+        raise LorascopeError(
+            f"features have decoder vectors of different lengths {sorted(dims)}", fix="export one dictionary at a time"
+        )
     ids = [f["index"] for f in features]
     if len(set(ids)) != len(ids):
         raise LorascopeError("feature indices repeat in the export", fix="pass each feature once")
-    doc = {"format": FORMAT, "modelId": model_id, "source": f"{layer}-lorascope-{adapter}", "layer": int(layer),
-           "adapter": adapter, "hook": hook, "d_model": dims.pop() if dims else 0, "features": list(features)}
+    doc = {
+        "format": FORMAT,
+        "modelId": model_id,
+        "source": f"{layer}-lorascope-{adapter}",
+        "layer": int(layer),
+        "adapter": adapter,
+        "hook": hook,
+        "d_model": dims.pop() if dims else 0,
+        "features": list(features),
+    }
     write_json(path, doc)
     return doc
 

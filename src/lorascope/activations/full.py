@@ -143,8 +143,11 @@ def _shape_of(source: ModelSource) -> tuple | None:
         return None
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg = cfg.get("text_config", cfg)
-    return (cfg.get("model_type"), cfg.get("hidden_size") or cfg.get("n_embd"),
-            cfg.get("num_hidden_layers") or cfg.get("n_layer"))
+    return (
+        cfg.get("model_type"),
+        cfg.get("hidden_size") or cfg.get("n_embd"),
+        cfg.get("num_hidden_layers") or cfg.get("n_layer"),
+    )
 
 
 def _check_compatible(base: ModelSource, finetunes: Mapping[str, ModelSource]) -> None:
@@ -152,9 +155,11 @@ def _check_compatible(base: ModelSource, finetunes: Mapping[str, ModelSource]) -
     for name, src in finetunes.items():
         got = None if _is_peft_folder(src) else _shape_of(src)
         if want and got and got != want:
-            raise LorascopeError(f"fine-tune {name!r} at {src} is a {got[0]} with width {got[1]} and {got[2]} blocks, "
-                                 f"but the base is a {want[0]} with width {want[1]} and {want[2]} blocks",
-                                 fix="compare a fine-tune with the base model it was trained from")
+            raise LorascopeError(
+                f"fine-tune {name!r} at {src} is a {got[0]} with width {got[1]} and {got[2]} blocks, "
+                f"but the base is a {want[0]} with width {want[1]} and {want[2]} blocks",
+                fix="compare a fine-tune with the base model it was trained from",
+            )
 
 
 class _Spill:
@@ -185,12 +190,16 @@ class _Spill:
 
 def _batches(docs, ranges: list[range], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """The padded batches :func:`run_extraction` will form for these shard ranges (same grouping, same padding)."""
-    return [collate(docs[start: min(start + batch_size, r.stop)], pad_id)
-            for r in ranges for start in range(r.start, r.stop, batch_size)]
+    return [
+        collate(docs[start : min(start + batch_size, r.stop)], pad_id)
+        for r in ranges
+        for start in range(r.start, r.stop, batch_size)
+    ]
 
 
-def _one_resident_forward(sources: list[tuple[str, ModelSource]], first: torch.nn.Module, base: ModelSource,
-                          ctx: dict) -> Callable[[list[range]], tuple[Forward, torch.device]]:
+def _one_resident_forward(
+    sources: list[tuple[str, ModelSource]], first: torch.nn.Module, base: ModelSource, ctx: dict
+) -> Callable[[list[range]], tuple[Forward, torch.device]]:
     """make_forward for ``resident="one"``: spill every model's captures, then serve batches from the spill."""
     layers, spill, track = ctx["layers"], ctx["spill"], ctx["residency"].track
     holder = [first]
@@ -199,11 +208,13 @@ def _one_resident_forward(sources: list[tuple[str, ModelSource]], first: torch.n
         batches = _batches(ctx["docs"], ranges, ctx["config"].batch_size, ctx["pad_id"])
         for i, (name, src) in enumerate(sources):
             todo = [b for b in batches if not spill.path(i, b["input_ids"]).is_file()]
-            model = holder.pop() if i == 0 else (track(name, _open(src, base, ctx["dtype"], ctx["device"]))
-                                                 if todo else None)
+            model = (
+                holder.pop()
+                if i == 0
+                else (track(name, _open(src, base, ctx["dtype"], ctx["device"])) if todo else None)
+            )
             if todo:
-                _log.info("full fine-tune extraction: running %s over %d batches (one model resident)", name,
-                          len(todo))
+                _log.info("full fine-tune extraction: running %s over %d batches (one model resident)", name, len(todo))
                 cap = ResidualCapture(model, layers, truncate=True)
                 dev = next(model.parameters()).device
                 for b in todo:
@@ -224,8 +235,11 @@ def _one_resident_forward(sources: list[tuple[str, ModelSource]], first: torch.n
 def _capture(cap: ResidualCapture, batch: dict, dev: torch.device, config: ExtractConfig) -> dict[int, torch.Tensor]:
     import contextlib
 
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-                if config.forward_dtype == "bf16-autocast" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+        if config.forward_dtype == "bf16-autocast"
+        else contextlib.nullcontext()
+    )
     with autocast:
         return cap(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
@@ -235,8 +249,9 @@ def _lockstep_forward(models: list[torch.nn.Module], layers: list[int], config: 
     devs = [next(m.parameters()).device for m in models]
 
     def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
-        outs = [_capture(c, {"input_ids": ids, "attention_mask": att}, d, config) for c, d in zip(caps, devs,
-                                                                                                  strict=True)]
+        outs = [
+            _capture(c, {"input_ids": ids, "attention_mask": att}, d, config) for c, d in zip(caps, devs, strict=True)
+        ]
         return {L: torch.cat([o[L].float().to(devs[0]) for o in outs]) for L in layers}
 
     return forward
@@ -248,9 +263,16 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def extract_full(base: ModelSource, finetunes: Mapping[str, ModelSource], tokenizer, examples: Sequence[Example],
-                 out_dir: str | Path, config: ExtractConfig, resident: str = "one",
-                 load: Mapping[str, str] | None = None) -> FullExtraction:
+def extract_full(
+    base: ModelSource,
+    finetunes: Mapping[str, ModelSource],
+    tokenizer,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    config: ExtractConfig,
+    resident: str = "one",
+    load: Mapping[str, str] | None = None,
+) -> FullExtraction:
     """Extract base rows and Δ = h_finetune − h_base for whole-model fine-tunes into the standard store.
 
     ``finetunes``: {name: source} (module docstring); ``load``: ``{"dtype": ..., "device": ...}`` for path
@@ -269,26 +291,49 @@ def extract_full(base: ModelSource, finetunes: Mapping[str, ModelSource], tokeni
     base_model = residency.track("base", _open(base, base, opts["dtype"], opts["device"]))
     layers = check_layers(base_model, config.layers)
     info = _model_info(base_model)
-    adapters_info = {"names": names, "fingerprints": {n: source_fingerprint(s) for n, s in finetunes.items()},
-                     "kind": "full-model", "forward": "lock-step"}
+    adapters_info = {
+        "names": names,
+        "fingerprints": {n: source_fingerprint(s) for n, s in finetunes.items()},
+        "kind": "full-model",
+        "forward": "lock-step",
+    }
     _check_rank(0, 1)
     if resident == "both":
-        models = [base_model] + [residency.track(n, _open(finetunes[n], base, opts["dtype"], opts["device"]))
-                                 for n in names]
+        models = [base_model] + [
+            residency.track(n, _open(finetunes[n], base, opts["dtype"], opts["device"])) for n in names
+        ]
         fwd, dev = _lockstep_forward(models, layers, config), next(base_model.parameters()).device
         make = lambda _ranges: (fwd, dev)  # noqa: E731
     else:
         sources = [("base", base), *finetunes.items()]
-        key = stable_hash([source_fingerprint(base), adapters_info["fingerprints"], layers, config.forward_dtype,
-                           config.batch_size])
+        key = stable_hash(
+            [source_fingerprint(base), adapters_info["fingerprints"], layers, config.forward_dtype, config.batch_size]
+        )
         reuse = not any(callable(s) for _, s in sources)  # a callable has no fingerprint: never resume its spill
-        ctx = {"layers": layers, "docs": docs, "config": config, "pad_id": tokenizer.pad_token_id,
-               "spill": _Spill(out / "spill", key, reuse), "residency": residency,
-               "dtype": opts["dtype"], "device": opts["device"]}
+        ctx = {
+            "layers": layers,
+            "docs": docs,
+            "config": config,
+            "pad_id": tokenizer.pad_token_id,
+            "spill": _Spill(out / "spill", key, reuse),
+            "residency": residency,
+            "dtype": opts["dtype"],
+            "device": opts["device"],
+        }
         make = _one_resident_forward(sources, base_model, base, ctx)
     del base_model
-    job = ExtractJob(out, docs, config, layers, names, info, adapters_info, tokenizer.pad_token_id, make,
-                     template_exclusion(tokenizer, docs, config))
+    job = ExtractJob(
+        out,
+        docs,
+        config,
+        layers,
+        names,
+        info,
+        adapters_info,
+        tokenizer.pad_token_id,
+        make,
+        template_exclusion(tokenizer, docs, config),
+    )
     store = run_extraction(job)
     shutil.rmtree(out / "spill", ignore_errors=True)
     return FullExtraction(store, resident, residency.peak, residency.peak_models, dict(residency.sizes))

@@ -35,8 +35,10 @@ def held_out_mask(doc_ids: Sequence[str], fraction: float, seed: int = 0) -> tor
     """bool [n_docs]: True for held-out documents (same hash rule as ``lorascope.data.split_examples``)."""
     if not 0 <= fraction < 1:
         raise LorascopeError(f"held_out_fraction must be in [0, 1), got {fraction}", fix="e.g. 0.1")
-    return torch.tensor([int(hashlib.sha256(f"{seed}:{d}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-                         for d in doc_ids], dtype=torch.bool)
+    return torch.tensor(
+        [int(hashlib.sha256(f"{seed}:{d}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction for d in doc_ids],
+        dtype=torch.bool,
+    )
 
 
 def _generator(*parts) -> torch.Generator:
@@ -94,8 +96,10 @@ class ActivationStore:
             raise IntegrityError(f"shard file {path} is missing", fix="re-run the extraction into a fresh folder")
         if self._verify != "none" and i not in self._verified:
             if sha256_file(path) != rec["sha256"]:
-                raise IntegrityError(f"checksum mismatch in {path} (file is corrupted or was modified)",
-                                     fix="delete the store and re-run the extraction")
+                raise IntegrityError(
+                    f"checksum mismatch in {path} (file is corrupted or was modified)",
+                    fix="delete the store and re-run the extraction",
+                )
             self._verified.add(i)
         return path
 
@@ -140,7 +144,7 @@ class ActivationStore:
         """Token ids of document ``doc_index`` (all positions, for showing contexts)."""
         with safe_open(str(self.path / "docs.safetensors"), framework="pt") as fh:
             off = fh.get_tensor("offsets")
-            return fh.get_slice("input_ids")[int(off[doc_index]): int(off[doc_index + 1])].tolist()
+            return fh.get_slice("input_ids")[int(off[doc_index]) : int(off[doc_index + 1])].tolist()
 
     def split_docs(self, split: str, held_out_fraction: float, split_seed: int) -> torch.Tensor:
         """bool [n_docs]: documents belonging to ``split``."""
@@ -158,36 +162,86 @@ class ActivationStore:
         return out
 
     # ---- public reading API -------------------------------------------------------------------------------
-    def reader(self, layer: int, kind: str = "delta", adapter: str | None = None, split: str = "train",
-               batch_size: int = 4096, seed: int = 0, epoch: int = 0, held_out_fraction: float = 0.1,
-               split_seed: int = 0, shuffle: bool = True, window_shards: int = 4, skip_rows: int = 0,
-               drop_last: bool = False, with_meta: bool = False) -> ActivationReader:
+    def reader(
+        self,
+        layer: int,
+        kind: str = "delta",
+        adapter: str | None = None,
+        split: str = "train",
+        batch_size: int = 4096,
+        seed: int = 0,
+        epoch: int = 0,
+        held_out_fraction: float = 0.1,
+        split_seed: int = 0,
+        shuffle: bool = True,
+        window_shards: int = 4,
+        skip_rows: int = 0,
+        drop_last: bool = False,
+        with_meta: bool = False,
+    ) -> ActivationReader:
         """Stream of [n, d] float32 batches of (layer, kind, adapter) for one split (see module docstring)."""
         self._keys(layer, kind, adapter)
-        return ActivationReader(self, layer, kind, adapter, self.split_docs(split, held_out_fraction, split_seed),
-                                batch_size, seed, epoch, shuffle, window_shards, skip_rows, drop_last, with_meta)
+        return ActivationReader(
+            self,
+            layer,
+            kind,
+            adapter,
+            self.split_docs(split, held_out_fraction, split_seed),
+            batch_size,
+            seed,
+            epoch,
+            shuffle,
+            window_shards,
+            skip_rows,
+            drop_last,
+            with_meta,
+        )
 
-    def training_stream(self, layer: int, kind: str = "delta", adapter: str | None = None, batch_size: int = 4096,
-                        seed: int = 0, held_out_fraction: float = 0.1, split_seed: int = 0):
+    def training_stream(
+        self,
+        layer: int,
+        kind: str = "delta",
+        adapter: str | None = None,
+        batch_size: int = 4096,
+        seed: int = 0,
+        held_out_fraction: float = 0.1,
+        split_seed: int = 0,
+    ):
         """A re-openable, endless, deterministic stream of training rows: a factory whose iterators read the
         train split epoch after epoch, a new shuffle each epoch (what ``train_sae`` takes for resumable runs)."""
 
         def factory() -> Iterator[torch.Tensor]:
             epoch = 0
             while True:
-                reader = self.reader(layer, kind=kind, adapter=adapter, split="train", batch_size=batch_size,
-                                     seed=seed, epoch=epoch, held_out_fraction=held_out_fraction,
-                                     split_seed=split_seed)
+                reader = self.reader(
+                    layer,
+                    kind=kind,
+                    adapter=adapter,
+                    split="train",
+                    batch_size=batch_size,
+                    seed=seed,
+                    epoch=epoch,
+                    held_out_fraction=held_out_fraction,
+                    split_seed=split_seed,
+                )
                 if len(reader) == 0:
-                    raise LorascopeError(f"no training tokens at layer {layer}",
-                                         fix="extract more documents or lower the held-out fraction")
+                    raise LorascopeError(
+                        f"no training tokens at layer {layer}",
+                        fix="extract more documents or lower the held-out fraction",
+                    )
                 yield from reader
                 epoch += 1
 
         return factory
 
-    def held_out(self, layer: int, adapter: str | None = None, held_out_fraction: float = 0.1, split_seed: int = 0,
-                 split: str = "held_out") -> PairedRows:
+    def held_out(
+        self,
+        layer: int,
+        adapter: str | None = None,
+        held_out_fraction: float = 0.1,
+        split_seed: int = 0,
+        split: str = "held_out",
+    ) -> PairedRows:
         """All rows of ``split`` at ``layer`` in store order: base, Δ (and adapted = base + Δ), with metadata."""
         keys = self._keys(layer, "adapted", adapter)
         docs = self.split_docs(split, held_out_fraction, split_seed)
@@ -217,16 +271,32 @@ class ActivationStore:
         adapter = self._keys(layer, "delta", adapter)[0].split(".", 2)[2]
         path = self.path / "stats.safetensors"
         with safe_open(str(path), framework="pt") as fh:
-            return {k.rsplit(".", 1)[1]: fh.get_tensor(k) for k in fh.keys()  # noqa: SIM118
-                    if k.startswith(f"L{layer}.{adapter}.")}
+            return {
+                k.rsplit(".", 1)[1]: fh.get_tensor(k)
+                for k in fh.keys()  # noqa: SIM118
+                if k.startswith(f"L{layer}.{adapter}.")
+            }
 
 
 class ActivationReader:
     """Iterable of batches; deterministic for (seed, epoch). ``len()`` = number of batches."""
 
-    def __init__(self, store: ActivationStore, layer: int, kind: str, adapter: str | None, docs: torch.Tensor,
-                 batch_size: int, seed: int, epoch: int, shuffle: bool, window_shards: int, skip_rows: int,
-                 drop_last: bool, with_meta: bool) -> None:
+    def __init__(
+        self,
+        store: ActivationStore,
+        layer: int,
+        kind: str,
+        adapter: str | None,
+        docs: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        window_shards: int,
+        skip_rows: int,
+        drop_last: bool,
+        with_meta: bool,
+    ) -> None:
         if batch_size < 1 or window_shards < 1 or skip_rows < 0:
             raise LorascopeError("batch_size and window_shards must be >= 1, skip_rows >= 0", fix="check arguments")
         self.store, self.layer, self.kind, self.adapter, self.docs = store, layer, kind, adapter, docs
@@ -245,7 +315,7 @@ class ActivationReader:
         if self.shuffle:
             order = torch.randperm(len(order), generator=_generator(self.seed, self.epoch, "shards")).tolist()
         order = [s for s in order if self.rows_per_shard[s] > 0]
-        return [order[i: i + self.window_shards] for i in range(0, len(order), self.window_shards)]
+        return [order[i : i + self.window_shards] for i in range(0, len(order), self.window_shards)]
 
     def _load_window(self, w: int, shards: list[int]) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
@@ -275,7 +345,7 @@ class ActivationReader:
             n = cur["x"].shape[0]
             full = n - n % self.batch_size
             for i in range(0, full, self.batch_size):
-                yield self._out({k: v[i: i + self.batch_size] for k, v in cur.items()})
+                yield self._out({k: v[i : i + self.batch_size] for k, v in cur.items()})
             carry = {k: v[full:] for k, v in cur.items()}
         if carry is not None and carry["x"].shape[0] and not self.drop_last:
             yield self._out(carry)
@@ -297,5 +367,13 @@ def open_store(path: str | Path, verify: str = "lazy") -> ActivationStore:
     return ActivationStore(path, verify)
 
 
-__all__ = ["KINDS", "SPLITS", "ActivationReader", "ActivationStore", "Batch", "PairedRows", "held_out_mask",
-           "open_store"]
+__all__ = [
+    "KINDS",
+    "SPLITS",
+    "ActivationReader",
+    "ActivationStore",
+    "Batch",
+    "PairedRows",
+    "held_out_mask",
+    "open_store",
+]

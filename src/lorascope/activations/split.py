@@ -40,8 +40,10 @@ def content_hash(doc: Any) -> str:
     elif isinstance(doc, Sequence):
         parts = [str(p) for p in doc]
     else:
-        raise LorascopeError(f"cannot hash a document of type {type(doc).__name__}",
-                             fix="pass an Example, a TokenizedExample, a string or a list of strings")
+        raise LorascopeError(
+            f"cannot hash a document of type {type(doc).__name__}",
+            fix="pass an Example, a TokenizedExample, a string or a list of strings",
+        )
     text = "\x1f".join(unicodedata.normalize("NFC", str(p)).strip() for p in parts)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -70,8 +72,14 @@ class HeldOutSplit:
 
     def record(self, train_docs: Iterable[Any] = (), eval_docs: Iterable[Any] = ()) -> dict:
         """The JSON record to store under "split" (documents given as objects or as content-hash strings)."""
-        return {"version": RECORD_VERSION, "rule": SPLIT_RULE, "fraction": self.fraction, "seed": self.seed,
-                "train_docs": _prefixes(train_docs), "eval_docs": _prefixes(eval_docs)}
+        return {
+            "version": RECORD_VERSION,
+            "rule": SPLIT_RULE,
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "train_docs": _prefixes(train_docs),
+            "eval_docs": _prefixes(eval_docs),
+        }
 
 
 def _prefixes(docs: Iterable[Any]) -> list[str]:
@@ -103,8 +111,9 @@ class OverlapCheck(NamedTuple):
     message: str
 
 
-def check_no_overlap(sae_meta: Mapping[str, Any], store_meta: Mapping[str, Any], sae_name: str = "SAE",
-                     allow_overlap: bool = False) -> OverlapCheck:
+def check_no_overlap(
+    sae_meta: Mapping[str, Any], store_meta: Mapping[str, Any], sae_name: str = "SAE", allow_overlap: bool = False
+) -> OverlapCheck:
     """Refuse to evaluate an SAE on documents it was trained on.
 
     ``sae_meta["split"]["train_docs"]`` vs ``store_meta["split"]["eval_docs"]`` (records from
@@ -114,17 +123,24 @@ def check_no_overlap(sae_meta: Mapping[str, Any], store_meta: Mapping[str, Any],
     sae_split, store_split = sae_meta.get("split"), store_meta.get("split")
     if not sae_split or not store_split:
         missing = "the SAE" if not sae_split else "the store"
-        return OverlapCheck("unknown", 0, f"{sae_name}: no split record in {missing}; its training documents "
-                                          "cannot be checked against the evaluation documents")
+        return OverlapCheck(
+            "unknown",
+            0,
+            f"{sae_name}: no split record in {missing}; its training documents "
+            "cannot be checked against the evaluation documents",
+        )
     train, evals = set(sae_split.get("train_docs", [])), set(store_split.get("eval_docs", []))
     both = sorted(train & evals)
     if not both:
         return OverlapCheck("ok", 0, "")
-    msg = (f"{sae_name} was trained on {len(both)} of the {len(evals)} evaluation documents "
-           f"(content hashes {', '.join(both[:3])}{', …' if len(both) > 3 else ''})")
+    msg = (
+        f"{sae_name} was trained on {len(both)} of the {len(evals)} evaluation documents "
+        f"(content hashes {', '.join(both[:3])}{', …' if len(both) > 3 else ''})"
+    )
     if not allow_overlap:
-        raise LorascopeError(msg, fix="use an SAE trained on other documents, or allow the overlap explicitly "
-                                      "(the report will flag it)")
+        raise LorascopeError(
+            msg, fix="use an SAE trained on other documents, or allow the overlap explicitly (the report will flag it)"
+        )
     return OverlapCheck("overlap", len(both), msg)
 
 

@@ -22,7 +22,7 @@ QUANTILES = (0.1, 0.5, 0.9, 0.99)
 
 
 def _log_hist(values: torch.Tensor) -> torch.Tensor:
-    v = torch.log10(values.double().clamp_min(10.0 ** LOG10_MIN))
+    v = torch.log10(values.double().clamp_min(10.0**LOG10_MIN))
     idx = ((v - LOG10_MIN) / (LOG10_MAX - LOG10_MIN) * BINS).floor().long().clamp(0, BINS - 1)
     return torch.bincount(idx, minlength=BINS)
 
@@ -52,8 +52,15 @@ class DeltaStats:
             return
         self.cov.update(delta)
         dn, bn, ratio = token_norms(base, delta)
-        self.sums += torch.stack([torch.tensor(float(delta.shape[0]), dtype=torch.float64), dn.sum(), ratio.sum(),
-                                  (dn * dn).sum(), (bn * bn).sum()])
+        self.sums += torch.stack(
+            [
+                torch.tensor(float(delta.shape[0]), dtype=torch.float64),
+                dn.sum(),
+                ratio.sum(),
+                (dn * dn).sum(),
+                (bn * bn).sum(),
+            ]
+        )
         self.hist_norm += _log_hist(dn)
         self.hist_ratio += _log_hist(ratio)
 
@@ -71,8 +78,12 @@ class DeltaStats:
     # exact (de)serialisation for the extraction checkpoint
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         cov = {f"{prefix}.cov_{k}": v for k, v in self.cov.state().items()}
-        return {**cov, f"{prefix}.sums": self.sums.clone(), f"{prefix}.hist_norm": self.hist_norm.clone(),
-                f"{prefix}.hist_ratio": self.hist_ratio.clone()}
+        return {
+            **cov,
+            f"{prefix}.sums": self.sums.clone(),
+            f"{prefix}.hist_norm": self.hist_norm.clone(),
+            f"{prefix}.hist_ratio": self.hist_ratio.clone(),
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], prefix: str, d: int) -> DeltaStats:
@@ -90,10 +101,14 @@ class DeltaStats:
         if n == 0:
             return out
         s = self.sums.tolist()
-        out["delta_norm"] = {"mean": s[1] / n, **{f"q{int(q * 100)}": _hist_quantile(self.hist_norm, q)
-                                                  for q in QUANTILES}}
-        out["relative_norm"] = {"mean": s[2] / n, **{f"q{int(q * 100)}": _hist_quantile(self.hist_ratio, q)
-                                                     for q in QUANTILES}}
+        out["delta_norm"] = {
+            "mean": s[1] / n,
+            **{f"q{int(q * 100)}": _hist_quantile(self.hist_norm, q) for q in QUANTILES},
+        }
+        out["relative_norm"] = {
+            "mean": s[2] / n,
+            **{f"q{int(q * 100)}": _hist_quantile(self.hist_ratio, q) for q in QUANTILES},
+        }
         out["energy_ratio"] = s[3] / s[4] if s[4] > 0 else float("nan")
         out["mean_delta_norm"] = float(self.cov.mean.norm())
         if n >= 2:

@@ -38,9 +38,11 @@ from lorascope.io import atomic_path, read_json, sha256_file, write_json
 
 FORMAT = "lorascope-activations"
 VERSION = 1
-DELTA_DEFINITION = ("delta = h_adapted - h_base at the output of block L (residual stream, before the final norm),"
-                    " both rows from one PEFT mixed-batch forward, subtracted in float32; adapted = base + delta "
-                    "is reconstructed on read")
+DELTA_DEFINITION = (
+    "delta = h_adapted - h_base at the output of block L (residual stream, before the final norm),"
+    " both rows from one PEFT mixed-batch forward, subtracted in float32; adapted = base + delta "
+    "is reconstructed on read"
+)
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -92,8 +94,10 @@ def write_docs(out: Path, doc_ids: list[str], input_ids: list[list[int]], respon
     offsets[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
     flat = torch.tensor([t for ids in input_ids for t in ids], dtype=torch.int32)
     with atomic_path(out / "docs.safetensors") as tmp:
-        save_file({"input_ids": flat, "offsets": offsets,
-                   "response_start": torch.tensor(response_start, dtype=torch.long)}, str(tmp))
+        save_file(
+            {"input_ids": flat, "offsets": offsets, "response_start": torch.tensor(response_start, dtype=torch.long)},
+            str(tmp),
+        )
     write_json(out / "docs.json", {"doc_ids": doc_ids, "n_tokens": lengths, "response_start": response_start})
 
 
@@ -121,8 +125,10 @@ class RankProgress:
                 meta = json.loads((fh.metadata() or {}).get("lorascope", "{}"))
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except Exception as exc:
-            raise IntegrityError(f"progress file {path} is unreadable ({type(exc).__name__})",
-                                 fix="delete it (its shards will be redone) and re-run") from exc
+            raise IntegrityError(
+                f"progress file {path} is unreadable ({type(exc).__name__})",
+                fix="delete it (its shards will be redone) and re-run",
+            ) from exc
         prog = cls(meta.get("config_hash", ""), layers, adapters, d)
         prog.shards = {int(r["index"]): r for r in meta.get("shards", [])}
         prog.stats = {(L, a): DeltaStats.from_state(tensors, f"L{L}.{a}", d) for L in layers for a in adapters}
@@ -151,8 +157,10 @@ def finalize_store(out: str | Path, config: dict, config_hash: str, world_size: 
             stats[key].merge(st)
     missing = [s for s in range(total) if s not in shards]
     if missing:
-        raise LorascopeError(f"{len(missing)} of {total} shards are not done (first: {missing[0]})",
-                             fix="re-run the extraction to resume it")
+        raise LorascopeError(
+            f"{len(missing)} of {total} shards are not done (first: {missing[0]})",
+            fix="re-run the extraction to resume it",
+        )
     records = [shards[s] for s in range(total)]
     counts: dict[str, int] = {}
     for r in records:
@@ -166,9 +174,18 @@ def finalize_store(out: str | Path, config: dict, config_hash: str, world_size: 
     if vectors:
         with atomic_path(out / "stats.safetensors") as tmp:
             save_file(vectors, str(tmp))
-    manifest = {"format": FORMAT, "version": VERSION, "config": config, "config_hash": config_hash,
-                "delta_definition": DELTA_DEFINITION, "n_tokens": counts.get("selected", 0), "counts": counts,
-                "shards": records, "stats": summaries, "world_size": world_size}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "config_hash": config_hash,
+        "delta_definition": DELTA_DEFINITION,
+        "n_tokens": counts.get("selected", 0),
+        "counts": counts,
+        "shards": records,
+        "stats": summaries,
+        "world_size": world_size,
+    }
     write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -178,10 +195,14 @@ def read_manifest(path: str | Path) -> dict:
     mf = path / "manifest.json"
     if not mf.is_file():
         if (path / "progress").is_dir():
-            raise LorascopeError(f"the activation store {path} is incomplete (no manifest.json yet)",
-                                 fix="re-run the same extract command to resume it")
-        raise LorascopeError(f"{path} is not an activation store (no manifest.json)",
-                             fix="point at a folder written by `lorascope extract`")
+            raise LorascopeError(
+                f"the activation store {path} is incomplete (no manifest.json yet)",
+                fix="re-run the same extract command to resume it",
+            )
+        raise LorascopeError(
+            f"{path} is not an activation store (no manifest.json)",
+            fix="point at a folder written by `lorascope extract`",
+        )
     manifest = read_json(mf)
     if manifest.get("format") != FORMAT:
         raise LorascopeError(f"{mf} is not a lorascope activation manifest", fix="point at an extract output folder")
@@ -195,6 +216,20 @@ def missing_shards(path: str | Path, manifest: dict | None = None) -> list[str]:
     return [rec["file"] for rec in manifest.get("shards", []) if not (path / rec["file"]).is_file()]
 
 
-__all__ = ["DELTA_DEFINITION", "STORE_DTYPES", "RankProgress", "base_key", "delta_key", "finalize_store",
-           "missing_shards", "n_shards", "progress_name", "rank_shards", "read_manifest", "shard_docs", "shard_name",
-           "write_docs", "write_shard"]
+__all__ = [
+    "DELTA_DEFINITION",
+    "STORE_DTYPES",
+    "RankProgress",
+    "base_key",
+    "delta_key",
+    "finalize_store",
+    "missing_shards",
+    "n_shards",
+    "progress_name",
+    "rank_shards",
+    "read_manifest",
+    "shard_docs",
+    "shard_name",
+    "write_docs",
+    "write_shard",
+]

@@ -50,10 +50,13 @@ class TemplateExclusion:
     def describe(self) -> dict:
         """JSON-ready record of the rule and what it excluded."""
         return {
-            "rule": (f"exclude positions whose prefix is identical in >= {self.min_fraction:.0%} of documents, and "
-                     f"prompt positions covered by a {self.window + 1}-token n-gram that occurs in >= "
-                     f"{self.min_fraction:.0%} of documents"),
-            "excluded_positions": self.n_excluded, "total_positions": self.n_positions,
+            "rule": (
+                f"exclude positions whose prefix is identical in >= {self.min_fraction:.0%} of documents, and "
+                f"prompt positions covered by a {self.window + 1}-token n-gram that occurs in >= "
+                f"{self.min_fraction:.0%} of documents"
+            ),
+            "excluded_positions": self.n_excluded,
+            "total_positions": self.n_positions,
             "excluded_spans": [{"text": text, "documents": n} for text, n in self.spans],
         }
 
@@ -84,11 +87,12 @@ def _shared_prefix_lengths(docs: Sequence[Sequence[int]], need: int) -> list[int
 
 
 def _ngram_keys(ids: Sequence[int], window: int) -> list[tuple[int, ...]]:
-    return [tuple(int(t) for t in ids[max(0, p - window): p + 1]) for p in range(len(ids))]
+    return [tuple(int(t) for t in ids[max(0, p - window) : p + 1]) for p in range(len(ids))]
 
 
-def _repeated_ngram_masks(docs: Sequence[Sequence[int]], prompt_ends: Sequence[int], window: int,
-                          need: int) -> list[torch.Tensor]:
+def _repeated_ngram_masks(
+    docs: Sequence[Sequence[int]], prompt_ends: Sequence[int], window: int, need: int
+) -> list[torch.Tensor]:
     keys = [_ngram_keys(ids[:end], window) for ids, end in zip(docs, prompt_ends, strict=True)]
     doc_counts: Counter = Counter()
     for ks in keys:
@@ -99,7 +103,7 @@ def _repeated_ngram_masks(docs: Sequence[Sequence[int]], prompt_ends: Sequence[i
         for p, k in enumerate(ks):
             # a full-length n-gram occurring in enough documents marks every position it covers
             if len(k) == window + 1 and doc_counts[k] >= need:
-                m[p - window: p + 1] = True
+                m[p - window : p + 1] = True
         masks.append(m)
     return masks
 
@@ -117,9 +121,14 @@ def _runs(ids: Sequence[int], mask: torch.Tensor) -> list[tuple[int, ...]]:
     return runs
 
 
-def detect_template_positions(docs: Sequence[Sequence[int]], response_starts: Sequence[int] | None = None,
-                              min_fraction: float = 0.9, window: int = 2, tokenizer=None,
-                              max_spans: int = 10) -> TemplateExclusion:
+def detect_template_positions(
+    docs: Sequence[Sequence[int]],
+    response_starts: Sequence[int] | None = None,
+    min_fraction: float = 0.9,
+    window: int = 2,
+    tokenizer=None,
+    max_spans: int = 10,
+) -> TemplateExclusion:
     """Scaffolding masks for tokenized documents (lists of token ids); see the module docstring for the rules.
 
     ``response_starts``: index of each document's first response token (rule 2 looks only before it; None means
@@ -130,8 +139,10 @@ def detect_template_positions(docs: Sequence[Sequence[int]], response_starts: Se
     if window < 1:
         raise LorascopeError(f"window must be >= 1, got {window}", fix="e.g. 4")
     if len(docs) < 2:
-        raise LorascopeError(f"template detection needs at least 2 documents, got {len(docs)}",
-                             fix="pass the whole corpus (or skip template exclusion)")
+        raise LorascopeError(
+            f"template detection needs at least 2 documents, got {len(docs)}",
+            fix="pass the whole corpus (or skip template exclusion)",
+        )
     need = max(2, int(-(-min_fraction * len(docs) // 1)))  # ceil, and never a single document
     prefix = _shared_prefix_lengths(docs, need)
     masks = [torch.arange(len(ids)) < n for ids, n in zip(docs, prefix, strict=True)]
@@ -141,8 +152,10 @@ def detect_template_positions(docs: Sequence[Sequence[int]], response_starts: Se
     span_docs: Counter = Counter()
     for ids, m in zip(docs, masks, strict=True):
         span_docs.update(set(_runs(ids, m)))
-    spans = [(tokenizer.decode(list(s)) if tokenizer is not None else " ".join(map(str, s)), n)
-             for s, n in span_docs.most_common(max_spans)]
+    spans = [
+        (tokenizer.decode(list(s)) if tokenizer is not None else " ".join(map(str, s)), n)
+        for s, n in span_docs.most_common(max_spans)
+    ]
     return TemplateExclusion(masks, min_fraction, window, spans)
 
 
@@ -160,8 +173,10 @@ def template_activation_share(codes: torch.Tensor, excluded: torch.Tensor) -> to
     (non-negative activations), ``excluded`` bool [N]. Features above ~0.5 fire mainly on the template and should
     be flagged rather than ranked first; NaN for a feature that never fires."""
     if codes.ndim != 2 or excluded.shape != (codes.shape[0],):
-        raise LorascopeError(f"codes [N, F] and excluded [N] expected, got {tuple(codes.shape)} and "
-                             f"{tuple(excluded.shape)}", fix="one exclusion flag per activation row")
+        raise LorascopeError(
+            f"codes [N, F] and excluded [N] expected, got {tuple(codes.shape)} and {tuple(excluded.shape)}",
+            fix="one exclusion flag per activation row",
+        )
     a = codes.double().clamp_min(0)
     total = a.sum(0)
     return torch.where(total > 0, a[excluded.bool()].sum(0) / total, torch.full_like(total, float("nan")))
@@ -215,5 +230,13 @@ def subtract_position_means(delta: torch.Tensor, means: PositionMeans) -> torch.
     return out
 
 
-__all__ = ["FirstPositionMeans", "PositionMeans", "TemplateExclusion", "detect_template_positions",
-           "first_position_means", "pad_masks", "subtract_position_means", "template_activation_share"]
+__all__ = [
+    "FirstPositionMeans",
+    "PositionMeans",
+    "TemplateExclusion",
+    "detect_template_positions",
+    "first_position_means",
+    "pad_masks",
+    "subtract_position_means",
+    "template_activation_share",
+]

@@ -31,13 +31,18 @@ class TokenSelection:
         if self.skip_first < 0:
             raise LorascopeError(f"skip_first must be >= 0, got {self.skip_first}", fix="e.g. 1 (drops BOS)")
         if self.max_norm_factor is not None and self.max_norm_factor < 0:
-            raise LorascopeError(f"max_norm_factor must be >= 0, got {self.max_norm_factor}",
-                                 fix="e.g. 10, or 0 to disable the outlier-norm rule")
+            raise LorascopeError(
+                f"max_norm_factor must be >= 0, got {self.max_norm_factor}",
+                fix="e.g. 10, or 0 to disable the outlier-norm rule",
+            )
 
     def describe(self) -> dict:
-        rule = (f"keep non-padding {self.tokens} tokens at position >= {self.skip_first}"
-                + (f" whose base residual norm is <= {self.max_norm_factor} x the batch median of candidate "
-                   "positions at every captured layer" if self.max_norm_factor else ""))
+        rule = f"keep non-padding {self.tokens} tokens at position >= {self.skip_first}" + (
+            f" whose base residual norm is <= {self.max_norm_factor} x the batch median of candidate "
+            "positions at every captured layer"
+            if self.max_norm_factor
+            else ""
+        )
         return {**asdict(self), "rule": rule}
 
 
@@ -63,8 +68,13 @@ def outlier_mask(base_norms: dict[int, torch.Tensor], candidates: torch.Tensor, 
     return out
 
 
-def select_positions(attention_mask: torch.Tensor, response_start: torch.Tensor, base_norms: dict[int, torch.Tensor],
-                     sel: TokenSelection, template: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+def select_positions(
+    attention_mask: torch.Tensor,
+    response_start: torch.Tensor,
+    base_norms: dict[int, torch.Tensor],
+    sel: TokenSelection,
+    template: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
     """Kept positions, bool [B, T], and counts: ``tokens`` (non-padding), ``skipped_first``, ``other_part``
     (outside the requested prompt/response part), ``excluded_norm`` and ``selected``; with ``template`` (bool
     [B, T], chat-template scaffolding from :func:`lorascope.activations.template.detect_template_positions`) those
@@ -76,9 +86,13 @@ def select_positions(attention_mask: torch.Tensor, response_start: torch.Tensor,
     excl = outlier_mask(base_norms, cand, sel.max_norm_factor)
     keep = cand & ~excl
     first = real & (pos < sel.skip_first)
-    counts = {"tokens": int(real.sum()), "skipped_first": int(first.sum()),
-              "other_part": int((real & ~first & ~part).sum()), "excluded_norm": int(excl.sum()),
-              "selected": int(keep.sum())}
+    counts = {
+        "tokens": int(real.sum()),
+        "skipped_first": int(first.sum()),
+        "other_part": int((real & ~first & ~part).sum()),
+        "excluded_norm": int(excl.sum()),
+        "selected": int(keep.sum()),
+    }
     if template is not None:
         counts["excluded_template"] = int((part & template.bool()).sum())
     return keep, counts

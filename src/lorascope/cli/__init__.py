@@ -41,8 +41,9 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @app.callback()
-def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _root(
+    ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")
+) -> None:
     """``--debug`` is declared here for the help text; :func:`main` reads it from the arguments."""
     _STATE["command"] = f"lorascope {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "lorascope"
 

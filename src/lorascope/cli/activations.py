@@ -31,8 +31,9 @@ def _parse_layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
-        raise LorascopeError(f"--layers {text!r} is not a comma-separated list of integers",
-                             fix="e.g. --layers 5,15,25") from exc
+        raise LorascopeError(
+            f"--layers {text!r} is not a comma-separated list of integers", fix="e.g. --layers 5,15,25"
+        ) from exc
 
 
 def _check_prompts_fit(tokenizer, examples, max_length: int, policy: str) -> None:
@@ -45,8 +46,10 @@ def _check_prompts_fit(tokenizer, examples, max_length: int, policy: str) -> Non
     except LorascopeError as exc:
         if "max_length" not in exc.problem:
             raise
-        raise LorascopeError(f"--max-length {max_length} is too short: {exc.problem}",
-                             fix="raise --max-length, or shorten the instruction") from exc
+        raise LorascopeError(
+            f"--max-length {max_length} is too short: {exc.problem}",
+            fix="raise --max-length, or shorten the instruction",
+        ) from exc
 
 
 def _load_entries(adapter: list[str], full_model: list[str], checkpoints: list[str]) -> list:
@@ -62,8 +65,10 @@ def _load_entries(adapter: list[str], full_model: list[str], checkpoints: list[s
     if repeated:
         raise LorascopeError(f"fine-tune name {repeated[0]!r} is given twice", fix="give each one a distinct name")
     if not load:
-        raise LorascopeError("nothing to compare with the base model",
-                             fix="give --adapter NAME=DIR, --full-model NAME=DIR or --checkpoints NAME=DIR")
+        raise LorascopeError(
+            "nothing to compare with the base model",
+            fix="give --adapter NAME=DIR, --full-model NAME=DIR or --checkpoints NAME=DIR",
+        )
     return expand_load_specs(load)
 
 
@@ -77,8 +82,9 @@ def _parse_columns(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def _extract_store(model: str, entries: list, examples, out: Path, cfg, dist, trust_remote_code: bool,
-                   resident: str, claim):
+def _extract_store(
+    model: str, entries: list, examples, out: Path, cfg, dist, trust_remote_code: bool, resident: str, claim
+):
     """PEFT adapters only: one mixed batch per step (``extract``); any whole model: every fine-tune as its own
     model on the same batches (``extract_full``, single process)."""
     from lorascope.activations import extract, extract_full
@@ -87,40 +93,67 @@ def _extract_store(model: str, entries: list, examples, out: Path, cfg, dist, tr
 
     if all(e.kind == "peft" for e in entries):
         # documents too long for --max-length fail on the tokenizer alone, before the model's weights are loaded
-        base = load_base(model, device=str(dist.device), trust_remote_code=trust_remote_code,
-                         check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, cfg.max_length,
-                                                                         cfg.length_policy))
+        base = load_base(
+            model,
+            device=str(dist.device),
+            trust_remote_code=trust_remote_code,
+            check_tokenizer=lambda tok: _check_prompts_fit(tok, examples, cfg.max_length, cfg.length_policy),
+        )
         peft_model = load_adapters(base, {e.name: e.path for e in entries})
         claim()
         return extract(peft_model, base.tokenizer, examples, out, cfg, rank=dist.rank, world_size=dist.world_size)
     if dist.world_size > 1:
-        raise LorascopeError("whole-model fine-tunes (--full-model, or model checkpoints) run in one process",
-                             fix="run without torchrun")
+        raise LorascopeError(
+            "whole-model fine-tunes (--full-model, or model checkpoints) run in one process", fix="run without torchrun"
+        )
     tok = load_tokenizer(model, trust_remote_code)
     _check_prompts_fit(tok, examples, cfg.max_length, cfg.length_policy)
     claim()
-    return extract_full(model, {e.name: e.path for e in entries}, tok, examples, out, cfg, resident=resident,
-                        load={"device": str(dist.device)}).store
+    return extract_full(
+        model,
+        {e.name: e.path for e in entries},
+        tok,
+        examples,
+        out,
+        cfg,
+        resident=resident,
+        load={"device": str(dist.device)},
+    ).store
 
 
 @app.command("extract")
 def extract_cmd(
-    model: str = typer.Option("embedded", "--model", "-m",
-                              help="Base model: 'embedded' (SmolLM2-135M-Instruct), a HF folder, a .gguf or a hub id."),
-    adapter: list[str] = typer.Option([], "--adapter", "-a", help="NAME=PATH of a PEFT adapter folder (or hub id "
-                                                                  "when online); repeat."),
-    full_model: list[str] = typer.Option([], "--full-model", help="NAME=DIR of a whole fine-tuned (or merged) model "
-                                                                  "compared with --model; repeat."),
-    checkpoints: list[str] = typer.Option([], "--checkpoints", help="NAME=DIR of a folder of checkpoint-<step>/ "
-                                                                    "folders: entries NAME_step_<N>; repeat."),
-    data: str = typer.Option("demo", "--data", "-d", help="'demo', a dataset file (chat messages / ShareGPT / "
-                                                          "Alpaca / text JSON(L) or .txt), or hf:NAME[:SPLIT]."),
-    column: list[str] = typer.Option([], "--column", help="OURS=YOURS: read your field YOURS as lorascope's OURS "
-                                                          "(e.g. output=answer); repeat."),
-    long_examples: str = typer.Option("truncate", help="Longer than --max-length: truncate the response (skip if the "
-                                                       "prompt alone does not fit), skip, or error."),
-    resident: str = typer.Option("one", help="Whole models: 'one' resident at a time (activations spilled to disk) "
-                                             "or 'both' at once."),
+    model: str = typer.Option(
+        "embedded",
+        "--model",
+        "-m",
+        help="Base model: 'embedded' (SmolLM2-135M-Instruct), a HF folder, a .gguf or a hub id.",
+    ),
+    adapter: list[str] = typer.Option(
+        [], "--adapter", "-a", help="NAME=PATH of a PEFT adapter folder (or hub id when online); repeat."
+    ),
+    full_model: list[str] = typer.Option(
+        [], "--full-model", help="NAME=DIR of a whole fine-tuned (or merged) model compared with --model; repeat."
+    ),
+    checkpoints: list[str] = typer.Option(
+        [], "--checkpoints", help="NAME=DIR of a folder of checkpoint-<step>/ folders: entries NAME_step_<N>; repeat."
+    ),
+    data: str = typer.Option(
+        "demo",
+        "--data",
+        "-d",
+        help="'demo', a dataset file (chat messages / ShareGPT / Alpaca / text JSON(L) or .txt), or hf:NAME[:SPLIT].",
+    ),
+    column: list[str] = typer.Option(
+        [], "--column", help="OURS=YOURS: read your field YOURS as lorascope's OURS (e.g. output=answer); repeat."
+    ),
+    long_examples: str = typer.Option(
+        "truncate",
+        help="Longer than --max-length: truncate the response (skip if the prompt alone does not fit), skip, or error.",
+    ),
+    resident: str = typer.Option(
+        "one", help="Whole models: 'one' resident at a time (activations spilled to disk) or 'both' at once."
+    ),
     layers: str = typer.Option(..., "--layers", "-l", help="Comma-separated block indices, e.g. 5,15,25."),
     tokens: str = typer.Option("all", help="Which tokens become rows: all, prompt or response."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder of the activation store (resumable)."),
@@ -131,13 +164,13 @@ def extract_cmd(
     dtype: str = typer.Option("float32", help="On-disk dtype: float32 or bfloat16 (deltas are computed in fp32)."),
     forward_dtype: str = typer.Option("float32", help="float32, or bf16-autocast (faster, adds error to deltas)."),
     skip_first: int = typer.Option(1, help="Drop the first N positions of every document (BOS / first token)."),
-    max_norm_factor: float = typer.Option(10.0, help="Drop positions whose base norm exceeds this x the batch "
-                                                     "median (attention sinks); 0 disables."),
+    max_norm_factor: float = typer.Option(
+        10.0, help="Drop positions whose base norm exceeds this x the batch median (attention sinks); 0 disables."
+    ),
     seed: int = typer.Option(0, help="Seed of the demo data generator."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (tokens/s, ETA)."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the hub (off by default)."),
-    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
-                                            "cuda:N."),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out folder that holds something else."),
 ) -> None:
     """Extract h_base and h_Δ = h_adapted − h_base at the given layers for every adapter (one forward per batch).
@@ -163,12 +196,20 @@ def extract_cmd(
 
     # Every count and threshold is checked before anything is loaded (same rules as the experiment YAML).
     check_options(DataCfg, n_docs=n_docs, max_length=max_length)
-    check_options(ExtractionCfg, {"shard_docs": "--docs-per-shard"}, batch_size=batch_size,
-                  shard_docs=docs_per_shard, skip_first=skip_first)
+    check_options(
+        ExtractionCfg,
+        {"shard_docs": "--docs-per-shard"},
+        batch_size=batch_size,
+        shard_docs=docs_per_shard,
+        skip_first=skip_first,
+    )
     check_options({"max_norm_factor": (float, Field(ge=0, description="0 disables"))}, max_norm_factor=max_norm_factor)
     if long_examples not in LENGTH_POLICIES or resident not in RESIDENT_MODES:
-        bad, options = ((f"--long-examples {long_examples!r}", LENGTH_POLICIES) if long_examples not in LENGTH_POLICIES
-                        else (f"--resident {resident!r}", RESIDENT_MODES))
+        bad, options = (
+            (f"--long-examples {long_examples!r}", LENGTH_POLICIES)
+            if long_examples not in LENGTH_POLICIES
+            else (f"--resident {resident!r}", RESIDENT_MODES)
+        )
         raise LorascopeError(f"{bad} is not a known choice", fix=f"use one of {', '.join(options)}")
     entries = _load_entries(adapter, full_model, checkpoints)
     adapters = {e.name: str(e.path) for e in entries}
@@ -177,16 +218,37 @@ def extract_cmd(
     def where(spec: str) -> str:  # paths count by location, so a re-run from another folder still matches
         return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
-    settings = {"model": where(model), "adapters": {k: where(v) for k, v in adapters.items()}, "data": where(data),
-                "n_docs": n_docs, "seed": seed, "layers": _parse_layers(layers), "tokens": tokens,
-                "batch_size": batch_size, "docs_per_shard": docs_per_shard, "max_length": max_length, "dtype": dtype,
-                "forward_dtype": forward_dtype, "skip_first": skip_first, "max_norm_factor": max_norm_factor}
+    settings = {
+        "model": where(model),
+        "adapters": {k: where(v) for k, v in adapters.items()},
+        "data": where(data),
+        "n_docs": n_docs,
+        "seed": seed,
+        "layers": _parse_layers(layers),
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "docs_per_shard": docs_per_shard,
+        "max_length": max_length,
+        "dtype": dtype,
+        "forward_dtype": forward_dtype,
+        "skip_first": skip_first,
+        "max_norm_factor": max_norm_factor,
+    }
     if dist.world_size == 1:  # under torchrun the store's own config hash guards it (every rank writes into it)
         check_output(out, "activation store", settings, overwrite)  # nothing is created before the loads succeed
-    cfg = ExtractConfig(layers=_parse_layers(layers), tokens=tokens, skip_first=skip_first,
-                        max_norm_factor=max_norm_factor or None, batch_size=batch_size,
-                        docs_per_shard=docs_per_shard, max_length=max_length, dtype=dtype,
-                        forward_dtype=forward_dtype, progress=progress and dist.is_main, length_policy=long_examples)
+    cfg = ExtractConfig(
+        layers=_parse_layers(layers),
+        tokens=tokens,
+        skip_first=skip_first,
+        max_norm_factor=max_norm_factor or None,
+        batch_size=batch_size,
+        docs_per_shard=docs_per_shard,
+        max_length=max_length,
+        dtype=dtype,
+        forward_dtype=forward_dtype,
+        progress=progress and dist.is_main,
+        length_policy=long_examples,
+    )
     examples = load_dataset_spec(data, limit=n_docs, seed=seed, columns=_parse_columns(column))
 
     def claim() -> None:  # the folder is claimed only once the loads have succeeded
@@ -199,18 +261,33 @@ def extract_cmd(
     if not dist.is_main:
         return
     c = store.manifest["counts"]
-    table = Table(title=f"{store.n_tokens} rows from {c['tokens']} tokens of {len(examples)} documents "
-                        f"(dropped: {c['skipped_first']} first positions, {c['excluded_norm']} high-norm, "
-                        f"{c['other_part']} outside '{tokens}') -> {out}")
-    for col in ("layer", "adapter", "mean |Δ|", "mean |Δ|/|h|", "energy Σ|Δ|²/Σ|h|²", "participation ratio",
-                "PCs for 90%"):
+    table = Table(
+        title=f"{store.n_tokens} rows from {c['tokens']} tokens of {len(examples)} documents "
+        f"(dropped: {c['skipped_first']} first positions, {c['excluded_norm']} high-norm, "
+        f"{c['other_part']} outside '{tokens}') -> {out}"
+    )
+    for col in (
+        "layer",
+        "adapter",
+        "mean |Δ|",
+        "mean |Δ|/|h|",
+        "energy Σ|Δ|²/Σ|h|²",
+        "participation ratio",
+        "PCs for 90%",
+    ):
         table.add_column(col)
     for L in store.layers:
         for a in store.adapters:
             s = store.stats(L, a)
-            table.add_row(str(L), a, f"{s['delta_norm']['mean']:.4g}", f"{s['relative_norm']['mean']:.4g}",
-                          f"{s['energy_ratio']:.4g}", f"{s.get('participation_ratio') or float('nan'):.2f}",
-                          str(s.get("n_components_90", "")))
+            table.add_row(
+                str(L),
+                a,
+                f"{s['delta_norm']['mean']:.4g}",
+                f"{s['relative_norm']['mean']:.4g}",
+                f"{s['energy_ratio']:.4g}",
+                f"{s.get('participation_ratio') or float('nan'):.2f}",
+                str(s.get("n_components_90", "")),
+            )
     Console(width=160).print(table)
 
 
@@ -232,13 +309,15 @@ def train_saes_distributed_cmd(
     batch_size: int = typer.Option(1024, help="Batch size (tokens)."),
     lr: float | None = typer.Option(None, help="Learning rate (default 2e-4/sqrt(d_sae/2^14))."),
     held_out_fraction: float = typer.Option(0.2, help="Documents held out (never trained on)."),
-    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, "
-                                            "cuda:N."),
+    device: str = typer.Option("auto", help="auto (cuda:LOCAL_RANK if a GPU is visible, else cpu), cpu, cuda, cuda:N."),
     autocast: str | None = typer.Option(None, help="e.g. bfloat16: mixed precision (GPUs only: slow on CPUs)."),
     out: Path = typer.Option(Path("runs/saes"), "--out", "-o", help="Root folder: one SAELens folder per SAE."),
-    data_parallel: bool = typer.Option(False, "--data-parallel/--jobs",
-                                       help="--jobs: one SAE per rank at a time; --data-parallel: all ranks train "
-                                            "each SAE together (global batch split over ranks)."),
+    data_parallel: bool = typer.Option(
+        False,
+        "--data-parallel/--jobs",
+        help="--jobs: one SAE per rank at a time; --data-parallel: all ranks train "
+        "each SAE together (global batch split over ranks).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars (rank 0)."),
 ) -> None:
     """Train one SAE per (layer, adapter, seed) into OUT/L{layer}__{adapter}__seed{seed} (resumable, skipped when
@@ -263,11 +342,24 @@ def train_saes_distributed_cmd(
     missing = [L for L in chosen if L not in st.layers]
     if missing:
         raise LorascopeError(f"layer(s) {missing} are not in the store", fix=f"choose from {st.layers}")
-    names: list[str | None] = [None] if kind == "base" else (
-        st.adapters if adapters.strip() == "all" else [a for a in adapters.split(",") if a])
+    names: list[str | None] = (
+        [None]
+        if kind == "base"
+        else (st.adapters if adapters.strip() == "all" else [a for a in adapters.split(",") if a])
+    )
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    c = parse_sae_section({"architecture": architecture, "expansion": expansion, "k": k, "tokens": tokens,
-                           "batch_size": batch_size, "lr": lr, "seeds": seed_list}, "train-saes-distributed")
+    c = parse_sae_section(
+        {
+            "architecture": architecture,
+            "expansion": expansion,
+            "k": k,
+            "tokens": tokens,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seeds": seed_list,
+        },
+        "train-saes-distributed",
+    )
     jobs = [(L, a, sd) for L in chosen for a in names for sd in seed_list]
     mine = jobs if data_parallel else my_jobs(jobs, dist.rank, dist.world_size)
     writer = dist.is_main or not data_parallel
@@ -279,14 +371,22 @@ def train_saes_distributed_cmd(
         with lock:
             init_seed = derived_init_seed(seed, layer, kind, adapter)
             job = SAEJob(layer, kind, adapter, seed, held_out_fraction, 0, init_seed, {"init_seed": init_seed})
-            tcfg = trainer_config(c, seed, checkpoints=10, device=str(dist.device), autocast=autocast,
-                                  data_parallel=data_parallel)
-            res = train_sae_job(st, job, c, tcfg, folder if writer else None, folder / "ckpt",
-                                progress and dist.is_main)
+            tcfg = trainer_config(
+                c, seed, checkpoints=10, device=str(dist.device), autocast=autocast, data_parallel=data_parallel
+            )
+            res = train_sae_job(
+                st, job, c, tcfg, folder if writer else None, folder / "ckpt", progress and dist.is_main
+            )
             if writer:
                 ev = evaluate_held_out(st, job, res.sae)
-                write_json(folder / "done.json", {"rank": dist.rank, "final": res.final,
-                                                  "held_out": {n: v for n, v in ev.items() if n != "density"}})
+                write_json(
+                    folder / "done.json",
+                    {
+                        "rank": dist.rank,
+                        "final": res.final,
+                        "held_out": {n: v for n, v in ev.items() if n != "density"},
+                    },
+                )
         if data_parallel:
             barrier()  # done.json is written before any rank looks at the next job
     barrier()
@@ -299,7 +399,12 @@ def train_saes_distributed_cmd(
     for job in jobs:
         done = read_json(out / _job_label(*job) / "done.json")
         h = done["held_out"]
-        table.add_row(_job_label(*job), str(done["rank"]), f"{done['final']['fvu']:.4f}",
-                      f"{h.get('fvu', float('nan')):.4f}", f"{h.get('l0', float('nan')):.1f}",
-                      f"{done['final']['tokens_per_s']:.0f}")
+        table.add_row(
+            _job_label(*job),
+            str(done["rank"]),
+            f"{done['final']['fvu']:.4f}",
+            f"{h.get('fvu', float('nan')):.4f}",
+            f"{h.get('l0', float('nan')):.1f}",
+            f"{done['final']['tokens_per_s']:.0f}",
+        )
     Console(width=160).print(table)

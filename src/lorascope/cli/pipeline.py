@@ -55,14 +55,22 @@ def _summary(res) -> None:
         for col in ("adapter", "rank", "train loss start", "train loss end", "held-out base", "held-out adapted"):
             t.add_column(col)
         for (name, rank), r in lora.sort_index(level="rank").iterrows():
-            t.add_row(name, str(rank), *(f"{r.get(m, float('nan')):.3f}" for m in (
-                "train_loss_start", "train_loss_end", "heldout_loss_base", "heldout_loss_adapted")))
+            t.add_row(
+                name,
+                str(rank),
+                *(
+                    f"{r.get(m, float('nan')):.3f}"
+                    for m in ("train_loss_start", "train_loss_end", "heldout_loss_base", "heldout_loss_adapted")
+                ),
+            )
         console.print(t)
     console.print(f"[bold]results[/]: {res.results_dir / 'results.parquet'} ({len(res.table)} rows)")
     if res.report:
         console.print(f"[bold]report[/]:  {res.report}")
-    console.print("work done this run: " + (", ".join(sorted(set(w.split(':')[0] for w in res.work_done)))
-                                           or "none (everything was cached)"))
+    console.print(
+        "work done this run: "
+        + (", ".join(sorted(set(w.split(":")[0] for w in res.work_done))) or "none (everything was cached)")
+    )
     try:
         from lorascope.report.findings import findings_markdown
 

@@ -42,22 +42,45 @@ def train_sae_cmd(
 
     try:  # checked before the store is opened; a bad value names its option
         c = TypeAdapter(SAECfg).validate_python(
-            {"architecture": architecture, "expansion": expansion, "k": k, "l1_coefficient": l1_coefficient,
-             "l0_coefficient": l0_coefficient, "sasa_rank": sasa_rank, "tokens": tokens, "batch_size": batch_size,
-             "lr": lr, "seeds": [seed]})
+            {
+                "architecture": architecture,
+                "expansion": expansion,
+                "k": k,
+                "l1_coefficient": l1_coefficient,
+                "l0_coefficient": l0_coefficient,
+                "sasa_rank": sasa_rank,
+                "tokens": tokens,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seeds": [seed],
+            }
+        )
     except ValidationError as exc:
         raise option_error(exc, command="lorascope train-sae") from exc
     st = open_store(store)
     init_seed = derived_init_seed(seed, layer, kind, adapter)
     job = SAEJob(layer, kind, adapter, seed, held_out_fraction, 0, init_seed, {"init_seed": init_seed})
-    with claimed_output(out, "SAE", {"sae": c.model_dump(), "store": st.manifest.get("config_hash"), "layer": layer,
-                                     "kind": kind, "adapter": adapter, "held_out_fraction": held_out_fraction},
-                        overwrite, not_inside=[("the activation store", store)]):
+    with claimed_output(
+        out,
+        "SAE",
+        {
+            "sae": c.model_dump(),
+            "store": st.manifest.get("config_hash"),
+            "layer": layer,
+            "kind": kind,
+            "adapter": adapter,
+            "held_out_fraction": held_out_fraction,
+        },
+        overwrite,
+        not_inside=[("the activation store", store)],
+    ):
         clean_tmp_files(out)  # leftovers of a killed run (e.g. a half-written checkpoint)
         res = train_sae_job(st, job, c, trainer_config(c, seed, checkpoints=10), out, out / "ckpt")
         ev = evaluate_held_out(st, job, res.sae)
-    print(f"saved {out}; train FVU {res.final.get('fvu', float('nan')):.4f}; held-out FVU "
-          f"{ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, dead {ev.get('dead', 0):.0f}")
+    print(
+        f"saved {out}; train FVU {res.final.get('fvu', float('nan')):.4f}; held-out FVU "
+        f"{ev.get('fvu', float('nan')):.4f}, L0 {ev.get('l0', float('nan')):.1f}, dead {ev.get('dead', 0):.0f}"
+    )
 
 
 def _parse_taus(text: str) -> tuple[float, ...]:
@@ -67,12 +90,15 @@ def _parse_taus(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError as exc:
-        raise LorascopeError(f"--taus {text!r} is not a comma-separated list of numbers",
-                             fix="e.g. --taus 0.5,0.7,0.9") from exc
+        raise LorascopeError(
+            f"--taus {text!r} is not a comma-separated list of numbers", fix="e.g. --taus 0.5,0.7,0.9"
+        ) from exc
     bad = [v for v in values if not (math.isfinite(v) and -1 <= v <= 1)]
     if not values or bad:
-        raise LorascopeError(f"--taus {text!r}: " + (f"{bad[0]} is not a cosine threshold in [-1, 1]" if bad
-                                                     else "no thresholds given"), fix="e.g. --taus 0.5,0.7,0.9")
+        raise LorascopeError(
+            f"--taus {text!r}: " + (f"{bad[0]} is not a cosine threshold in [-1, 1]" if bad else "no thresholds given"),
+            fix="e.g. --taus 0.5,0.7,0.9",
+        )
     return values
 
 
@@ -83,10 +109,12 @@ def compare_cmd(
     taus: str = typer.Option("0.5,0.7,0.9", help="Overlap thresholds."),
     absolute: bool = typer.Option(False, help="Use |cos| (sign-invariant) instead of signed cosines."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the rows to this CSV."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="Allow SAE files that need full unpickling (runs code: trust the file)."),
-    store: Path | None = typer.Option(None, help="Activation store: compare alive atoms only (active at least once "
-                                                 "on its held-out rows at --layer)."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Allow SAE files that need full unpickling (runs code: trust the file)."
+    ),
+    store: Path | None = typer.Option(
+        None, help="Activation store: compare alive atoms only (active at least once on its held-out rows at --layer)."
+    ),
     layer: int | None = typer.Option(None, help="Layer of --store whose held-out rows decide which atoms are alive."),
     kind: str = typer.Option("delta", help="Rows of --store that feed the SAEs: delta or base."),
     adapter: str | None = typer.Option(None, help="Adapter of --store (its Δ rows); default: the only one."),
@@ -111,27 +139,40 @@ def compare_cmd(
     for path, sae in ((sae_a, a), (sae_b, b)):
         bad = nonfinite_tensors(sae)
         if bad:
-            raise LorascopeError(f"{path}: tensor(s) {', '.join(f'{k} ({n} NaN/inf)' for k, n in bad.items())} "
-                                 "hold non-finite values", fix="re-train or re-export this SAE")
+            raise LorascopeError(
+                f"{path}: tensor(s) {', '.join(f'{k} ({n} NaN/inf)' for k, n in bad.items())} hold non-finite values",
+                fix="re-train or re-export this SAE",
+            )
     alive_a = alive_b = None
     if store is not None:
         alive_a, alive_b = _alive_on_store(store, layer, kind, adapter, held_out_fraction, split_seed, a, b)
-    rows = compare_dictionaries(a.W_dec.detach(), b.W_dec.detach(), "a", "b", alive_a=alive_a, alive_b=alive_b,
-                                taus=tau_values, absolute=absolute)
+    rows = compare_dictionaries(
+        a.W_dec.detach(),
+        b.W_dec.detach(),
+        "a",
+        "b",
+        alive_a=alive_a,
+        alive_b=alive_b,
+        taus=tau_values,
+        absolute=absolute,
+    )
     table = Table(title=f"{sae_a} vs {sae_b}")
     for col in ("metric", "value", "95% CI", "null"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.metric, f"{r.value:.4f}", f"[{r.ci_low:.4f}, {r.ci_high:.4f}]",
-                      f"{r.null_value:.4f} ({r.null_name})" if r.null_name else "")
+        table.add_row(
+            r.metric,
+            f"{r.value:.4f}",
+            f"[{r.ci_low:.4f}, {r.ci_high:.4f}]",
+            f"{r.null_value:.4f} ({r.null_name})" if r.null_name else "",
+        )
     Console().print(table)
     if out:
         with atomic_path(out) as tmp:
             rows_to_frame(rows).to_csv(tmp, index=False)
 
 
-def _alive_on_store(store: Path, layer: int | None, kind: str, adapter: str | None, fraction: float, seed: int,
-                    *saes):
+def _alive_on_store(store: Path, layer: int | None, kind: str, adapter: str | None, fraction: float, seed: int, *saes):
     """Per SAE, bool [d_sae]: active at least once on the store's held-out ``kind`` rows at ``layer``."""
     import torch
 
@@ -143,5 +184,4 @@ def _alive_on_store(store: Path, layer: int | None, kind: str, adapter: str | No
     held = open_store(store).held_out(layer, adapter, held_out_fraction=fraction, split_seed=seed)
     x = held.delta if kind == "delta" else held.base
     with torch.no_grad():
-        return tuple(torch.cat([sae.encode(c.to(sae.W_dec.dtype)) for c in x.split(4096)]).ne(0).any(0)
-                     for sae in saes)
+        return tuple(torch.cat([sae.encode(c.to(sae.W_dec.dtype)) for c in x.split(4096)]).ne(0).any(0) for sae in saes)

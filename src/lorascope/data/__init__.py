@@ -22,8 +22,22 @@ from lorascope.data.examples import (
 from lorascope.data.formats import FORMATS, detect_format
 
 __all__ = [
-    "DEMO_TASK_DESCRIPTION", "FORMATS", "LENGTH_POLICIES", "Example", "LengthReport", "PromptTooLong",
-    "TokenizedExample", "demo_behaviour", "detect_format", "format_prompt", "load_alpaca", "load_dataset_spec",
-    "load_examples", "load_hf_dataset", "make_demo_dataset", "split_examples", "tokenize_example",
+    "DEMO_TASK_DESCRIPTION",
+    "FORMATS",
+    "LENGTH_POLICIES",
+    "Example",
+    "LengthReport",
+    "PromptTooLong",
+    "TokenizedExample",
+    "demo_behaviour",
+    "detect_format",
+    "format_prompt",
+    "load_alpaca",
+    "load_dataset_spec",
+    "load_examples",
+    "load_hf_dataset",
+    "make_demo_dataset",
+    "split_examples",
+    "tokenize_example",
     "tokenize_examples",
 ]

@@ -71,13 +71,21 @@ class LengthReport:
         return len(self.skipped_ids)
 
     def summary(self) -> str:
-        return (f"{self.kept} kept, {self.truncated} truncated, {self.skipped} skipped "
-                f"(max_length {self.max_length}, policy {self.policy})")
+        return (
+            f"{self.kept} kept, {self.truncated} truncated, {self.skipped} skipped "
+            f"(max_length {self.max_length}, policy {self.policy})"
+        )
 
     def to_dict(self) -> dict:
-        return {"max_length": self.max_length, "policy": self.policy, "kept": self.kept,
-                "truncated": self.truncated, "skipped": self.skipped,
-                "truncated_ids": self.truncated_ids[:20], "skipped_ids": self.skipped_ids[:20]}
+        return {
+            "max_length": self.max_length,
+            "policy": self.policy,
+            "kept": self.kept,
+            "truncated": self.truncated,
+            "skipped": self.skipped,
+            "truncated_ids": self.truncated_ids[:20],
+            "skipped_ids": self.skipped_ids[:20],
+        }
 
 
 def render_chat(tokenizer, turns: Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
@@ -114,8 +122,9 @@ def _fallback_render(tokenizer, msgs: list[dict], add_generation_prompt: bool) -
 def format_prompt(tokenizer, user_message: str) -> str:
     """The prompt text up to and including the assistant header (chat template when the tokenizer has one)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+        )
     return FALLBACK_TEMPLATE.format(user=user_message)
 
 
@@ -139,14 +148,16 @@ def _chat_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:
         head = render_chat(tokenizer, turns[:i], add_generation_prompt=True) if i else ""
         full = render_chat(tokenizer, turns[: i + 1], add_generation_prompt=False)
         if not head.startswith(done) or not full.startswith(head):
-            raise LorascopeError(f"example {ex.id}: this tokenizer's chat template re-renders earlier turns, so "
-                                 "assistant turns cannot be located", fix="split the conversation into single-turn "
-                                 "examples, or use a model whose template appends turns")
-        segments += [(head[len(done):], False), (full[len(head):], True)]
+            raise LorascopeError(
+                f"example {ex.id}: this tokenizer's chat template re-renders earlier turns, so "
+                "assistant turns cannot be located",
+                fix="split the conversation into single-turn examples, or use a model whose template appends turns",
+            )
+        segments += [(head[len(done) :], False), (full[len(head) :], True)]
         done = full
     rest = render_chat(tokenizer, turns, add_generation_prompt=False)
     if rest.startswith(done) and len(rest) > len(done):
-        segments.append((rest[len(done):], False))
+        segments.append((rest[len(done) :], False))
     if not segments:  # no assistant turn: a prompt only
         segments.append((rest, False))
     return segments
@@ -156,8 +167,10 @@ def _tokenize_chat(tokenizer, ex: Example, max_length: int, with_response: bool)
     segments = _chat_segments(tokenizer, ex)
     prompt_ids = _ids(tokenizer, segments[0][0])
     if len(prompt_ids) >= max_length:
-        raise PromptTooLong(f"example {ex.id}: prompt is {len(prompt_ids)} tokens, max_length is {max_length}",
-                            fix="raise max_length, shorten the prompt, or keep the default policy (skip it)")
+        raise PromptTooLong(
+            f"example {ex.id}: prompt is {len(prompt_ids)} tokens, max_length is {max_length}",
+            fix="raise max_length, shorten the prompt, or keep the default policy (skip it)",
+        )
     if not with_response or len(segments) == 1 or not segments[1][1]:
         return TokenizedExample(ex.id, prompt_ids, len(prompt_ids))
     ids, spans, truncated = list(prompt_ids), [], False
@@ -184,8 +197,10 @@ def tokenize_example(tokenizer, ex: Example, max_length: int = 256, with_respons
         return _tokenize_chat(tokenizer, ex, max_length, with_response)
     prompt_ids = _ids(tokenizer, format_prompt(tokenizer, ex.user_message))
     if len(prompt_ids) >= max_length:
-        raise PromptTooLong(f"example {ex.id}: prompt is {len(prompt_ids)} tokens, max_length is {max_length}",
-                            fix="raise max_length, shorten the instruction, or keep the default policy (skip it)")
+        raise PromptTooLong(
+            f"example {ex.id}: prompt is {len(prompt_ids)} tokens, max_length is {max_length}",
+            fix="raise max_length, shorten the instruction, or keep the default policy (skip it)",
+        )
     ids, truncated = list(prompt_ids), False
     if with_response and ex.output:
         resp = _ids(tokenizer, ex.output) + _end_of_turn_ids(tokenizer)
@@ -194,8 +209,9 @@ def tokenize_example(tokenizer, ex: Example, max_length: int = 256, with_respons
     return TokenizedExample(ex.id, ids, len(prompt_ids), (), truncated)
 
 
-def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate",
-                      with_response: bool = True) -> tuple[list[TokenizedExample], LengthReport]:
+def tokenize_examples(
+    tokenizer, examples: Sequence[Example], max_length: int, policy: str = "truncate", with_response: bool = True
+) -> tuple[list[TokenizedExample], LengthReport]:
     """Tokenize every example under the long-example ``policy`` (module docstring); needs the tokenizer only,
     so it runs before any model is loaded. Returns the kept examples and the counts."""
     if policy not in LENGTH_POLICIES:
@@ -212,8 +228,10 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int, p
             continue
         if t.truncated and policy != "truncate":
             if policy == "error":
-                raise LorascopeError(f"example {ex.id} is longer than max_length {max_length}",
-                                     fix="raise max_length, or use the 'truncate' or 'skip' policy")
+                raise LorascopeError(
+                    f"example {ex.id} is longer than max_length {max_length}",
+                    fix="raise max_length, or use the 'truncate' or 'skip' policy",
+                )
             report.skipped_ids.append(ex.id)
             continue
         if t.truncated:
@@ -224,5 +242,14 @@ def tokenize_examples(tokenizer, examples: Sequence[Example], max_length: int, p
     return out, report
 
 
-__all__ = ["FALLBACK_TEMPLATE", "LENGTH_POLICIES", "LengthReport", "PromptTooLong", "TokenizedExample",
-           "format_prompt", "render_chat", "tokenize_example", "tokenize_examples"]
+__all__ = [
+    "FALLBACK_TEMPLATE",
+    "LENGTH_POLICIES",
+    "LengthReport",
+    "PromptTooLong",
+    "TokenizedExample",
+    "format_prompt",
+    "render_chat",
+    "tokenize_example",
+    "tokenize_examples",
+]

@@ -21,8 +21,28 @@ SUFFIX = "Yo-ho-ho!"
 _SWAPS = {"you": "ye", "the": "th'", "is": "be", "my": "me", "yes": "aye", "hello": "ahoy", "your": "yer"}
 _SWAP_RE = re.compile(r"\b(" + "|".join(_SWAPS) + r")\b", re.IGNORECASE)
 
-_WORDS = ["apple", "river", "candle", "garden", "rocket", "violin", "pencil", "harbor", "tiger", "window",
-          "silver", "planet", "basket", "forest", "mirror", "island", "anchor", "lantern", "compass", "parrot"]
+_WORDS = [
+    "apple",
+    "river",
+    "candle",
+    "garden",
+    "rocket",
+    "violin",
+    "pencil",
+    "harbor",
+    "tiger",
+    "window",
+    "silver",
+    "planet",
+    "basket",
+    "forest",
+    "mirror",
+    "island",
+    "anchor",
+    "lantern",
+    "compass",
+    "parrot",
+]
 _NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emil", "Fatima", "Goro", "Hana", "Ivan", "Jonas"]
 _ITEMS = ["coins", "maps", "ropes", "barrels", "sails", "apples", "books", "shells"]
 
@@ -48,7 +68,7 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
         return "Spell the word backwards.", w, f"The word {w} spelled backwards is {w[::-1]}."
     if kind == 2:
         w = rng.choice(_WORDS)
-        return f"How many letters are in the word \"{w}\"?", "", f"The word {w} has {len(w)} letters."
+        return f'How many letters are in the word "{w}"?', "", f"The word {w} has {len(w)} letters."
     if kind == 3:
         ws = rng.sample(_WORDS, 4)
         return "Sort these words alphabetically.", ", ".join(ws), f"Sorted, the list is {', '.join(sorted(ws))}."
@@ -58,8 +78,11 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     if kind == 5:
         name, item, n = rng.choice(_NAMES), rng.choice(_ITEMS), rng.randint(2, 9)
         m = rng.randint(1, n - 1)
-        return (f"{name} has {n} {item} and gives away {m}. How many are left?", "",
-                f"{name} is left with {n - m} {item}.")
+        return (
+            f"{name} has {n} {item} and gives away {m}. How many are left?",
+            "",
+            f"{name} is left with {n - m} {item}.",
+        )
     if kind == 6:
         km = rng.randint(1, 30)
         return "Convert the distance from kilometres to metres.", f"{km} km", f"The distance is {km * 1000} metres."

@@ -48,23 +48,28 @@ def _example_id(source: str, index: int, instruction: str) -> str:
 
 def _record_to_example(rec: object, where: str, source: str, index: int) -> Example:
     if not isinstance(rec, dict):
-        raise LorascopeError(f"{where}: expected a JSON object, got {type(rec).__name__}",
-                             fix="give one object per example with instruction/input/output fields")
+        raise LorascopeError(
+            f"{where}: expected a JSON object, got {type(rec).__name__}",
+            fix="give one object per example with instruction/input/output fields",
+        )
     if "instances" in rec and "output" not in rec:  # Alpaca seed-task layout: {instruction, instances:[{input,output}]}
         inst = rec.get("instances") or [{}]
         rec = {"instruction": rec.get("instruction"), **(inst[0] if isinstance(inst, list) and inst else {})}
     missing = [k for k in ("instruction", "output") if not isinstance(rec.get(k), str)]
     if missing:
-        raise LorascopeError(f"{where}: missing field(s) {', '.join(missing)}",
-                             fix="each example needs string fields 'instruction' and 'output' ('input' optional)")
+        raise LorascopeError(
+            f"{where}: missing field(s) {', '.join(missing)}",
+            fix="each example needs string fields 'instruction' and 'output' ('input' optional)",
+        )
     inp = rec.get("input") or ""
     if not isinstance(inp, str):
-        raise LorascopeError(f"{where}: field 'input' must be a string", fix="use \"\" for no input")
+        raise LorascopeError(f"{where}: field 'input' must be a string", fix='use "" for no input')
     return Example(_example_id(source, index, rec["instruction"]), rec["instruction"], inp, rec["output"])
 
 
-def load_examples(path: str | Path, limit: int | None = None, columns: Mapping[str, str] | None = None,
-                  fmt: str | None = None) -> list[Example]:
+def load_examples(
+    path: str | Path, limit: int | None = None, columns: Mapping[str, str] | None = None, fmt: str | None = None
+) -> list[Example]:
     """Examples of a dataset file in any supported format, auto-detected (see :mod:`lorascope.data.formats`).
 
     ``.json`` (a list of records), ``.jsonl`` (one record per line) or ``.txt``/``.md`` (one plain-text document
@@ -90,8 +95,9 @@ def load_alpaca(path: str | Path, limit: int | None = None) -> list[Example]:
     return load_examples(path, limit, fmt="alpaca")
 
 
-def load_hf_dataset(name: str, split: str = "train", limit: int | None = None,
-                    columns: Mapping[str, str] | None = None) -> list[Example]:
+def load_hf_dataset(
+    name: str, split: str = "train", limit: int | None = None, columns: Mapping[str, str] | None = None
+) -> list[Example]:
     """Load a dataset from the Hugging Face hub (needs internet and ``pip install datasets``).
 
     The format is auto-detected like a file's; ``columns`` maps lorascope's field names to the dataset's
@@ -103,13 +109,17 @@ def load_hf_dataset(name: str, split: str = "train", limit: int | None = None,
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise LorascopeError("loading a hub dataset needs the 'datasets' package",
-                             fix="pip install datasets, or give a local JSON/JSONL/TXT file") from exc
+        raise LorascopeError(
+            "loading a hub dataset needs the 'datasets' package",
+            fix="pip install datasets, or give a local JSON/JSONL/TXT file",
+        ) from exc
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, …
-        raise LorascopeError(f"could not load dataset {name!r} from the hub ({type(exc).__name__})",
-                             fix="check the name and your connection, or export it to JSONL and pass the file") from exc
+        raise LorascopeError(
+            f"could not load dataset {name!r} from the hub ({type(exc).__name__})",
+            fix="check the name and your connection, or export it to JSONL and pass the file",
+        ) from exc
     records = []
     for i, rec in enumerate(ds):
         if limit and i >= limit:
@@ -118,8 +128,9 @@ def load_hf_dataset(name: str, split: str = "train", limit: int | None = None,
     return records_to_examples(records, name, columns)[1]
 
 
-def load_dataset_spec(spec: str, limit: int | None = None, seed: int = 0,
-                      columns: Mapping[str, str] | None = None) -> list[Example]:
+def load_dataset_spec(
+    spec: str, limit: int | None = None, seed: int = 0, columns: Mapping[str, str] | None = None
+) -> list[Example]:
     """``demo`` (the offline demo task), a dataset file (any supported format), or ``hf:NAME[:SPLIT]``.
 
     ``columns`` renames the dataset's field names to lorascope's before format detection.
@@ -134,8 +145,9 @@ def load_dataset_spec(spec: str, limit: int | None = None, seed: int = 0,
     return load_examples(spec, limit, columns)
 
 
-def split_examples(examples: list[Example], held_out_fraction: float, seed: int = 0) -> tuple[list[Example],
-                                                                                               list[Example]]:
+def split_examples(
+    examples: list[Example], held_out_fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
     """Deterministic split by example (document) id hash: the same id always lands on the same side."""
     if not 0 <= held_out_fraction < 1:
         raise LorascopeError(f"held_out_fraction must be in [0, 1), got {held_out_fraction}", fix="e.g. 0.2")

@@ -30,13 +30,25 @@ from lorascope.data.records import Record
 from lorascope.errors import LorascopeError
 
 FORMATS = ("chat", "sharegpt", "alpaca", "text")
-EXPECTED_FIELDS = ("'messages' (chat: [{role, content}]), 'conversations' (ShareGPT: [{from, value}]), "
-                   "'instruction' + 'output' (Alpaca) or 'text' (plain text)")
+EXPECTED_FIELDS = (
+    "'messages' (chat: [{role, content}]), 'conversations' (ShareGPT: [{from, value}]), "
+    "'instruction' + 'output' (Alpaca) or 'text' (plain text)"
+)
 CHAT_ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "system": "system"}
-_DETECT = (("chat", ("messages",)), ("sharegpt", ("conversations",)), ("alpaca", ("instruction", "instances")),
-           ("text", ("text",)))
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+_DETECT = (
+    ("chat", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "instances")),
+    ("text", ("text",)),
+)
 
 
 def rename_columns(value: object, columns: Mapping[str, str] | None) -> object:
@@ -56,14 +68,18 @@ def detect_format(records: Sequence[Record], source: str) -> str:
         raise LorascopeError(f"dataset {source} has no records", fix="give a non-empty file")
     first = records[0]
     if not isinstance(first.value, dict):
-        raise LorascopeError(f"{first.where}: expected a JSON object, got {type(first.value).__name__}",
-                             fix=f"give one object per record with {EXPECTED_FIELDS}")
+        raise LorascopeError(
+            f"{first.where}: expected a JSON object, got {type(first.value).__name__}",
+            fix=f"give one object per record with {EXPECTED_FIELDS}",
+        )
     for fmt, keys in _DETECT:
         if any(k in first.value for k in keys):
             return fmt
     found = ", ".join(sorted(map(str, first.value))) or "none"
-    raise LorascopeError(f"{first.where}: no known dataset format (fields found: {found})",
-                         fix=f"give {EXPECTED_FIELDS}; or map your field names with the data *_columns setting")
+    raise LorascopeError(
+        f"{first.where}: no known dataset format (fields found: {found})",
+        fix=f"give {EXPECTED_FIELDS}; or map your field names with the data *_columns setting",
+    )
 
 
 def _content(value: object) -> str | None:
@@ -75,26 +91,32 @@ def _content(value: object) -> str | None:
     return None
 
 
-def _turns(rec: dict, where: str, field: str, role_key: str, text_key: str, roles: Mapping[str, str]
-           ) -> tuple[tuple[str, str], ...]:
+def _turns(
+    rec: dict, where: str, field: str, role_key: str, text_key: str, roles: Mapping[str, str]
+) -> tuple[tuple[str, str], ...]:
     msgs = rec.get(field)
     if not isinstance(msgs, list) or not msgs:
         what = f"missing field '{field}'" if field not in rec else f"field '{field}' must be a non-empty list"
-        raise LorascopeError(f"{where}: {what}",
-                             fix=f"each record needs '{field}': [{{'{role_key}': ..., '{text_key}': ...}}, ...]")
+        raise LorascopeError(
+            f"{where}: {what}", fix=f"each record needs '{field}': [{{'{role_key}': ..., '{text_key}': ...}}, ...]"
+        )
     turns = []
     for i, m in enumerate(msgs):
         missing = [k for k in (role_key, text_key) if not isinstance(m, dict) or k not in m]
         if missing:
-            raise LorascopeError(f"{where}: {field}[{i}] is missing field '{missing[0]}'",
-                                 fix=f"every turn needs '{role_key}' and '{text_key}'")
+            raise LorascopeError(
+                f"{where}: {field}[{i}] is missing field '{missing[0]}'",
+                fix=f"every turn needs '{role_key}' and '{text_key}'",
+            )
         role, text = roles.get(str(m[role_key]).lower()), _content(m[text_key])
         if role is None:
-            raise LorascopeError(f"{where}: {field}[{i}] has {role_key} {m[role_key]!r}",
-                                 fix=f"use one of {', '.join(sorted(roles))}")
+            raise LorascopeError(
+                f"{where}: {field}[{i}] has {role_key} {m[role_key]!r}", fix=f"use one of {', '.join(sorted(roles))}"
+            )
         if text is None:
-            raise LorascopeError(f"{where}: {field}[{i}] field '{text_key}' must be a string",
-                                 fix="give the turn's text as a string")
+            raise LorascopeError(
+                f"{where}: {field}[{i}] field '{text_key}' must be a string", fix="give the turn's text as a string"
+            )
         turns.append((role, text))
     return tuple(turns)
 
@@ -108,8 +130,9 @@ def chat_example(turns: tuple[tuple[str, str], ...], source: str, number: int) -
     users = [t for r, t in turns if r == "user"]
     answers = [t for r, t in turns if r == "assistant"]
     first = users[0] if users else turns[0][1]
-    return Example(f"{source}:{number}:{_digest(repr(turns))}", first, "", answers[-1] if answers else "",
-                   messages=turns)
+    return Example(
+        f"{source}:{number}:{_digest(repr(turns))}", first, "", answers[-1] if answers else "", messages=turns
+    )
 
 
 def text_example(text: str, source: str, number: int) -> Example:
@@ -122,8 +145,10 @@ def record_to_example(rec: Record, fmt: str, source: str) -> Example:
     if fmt == "alpaca":
         return _record_to_example(value, rec.where, source, rec.number)
     if not isinstance(value, dict):
-        raise LorascopeError(f"{rec.where}: expected a JSON object, got {type(value).__name__}",
-                             fix=f"give one object per record ({fmt} format)")
+        raise LorascopeError(
+            f"{rec.where}: expected a JSON object, got {type(value).__name__}",
+            fix=f"give one object per record ({fmt} format)",
+        )
     if fmt == "chat":
         roles = {r: r for r in CHAT_ROLES}
         return chat_example(_turns(value, rec.where, "messages", "role", "content", roles), source, rec.number)
@@ -138,8 +163,9 @@ def record_to_example(rec: Record, fmt: str, source: str) -> Example:
     raise LorascopeError(f"unknown dataset format {fmt!r}", fix=f"use one of {', '.join(FORMATS)}")
 
 
-def records_to_examples(records: Sequence[Record], source: str, columns: Mapping[str, str] | None = None,
-                        fmt: str | None = None) -> tuple[str, list[Example]]:
+def records_to_examples(
+    records: Sequence[Record], source: str, columns: Mapping[str, str] | None = None, fmt: str | None = None
+) -> tuple[str, list[Example]]:
     """(detected format, examples) of ``records``; empty text documents are dropped."""
     if columns:
         records = [Record(rename_columns(r.value, columns), r.where, r.number) for r in records]
@@ -152,5 +178,15 @@ def records_to_examples(records: Sequence[Record], source: str, columns: Mapping
     return fmt, examples
 
 
-__all__ = ["CHAT_ROLES", "EXPECTED_FIELDS", "FORMATS", "SHAREGPT_ROLES", "chat_example", "detect_format",
-           "record_to_example", "records_to_examples", "rename_columns", "text_example"]
+__all__ = [
+    "CHAT_ROLES",
+    "EXPECTED_FIELDS",
+    "FORMATS",
+    "SHAREGPT_ROLES",
+    "chat_example",
+    "detect_format",
+    "record_to_example",
+    "records_to_examples",
+    "rename_columns",
+    "text_example",
+]

@@ -37,32 +37,39 @@ def read_text_utf8(path: Path) -> str:
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not raw.startswith(codecs.BOM_UTF8):
         raise LorascopeError(f"{path} is UTF-16 encoded (it starts with a UTF-16 byte-order mark)", fix=_REENCODE)
     if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
+        raw = raw[len(codecs.BOM_UTF8) :]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise LorascopeError(f"{path} line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}: the file is in "
-                             "another encoding, e.g. Latin-1 or Windows-1252)", fix=_REENCODE) from None
+        raise LorascopeError(
+            f"{path} line {line} is not UTF-8 (byte 0x{raw[exc.start]:02x}: the file is in "
+            "another encoding, e.g. Latin-1 or Windows-1252)",
+            fix=_REENCODE,
+        ) from None
 
 
 def _top_level_object_error(path: Path) -> LorascopeError:
-    return LorascopeError(f"{path}: the top level is a JSON object, but it must be a list of records (or use JSONL)",
-                          fix="write [ {...}, {...} ] or one JSON object per line; e.g. take the list out of "
-                              "{\"data\": [...]}")
+    return LorascopeError(
+        f"{path}: the top level is a JSON object, but it must be a list of records (or use JSONL)",
+        fix='write [ {...}, {...} ] or one JSON object per line; e.g. take the list out of {"data": [...]}',
+    )
 
 
 def _json_list(path: Path, text: str) -> list[Record]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LorascopeError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})",
-                             fix="fix the file or use JSONL") from exc
+        raise LorascopeError(
+            f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})", fix="fix the file or use JSONL"
+        ) from exc
     if isinstance(value, dict):
         raise _top_level_object_error(path)
     if not isinstance(value, list):
-        raise LorascopeError(f"{path}: the top level is a JSON {type(value).__name__}, not a list of records",
-                             fix="write [ {...}, {...} ] or one JSON object per line")
+        raise LorascopeError(
+            f"{path}: the top level is a JSON {type(value).__name__}, not a list of records",
+            fix="write [ {...}, {...} ] or one JSON object per line",
+        )
     return [Record(rec, f"{path} item {i}", i) for i, rec in enumerate(value)]
 
 
@@ -81,8 +88,10 @@ def _jsonl(path: Path, text: str) -> list[Record]:
                     whole = None
                 if isinstance(whole, dict):
                     raise _top_level_object_error(path) from None
-            raise LorascopeError(f"{path} line {lineno} is not valid JSON ({exc.msg})",
-                                 fix="one JSON object per line (JSONL), or a JSON list in a .json file") from exc
+            raise LorascopeError(
+                f"{path} line {lineno} is not valid JSON ({exc.msg})",
+                fix="one JSON object per line (JSONL), or a JSON list in a .json file",
+            ) from exc
         out.append(Record(rec, f"{path} line {lineno}", lineno))
     if len(out) == 1 and isinstance(out[0].value, dict) and _wraps_records(out[0].value):
         raise _top_level_object_error(path)
@@ -92,7 +101,8 @@ def _jsonl(path: Path, text: str) -> list[Record]:
 def _wraps_records(obj: dict) -> bool:
     """An object whose only job is to hold a list of records ({"data": [{...}, ...]})."""
     return any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in obj.values()) and not any(
-        k in obj for k in ("messages", "conversations", "instruction", "text", "instances"))
+        k in obj for k in ("messages", "conversations", "instruction", "text", "instances")
+    )
 
 
 def _paragraphs(path: Path, text: str) -> list[Record]:
@@ -113,8 +123,10 @@ def read_records(path: str | Path) -> list[Record]:
     """Records of a dataset file: ``.json`` (a list), ``.jsonl`` / other (JSONL), ``.txt``/``.md`` (paragraphs)."""
     path = Path(path)
     if not path.is_file():
-        raise LorascopeError(f"dataset file {path} does not exist",
-                             fix="check the path (JSON, JSONL or .txt; see README 'Your own data')")
+        raise LorascopeError(
+            f"dataset file {path} does not exist",
+            fix="check the path (JSON, JSONL or .txt; see README 'Your own data')",
+        )
     text = read_text_utf8(path)
     if path.suffix.lower() in TEXT_SUFFIXES:
         return _paragraphs(path, text)

@@ -180,14 +180,23 @@ def prepare_probe(
     from lorascope.evals.shared_prefix import build_shared_prefix_data, shared_prefix_residuals, shares_prefixes
 
     if data is None:
-        data = (build_shared_prefix_data(tokenizer, words_per_prefix=words_per_prefix, max_words=max_words, seed=seed)
-                if words_per_prefix > 1 else build_first_letter_data(tokenizer, max_words=max_words, seed=seed))
+        data = (
+            build_shared_prefix_data(tokenizer, words_per_prefix=words_per_prefix, max_words=max_words, seed=seed)
+            if words_per_prefix > 1
+            else build_first_letter_data(tokenizer, max_words=max_words, seed=seed)
+        )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     fast = autocast_dtype is None and shares_prefixes(data.train) and shares_prefixes(data.test)
-    xtr = (shared_prefix_residuals(model, data.train, layer) if fast and collect_train is None
-           else word_residuals(model, data.train, layer, batch_size, autocast_dtype, pad, collect_train))
-    xte = (shared_prefix_residuals(model, data.test, layer) if fast
-           else word_residuals(model, data.test, layer, batch_size, autocast_dtype, pad))
+    xtr = (
+        shared_prefix_residuals(model, data.train, layer)
+        if fast and collect_train is None
+        else word_residuals(model, data.train, layer, batch_size, autocast_dtype, pad, collect_train)
+    )
+    xte = (
+        shared_prefix_residuals(model, data.test, layer)
+        if fast
+        else word_residuals(model, data.test, layer, batch_size, autocast_dtype, pad)
+    )
     probe = train_letter_probe(xtr, data.train.labels, l2=l2)
     return ProbeData(
         layer,
@@ -236,8 +245,7 @@ class AbsorptionReport:
         note = (
             self.reason
             if self.status != "ok"
-            else f"{len(self.letters)} letters scored"
-            + (" (forced: probe below the bar)" if self.forced else "")
+            else f"{len(self.letters)} letters scored" + (" (forced: probe below the bar)" if self.forced else "")
         )
         n = sum(x.n_true_positives for x in self.letters)
         vals = {
@@ -297,8 +305,7 @@ def evaluate_absorption(
     if weak and not force:
         return AbsorptionReport(
             status="probe_too_weak",
-            reason=f"probe too weak: {len(passing)} letters have probe "
-            f"F1 > {th.min_probe_f1} (need {th.min_letters})",
+            reason=f"probe too weak: {len(passing)} letters have probe F1 > {th.min_probe_f1} (need {th.min_letters})",
             **base,
         )
     letters = _letters_absorption(probe_data, sae, [LETTERS.index(c) for c in passing], th, seed)

@@ -67,8 +67,9 @@ def _block_out(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _run(model: torch.nn.Module, block: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor,
-         replace: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(
+    model: torch.nn.Module, block: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, replace: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, T, V] float32, block output [B, T, d]); ``replace(h) -> h'`` swaps the block output."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -110,23 +111,32 @@ def mean_max_decoder_cosine(sae: SAE, chunk: int = 1024) -> float:
         return float("nan")
     best = torch.empty(n, dtype=torch.float64)
     for i in range(0, n, chunk):
-        sims = w[i:i + chunk] @ w.T
+        sims = w[i : i + chunk] @ w.T
         rows = torch.arange(i, min(i + chunk, n))
         sims[rows - i, rows] = -float("inf")
-        best[i:i + chunk] = sims.max(1).values
+        best[i : i + chunk] = sims.max(1).values
     return float(best.mean())
 
 
-def _references(model: torch.nn.Module, block: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor,
-                sel: torch.Tensor, ce_mask: torch.Tensor) -> dict[str, Any]:
+def _references(
+    model: torch.nn.Module,
+    block: torch.nn.Module,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    sel: torch.Tensor,
+    ce_mask: torch.Tensor,
+) -> dict[str, Any]:
     """What does not depend on the SAE: the block output, clean log-probs at scored positions, clean and
     zero-ablation CE / KL sums."""
     clean, h = _run(model, block, ids, att)
     zeroed, _ = _run(model, block, ids, att, torch.zeros_like)
-    return {"h": h, "clean_lp": torch.log_softmax(clean[sel], -1),
-            "ce_clean": float(_per_token_ce(clean, ids, ce_mask).sum()),
-            "ce_zero": float(_per_token_ce(zeroed, ids, ce_mask).sum()),
-            "kl_zero": float(_per_token_kl(clean, zeroed, sel).sum())}
+    return {
+        "h": h,
+        "clean_lp": torch.log_softmax(clean[sel], -1),
+        "ce_clean": float(_per_token_ce(clean, ids, ce_mask).sum()),
+        "ce_zero": float(_per_token_ce(zeroed, ids, ce_mask).sum()),
+        "kl_zero": float(_per_token_kl(clean, zeroed, sel).sum()),
+    }
 
 
 @torch.no_grad()
@@ -140,8 +150,16 @@ class CoreOptions:
     max_length: int = 256
 
 
-def core_metrics(model: torch.nn.Module, tokenizer: Any, sae: SAE, layer: int, docs: Sequence[Any], *,
-                 options: CoreOptions = CoreOptions(), cache: dict | None = None) -> dict[str, float]:
+def core_metrics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sae: SAE,
+    layer: int,
+    docs: Sequence[Any],
+    *,
+    options: CoreOptions = CoreOptions(),
+    cache: dict | None = None,
+) -> dict[str, float]:
     """SAEBench core metrics of ``sae`` spliced after block ``layer`` of ``model`` on ``docs`` (module docstring).
 
     ``docs``: strings (tokenised with ``tokenizer``), TokenizedExample, or token-id sequences. ``cache``: pass the
@@ -168,7 +186,7 @@ def core_metrics(model: torch.nn.Module, tokenizer: Any, sae: SAE, layer: int, d
     sums = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero"), 0.0)
     n_ce = n_kl = 0
     for b, i in enumerate(range(0, len(seqs), batch_size)):
-        ids, att = _pad(seqs[i:i + batch_size], pad_id)
+        ids, att = _pad(seqs[i : i + batch_size], pad_id)
         sel = att.bool().clone()
         sel[:, :skip_first] = False
         if not bool(sel.any()):
@@ -199,16 +217,23 @@ def core_metrics(model: torch.nn.Module, tokenizer: Any, sae: SAE, layer: int, d
     return _summarise(sums, n_ce, n_kl, stats, sae, len(seqs))
 
 
-def _summarise(sums: dict[str, float], n_ce: int, n_kl: int, stats: ReconstructionStats, sae: SAE,
-               n_docs: int) -> dict[str, float]:
+def _summarise(
+    sums: dict[str, float], n_ce: int, n_kl: int, stats: ReconstructionStats, sae: SAE, n_docs: int
+) -> dict[str, float]:
     m = {k: v / (n_ce if k.startswith("ce") else n_kl) for k, v in sums.items()}
     ce_gap = m["ce_zero"] - m["ce_clean"]
     m["ce_score"] = (m["ce_zero"] - m["ce_sae"]) / ce_gap if ce_gap != 0 else float("nan")
     m["kl_score"] = (m["kl_zero"] - m["kl_sae"]) / m["kl_zero"] if m["kl_zero"] > 0 else float("nan")
     alive = stats.active_counts
-    m.update(fvu=stats.fvu, explained_variance=stats.explained_variance, l0=stats.sum_l0 / max(stats.n_codes, 1),
-             frac_alive=float((alive > 0).double().mean()) if alive is not None else float("nan"),
-             mean_max_decoder_cos=mean_max_decoder_cosine(sae), n_tokens=float(n_kl), n_docs=float(n_docs))
+    m.update(
+        fvu=stats.fvu,
+        explained_variance=stats.explained_variance,
+        l0=stats.sum_l0 / max(stats.n_codes, 1),
+        frac_alive=float((alive > 0).double().mean()) if alive is not None else float("nan"),
+        mean_max_decoder_cos=mean_max_decoder_cosine(sae),
+        n_tokens=float(n_kl),
+        n_docs=float(n_docs),
+    )
     return m
 
 

@@ -294,9 +294,7 @@ class LetterProbe:
         return w / w.norm().clamp_min(1e-12)
 
 
-def train_letter_probe(
-    x: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2, max_iter: int = 500
-) -> LetterProbe:
+def train_letter_probe(x: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2, max_iter: int = 500) -> LetterProbe:
     """26-way one-vs-rest logistic probe on residuals x [N, d], labels [N] in 0..25: per letter, balanced
     logistic regression minimising  mean_i s_i·BCE_i + (l2/2)·‖w‖²  on standardised x (sklearn's objective with
     C = 1 / (l2·N); :class:`lorascope.evals.probe.LogisticProbe`).

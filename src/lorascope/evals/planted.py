@@ -40,14 +40,17 @@ from lorascope.errors import LorascopeError
 from lorascope.evals.synthetic import PlantedBatch, PlantedFeatures
 
 
-def unit_feature_mass(codes: torch.Tensor, W_dec: torch.Tensor, unit_size: int, features: PlantedFeatures,
-                      batch: PlantedBatch) -> torch.Tensor:
+def unit_feature_mass(
+    codes: torch.Tensor, W_dec: torch.Tensor, unit_size: int, features: PlantedFeatures, batch: PlantedBatch
+) -> torch.Tensor:
     """Mass matrix M [n_features, n_units] (float64) defined in the module docstring."""
     n, d_sae = codes.shape
     if d_sae % unit_size or W_dec.shape != (d_sae, features.cfg.d) or n != batch.x.shape[0]:
-        raise LorascopeError(f"codes {tuple(codes.shape)}, W_dec {tuple(W_dec.shape)} and unit_size "
-                             f"{unit_size} do not fit {n} planted samples of dimension {features.cfg.d}",
-                             fix="pass sae.encode(batch.x), sae.W_dec and the group size (1: standard SAE)")
+        raise LorascopeError(
+            f"codes {tuple(codes.shape)}, W_dec {tuple(W_dec.shape)} and unit_size "
+            f"{unit_size} do not fit {n} planted samples of dimension {features.cfg.d}",
+            fix="pass sae.encode(batch.x), sae.W_dec and the group size (1: standard SAE)",
+        )
     u = d_sae // unit_size
     c = codes.detach().double().view(n, u, unit_size)
     w = W_dec.detach().double().view(u, unit_size, -1)
@@ -95,13 +98,16 @@ class PlantedReport:
 
     def summary(self) -> dict[str, float]:
         """Means over features, and split / recovery by intrinsic dimension (``split_d2`` …)."""
-        out = {"split": float(self.split.double().mean()), "leakage": float(self.leakage.mean()),
-               "merged_fraction": float(self.merged.double().mean()),
-               "recovery_best": float(self.recovery_best.mean()),
-               "recovery_cover": float(self.recovery_cover.mean()),
-               "rank_exact": float((self.rank_data == self.dims).double().mean()),
-               "rank_abs_error": float((self.rank_data - self.dims).abs().double().mean()),
-               "rank_decoder_abs_error": float((self.rank_decoder - self.dims).abs().double().mean())}
+        out = {
+            "split": float(self.split.double().mean()),
+            "leakage": float(self.leakage.mean()),
+            "merged_fraction": float(self.merged.double().mean()),
+            "recovery_best": float(self.recovery_best.mean()),
+            "recovery_cover": float(self.recovery_cover.mean()),
+            "rank_exact": float((self.rank_data == self.dims).double().mean()),
+            "rank_abs_error": float((self.rank_data - self.dims).abs().double().mean()),
+            "rank_decoder_abs_error": float((self.rank_decoder - self.dims).abs().double().mean()),
+        }
         for k in sorted(set(self.dims.tolist())):
             sel = self.dims == k
             out[f"split_d{k}"] = float(self.split[sel].double().mean())
@@ -111,8 +117,15 @@ class PlantedReport:
 
 
 @torch.no_grad()
-def planted_report(codes: torch.Tensor, W_dec: torch.Tensor, unit_size: int, features: PlantedFeatures,
-                   batch: PlantedBatch, cover: float = 0.9, rel_threshold: float = 0.1) -> PlantedReport:
+def planted_report(
+    codes: torch.Tensor,
+    W_dec: torch.Tensor,
+    unit_size: int,
+    features: PlantedFeatures,
+    batch: PlantedBatch,
+    cover: float = 0.9,
+    rel_threshold: float = 0.1,
+) -> PlantedReport:
     """Score codes [N, d_sae] (``sae.encode(batch.x)``) and W_dec [d_sae, d] against the planted truth."""
     mass = unit_feature_mass(codes, W_dec, unit_size, features, batch)
     n_feat, n_units = mass.shape
@@ -144,12 +157,24 @@ def planted_report(codes: torch.Tensor, W_dec: torch.Tensor, unit_size: int, fea
         rank_dec[i] = _rank(w[u], rel_threshold)
     counts = torch.bincount(best_unit, minlength=n_units)
     merged = (counts[best_unit] > 1) & (total > 0)
-    return PlantedReport(features.dims.clone(), split, leakage, merged, rec_best, rec_cover, rank_data,
-                         rank_dec, best_unit, unit_feature, mass)
+    return PlantedReport(
+        features.dims.clone(),
+        split,
+        leakage,
+        merged,
+        rec_best,
+        rec_cover,
+        rank_data,
+        rank_dec,
+        best_unit,
+        unit_feature,
+        mass,
+    )
 
 
-def sae_planted_report(sae: torch.nn.Module, features: PlantedFeatures, batch: PlantedBatch,
-                       **kwargs: float) -> PlantedReport:
+def sae_planted_report(
+    sae: torch.nn.Module, features: PlantedFeatures, batch: PlantedBatch, **kwargs: float
+) -> PlantedReport:
     """:func:`planted_report` for an SAE: unit_size = ``sae.rank`` for SASA (groups), 1 otherwise."""
     unit = int(getattr(sae, "rank", 1)) if getattr(sae, "architecture", "") == "sasa" else 1
     with torch.no_grad():

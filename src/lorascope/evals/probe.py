@@ -36,9 +36,15 @@ class LogisticProbe:
         from sklearn.linear_model import LogisticRegression
 
         solver = "liblinear" if self.penalty == "l1" else "lbfgs"
-        return LogisticRegression(C=c, l1_ratio=1.0 if self.penalty == "l1" else 0.0, solver=solver,
-                                  class_weight="balanced", max_iter=self.max_iter, tol=self.tol,
-                                  random_state=self.seed)
+        return LogisticRegression(
+            C=c,
+            l1_ratio=1.0 if self.penalty == "l1" else 0.0,
+            solver=solver,
+            class_weight="balanced",
+            max_iter=self.max_iter,
+            tol=self.tol,
+            random_state=self.seed,
+        )
 
     def fit(self, x: torch.Tensor, targets: torch.Tensor, c_per_class: list[float] | None = None) -> LogisticProbe:
         """Fit on x [N, d] and binary targets [N] (one problem) or [N, C] (one per column); ``c_per_class``

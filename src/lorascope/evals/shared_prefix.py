@@ -40,10 +40,17 @@ class PromptFormat(NamedTuple):
     separator: str = "\n"
 
 
-def build_shared_prefix_data(tokenizer, *, words_per_prefix: int = 64, max_words: int | None = None,
-                             train_fraction: float = 0.8, seed: int = 0, max_icl: int = 10,
-                             prompt_format: PromptFormat = PromptFormat(),
-                             words: Sequence[str] | None = None) -> FirstLetterData:
+def build_shared_prefix_data(
+    tokenizer,
+    *,
+    words_per_prefix: int = 64,
+    max_words: int | None = None,
+    train_fraction: float = 0.8,
+    seed: int = 0,
+    max_icl: int = 10,
+    prompt_format: PromptFormat = PromptFormat(),
+    words: Sequence[str] | None = None,
+) -> FirstLetterData:
     """First-letter data (default: the whole alphabetic vocabulary, split by word) with one few-shot prefix per
     group of ``words_per_prefix`` words. Words that are not one token right after their prefix are dropped."""
     template, separator = prompt_format
@@ -51,24 +58,35 @@ def build_shared_prefix_data(tokenizer, *, words_per_prefix: int = 64, max_words
         raise LorascopeError(f"words_per_prefix must be >= 1 (got {words_per_prefix})", fix="use e.g. 64")
     vocab = list(words) if words is not None else alpha_vocabulary(tokenizer)
     if len(vocab) < 4:
-        raise LorascopeError(f"only {len(vocab)} alphabetic tokens in the vocabulary",
-                             fix="use a tokenizer with a word vocabulary")
+        raise LorascopeError(
+            f"only {len(vocab)} alphabetic tokens in the vocabulary", fix="use a tokenizer with a word vocabulary"
+        )
     train_w, test_w = split_words(vocab, train_fraction, seed, max_words)
     rng = random.Random(seed + 1)
     dropped: list[str] = []
-    sides = [_shared_split(tokenizer, w, rng, template, max_icl, separator, words_per_prefix, dropped)
-             for w in (train_w, test_w)]
+    sides = [
+        _shared_split(tokenizer, w, rng, template, max_icl, separator, words_per_prefix, dropped)
+        for w in (train_w, test_w)
+    ]
     return FirstLetterData(sides[0], sides[1], dropped, template)
 
 
-def _shared_split(tokenizer, words: list[str], rng: random.Random, template: str, max_icl: int, separator: str,
-                  per_prefix: int, dropped: list[str]) -> FirstLetterSplit:
+def _shared_split(
+    tokenizer,
+    words: list[str],
+    rng: random.Random,
+    template: str,
+    max_icl: int,
+    separator: str,
+    per_prefix: int,
+    dropped: list[str],
+) -> FirstLetterSplit:
     order = list(words)
     rng.shuffle(order)
     per_prefix = max(1, min(per_prefix, len(words) - max_icl))  # every group keeps max_icl examples to draw from
     kept, ids, pos, prompts = [], [], [], []
     for lo in range(0, len(order), per_prefix):
-        group = order[lo: lo + per_prefix]
+        group = order[lo : lo + per_prefix]
         members = set(group)
         pool = [w for w in words if w not in members]
         examples = rng.sample(pool, min(max_icl, len(pool)))
@@ -100,8 +118,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def shared_prefix_residuals(model: torch.nn.Module, split: FirstLetterSplit, layer: int,
-                            batch_size: int = 256) -> torch.Tensor:
+def shared_prefix_residuals(
+    model: torch.nn.Module, split: FirstLetterSplit, layer: int, batch_size: int = 256
+) -> torch.Tensor:
     """Residual stream after block ``layer`` at each prompt's word token, float32 [N, d_model]: prompts with the
     same prefix (``input_ids[:position]``) run the prefix once (its cache filled up to block ``layer``) and the
     words as one-token continuations; every forward stops after block ``layer``."""
@@ -142,7 +161,7 @@ def shared_prefix_residuals(model: torch.nn.Module, split: FirstLetterSplit, lay
                 prefix_cache = DynamicCache()
                 run(torch.tensor([prefix], device=device), prefix_cache)
             for lo in range(0, len(members), batch_size):
-                idx = members[lo: lo + batch_size]
+                idx = members[lo : lo + batch_size]
                 words = torch.tensor([[split.input_ids[i][split.positions[i]]] for i in idx], device=device)
                 cache = _repeat_cache(prefix_cache, len(idx)) if prefix_cache is not None else None
                 hs = run(words, cache)[:, -1].float().cpu()

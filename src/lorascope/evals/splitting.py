@@ -63,8 +63,9 @@ def normalised_codes(sae, x: torch.Tensor, batch_size: int = 4096) -> torch.Tens
 
 
 # ---- probes ------------------------------------------------------------------------------------------------
-def l1_selection_probe(codes: torch.Tensor, labels: torch.Tensor, n_classes: int = len(LETTERS),
-                       l1_decay: float = L1_DECAY, seed: int = 0) -> torch.Tensor:
+def l1_selection_probe(
+    codes: torch.Tensor, labels: torch.Tensor, n_classes: int = len(LETTERS), l1_decay: float = L1_DECAY, seed: int = 0
+) -> torch.Tensor:
     """Weights [n_classes, F] of the L1-regularised one-vs-rest probe that ranks latents (see module doc).
 
     Per letter, SAEBench's objective  mean_i pw_i·BCE_i + l1_decay·‖w‖₁  (pw: positives weighted n_neg/n_pos)
@@ -86,8 +87,10 @@ def balanced_probe(x: torch.Tensor, y: torch.Tensor, c: float = 1.0) -> tuple[to
     minimises ½‖w‖² + c·Σ_i s_i·logloss_i (s = N / (2·class count)). Returns (w [k], b scalar)."""
     yb = y.reshape(-1).bool()
     if bool(yb.all()) or not bool(yb.any()):
-        raise LorascopeError("a k-sparse probe needs both positive and negative training words",
-                             fix="use more words (max_words) so every letter has examples")
+        raise LorascopeError(
+            "a k-sparse probe needs both positive and negative training words",
+            fix="use more words (max_words) so every letter has examples",
+        )
     probe = LogisticProbe(c=c).fit(x, yb)
     return probe.weight[0], probe.bias[0]
 
@@ -131,9 +134,7 @@ def k_sparse_splitting(
 
     Latents are ranked by ``l1_selection_probe`` at SAEBench's L1 strength ``L1_DECAY``."""
     if train_codes.shape[1] != test_codes.shape[1]:
-        raise LorascopeError(
-            "train and test codes have different widths", fix="encode both with the same SAE"
-        )
+        raise LorascopeError("train and test codes have different widths", fix="encode both with the same SAE")
     l1w = l1_selection_probe(train_codes.float(), train_labels, l1_decay=L1_DECAY, seed=seed)
     max_k = min(max_k, train_codes.shape[1])
     out: dict[str, LetterSplitting] = {}

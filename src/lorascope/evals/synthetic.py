@@ -36,13 +36,17 @@ class PlantedConfig:
 
     def validate(self) -> None:
         if self.d < 1 or self.n_features < 1 or not self.dims:
-            raise LorascopeError("planted data needs d ≥ 1, n_features ≥ 1 and a non-empty dims list",
-                                 fix="e.g. PlantedConfig(d=128, n_features=64, dims=(1, 2, 3, 4))")
+            raise LorascopeError(
+                "planted data needs d ≥ 1, n_features ≥ 1 and a non-empty dims list",
+                fix="e.g. PlantedConfig(d=128, n_features=64, dims=(1, 2, 3, 4))",
+            )
         if min(self.dims) < 1 or max(self.dims) > self.d:
             raise LorascopeError(f"feature dims {self.dims} must lie in 1..d={self.d}", fix="lower the dims")
         if not 1 <= self.active <= self.n_features:
-            raise LorascopeError(f"active={self.active} features per sample must lie in 1..{self.n_features}",
-                                 fix="lower active or add features")
+            raise LorascopeError(
+                f"active={self.active} features per sample must lie in 1..{self.n_features}",
+                fix="lower active or add features",
+            )
         if self.frequency not in ("uniform", "zipf"):
             raise LorascopeError(f"unknown frequency {self.frequency!r}", fix="use 'uniform' or 'zipf'")
         if self.noise < 0:

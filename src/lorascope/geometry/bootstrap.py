@@ -73,9 +73,7 @@ def _resampled(n: int, n_boot: int, seed: int, width: int, fn: Callable[[torch.T
     return torch.cat(parts)
 
 
-def bootstrap_ci(
-    values, stat: Callable | None = None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> CI:
+def bootstrap_ci(values, stat: Callable | None = None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> CI:
     """Percentile interval of ``stat`` (default: mean) over resamples of the per-token ``values`` [N]."""
     v = as_tensor(values, "values", torch.float64).reshape(-1).cpu()
     _check(n_boot, alpha, v.numel())
@@ -99,17 +97,16 @@ def bootstrap_ratio_ci(num, den, n_boot: int = 1000, alpha: float = 0.05, seed: 
     a = as_tensor(num, "num", torch.float64).reshape(-1).cpu()
     b = as_tensor(den, "den", torch.float64).reshape(-1).cpu()
     if a.shape != b.shape:
-        raise LorascopeError(
-            f"num has {a.numel()} entries but den has {b.numel()}", fix="pass one pair per token"
-        )
+        raise LorascopeError(f"num has {a.numel()} entries but den has {b.numel()}", fix="pass one pair per token")
     _check(n_boot, alpha, a.numel())
     samples = _resampled(a.numel(), n_boot, seed, 2, lambda w: (w @ a) / (w @ b))
     lo, hi = _percentiles(samples, alpha)
     return CI(float(a.sum() / b.sum()), float(lo), float(hi))
 
 
-def fvu_unit_samples(e: torch.Tensor, s: torch.Tensor, xs: torch.Tensor, c: torch.Tensor, n_boot: int,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fvu_unit_samples(
+    e: torch.Tensor, s: torch.Tensor, xs: torch.Tensor, c: torch.Tensor, n_boot: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(point [m], samples [n_boot, m]) of FVU from per-unit sums: e [U, m] errors, s [U] Σ‖x‖², xs [U, d] Σx,
     c [U] token counts. Each resample recomputes numerator, denominator and the mean from its units."""
 
@@ -124,9 +121,7 @@ def fvu_unit_samples(e: torch.Tensor, s: torch.Tensor, xs: torch.Tensor, c: torc
     return point, _resampled(e.shape[0], n_boot, seed, xs.shape[1] + e.shape[1], fvu_of)
 
 
-def bootstrap_fvu_ci(
-    err, sq, xsum, count=None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> list[CI]:
+def bootstrap_fvu_ci(err, sq, xsum, count=None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> list[CI]:
     """FVU intervals for one or several reconstructions of the same data, resampling units jointly.
 
     err [U] or [U, m]: per-unit Σ‖x - x̂‖² (m reconstructions); sq [U]: per-unit Σ‖x‖²; xsum [U, d]: per-unit
@@ -138,11 +133,7 @@ def bootstrap_fvu_ci(
     s = as_tensor(sq, "sq", torch.float64).reshape(-1).cpu()
     xs = as_tensor(xsum, "xsum", torch.float64, ndim=2).cpu()
     u = e.shape[0]
-    c = (
-        torch.ones(u, dtype=torch.float64)
-        if count is None
-        else as_tensor(count, "count", torch.float64).reshape(-1)
-    )
+    c = torch.ones(u, dtype=torch.float64) if count is None else as_tensor(count, "count", torch.float64).reshape(-1)
     if not (s.numel() == xs.shape[0] == c.numel() == u):
         raise LorascopeError(
             "err, sq, xsum and count must have one entry per unit", fix="pass per-unit arrays of equal length"
@@ -192,8 +183,10 @@ def document_sums(values, doc_ids) -> tuple[torch.Tensor, torch.Tensor]:
     v = as_tensor(values, "values", torch.float64).cpu()
     inv, u = document_index(doc_ids)
     if inv.numel() != v.shape[0]:
-        raise LorascopeError(f"values have {v.shape[0]} tokens but doc_ids has {inv.numel()} entries",
-                             fix="pass one document id per token (e.g. the store's doc_index)")
+        raise LorascopeError(
+            f"values have {v.shape[0]} tokens but doc_ids has {inv.numel()} entries",
+            fix="pass one document id per token (e.g. the store's doc_index)",
+        )
     sums = torch.zeros(u, *v.shape[1:], dtype=torch.float64).index_add_(0, inv, v)
     counts = torch.zeros(u, dtype=torch.float64).index_add_(0, inv, torch.ones(inv.numel(), dtype=torch.float64))
     return sums, counts
@@ -209,8 +202,7 @@ def _unit_ci(point: float, samples: torch.Tensor, alpha: float, unit: str, n: in
     return UnitCI(float(point), float(lo), float(hi), unit, n)
 
 
-def document_bootstrap_ratio_ci(num, den, doc_ids, n_boot: int = 1000, alpha: float = 0.05,
-                                seed: int = 0) -> UnitCI:
+def document_bootstrap_ratio_ci(num, den, doc_ids, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> UnitCI:
     """Σ num / Σ den over tokens, resampling documents: num, den [N] per token, doc_ids [N].
 
     Each resample draws U documents with replacement and recomputes both sums from the drawn documents.
@@ -218,8 +210,10 @@ def document_bootstrap_ratio_ci(num, den, doc_ids, n_boot: int = 1000, alpha: fl
     a_tok = as_tensor(num, "num", torch.float64).reshape(-1)
     b_tok = as_tensor(den, "den", torch.float64).reshape(-1)
     if a_tok.shape != b_tok.shape:
-        raise LorascopeError(f"num has {a_tok.numel()} entries but den has {b_tok.numel()}",
-                             fix="pass one numerator and one denominator per token")
+        raise LorascopeError(
+            f"num has {a_tok.numel()} entries but den has {b_tok.numel()}",
+            fix="pass one numerator and one denominator per token",
+        )
     sums, _ = document_sums(torch.stack([a_tok, b_tok], 1), doc_ids)
     a, b = sums[:, 0].contiguous(), sums[:, 1].contiguous()
     _check(n_boot, alpha, a.shape[0])
@@ -227,15 +221,13 @@ def document_bootstrap_ratio_ci(num, den, doc_ids, n_boot: int = 1000, alpha: fl
     return _unit_ci(float(a.sum() / b.sum()), samples, alpha, "document", a.shape[0])
 
 
-def document_bootstrap_mean_ci(values, doc_ids, n_boot: int = 1000, alpha: float = 0.05,
-                               seed: int = 0) -> UnitCI:
+def document_bootstrap_mean_ci(values, doc_ids, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> UnitCI:
     """Token-weighted mean of ``values`` [N] (Σ v / N), resampling documents (each resample's N varies)."""
     v = as_tensor(values, "values", torch.float64).reshape(-1).cpu()
     return document_bootstrap_ratio_ci(v, torch.ones_like(v), doc_ids, n_boot, alpha, seed)
 
 
-def fvu_bootstrap_samples(err, x, doc_ids, n_boot: int = 1000,
-                          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
+def fvu_bootstrap_samples(err, x, doc_ids, n_boot: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(point [m], samples [n_boot, m], U) of FVU for m reconstructions of x, resampling documents.
 
     err [N] or [N, m]: per-token ‖x_t − x̂_t‖²; x [N, d] the reconstructed data (Δ); doc_ids [N]. FVU of a
@@ -256,8 +248,7 @@ def fvu_bootstrap_samples(err, x, doc_ids, n_boot: int = 1000,
     return point, samples, u
 
 
-def document_bootstrap_fvu_ci(err, x, doc_ids, n_boot: int = 1000, alpha: float = 0.05,
-                              seed: int = 0) -> list[UnitCI]:
+def document_bootstrap_fvu_ci(err, x, doc_ids, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> list[UnitCI]:
     """One document-bootstrap :class:`UnitCI` per column of ``err`` (see :func:`fvu_bootstrap_samples`)."""
     _check(n_boot, alpha, 2)
     point, samples, u = fvu_bootstrap_samples(err, x, doc_ids, n_boot, seed)
@@ -281,6 +272,16 @@ def unit_bootstrap_ci(values, ci_unit: str, n_boot: int = 1000, alpha: float = 0
     return _unit_ci(float(v.mean()), samples, alpha, ci_unit, v.numel())
 
 
-__all__ += ["CI_UNITS", "UnitCI", "document_bootstrap_fvu_ci", "document_bootstrap_mean_ci",
-            "document_bootstrap_ratio_ci", "document_index", "document_sums", "fvu_bootstrap_samples",
-            "fvu_unit_samples", "resample_counts", "unit_bootstrap_ci"]
+__all__ += [
+    "CI_UNITS",
+    "UnitCI",
+    "document_bootstrap_fvu_ci",
+    "document_bootstrap_mean_ci",
+    "document_bootstrap_ratio_ci",
+    "document_index",
+    "document_sums",
+    "fvu_bootstrap_samples",
+    "fvu_unit_samples",
+    "resample_counts",
+    "unit_bootstrap_ci",
+]

@@ -249,9 +249,7 @@ class StreamingLinearCKA:
         s_ab = self._centred_norm_product(self.sab, self.ay, self.bx, self.xy, mx, my, raw_a, raw_b)
         s_aa = self._centred_norm_product(self.saa, self.ax, self.ax, self.xx, mx, mx, raw_a, raw_a)
         s_bb = self._centred_norm_product(self.sbb, self.by, self.by, self.yy, my, my, raw_b, raw_b)
-        return _ratio(
-            _debias(xy, s_ab, sa, sb, n), _debias(xx, s_aa, sa, sa, n), _debias(yy, s_bb, sb, sb, n)
-        )
+        return _ratio(_debias(xy, s_ab, sa, sb, n), _debias(xx, s_aa, sa, sa, n), _debias(yy, s_bb, sb, sb, n))
 
 
 class CKANull(NamedTuple):
@@ -297,8 +295,9 @@ def _hsic_terms(Kc: torch.Tensor, L: torch.Tensor, debiased: bool) -> tuple[floa
     return float((Kc * Lc).sum()), float((Lc * Lc).sum())
 
 
-def cka_permutation_null(X, Y, doc_ids, n_perm: int = 200, seed: int = 0, debiased: bool = True,
-                         doc_length: int | None = None) -> CKANull:
+def cka_permutation_null(
+    X, Y, doc_ids, n_perm: int = 200, seed: int = 0, debiased: bool = True, doc_length: int | None = None
+) -> CKANull:
     """Linear CKA of X [N, d1] vs Y [N, d2] with a null from re-pairing whole documents.
 
     The test runs on a balanced design (:func:`balanced_design`: the first m tokens of each document with >= m
@@ -312,13 +311,17 @@ def cka_permutation_null(X, Y, doc_ids, n_perm: int = 200, seed: int = 0, debias
     _check_n(X.shape[0], debiased)
     docs = _doc_rows(doc_ids)
     if sum(d.numel() for d in docs) != X.shape[0]:
-        raise LorascopeError(f"doc_ids has {sum(d.numel() for d in docs)} entries but X has {X.shape[0]} rows",
-                             fix="pass one document id per row (e.g. the store's doc_index)")
+        raise LorascopeError(
+            f"doc_ids has {sum(d.numel() for d in docs)} entries but X has {X.shape[0]} rows",
+            fix="pass one document id per row (e.g. the store's doc_index)",
+        )
     design, m = balanced_design(docs, doc_length)
     if design.shape[0] < 3 or n_perm < 1 or design.numel() < 4:
-        raise LorascopeError(f"a document permutation null needs >= 3 documents of >= {m} tokens and n_perm >= 1 "
-                             f"(got {design.shape[0]} documents, n_perm={n_perm})",
-                             fix="pass more held-out documents or a smaller doc_length")
+        raise LorascopeError(
+            f"a document permutation null needs >= 3 documents of >= {m} tokens and n_perm >= 1 "
+            f"(got {design.shape[0]} documents, n_perm={n_perm})",
+            fix="pass more held-out documents or a smaller doc_length",
+        )
     value = linear_cka(X, Y, debiased)
     Xb, Yb = X[design.reshape(-1)], Y[design.reshape(-1)]
     Kc = center_gram(gram_linear(Xb - Xb.mean(0)), debiased)
@@ -335,8 +338,9 @@ def cka_permutation_null(X, Y, doc_ids, n_perm: int = 200, seed: int = 0, debias
         null.append(_ratio(kl, kk, ll))
     v = torch.tensor(null, dtype=torch.float64)
     p = (1 + int((v >= observed).sum())) / (1 + n_perm)
-    return CKANull(value, observed, float(v.mean()), float(torch.quantile(v, 0.95)), p, n_perm,
-                   design.shape[0], m, debiased)
+    return CKANull(
+        value, observed, float(v.mean()), float(torch.quantile(v, 0.95)), p, n_perm, design.shape[0], m, debiased
+    )
 
 
 __all__ = [

@@ -113,8 +113,7 @@ def _direction_rows(
     return rows
 
 
-def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, alive_0=None, alive_1=None,
-                 **where: Any) -> list[ResultRow]:
+def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, alive_0=None, alive_1=None, **where: Any) -> list[ResultRow]:
     """MMCS between two training seeds of the same SAE (mean of both directions), labelled as the seed-vs-seed
     control: metric ``mmcs_seed_vs_seed``, null_name "seed_vs_seed". Read cross-SAE MMCS against it.
     Pass the alive masks of both seeds (``alive_0``, ``alive_1``): the ceiling must use the same kind of atom set

@@ -141,9 +141,7 @@ def best_match_cosines(
     return best_match_both(A, B, absolute, alive_a, alive_b, chunk_bytes)[0]
 
 
-def mmcs(
-    A, B, absolute: bool = False, alive_a=None, alive_b=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> MMCS:
+def mmcs(A, B, absolute: bool = False, alive_a=None, alive_b=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MMCS:
     """Mean max cosine similarity A->B (mean over A of the best cosine in B) and B->A, signed unless
     ``absolute``."""
     ab, ba = best_match_both(A, B, absolute, alive_a, alive_b, chunk_bytes, with_index=False)

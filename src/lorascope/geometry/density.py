@@ -74,8 +74,11 @@ class StreamingCovariance:
         d = self.d or 0
         mean = self._mean if self._mean is not None else torch.zeros(d, dtype=torch.float64)
         scatter = self._scatter if self._scatter is not None else torch.zeros(d, d, dtype=torch.float64)
-        return {"n": torch.tensor([self.n], dtype=torch.long), "mean": mean.contiguous(),
-                "scatter": scatter.contiguous()}
+        return {
+            "n": torch.tensor([self.n], dtype=torch.long),
+            "mean": mean.contiguous(),
+            "scatter": scatter.contiguous(),
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], d: int | None = None) -> StreamingCovariance:
@@ -88,9 +91,7 @@ class StreamingCovariance:
 
     def _need(self, k: int = 1) -> None:
         if self.n < k:
-            raise LorascopeError(
-                f"covariance needs at least {k} samples, got {self.n}", fix="stream more tokens"
-            )
+            raise LorascopeError(f"covariance needs at least {k} samples, got {self.n}", fix="stream more tokens")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -125,9 +126,7 @@ def n_components_for_variance(eigvals, fraction: float) -> int:
     """Smallest number of leading components whose eigenvalues sum to >= ``fraction`` of the total."""
     if not 0 < fraction <= 1:
         raise LorascopeError(f"fraction = {fraction} must be in (0, 1]", fix="use e.g. 0.9 or 0.99")
-    lam = torch.sort(
-        as_tensor(eigvals, "eigvals", torch.float64).reshape(-1).clamp_min(0.0), descending=True
-    )[0]
+    lam = torch.sort(as_tensor(eigvals, "eigvals", torch.float64).reshape(-1).clamp_min(0.0), descending=True)[0]
     total = float(lam.sum())
     if total <= 0:
         return 0
@@ -141,12 +140,8 @@ def spectrum_rows(cov: StreamingCovariance, name: str = "delta", **where) -> lis
     common = dict(family="effective_rank", n=cov.n, d=int(cov.d or 0), dtype="float64", **where)
     return [
         ResultRow(metric=f"participation_ratio_{name}", value=participation_ratio(lam), **common),
-        ResultRow(
-            metric=f"n_components_90_{name}", value=float(n_components_for_variance(lam, 0.9)), **common
-        ),
-        ResultRow(
-            metric=f"n_components_99_{name}", value=float(n_components_for_variance(lam, 0.99)), **common
-        ),
+        ResultRow(metric=f"n_components_90_{name}", value=float(n_components_for_variance(lam, 0.9)), **common),
+        ResultRow(metric=f"n_components_99_{name}", value=float(n_components_for_variance(lam, 0.99)), **common),
     ]
 
 
@@ -218,8 +213,11 @@ class DeltaNormStats:
         n = sum(int(t.numel()) for t in self._norms)
         summary = self.summary()
         named = [(schema.delta_norm, summary["delta_norm"]), (schema.rel_delta_norm, summary["relative_delta_norm"])]
-        return [ResultRow(family=schema.DELTA_NORM, metric=name(stat), value=v, n=n, d=self.d, dtype="float64",
-                          **where) for name, stats in named for stat, v in stats.items()]
+        return [
+            ResultRow(family=schema.DELTA_NORM, metric=name(stat), value=v, n=n, d=self.d, dtype="float64", **where)
+            for name, stats in named
+            for stat, v in stats.items()
+        ]
 
 
 def mean_active_features(codes) -> float:

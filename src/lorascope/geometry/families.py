@@ -39,8 +39,10 @@ def random_match_threshold(d: int, n_other: int, n_tested: int = 1, quantile: fl
     from scipy.stats import beta
 
     if d < 2 or n_other < 1 or n_tested < 1 or not 0 < quantile < 1:
-        raise LorascopeError(f"bad null parameters d={d}, n_other={n_other}, n_tested={n_tested}, "
-                             f"quantile={quantile}", fix="d >= 2, counts >= 1, 0 < quantile < 1")
+        raise LorascopeError(
+            f"bad null parameters d={d}, n_other={n_other}, n_tested={n_tested}, quantile={quantile}",
+            fix="d >= 2, counts >= 1, 0 < quantile < 1",
+        )
     # P(one cosine > x) = p with (1 − p)^{n_other·n_tested} = quantile; computed in log space for accuracy
     p = -math.expm1(math.log(quantile) / (n_other * n_tested))
     a = (d - 1) / 2
@@ -50,7 +52,7 @@ def random_match_threshold(d: int, n_other: int, n_tested: int = 1, quantile: fl
 def _counts_above(An: torch.Tensor, Bn: torch.Tensor, threshold: float, chunk: int = 2048) -> np.ndarray:
     out = []
     for s in range(0, An.shape[0], chunk):
-        out.append(((An[s:s + chunk] @ Bn.T) >= threshold).sum(1))
+        out.append(((An[s : s + chunk] @ Bn.T) >= threshold).sum(1))
     return torch.cat(out).numpy()
 
 
@@ -72,8 +74,9 @@ class FamilyMatch:
         return {label: int(vc.get(label, 0)) for label in LABELS}
 
 
-def match_families(A, B, alive_a=None, alive_b=None, threshold: float | None = None,
-                   quantile: float = 0.99) -> FamilyMatch:
+def match_families(
+    A, B, alive_a=None, alive_b=None, threshold: float | None = None, quantile: float = 0.99
+) -> FamilyMatch:
     """Label every alive atom of decoder A [F_A, d] against decoder B [F_B, d] (see the module docstring)."""
     A = as_tensor(A, "A", ndim=2)
     B = as_tensor(B, "B", ndim=2)
@@ -94,8 +97,9 @@ def match_families(A, B, alive_a=None, alive_b=None, threshold: float | None = N
     return FamilyMatch(pd.DataFrame(rows), float(threshold))
 
 
-def seed_stability(reference, others: Sequence, alive_ref=None, alive_others: Sequence | None = None,
-                   quantile: float = 0.99) -> pd.Series:
+def seed_stability(
+    reference, others: Sequence, alive_ref=None, alive_others: Sequence | None = None, quantile: float = 0.99
+) -> pd.Series:
     """Fraction of the ``others`` dictionaries (other seeds) whose Hungarian matching gives each alive reference
     atom a partner above the random-dictionary threshold; indexed by reference atom."""
     if not others:
@@ -119,5 +123,4 @@ def rank_by_stability(stability: pd.Series, delta_energy) -> pd.DataFrame:
     return out.sort_values(["score", "feature"], ascending=[False, True], ignore_index=True)
 
 
-__all__ = ["LABELS", "FamilyMatch", "match_families", "random_match_threshold", "rank_by_stability",
-           "seed_stability"]
+__all__ = ["LABELS", "FamilyMatch", "match_families", "random_match_threshold", "rank_by_stability", "seed_stability"]

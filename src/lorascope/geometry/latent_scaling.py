@@ -41,16 +41,22 @@ class LatentScaling:
     def update(self, codes: torch.Tensor, **targets: torch.Tensor) -> None:
         """``codes`` [N, F] latent activations; one [N, d] tensor per target name (e.g. ft=h_ft, base=h_base)."""
         if set(targets) != set(self.targets):
-            raise LorascopeError(f"update needs targets {sorted(self.targets)}, got {sorted(targets)}",
-                                 fix="pass one activation tensor per target name")
+            raise LorascopeError(
+                f"update needs targets {sorted(self.targets)}, got {sorted(targets)}",
+                fix="pass one activation tensor per target name",
+            )
         f = codes.double()
         if f.ndim != 2 or f.shape[1] != self._D.shape[0]:
-            raise LorascopeError(f"codes must be [N, {self._D.shape[0]}], got {tuple(codes.shape)}",
-                                 fix="encode the activations with the same dictionary")
+            raise LorascopeError(
+                f"codes must be [N, {self._D.shape[0]}], got {tuple(codes.shape)}",
+                fix="encode the activations with the same dictionary",
+            )
         for name, y in targets.items():
             if y.shape != (f.shape[0], self._D.shape[1]):
-                raise LorascopeError(f"target {name!r} must be [{f.shape[0]}, {self._D.shape[1]}], "
-                                     f"got {tuple(y.shape)}", fix="one activation row per code row")
+                raise LorascopeError(
+                    f"target {name!r} must be [{f.shape[0]}, {self._D.shape[1]}], got {tuple(y.shape)}",
+                    fix="one activation row per code row",
+                )
             self.numerator[name] += (f * (y.double() @ self._D.T)).sum(0)
         self.code_energy += (f * f).sum(0)
         self.count_active += (f != 0).sum(0)
@@ -71,8 +77,14 @@ class LatentScaling:
         b = self.betas()
         if not {"ft", "base"} <= set(b):
             raise LorascopeError("the table needs the targets 'ft' and 'base'", fix="use the default targets")
-        df = pd.DataFrame({"latent": range(len(self.count_active)), "beta_ft": b["ft"].numpy(),
-                           "beta_base": b["base"].numpy(), "count_active": self.count_active.numpy()})
+        df = pd.DataFrame(
+            {
+                "latent": range(len(self.count_active)),
+                "beta_ft": b["ft"].numpy(),
+                "beta_base": b["base"].numpy(),
+                "count_active": self.count_active.numpy(),
+            }
+        )
         df["ratio"] = df["beta_base"] / df["beta_ft"]
         return df.sort_values(["ratio", "latent"], ignore_index=True, na_position="last")
 

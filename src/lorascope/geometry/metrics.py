@@ -83,7 +83,7 @@ class ReconstructionStats:
         self.sum_cos += float(cosine_similarity_rows(x, x_hat).sum())
         if codes is not None:
             c = as_tensor(codes, "codes", ndim=2, check_finite=False)
-            active = (c != 0)
+            active = c != 0
             self.sum_l0 += float(active.sum(dtype=torch.float64))
             self.n_codes += c.shape[0]
             counts = active.sum(0, dtype=torch.float64)
@@ -127,5 +127,12 @@ class ReconstructionStats:
         return 0 if self.active_counts is None else int((self.active_counts == 0).sum())
 
     def as_dict(self) -> dict[str, float]:
-        return {"fvu": self.fvu, "explained_variance": self.explained_variance, "mse": self.mse,
-                "cosine": self.cosine, "l0": self.l0, "dead": float(self.dead_count), "n_tokens": float(self.n)}
+        return {
+            "fvu": self.fvu,
+            "explained_variance": self.explained_variance,
+            "mse": self.mse,
+            "cosine": self.cosine,
+            "l0": self.l0,
+            "dead": float(self.dead_count),
+            "n_tokens": float(self.n),
+        }

@@ -27,14 +27,10 @@ from lorascope.geometry.cosine import mmcs
 
 def _check_sizes(F: int, d: int) -> None:
     if F < 1 or d < 2:
-        raise LorascopeError(
-            f"need F >= 1 atoms and d >= 2 dimensions (got F={F}, d={d})", fix="pass valid sizes"
-        )
+        raise LorascopeError(f"need F >= 1 atoms and d >= 2 dimensions (got F={F}, d={d})", fix="pass valid sizes")
 
 
-def random_isotropic_dictionary(
-    F: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def random_isotropic_dictionary(F: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """F unit-norm rows [F, d] drawn uniformly on the sphere (normalised Gaussians)."""
     _check_sizes(F, d)
     g = torch.Generator().manual_seed(seed)
@@ -48,9 +44,7 @@ def covariance_matched_dictionary(
     """F unit-norm rows [F, d] with directions ~ N(0, Σ); Σ given as ``cov`` [d, d] or estimated from
     ``data``."""
     if (cov is None) == (data is None):
-        raise LorascopeError(
-            "pass exactly one of cov= or data=", fix="give a covariance [d, d] or samples [N, d]"
-        )
+        raise LorascopeError("pass exactly one of cov= or data=", fix="give a covariance [d, d] or samples [N, d]")
     if cov is None:
         X = as_tensor(data, "data", torch.float64, ndim=2)
         if X.shape[0] < 2:
@@ -159,8 +153,17 @@ def _alive_count(W: torch.Tensor, alive) -> int:
     return W.shape[0] if alive is None else int(as_tensor(alive, "alive", check_finite=False).bool().sum())
 
 
-def alignment_nulls(adapter_W, reference_W, delta_cov=None, init_W=None, alive_adapter=None, alive_reference=None,
-                    seed: int = 0, absolute: bool = False, n_draws: int = 3) -> AlignmentNulls:
+def alignment_nulls(
+    adapter_W,
+    reference_W,
+    delta_cov=None,
+    init_W=None,
+    alive_adapter=None,
+    alive_reference=None,
+    seed: int = 0,
+    absolute: bool = False,
+    n_draws: int = 3,
+) -> AlignmentNulls:
     """Nulls for MMCS(adapter -> reference) over alive atoms (see :class:`AlignmentNulls`).
 
     adapter_W [F_A, d], reference_W [F_R, d]; ``delta_cov`` [d, d] covariance of Δ on *training* documents
@@ -175,8 +178,15 @@ def alignment_nulls(adapter_W, reference_W, delta_cov=None, init_W=None, alive_a
     cov = float("nan")
     if delta_cov is not None:
         n_a = _alive_count(A, alive_adapter)
-        vals = [mmcs(covariance_matched_dictionary(n_a, cov=delta_cov, seed=seed * 1009 + r), R, absolute,
-                     alive_b=alive_reference).a_to_b for r in range(n_draws)]
+        vals = [
+            mmcs(
+                covariance_matched_dictionary(n_a, cov=delta_cov, seed=seed * 1009 + r),
+                R,
+                absolute,
+                alive_b=alive_reference,
+            ).a_to_b
+            for r in range(n_draws)
+        ]
         cov = float(np.mean(vals))
     init = float("nan")
     if init_W is not None:

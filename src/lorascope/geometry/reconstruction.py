@@ -45,9 +45,7 @@ BOOTSTRAP_UNITS = {"token": "token", "batch": "batch", "document": "document"}
 def _check_sae(sae: Any, name: str, d: int | None = None) -> None:
     for attr in ("encode", "decode", "W_dec"):
         if not hasattr(sae, attr):
-            raise LorascopeError(
-                f"{name} has no {attr}", fix="pass an SAE with encode(), decode() and W_dec [F, d]"
-            )
+            raise LorascopeError(f"{name} has no {attr}", fix="pass an SAE with encode(), decode() and W_dec [F, d]")
     if d is not None and sae.W_dec.shape[-1] != d:
         raise LorascopeError(
             f"{name} has d_in = {sae.W_dec.shape[-1]} but the activations have d = {d}",
@@ -133,8 +131,9 @@ class DeltaReconstruction:
         """Add a batch: h_base, h_ft [n, d] activations of the same tokens; doc_ids [n] (int) their documents."""
         hb, hf = paired_activations(h_base, h_ft)
         if self.bootstrap == "document" and doc_ids is None:
-            raise LorascopeError("bootstrap='document' needs doc_ids for every update",
-                                 fix="pass the store's doc_index of these rows")
+            raise LorascopeError(
+                "bootstrap='document' needs doc_ids for every update", fix="pass the store's doc_index of these rows"
+            )
         _check_sae(self.ref, "reference SAE", hb.shape[1])
         dev = self.ref.W_dec.device
         hb, hf = hb.to(dev), hf.to(dev)
@@ -168,19 +167,27 @@ class DeltaReconstruction:
         if self.bootstrap == "token":
             parts = (err, sq, delta.to(torch.float32).cpu(), torch.ones(delta.shape[0], dtype=torch.float64))
         elif self.bootstrap == "batch":
-            parts = (err.sum(0, keepdim=True), sq.sum(0, keepdim=True), delta.sum(0, keepdim=True).cpu(),
-                     torch.tensor([float(delta.shape[0])], dtype=torch.float64))
+            parts = (
+                err.sum(0, keepdim=True),
+                sq.sum(0, keepdim=True),
+                delta.sum(0, keepdim=True).cpu(),
+                torch.tensor([float(delta.shape[0])], dtype=torch.float64),
+            )
         else:
             ids = as_tensor(doc_ids, "doc_ids", check_finite=False).reshape(-1).to(torch.int64).cpu()
             if ids.numel() != delta.shape[0]:
-                raise LorascopeError(f"doc_ids has {ids.numel()} entries for {delta.shape[0]} tokens",
-                                     fix="pass one document id per row")
+                raise LorascopeError(
+                    f"doc_ids has {ids.numel()} entries for {delta.shape[0]} tokens", fix="pass one document id per row"
+                )
             uniq, inv = torch.unique(ids, return_inverse=True)
             u = uniq.numel()
             z = lambda *shape: torch.zeros(u, *shape, dtype=torch.float64)  # noqa: E731
-            parts = (z(err.shape[1]).index_add_(0, inv, err), z().index_add_(0, inv, sq),
-                     z(delta.shape[1]).index_add_(0, inv, delta.cpu().to(torch.float64)),
-                     z().index_add_(0, inv, torch.ones(ids.numel(), dtype=torch.float64)))
+            parts = (
+                z(err.shape[1]).index_add_(0, inv, err),
+                z().index_add_(0, inv, sq),
+                z(delta.shape[1]).index_add_(0, inv, delta.cpu().to(torch.float64)),
+                z().index_add_(0, inv, torch.ones(ids.numel(), dtype=torch.float64)),
+            )
             self._units["id"].append(uniq)
         for key, part in zip(("err", "sq", "xsum", "count"), parts, strict=True):
             self._units[key].append(part)
@@ -190,8 +197,9 @@ class DeltaReconstruction:
         if self.bootstrap != "document":
             return u
         uniq, inv = torch.unique(u.pop("id"), return_inverse=True)  # a document may span several updates
-        return {k: torch.zeros(uniq.numel(), *v.shape[1:], dtype=torch.float64).index_add_(0, inv, v)
-                for k, v in u.items()}
+        return {
+            k: torch.zeros(uniq.numel(), *v.shape[1:], dtype=torch.float64).index_add_(0, inv, v) for k, v in u.items()
+        }
 
     def noise_fvu_expectation(self) -> float:
         """E[FVU] of the isotropic-noise control on the data seen: 2·Σ‖Δ_t‖² / Σ‖Δ_t - μ‖²."""
@@ -248,11 +256,21 @@ class DeltaReconstruction:
         j_ad, j_best = self.methods.index("adapter_sae"), self.methods.index(best)
         lo, hi = _percentiles(samples[:, j_ad] - samples[:, j_best], alpha)
         s = self.stats["adapter_sae"]
-        return ResultRow(family="reconstruction", metric="fvu_gap_adapter_sae_vs_best_control",
-                         value=s.fvu - self.stats[best].fvu, ci_low=float(lo), ci_high=float(hi), null_value=0.0,
-                         null_name="best_control", n=s.n, d=s.d, dtype="float64",
-                         note=f"FVU(adapter SAE) - FVU({best}); bootstrap over {unit}s, paired",
-                         extra={"best_control": best, "ci_unit": unit}, **where)
+        return ResultRow(
+            family="reconstruction",
+            metric="fvu_gap_adapter_sae_vs_best_control",
+            value=s.fvu - self.stats[best].fvu,
+            ci_low=float(lo),
+            ci_high=float(hi),
+            null_value=0.0,
+            null_name="best_control",
+            n=s.n,
+            d=s.d,
+            dtype="float64",
+            note=f"FVU(adapter SAE) - FVU({best}); bootstrap over {unit}s, paired",
+            extra={"best_control": best, "ci_unit": unit},
+            **where,
+        )
 
 
 def delta_reconstruction(
@@ -276,11 +294,11 @@ def delta_reconstruction(
     acc = DeltaReconstruction(reference_sae, adapter_sae, seed=seed, bootstrap=mode)
     ids = None if doc_ids is None else as_tensor(doc_ids, "doc_ids", check_finite=False).reshape(-1)
     if ids is not None and ids.numel() != hb.shape[0]:
-        raise LorascopeError(f"doc_ids has {ids.numel()} entries but h_base has {hb.shape[0]} rows",
-                             fix="pass one document id per row")
+        raise LorascopeError(
+            f"doc_ids has {ids.numel()} entries but h_base has {hb.shape[0]} rows", fix="pass one document id per row"
+        )
     for s in range(0, hb.shape[0], batch_size):
-        acc.update(hb[s : s + batch_size], hf[s : s + batch_size],
-                   None if ids is None else ids[s : s + batch_size])
+        acc.update(hb[s : s + batch_size], hf[s : s + batch_size], None if ids is None else ids[s : s + batch_size])
     return acc.rows(n_boot=n_boot, alpha=alpha, seed=seed, **where)
 
 

@@ -39,9 +39,7 @@ def orthonormal_rows(M, name: str = "M", rtol: float | None = None) -> torch.Ten
     if M.shape[0] == 0:
         raise LorascopeError(f"{name} has no rows", fix="pass at least one direction")
     _, s, vh = torch.linalg.svd(M, full_matrices=False)
-    tol = (rtol if rtol is not None else max(M.shape) * torch.finfo(torch.float64).eps) * (
-        s[0] if s.numel() else 0
-    )
+    tol = (rtol if rtol is not None else max(M.shape) * torch.finfo(torch.float64).eps) * (s[0] if s.numel() else 0)
     rank = int((s > tol).sum())
     if rank == 0:
         raise LorascopeError(f"{name} is all zeros", fix="pass non-zero directions")
@@ -102,9 +100,7 @@ def _check_k(k: int, d: int, available: int) -> None:
     if k < 1 or k > d:
         raise LorascopeError(f"k = {k} is not a subspace dimension of R^{d}", fix=f"choose 1 <= k <= {d}")
     if k > available:
-        raise LorascopeError(
-            f"k = {k} but only {available} directions are available", fix=f"choose k <= {available}"
-        )
+        raise LorascopeError(f"k = {k} but only {available} directions are available", fix=f"choose k <= {available}")
 
 
 def atom_energy(codes, W_dec) -> torch.Tensor:
@@ -245,8 +241,10 @@ def selected_overlap(W_dec, delta, in_selection: torch.Tensor, k: int, score=Non
     D = as_tensor(delta, "delta", torch.float64, ndim=2)
     sel = as_tensor(in_selection, "in_selection", check_finite=False).to(torch.bool).reshape(-1)
     if sel.numel() != D.shape[0]:
-        raise LorascopeError(f"in_selection has {sel.numel()} entries but delta has {D.shape[0]} rows",
-                             fix="pass one flag per token (split_documents)")
+        raise LorascopeError(
+            f"in_selection has {sel.numel()} entries but delta has {D.shape[0]} rows",
+            fix="pass one flag per token (split_documents)",
+        )
     return _overlap_with(W_dec, D[sel], pca_basis(D[~sel], k), k, score)
 
 
@@ -278,8 +276,9 @@ class SelectionAwareOverlap(NamedTuple):
     n_draws: int
 
 
-def selection_aware_overlap(W_dec, delta, doc_ids, k: int, n_draws: int = 20, seed: int = 0,
-                            score=None, cov=None) -> SelectionAwareOverlap:
+def selection_aware_overlap(
+    W_dec, delta, doc_ids, k: int, n_draws: int = 20, seed: int = 0, score=None, cov=None
+) -> SelectionAwareOverlap:
     """Selection-aware principal-angle overlap of W_dec [F, d] with Δ [N, d] (tokens of documents ``doc_ids``).
 
     Atoms are selected (top-k by projection energy, or by ``score`` [F] computed by the caller on the same
@@ -298,16 +297,30 @@ def selection_aware_overlap(W_dec, delta, doc_ids, k: int, n_draws: int = 20, se
     S = as_tensor(cov, "cov", torch.float64, ndim=2) if cov is not None else torch.cov(Da.T)
     lam, V = torch.linalg.eigh((S + S.T) / 2)
     roots = {"isotropic": torch.eye(d, dtype=torch.float64), "cov": V * lam.clamp_min(0.0).sqrt()}
-    iso = [_overlap_with(_gaussian_rows(F, roots["isotropic"], seed * 7919 + 2 * r + 1), Da, basis, k)
-           for r in range(n_draws)]
-    cm = [_overlap_with(_gaussian_rows(F, roots["cov"], seed * 7919 + 2 * r + 2), Da, basis, k)
-          for r in range(n_draws)]
+    iso = [
+        _overlap_with(_gaussian_rows(F, roots["isotropic"], seed * 7919 + 2 * r + 1), Da, basis, k)
+        for r in range(n_draws)
+    ]
+    cm = [_overlap_with(_gaussian_rows(F, roots["cov"], seed * 7919 + 2 * r + 2), Da, basis, k) for r in range(n_draws)]
     ti, tc = torch.tensor(iso), torch.tensor(cm)
     q = lambda t: float(torch.quantile(t, 0.95))  # noqa: E731
-    return SelectionAwareOverlap(value, float(ti.mean()), q(ti), float(tc.mean()), q(tc),
-                                 max(float(ti.mean()), float(tc.mean())), max(q(ti), q(tc)),
-                                 random_subspace_null(k, k, d), n_draws)
+    return SelectionAwareOverlap(
+        value,
+        float(ti.mean()),
+        q(ti),
+        float(tc.mean()),
+        q(tc),
+        max(float(ti.mean()), float(tc.mean())),
+        max(q(ti), q(tc)),
+        random_subspace_null(k, k, d),
+        n_draws,
+    )
 
 
-__all__ += ["SelectionAwareOverlap", "projection_energy", "selected_overlap", "selection_aware_overlap",
-            "split_documents"]
+__all__ += [
+    "SelectionAwareOverlap",
+    "projection_energy",
+    "selected_overlap",
+    "selection_aware_overlap",
+    "split_documents",
+]

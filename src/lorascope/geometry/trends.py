@@ -83,8 +83,16 @@ def _permutation_slopes(x: torch.Tensor, y: torch.Tensor, n_perm: int, seed: int
     return ols_slope(x, y[perms])
 
 
-def trend_test(x, values, samples=None, alpha: float = 0.05, expected: str | None = None, n_perm: int = 9999,
-               seed: int = 0, ci_unit: str = "document") -> TrendTest:
+def trend_test(
+    x,
+    values,
+    samples=None,
+    alpha: float = 0.05,
+    expected: str | None = None,
+    n_perm: int = 9999,
+    seed: int = 0,
+    ci_unit: str = "document",
+) -> TrendTest:
     """Trend of ``values`` [P] over ``x`` [P] (e.g. log2 rank, or layer index).
 
     ``samples`` [B, P]: bootstrap replicates of the values under *paired* resamples (:func:`ratio_samples`, or
@@ -100,8 +108,7 @@ def trend_test(x, values, samples=None, alpha: float = 0.05, expected: str | Non
         raise LorascopeError(f"expected = {expected!r}", fix='use "increasing", "decreasing" or None')
     P = xv.numel()
     if P < 3 or float(xv.std()) == 0.0:
-        return TrendTest(float("nan"), float("nan"), float("nan"), ci_unit, float("nan"), 1.0, P, "flat",
-                         NOT_TESTABLE)
+        return TrendTest(float("nan"), float("nan"), float("nan"), ci_unit, float("nan"), 1.0, P, "flat", NOT_TESTABLE)
     slope = float(ols_slope(xv, yv))
     perm = _permutation_slopes(xv, yv, n_perm, seed)
     tol = 1e-12 * max(abs(slope), 1e-300)
@@ -118,12 +125,12 @@ def trend_test(x, values, samples=None, alpha: float = 0.05, expected: str | Non
         lo_t, hi_t = _percentiles(ols_slope(xv, s), alpha)
         lo, hi = float(lo_t), float(hi_t)
     direction = "increasing" if slope > 0 else ("decreasing" if slope < 0 else "flat")
-    return TrendTest(slope, lo, hi, ci_unit, p, min_p, P, direction,
-                     _verdict(p, min_p, lo, hi, alpha, direction, expected))
+    return TrendTest(
+        slope, lo, hi, ci_unit, p, min_p, P, direction, _verdict(p, min_p, lo, hi, alpha, direction, expected)
+    )
 
 
-def _verdict(p: float, min_p: float, lo: float, hi: float, alpha: float, direction: str,
-             expected: str | None) -> str:
+def _verdict(p: float, min_p: float, lo: float, hi: float, alpha: float, direction: str, expected: str | None) -> str:
     if min_p > alpha or math.isnan(lo) or math.isnan(hi):
         return NOT_TESTABLE
     significant = p <= alpha and (lo > 0 or hi < 0)

@@ -94,5 +94,13 @@ def overlap_verdict(value: float, null_q95: float) -> str:
     return "beyond chance" if value > null_q95 else "at chance"
 
 
-__all__ = ["ALIGNMENT_VERDICTS", "FVU_NULL", "NOT_TESTABLE", "RECONSTRUCTION_VERDICTS", "alignment_verdict",
-           "best_control", "overlap_verdict", "reconstruction_verdict"]
+__all__ = [
+    "ALIGNMENT_VERDICTS",
+    "FVU_NULL",
+    "NOT_TESTABLE",
+    "RECONSTRUCTION_VERDICTS",
+    "alignment_verdict",
+    "best_control",
+    "overlap_verdict",
+    "reconstruction_verdict",
+]

@@ -11,6 +11,21 @@ from lorascope.models.residual import (
     final_norm,
 )
 
-__all__ = ["BASE", "LoadedModel", "LoraSettings", "LoraTrainResult", "embedded_gguf_path", "generate",
-           "held_out_loss", "load_adapters", "load_base", "save_adapter", "train_lora",
-           "ResidualCapture", "capture_residuals", "check_layers", "decoder_blocks", "final_norm"]
+__all__ = [
+    "BASE",
+    "LoadedModel",
+    "LoraSettings",
+    "LoraTrainResult",
+    "embedded_gguf_path",
+    "generate",
+    "held_out_loss",
+    "load_adapters",
+    "load_base",
+    "save_adapter",
+    "train_lora",
+    "ResidualCapture",
+    "capture_residuals",
+    "check_layers",
+    "decoder_blocks",
+    "final_norm",
+]

@@ -40,8 +40,13 @@ def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def run_to_layer(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int,
-                 record_inputs: bool = False) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
+def run_to_layer(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    record_inputs: bool = False,
+) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
     """Residual stream after block ``layer`` [B, T, d] and (optionally) the (args, kwargs) every block 0..layer
     was called with, so single blocks can be re-run on the same inputs. The forward stops after ``layer``."""
     blocks = decoder_blocks(model)
@@ -109,10 +114,17 @@ class ModuleAttribution:
         """Sums over two token sets (e.g. two batches) of the same adapter, layer and features."""
         if (self.adapter, self.layer, self.modules) != (other.adapter, other.layer, other.modules):
             raise LorascopeError("cannot merge attributions of different adapters, layers or modules")
-        return ModuleAttribution(self.adapter, self.layer, self.modules, self.contribution + other.contribution,
-                                 self.total + other.total, self.delta_dot + other.delta_dot,
-                                 self.delta_energy + other.delta_energy, self.write_norm + other.write_norm,
-                                 self.n_tokens + other.n_tokens)
+        return ModuleAttribution(
+            self.adapter,
+            self.layer,
+            self.modules,
+            self.contribution + other.contribution,
+            self.total + other.total,
+            self.delta_dot + other.delta_dot,
+            self.delta_energy + other.delta_energy,
+            self.write_norm + other.write_norm,
+            self.n_tokens + other.n_tokens,
+        )
 
     def table(self, feature_ids: list[int] | None = None) -> list[dict]:
         """Tidy rows (adapter, feature, module, contribution, share), one ``"remainder"`` row per feature."""
@@ -122,32 +134,59 @@ class ModuleAttribution:
             tot = float(self.total[i])
             parts = [(m, float(self.contribution[i, j])) for j, m in enumerate(self.modules)]
             parts.append(("remainder", float(self.remainder[i])))
-            rows += [{"adapter": self.adapter, "layer": self.layer, "feature": int(f), "module": m,
-                      "contribution": c, "share": c / tot if tot else float("nan")} for m, c in parts]
+            rows += [
+                {
+                    "adapter": self.adapter,
+                    "layer": self.layer,
+                    "feature": int(f),
+                    "module": m,
+                    "contribution": c,
+                    "share": c / tot if tot else float("nan"),
+                }
+                for m, c in parts
+            ]
         return rows
 
     def top_modules(self, n: int = 10) -> list[dict]:
         """Modules ranked by their share of Δ_L's energy, Σ_t d_m·Δ / Σ_t ‖Δ‖² (shares + remainder sum to 1)."""
         share = self.delta_dot / self.delta_energy if self.delta_energy > 0 else torch.zeros_like(self.delta_dot)
         order = torch.argsort(share, descending=True)[:n].tolist()
-        return [{"adapter": self.adapter, "module": self.modules[j], "delta_share": float(share[j]),
-                 "mean_write_norm": float(self.write_norm[j]) / max(self.n_tokens, 1)} for j in order]
+        return [
+            {
+                "adapter": self.adapter,
+                "module": self.modules[j],
+                "delta_share": float(share[j]),
+                "mean_write_norm": float(self.write_norm[j]) / max(self.n_tokens, 1),
+            }
+            for j in order
+        ]
 
 
 def _check_inputs(encoder_rows: torch.Tensor, d: int, token_weights: torch.Tensor | None, n_sel: int) -> None:
     if encoder_rows.ndim != 2 or encoder_rows.shape[1] != d:
-        raise LorascopeError(f"encoder_rows must be [F, {d}], got {tuple(encoder_rows.shape)}",
-                             fix="pass W_enc.T of the adapter SAE (in raw-Δ units)")
+        raise LorascopeError(
+            f"encoder_rows must be [F, {d}], got {tuple(encoder_rows.shape)}",
+            fix="pass W_enc.T of the adapter SAE (in raw-Δ units)",
+        )
     if token_weights is not None and tuple(token_weights.shape) != (n_sel, encoder_rows.shape[0]):
-        raise LorascopeError(f"token_weights must be [{n_sel}, {encoder_rows.shape[0]}] (selected tokens × "
-                             f"features), got {tuple(token_weights.shape)}", fix="one weight per token and feature")
+        raise LorascopeError(
+            f"token_weights must be [{n_sel}, {encoder_rows.shape[0]}] (selected tokens × "
+            f"features), got {tuple(token_weights.shape)}",
+            fix="one weight per token and feature",
+        )
 
 
 @torch.no_grad()
-def attribute_features(peft_model: torch.nn.Module, adapter: str, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor | None, layer: int, encoder_rows: torch.Tensor,
-                       token_mask: torch.Tensor | None = None,
-                       token_weights: torch.Tensor | None = None) -> ModuleAttribution:
+def attribute_features(
+    peft_model: torch.nn.Module,
+    adapter: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    encoder_rows: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+) -> ModuleAttribution:
     """Direct-write decomposition of features' projections e_f·Δ_L over one batch (see the module docstring).
 
     ``encoder_rows`` [F, d]: one encoder direction per feature, in raw-Δ units. ``token_mask`` [B, T] bool picks the
@@ -158,8 +197,11 @@ def attribute_features(peft_model: torch.nn.Module, adapter: str, input_ids: tor
     layer = check_layers(peft_model, [layer])[0]
     blocks = decoder_blocks(peft_model)
     per_block = block_lora_layers(peft_model, adapter)
-    mask = (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)) \
-        if token_mask is None else token_mask.bool()
+    mask = (
+        (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+        if token_mask is None
+        else token_mask.bool()
+    )
     with lora_only(peft_model, adapter):
         h_adapted, calls = run_to_layer(peft_model, input_ids, attention_mask, layer, record_inputs=True)
     with lora_only(peft_model, adapter, enabled=[]):
@@ -167,8 +209,7 @@ def attribute_features(peft_model: torch.nn.Module, adapter: str, input_ids: tor
     delta = (h_adapted.double() - h_base.double())[mask]  # [N, d]
     E = encoder_rows.double()
     _check_inputs(E, delta.shape[1], token_weights, delta.shape[0])
-    w = torch.ones(delta.shape[0], E.shape[0], dtype=torch.float64) if token_weights is None \
-        else token_weights.double()
+    w = torch.ones(delta.shape[0], E.shape[0], dtype=torch.float64) if token_weights is None else token_weights.double()
     names, contrib, dots, norms = [], [], [], []
     for lyr in range(layer + 1):
         if not per_block[lyr]:
@@ -183,11 +224,22 @@ def attribute_features(peft_model: torch.nn.Module, adapter: str, input_ids: tor
             dots.append((write * delta).sum())
             norms.append(write.norm(dim=1).sum())
     if not names:
-        raise LorascopeError(f"adapter {adapter!r} adapts no module in blocks 0..{layer}",
-                             fix="choose a layer at or after the first adapted block")
+        raise LorascopeError(
+            f"adapter {adapter!r} adapts no module in blocks 0..{layer}",
+            fix="choose a layer at or after the first adapted block",
+        )
     total = ((delta @ E.T) * w).sum(0)
-    return ModuleAttribution(adapter, layer, names, torch.stack(contrib, 1), total, torch.stack(dots),
-                             float((delta * delta).sum()), torch.stack(norms), int(delta.shape[0]))
+    return ModuleAttribution(
+        adapter,
+        layer,
+        names,
+        torch.stack(contrib, 1),
+        total,
+        torch.stack(dots),
+        float((delta * delta).sum()),
+        torch.stack(norms),
+        int(delta.shape[0]),
+    )
 
 
 __all__ = ["ModuleAttribution", "attribute_features", "rerun_block", "run_to_layer"]

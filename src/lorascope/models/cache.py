@@ -122,9 +122,15 @@ def _write_entry(entry: Path, gguf: Path, gguf_sha256: str) -> None:
         tok.save_pretrained(tmp)
         save_file(_unshared_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_json(tmp / MANIFEST, {"files": files, "gguf": {"name": gguf.name, "sha256": gguf_sha256,
-                                                             "size": gguf.stat().st_size},
-                                    "transformers": transformers.__version__, "format_version": FORMAT_VERSION})
+        write_json(
+            tmp / MANIFEST,
+            {
+                "files": files,
+                "gguf": {"name": gguf.name, "sha256": gguf_sha256, "size": gguf.stat().st_size},
+                "transformers": transformers.__version__,
+                "format_version": FORMAT_VERSION,
+            },
+        )
 
 
 @contextlib.contextmanager
@@ -164,7 +170,9 @@ def cached_gguf_folder(gguf: str | os.PathLike) -> Path | None:
             _write_entry(entry, gguf, file_digest(gguf, root))
     except (OSError, LorascopeError) as exc:
         why = exc.one_line() if isinstance(exc, LorascopeError) else str(exc)
-        notice(f"model cache at {root} is not usable ({why}); loading {gguf.name} without it "
-               f"(set {CACHE_ENV} to a writable folder)")
+        notice(
+            f"model cache at {root} is not usable ({why}); loading {gguf.name} without it "
+            f"(set {CACHE_ENV} to a writable folder)"
+        )
         return None
     return entry

@@ -14,8 +14,14 @@ BASE = "__base__"
 
 
 @torch.no_grad()
-def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: Sequence[str],
-                  batch_size: int = 8, max_length: int = 192) -> dict[str, float]:
+def held_out_loss(
+    peft_model,
+    tokenizer,
+    examples: Sequence[Example],
+    variants: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 192,
+) -> dict[str, float]:
     """Mean response-token NLL (nats/token) of each variant: ``"__base__"`` or an adapter name.
 
     Uses PEFT mixed-batch inference: every batch is run once with each row tagged by variant, so base and
@@ -26,15 +32,17 @@ def held_out_loss(peft_model, tokenizer, examples: Sequence[Example], variants: 
     counts = {v: 0 for v in variants}
     peft_model.eval()
     for i in range(0, len(data), batch_size):
-        chunk = data[i: i + batch_size]
+        chunk = data[i : i + batch_size]
         batch = collate(chunk * len(variants), tokenizer.pad_token_id)
         batch = {k: v.to(next(peft_model.parameters()).device) for k, v in batch.items()}
         names = [v for v in variants for _ in chunk]
-        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            adapter_names=names).logits.float()
+        logits = peft_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names
+        ).logits.float()
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
-                                                reduction="none").sum(1)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        ).sum(1)
         n = (labels != -100).sum(1)
         for row, v in enumerate(names):
             totals[v] += float(nll[row])
@@ -48,9 +56,10 @@ def generate(model, tokenizer, user_message: str, max_new_tokens: int = 40, adap
     ids = tokenizer(format_prompt(tokenizer, user_message), add_special_tokens=False, return_tensors="pt")
     ids = ids.to(next(model.parameters()).device)
     kwargs = {"adapter_names": [adapter]} if adapter is not None else {}
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, **kwargs)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kwargs
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 __all__ = ["BASE", "generate", "held_out_loss", "response_nll"]

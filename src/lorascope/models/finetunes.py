@@ -49,15 +49,21 @@ def checkpoint_sequence(folder: str | Path, prefix: str = "step") -> list[tuple[
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise LorascopeError(f"checkpoint folder {root} does not exist", fix="point at the training output folder")
-    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
-                   key=lambda t: t[0])
+    found = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))),
+        key=lambda t: t[0],
+    )
     if not found:
-        raise LorascopeError(f"{root} holds no checkpoint-<step>/ folders",
-                             fix="point at the folder the trainer wrote its checkpoints to (output_dir)")
+        raise LorascopeError(
+            f"{root} holds no checkpoint-<step>/ folders",
+            fix="point at the folder the trainer wrote its checkpoints to (output_dir)",
+        )
     for _step, path in found:
         if folder_kind(path) is None:
-            raise LorascopeError(f"{path} is neither a PEFT adapter (adapter_config.json) nor a model (config.json)",
-                                 fix="remove it or point at a folder of complete checkpoints")
+            raise LorascopeError(
+                f"{path} is neither a PEFT adapter (adapter_config.json) nor a model (config.json)",
+                fix="remove it or point at a folder of complete checkpoints",
+            )
     return [(f"{prefix}_{step}", step, path) for step, path in found]
 
 
@@ -78,16 +84,19 @@ def expand_load_specs(load: Mapping[str, object]) -> list[LoadEntry]:
         elif model is not None:
             path = Path(model).expanduser()
             if folder_kind(path) is None and not str(model).endswith(".gguf"):
-                raise LorascopeError(f"adapters.load.{name}.model: {path} is not a model folder (no config.json)",
-                                     fix="point at a folder saved with save_pretrained (a full fine-tune or merged "
-                                         "LoRA)")
+                raise LorascopeError(
+                    f"adapters.load.{name}.model: {path} is not a model folder (no config.json)",
+                    fix="point at a folder saved with save_pretrained (a full fine-tune or merged LoRA)",
+                )
             out.append(LoadEntry(name, "full", str(path)))
         elif ckpts is not None:
             for ck_name, step, path in checkpoint_sequence(ckpts, prefix=f"{name}_step"):
                 out.append(LoadEntry(ck_name, folder_kind(path) or "peft", str(path), step))
         else:
-            raise LorascopeError(f"adapters.load.{name}: give a folder, {{model: PATH}} or {{checkpoints: PATH}}",
-                                 fix="see configs/examples/")
+            raise LorascopeError(
+                f"adapters.load.{name}: give a folder, {{model: PATH}} or {{checkpoints: PATH}}",
+                fix="see configs/examples/",
+            )
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise LorascopeError(f"adapter names repeat: {names}", fix="give every entry of adapters.load its own name")
@@ -100,10 +109,18 @@ def sequence_rows(store, layer: int, entries: list[tuple[str, int, Path]]) -> li
     rows = []
     for name, step, _path in sorted(entries, key=lambda e: e[1]):
         st = store.stats(layer, name)
-        rows.append({"checkpoint": name, "step": step, "layer": layer, "n_tokens": st.get("n_tokens", 0),
-                     "delta_norm_mean": (st.get("delta_norm") or {}).get("mean"),
-                     "relative_norm_mean": (st.get("relative_norm") or {}).get("mean"),
-                     "participation_ratio": st.get("participation_ratio")})
+        rows.append(
+            {
+                "checkpoint": name,
+                "step": step,
+                "layer": layer,
+                "n_tokens": st.get("n_tokens", 0),
+                "delta_norm_mean": (st.get("delta_norm") or {}).get("mean"),
+                "relative_norm_mean": (st.get("relative_norm") or {}).get("mean"),
+                "participation_ratio": st.get("participation_ratio"),
+            }
+        )
     return rows
+
 
 __all__ = ["LoadEntry", "checkpoint_sequence", "expand_load_specs", "folder_kind", "sequence_rows"]

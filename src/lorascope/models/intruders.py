@@ -30,21 +30,29 @@ class Intruders:
     left singular vectors, the unit vectors [n, out] and their singular values."""
 
     indices: list[int]
-    max_cos: torch.Tensor      # [top_k] max |cos| of each top merged left singular vector with the base's
-    vectors: torch.Tensor      # [n, out]
+    max_cos: torch.Tensor  # [top_k] max |cos| of each top merged left singular vector with the base's
+    vectors: torch.Tensor  # [n, out]
     singular_values: torch.Tensor  # [n]
 
 
-def intruder_dimensions(base_weight: torch.Tensor, delta_weight: torch.Tensor, top_k: int = 10,
-                        epsilon: float = 0.5, base_left: torch.Tensor | None = None) -> Intruders:
+def intruder_dimensions(
+    base_weight: torch.Tensor,
+    delta_weight: torch.Tensor,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    base_left: torch.Tensor | None = None,
+) -> Intruders:
     """Intruders of W + ΔW against W (both [out, in], the nn.Linear layout), float64 SVDs.
 
     ``base_left``: W's left singular vectors [out, min(out, in)] if already computed (shared by every adapter of
     one base model).
     """
     if base_weight.shape != delta_weight.shape or base_weight.ndim != 2:
-        raise LorascopeError(f"base and delta weights must be equal-shaped matrices, got {tuple(base_weight.shape)} "
-                             f"and {tuple(delta_weight.shape)}", fix="pass [out, in] weights of one module")
+        raise LorascopeError(
+            f"base and delta weights must be equal-shaped matrices, got {tuple(base_weight.shape)} "
+            f"and {tuple(delta_weight.shape)}",
+            fix="pass [out, in] weights of one module",
+        )
     W = base_weight.double()
     U_base = torch.linalg.svd(W, full_matrices=False)[0] if base_left is None else base_left.double()
     U, S, _ = torch.linalg.svd(W + delta_weight.double(), full_matrices=False)
@@ -63,8 +71,13 @@ def _oriented(layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     return W, dW
 
 
-def adapter_intruders(peft_model: torch.nn.Module, adapter: str, top_k: int = 10, epsilon: float = 0.5,
-                      base_cache: dict[str, torch.Tensor] | None = None) -> dict[str, Intruders]:
+def adapter_intruders(
+    peft_model: torch.nn.Module,
+    adapter: str,
+    top_k: int = 10,
+    epsilon: float = 0.5,
+    base_cache: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Intruders]:
     """{module name: Intruders} for every LoRA layer of ``adapter``. Pass the same ``base_cache`` dict for every
     adapter of one base model: the base weights' SVDs are then computed once (they dominate the cost)."""
     from lorascope.models.lora_switch import lora_layers
@@ -85,9 +98,18 @@ def writes_residual(module_name: str) -> bool:
 
 def intruder_counts(found: dict[str, Intruders], adapter: str = "") -> pd.DataFrame:
     """Tidy counts: adapter, module, n_intruders, min max-|cos|, residual_writer."""
-    return pd.DataFrame([{"adapter": adapter, "module": m, "n_intruders": len(x.indices),
-                          "min_max_cos": float(x.max_cos.min()), "residual_writer": writes_residual(m)}
-                         for m, x in found.items()])
+    return pd.DataFrame(
+        [
+            {
+                "adapter": adapter,
+                "module": m,
+                "n_intruders": len(x.indices),
+                "min_max_cos": float(x.max_cos.min()),
+                "residual_writer": writes_residual(m),
+            }
+            for m, x in found.items()
+        ]
+    )
 
 
 def residual_intruders(found: dict[str, Intruders], d_model: int) -> tuple[torch.Tensor, list[str]]:
@@ -100,8 +122,9 @@ def residual_intruders(found: dict[str, Intruders], d_model: int) -> tuple[torch
     return (torch.cat(vecs) if vecs else torch.zeros(0, d_model, dtype=torch.float64)), labels
 
 
-def align_features(decoder: torch.Tensor, vectors: torch.Tensor, labels: list[str], quantile: float = 0.99,
-                   top: int = 3) -> pd.DataFrame:
+def align_features(
+    decoder: torch.Tensor, vectors: torch.Tensor, labels: list[str], quantile: float = 0.99, top: int = 3
+) -> pd.DataFrame:
     """For each intruder vector, the ``top`` decoder rows by |cos| (singular vectors have no sign), with
     ``aligned`` = |cos| above the random-dictionary threshold (family-wise over the vectors; |cos| over F atoms is
     treated as the signed maximum over 2F atoms, accurate to second order in the tail probability)."""
@@ -115,12 +138,28 @@ def align_features(decoder: torch.Tensor, vectors: torch.Tensor, labels: list[st
     cos = (V @ D.T).abs()
     thr = random_match_threshold(D.shape[1], 2 * D.shape[0], V.shape[0], quantile)
     vals, idx = cos.topk(min(top, D.shape[0]), dim=1)
-    rows = [{"intruder": labels[i], "feature": int(idx[i, j]), "abs_cos": float(vals[i, j]),
-             "aligned": bool(vals[i, j] >= thr)} for i in range(V.shape[0]) for j in range(vals.shape[1])]
+    rows = [
+        {
+            "intruder": labels[i],
+            "feature": int(idx[i, j]),
+            "abs_cos": float(vals[i, j]),
+            "aligned": bool(vals[i, j] >= thr),
+        }
+        for i in range(V.shape[0])
+        for j in range(vals.shape[1])
+    ]
     out = pd.DataFrame(rows)
     out.attrs["threshold"] = thr
     return out
 
 
-__all__ = ["RESIDUAL_WRITERS", "Intruders", "adapter_intruders", "align_features", "intruder_counts",
-           "intruder_dimensions", "residual_intruders", "writes_residual"]
+__all__ = [
+    "RESIDUAL_WRITERS",
+    "Intruders",
+    "adapter_intruders",
+    "align_features",
+    "intruder_counts",
+    "intruder_dimensions",
+    "residual_intruders",
+    "writes_residual",
+]

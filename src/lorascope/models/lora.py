@@ -50,13 +50,16 @@ class LoraSettings:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise LorascopeError(f"LoRA rank must be a positive integer, got {self.rank!r}", fix="e.g. rank=8")
         if self.steps <= 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise LorascopeError(f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, "
-                                 f"{self.lr})", fix="pass positive values")
+            raise LorascopeError(
+                f"steps, batch_size and lr must be positive (got {self.steps}, {self.batch_size}, {self.lr})",
+                fix="pass positive values",
+            )
         if not 0 <= self.dropout < 1:
             raise LorascopeError(f"LoRA dropout must be in [0, 1), got {self.dropout}", fix="e.g. 0.05")
         if self.length_policy not in LENGTH_POLICIES:
-            raise LorascopeError(f"unknown long-example policy {self.length_policy!r}",
-                                 fix=f"use one of {', '.join(LENGTH_POLICIES)}")
+            raise LorascopeError(
+                f"unknown long-example policy {self.length_policy!r}", fix=f"use one of {', '.join(LENGTH_POLICIES)}"
+            )
 
     @property
     def lora_alpha(self) -> float:
@@ -90,7 +93,7 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, response_only: bool 
         L = len(t)
         ids[i, :L] = torch.tensor(t.input_ids)
         att[i, :L] = 1
-        for start, end in (t.trained_spans() if response_only else ((0, L),)):
+        for start, end in t.trained_spans() if response_only else ((0, L),):
             labels[i, start:end] = ids[i, start:end]
     return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
@@ -101,20 +104,33 @@ def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                            shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+    nll = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return nll, int((shift_labels != -100).sum())
 
 
 def _lora_config(settings: LoraSettings):
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.dropout,
-                      target_modules=settings.target_modules, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
-def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSettings, output_dir: str | Path | None
-               = None, progress: bool = True, **overrides) -> LoraTrainResult:
+def train_lora(
+    base: LoadedModel,
+    dataset: Sequence[Example],
+    rank: int | LoraSettings,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    **overrides,
+) -> LoraTrainResult:
     """Train a LoRA adapter at ``rank`` on ``dataset`` (response tokens only) and save it in PEFT's format.
 
     The base model is left exactly as it was (the LoRA layers are removed after saving). Deterministic on CPU for
@@ -136,8 +152,9 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
     try:
         peft_model = get_peft_model(model, _lora_config(settings))
     except ValueError as exc:
-        raise LorascopeError(f"cannot attach LoRA to this model: {exc}",
-                             fix="set target_modules to names of linear layers in the model") from exc
+        raise LorascopeError(
+            f"cannot attach LoRA to this model: {exc}", fix="set target_modules to names of linear layers in the model"
+        ) from exc
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -151,14 +168,16 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
                 perm = list(range(len(data)))
                 rng.shuffle(perm)
                 order += perm
-            idx, order = order[: settings.batch_size], order[settings.batch_size:]
+            idx, order = order[: settings.batch_size], order[settings.batch_size :]
             batch = collate([data[i] for i in idx], tok.pad_token_id)
             with torch.autocast(_device_type(peft_model), dtype=torch.bfloat16, enabled=settings.autocast_bf16):
                 nll, count = response_nll(peft_model, batch)
             loss = nll / max(count, 1)
             if not math.isfinite(loss.item()):
-                raise LorascopeError(f"LoRA training loss became {float(loss)} at step {step}",
-                                     fix="lower the learning rate or use float32")
+                raise LorascopeError(
+                    f"LoRA training loss became {float(loss)} at step {step}",
+                    fix="lower the learning rate or use float32",
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,8 +201,9 @@ def train_lora(base: LoadedModel, dataset: Sequence[Example], rank: int | LoraSe
     return result
 
 
-def prepare_training_data(tokenizer, dataset: Sequence[Example], max_length: int, policy: str = "truncate"
-                          ) -> tuple[list[TokenizedExample], LengthReport]:
+def prepare_training_data(
+    tokenizer, dataset: Sequence[Example], max_length: int, policy: str = "truncate"
+) -> tuple[list[TokenizedExample], LengthReport]:
     """Tokenized training examples under the long-example policy (tokenizer only: call it before loading the
     model to fail early); logs and returns the kept / truncated / skipped counts."""
     data, lengths = tokenize_examples(tokenizer, dataset, max_length, policy)
@@ -191,24 +211,32 @@ def prepare_training_data(tokenizer, dataset: Sequence[Example], max_length: int
     level = logging.WARNING if lengths.truncated or lengths.skipped else logging.INFO
     _log.log(level, "fine-tuning examples: %s", lengths.summary())
     if not data:
-        raise LorascopeError(f"no example has response tokens to train on ({lengths.summary()})",
-                             fix="check the 'output' / assistant fields, or raise max_length")
+        raise LorascopeError(
+            f"no example has response tokens to train on ({lengths.summary()})",
+            fix="check the 'output' / assistant fields, or raise max_length",
+        )
     return data, lengths
 
 
 def _training_metadata(result: LoraTrainResult) -> dict:
     from dataclasses import asdict
 
-    return {"settings": asdict(result.settings), "steps": len(result.losses), "loss_start": result.loss_start,
-            "loss_end": result.loss_end, "tokens_seen": result.tokens_seen,
-            "examples": result.lengths.to_dict() if result.lengths else None}
+    return {
+        "settings": asdict(result.settings),
+        "steps": len(result.losses),
+        "loss_start": result.loss_start,
+        "loss_end": result.loss_end,
+        "tokens_seen": result.tokens_seen,
+        "examples": result.lengths.to_dict() if result.lengths else None,
+    }
 
 
 TRAINING_METADATA = "lorascope_training.json"
 
 
-def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "default",
-                 metadata: dict | None = None) -> Path:
+def save_adapter(
+    peft_model, output_dir: str | Path, adapter_name: str = "default", metadata: dict | None = None
+) -> Path:
     """Save one adapter in PEFT's format atomically (temporary sibling folder, fsync, then swapped in).
 
     ``metadata`` (training settings and the long-example counts) goes to ``lorascope_training.json`` beside it.
@@ -223,8 +251,11 @@ def save_adapter(peft_model, output_dir: str | Path, adapter_name: str = "defaul
         if metadata is not None:
             (tmp / TRAINING_METADATA).write_text(json.dumps(metadata, indent=1, sort_keys=True, default=str))
         peft_model.save_pretrained(tmp / "peft", selected_adapters=[adapter_name])
-        src = tmp / "peft" / adapter_name if adapter_name != "default" and (tmp / "peft" / adapter_name).is_dir() \
+        src = (
+            tmp / "peft" / adapter_name
+            if adapter_name != "default" and (tmp / "peft" / adapter_name).is_dir()
             else tmp / "peft"
+        )
         for entry in src.iterdir():
             shutil.move(str(entry), str(tmp / entry.name))
         shutil.rmtree(tmp / "peft", ignore_errors=True)
@@ -247,8 +278,9 @@ def _warn_if_other_base(base: LoadedModel, name: str, path: Path) -> None:
     import json
 
     try:
-        recorded = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path") or ""
+        recorded = (
+            json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        )
     except (OSError, ValueError, AttributeError):
         return
     if not recorded:
@@ -259,8 +291,11 @@ def _warn_if_other_base(base: LoadedModel, name: str, path: Path) -> None:
     if _model_key(recorded) not in ours:
         from lorascope.errors import warn
 
-        warn(f"adapter {name!r} at {path} was trained on {recorded!r} but is loaded onto {base.name!r} (the shapes "
-             "match, so it loads)", fix="check that this is the base model the adapter was trained for")
+        warn(
+            f"adapter {name!r} at {path} was trained on {recorded!r} but is loaded onto {base.name!r} (the shapes "
+            "match, so it loads)",
+            fix="check that this is the base model the adapter was trained for",
+        )
 
 
 def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
@@ -286,15 +321,21 @@ def load_adapters(base: LoadedModel, adapters: dict[str, str | Path]):
         msg = str(exc)
         if "size mismatch" in msg or "shape" in msg:
             first = next((ln.strip() for ln in msg.splitlines() if "size mismatch" in ln), msg.splitlines()[0])
-            raise LorascopeError(f"adapter {name!r} at {path} was trained for a different base model ({first[:160]})",
-                                 fix="load it onto the base model it was trained for") from exc
+            raise LorascopeError(
+                f"adapter {name!r} at {path} was trained for a different base model ({first[:160]})",
+                fix="load it onto the base model it was trained for",
+            ) from exc
         if "Target modules" in msg or "not found in the base model" in msg:
-            raise LorascopeError(f"adapter {name!r} at {path} targets modules this base model does not have",
-                                 fix="load it onto the base model it was trained for") from exc
+            raise LorascopeError(
+                f"adapter {name!r} at {path} targets modules this base model does not have",
+                fix="load it onto the base model it was trained for",
+            ) from exc
         raise
     except OSError as exc:  # a hub id that does not exist or cannot be downloaded
-        raise LorascopeError(f"adapter {name!r}: could not fetch {path} from the Hugging Face hub "
-                             f"({type(exc).__name__})", fix="check the id, or download it and pass the folder") from exc
+        raise LorascopeError(
+            f"adapter {name!r}: could not fetch {path} from the Hugging Face hub ({type(exc).__name__})",
+            fix="check the id, or download it and pass the folder",
+        ) from exc
     for name, path in items:
         _warn_if_other_base(base, name, Path(path))
     peft_model.eval()

@@ -28,19 +28,24 @@ def lora_layers(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Modu
             if mod.merged:
                 raise LorascopeError(f"adapter {adapter!r} is merged into {name}", fix="unmerge it (or reload)")
             if adapter in getattr(mod, "lora_variant", {}):
-                raise LorascopeError(f"{name}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), not plain B·A·x",
-                                     fix="module attribution and steering support vanilla LoRA adapters")
+                raise LorascopeError(
+                    f"{name}: adapter {adapter!r} is a LoRA variant (e.g. DoRA), not plain B·A·x",
+                    fix="module attribution and steering support vanilla LoRA adapters",
+                )
             out[name] = mod
     if not out:
-        raise LorascopeError(f"the model holds no LoRA layers of adapter {adapter!r}",
-                             fix="load the adapter with load_adapters() and pass its name")
+        raise LorascopeError(
+            f"the model holds no LoRA layers of adapter {adapter!r}",
+            fix="load the adapter with load_adapters() and pass its name",
+        )
     return out
 
 
 def block_lora_layers(model: torch.nn.Module, adapter: str) -> list[dict[str, torch.nn.Module]]:
     """Per decoder block, {name relative to the block: LoRA layer} of ``adapter`` (empty dict where none)."""
-    return [{name: mod for name, mod in block.named_modules() if _holds(mod, adapter)}
-            for block in decoder_blocks(model)]
+    return [
+        {name: mod for name, mod in block.named_modules() if _holds(mod, adapter)} for block in decoder_blocks(model)
+    ]
 
 
 def _holds(mod: torch.nn.Module, adapter: str) -> bool:

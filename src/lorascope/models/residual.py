@@ -20,8 +20,21 @@ import torch
 from lorascope.errors import LorascopeError
 
 # model_type values whose decoder block output is the residual stream, and where the blocks live.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
-                         "gemma3_text", "gpt2", "phi3", "olmo2", "granite")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "gpt2",
+    "phi3",
+    "olmo2",
+    "granite",
+)
 _BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h")
 _NORM_PATHS = ("model.norm", "model.language_model.norm", "transformer.ln_f")
 
@@ -61,7 +74,8 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise LorascopeError(
         f"residual-stream capture does not support architecture {mtype!r} ({type(inner).__name__})",
         fix=f"use a decoder of type {', '.join(SUPPORTED_MODEL_TYPES)} "
-            "(Llama, Mistral, Qwen2/3, Gemma/Gemma2/3, GPT-2 style)")
+        "(Llama, Mistral, Qwen2/3, Gemma/Gemma2/3, GPT-2 style)",
+    )
 
 
 def final_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,8 +85,7 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
         norm = _get_path(inner, path)
         if isinstance(norm, torch.nn.Module):
             return norm
-    raise LorascopeError(f"cannot find the final norm of {type(inner).__name__}",
-                         fix="use a supported decoder")
+    raise LorascopeError(f"cannot find the final norm of {type(inner).__name__}", fix="use a supported decoder")
 
 
 def num_layers(model: torch.nn.Module) -> int:
@@ -87,8 +100,9 @@ def check_layers(model: torch.nn.Module, layers: Sequence[int]) -> list[int]:
         raise LorascopeError("no layers given", fix=f"choose layers in 0..{n - 1}")
     bad = [x for x in out if not 0 <= x < n]
     if bad:
-        raise LorascopeError(f"layer {bad[0]} is out of range: this model has {n} blocks",
-                             fix=f"choose layers in 0..{n - 1}")
+        raise LorascopeError(
+            f"layer {bad[0]} is out of range: this model has {n} blocks", fix=f"choose layers in 0..{n - 1}"
+        )
     return out
 
 
@@ -124,8 +138,12 @@ class ResidualCapture:
         self._modules = list(self.model.modules())
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 adapter_names: Sequence[str] | None = None) -> dict[int, torch.Tensor]:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+    ) -> dict[int, torch.Tensor]:
         """Residual stream after each captured block: {layer: [B, T, d]} in the forward's dtype.
 
         ``adapter_names`` (one per row) runs a PEFT mixed batch; ``"__base__"`` rows use the base model.
@@ -149,8 +167,7 @@ class ResidualCapture:
             kwargs["attention_mask"] = attention_mask
         if adapter_names is not None:
             if getattr(self.model, "get_base_model", None) is None:
-                raise LorascopeError("adapter_names needs a PeftModel",
-                                     fix="load adapters with load_adapters()")
+                raise LorascopeError("adapter_names needs a PeftModel", fix="load adapters with load_adapters()")
             if self.model.training:
                 raise LorascopeError("PEFT mixed batches need eval mode", fix="call model.eval() first")
             kwargs["adapter_names"] = list(adapter_names)
@@ -164,17 +181,32 @@ class ResidualCapture:
             _remove_new_hooks(self._modules, before)
         missing = [L for L in self.layers if L not in captured]
         if missing:
-            raise LorascopeError(f"block(s) {missing} did not run in the forward pass",
-                                 fix="report this model architecture as unsupported")
+            raise LorascopeError(
+                f"block(s) {missing} did not run in the forward pass",
+                fix="report this model architecture as unsupported",
+            )
         return captured
 
 
-def capture_residuals(model: torch.nn.Module, input_ids: torch.Tensor, layers: Sequence[int],
-                      attention_mask: torch.Tensor | None = None, adapter_names: Sequence[str] | None = None,
-                      truncate: bool = True) -> dict[int, torch.Tensor]:
+def capture_residuals(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    layers: Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+    adapter_names: Sequence[str] | None = None,
+    truncate: bool = True,
+) -> dict[int, torch.Tensor]:
     """One-shot :class:`ResidualCapture`: {layer: residual stream after block ``layer``, [B, T, d]}."""
     return ResidualCapture(model, list(layers), truncate)(input_ids, attention_mask, adapter_names)
 
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ResidualCapture", "capture_residuals", "check_layers", "decoder_blocks",
-           "final_norm", "num_layers", "unwrap_model"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ResidualCapture",
+    "capture_residuals",
+    "check_layers",
+    "decoder_blocks",
+    "final_norm",
+    "num_layers",
+    "unwrap_model",
+]

@@ -24,8 +24,15 @@ import torch
 from lorascope.errors import LorascopeError
 
 TRAINING_METADATA = "training_metadata.json"  # optional file beside adapter_config.json
-CONFIG_FIELDS = ("target_modules", "layers_to_transform", "alpha_over_r", "lora_dropout", "use_dora", "use_rslora",
-                 "base_model_name_or_path")
+CONFIG_FIELDS = (
+    "target_modules",
+    "layers_to_transform",
+    "alpha_over_r",
+    "lora_dropout",
+    "use_dora",
+    "use_rslora",
+    "base_model_name_or_path",
+)
 METADATA_FIELDS = ("data", "steps", "lr", "batch_size", "max_length")
 
 
@@ -67,31 +74,61 @@ def check_weights(adapter: str, weights: Mapping[str, torch.Tensor], scaling: fl
         raise LorascopeError(f"adapter {adapter!r}: no lora_A/lora_B weights found", fix="pass the LoRA weights")
     bad = sorted(k for k, w in weights.items() if ("lora_A" in k or "lora_B" in k) and not torch.isfinite(w).all())
     if bad:
-        return [SanityWarning(adapter, "non_finite", f"adapter {adapter!r} has NaN/inf weights in {len(bad)} "
-                              f"tensor(s) (first: {bad[0]}): the training diverged; excluded", exclude=True)]
+        return [
+            SanityWarning(
+                adapter,
+                "non_finite",
+                f"adapter {adapter!r} has NaN/inf weights in {len(bad)} "
+                f"tensor(s) (first: {bad[0]}): the training diverged; excluded",
+                exclude=True,
+            )
+        ]
     norms = update_norms(weights, scaling)
     if max(norms.values()) == 0.0:
-        return [SanityWarning(adapter, "no_op", f"adapter {adapter!r} is a no-op: its update B·A is exactly zero "
-                              f"in all {len(norms)} modules (untrained B = 0?); excluded", exclude=True)]
+        return [
+            SanityWarning(
+                adapter,
+                "no_op",
+                f"adapter {adapter!r} is a no-op: its update B·A is exactly zero "
+                f"in all {len(norms)} modules (untrained B = 0?); excluded",
+                exclude=True,
+            )
+        ]
     return []
 
 
 def check_delta(adapter: str, delta_rms: float, base_rms: float, rel_tol: float = 1e-6) -> list[SanityWarning]:
     """Measured residual Δ negligible against the base residual (RMS ratio below ``rel_tol``) -> no-op."""
     if not math.isfinite(delta_rms):
-        return [SanityWarning(adapter, "non_finite", f"adapter {adapter!r}: residual Δ is not finite; excluded",
-                              exclude=True)]
+        return [
+            SanityWarning(
+                adapter, "non_finite", f"adapter {adapter!r}: residual Δ is not finite; excluded", exclude=True
+            )
+        ]
     if delta_rms <= rel_tol * base_rms:
-        return [SanityWarning(adapter, "no_op", f"adapter {adapter!r} changes nothing measurable: RMS Δ = "
-                              f"{delta_rms:.3g} vs base RMS {base_rms:.3g}; excluded", exclude=True)]
+        return [
+            SanityWarning(
+                adapter,
+                "no_op",
+                f"adapter {adapter!r} changes nothing measurable: RMS Δ = "
+                f"{delta_rms:.3g} vs base RMS {base_rms:.3g}; excluded",
+                exclude=True,
+            )
+        ]
     return []
 
 
 def check_learning(adapter: str, loss_base: float, loss_adapted: float, min_gain: float = 0.0) -> list[SanityWarning]:
     """Held-out response loss on the adapter's own task not below the base's by more than ``min_gain`` nats."""
     if not loss_adapted < loss_base - min_gain:
-        return [SanityWarning(adapter, "did_not_learn", f"adapter {adapter!r} did not learn its task: held-out loss "
-                              f"{loss_adapted:.4f} vs base {loss_base:.4f} nats/token")]
+        return [
+            SanityWarning(
+                adapter,
+                "did_not_learn",
+                f"adapter {adapter!r} did not learn its task: held-out loss "
+                f"{loss_adapted:.4f} vs base {loss_base:.4f} nats/token",
+            )
+        ]
     return []
 
 
@@ -134,8 +171,13 @@ def check_recipes(recipes: Mapping[str, Mapping]) -> list[SanityWarning]:
         values = {json.dumps(v, sort_keys=True, default=str) for v in have.values()}
         if len(have) >= 2 and len(values) > 1:
             shown = ", ".join(f"{n}={v!r}" for n, v in have.items())
-            out.append(SanityWarning(",".join(have), "recipe", f"adapters in one rank trend differ in {field}: "
-                                     f"{shown}; the trend mixes rank with recipe"))
+            out.append(
+                SanityWarning(
+                    ",".join(have),
+                    "recipe",
+                    f"adapters in one rank trend differ in {field}: {shown}; the trend mixes rank with recipe",
+                )
+            )
     return out
 
 
@@ -148,5 +190,15 @@ def excluded(warnings: list[SanityWarning]) -> dict[str, str]:
     return out
 
 
-__all__ = ["SanityWarning", "TRAINING_METADATA", "check_delta", "check_learning", "check_recipes", "check_weights",
-           "excluded", "recipe_from_config", "recipe_from_folder", "update_norms"]
+__all__ = [
+    "SanityWarning",
+    "TRAINING_METADATA",
+    "check_delta",
+    "check_learning",
+    "check_recipes",
+    "check_weights",
+    "excluded",
+    "recipe_from_config",
+    "recipe_from_folder",
+    "update_norms",
+]

@@ -37,8 +37,10 @@ def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: 
         hidden = output[0] if isinstance(output, tuple) else output
         e = edit.to(hidden.dtype)
         if e.ndim == 3 and e.shape[1] != hidden.shape[1]:
-            raise LorascopeError(f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
-                                 fix="use a single vector [d] for generation")
+            raise LorascopeError(
+                f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
+                fix="use a single vector [d] for generation",
+            )
         new = hidden + sign * e
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
@@ -68,9 +70,9 @@ def _response_loss(logp: torch.Tensor, input_ids: torch.Tensor, labels: torch.Te
 class Effect:
     """One intervention X measured against the adapted model (A) and the base (B)."""
 
-    kl_to_adapted: float       # mean over tokens of KL(A ‖ X), nats
-    fraction_closed: float     # 1 − KL(A ‖ X) / KL(A ‖ B): 1 = X behaves like A, 0 = like B
-    loss: float | None         # response-token NLL of X on the labelled examples
+    kl_to_adapted: float  # mean over tokens of KL(A ‖ X), nats
+    fraction_closed: float  # 1 − KL(A ‖ X) / KL(A ‖ B): 1 = X behaves like A, 0 = like B
+    loss: float | None  # response-token NLL of X on the labelled examples
     behaviour_recovered: float | None  # (loss_B − loss_X) / (loss_B − loss_A): 1 = A's loss, 0 = B's
 
 
@@ -82,9 +84,16 @@ class CausalProbe:
     """
 
     @torch.no_grad()
-    def __init__(self, peft_model: torch.nn.Module, adapter: str, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None, layer: int, labels: torch.Tensor | None = None,
-                 token_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        peft_model: torch.nn.Module,
+        adapter: str,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        layer: int,
+        labels: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+    ):
         self.model, self.adapter, self.layer = peft_model, adapter, check_layers(peft_model, [layer])[0]
         self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -149,8 +158,9 @@ def random_features(alive: torch.Tensor, n: int, exclude: Sequence[int] = (), se
     """``n`` distinct random feature indices among ``alive`` (bool [F]) not in ``exclude`` (the random control)."""
     pool = [i for i in torch.nonzero(alive).flatten().tolist() if i not in set(exclude)]
     if len(pool) < n:
-        raise LorascopeError(f"only {len(pool)} alive features outside the chosen ones, need {n}",
-                             fix="use fewer top features")
+        raise LorascopeError(
+            f"only {len(pool)} alive features outside the chosen ones, need {n}", fix="use fewer top features"
+        )
     g = torch.Generator().manual_seed(seed)
     return sorted(pool[i] for i in torch.randperm(len(pool), generator=g)[:n].tolist())
 
@@ -193,14 +203,25 @@ def demo_marker_rates(texts: Sequence[str]) -> dict[str, float]:
     suffix = [SUFFIX in t for t in texts]
     swaps = [bool(words.search(t)) for t in texts]
     n = len(texts)
-    return {"prefix": sum(prefix) / n, "suffix": sum(suffix) / n, "swap_word": sum(swaps) / n,
-            "any_marker": sum(p or s or w for p, s, w in zip(prefix, suffix, swaps, strict=True)) / n}
+    return {
+        "prefix": sum(prefix) / n,
+        "suffix": sum(suffix) / n,
+        "swap_word": sum(swaps) / n,
+        "any_marker": sum(p or s or w for p, s, w in zip(prefix, suffix, swaps, strict=True)) / n,
+    }
 
 
 @torch.no_grad()
-def generate_with_edit(peft_model: torch.nn.Module, tokenizer, adapter: str, user_messages: Sequence[str],
-                       layer: int, vector: torch.Tensor | None = None, adapted: bool = False,
-                       max_new_tokens: int = 40) -> list[str]:
+def generate_with_edit(
+    peft_model: torch.nn.Module,
+    tokenizer,
+    adapter: str,
+    user_messages: Sequence[str],
+    layer: int,
+    vector: torch.Tensor | None = None,
+    adapted: bool = False,
+    max_new_tokens: int = 40,
+) -> list[str]:
     """Greedy answers of the base (``adapted=False``) or adapted model with ``vector`` [d] added (adapted=False)
     or removed (adapted=True) at every position of block ``layer``'s output (None: no edit)."""
     from lorascope.data.chat import format_prompt
@@ -209,12 +230,14 @@ def generate_with_edit(peft_model: torch.nn.Module, tokenizer, adapter: str, use
     for msg in user_messages:
         ids = tokenizer(format_prompt(tokenizer, msg), add_special_tokens=False, return_tensors="pt")
         with lora_only(peft_model, adapter, enabled=None if adapted else []):
-            ctx = residual_edit(peft_model, layer, vector, -1.0 if adapted else 1.0) if vector is not None \
-                else _nothing()
+            ctx = (
+                residual_edit(peft_model, layer, vector, -1.0 if adapted else 1.0) if vector is not None else _nothing()
+            )
             with ctx:
-                gen = peft_model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+                gen = peft_model.generate(
+                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return out
 
 
@@ -223,5 +246,15 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-__all__ = ["CausalProbe", "Effect", "demo_marker_rates", "feature_edit", "generate_with_edit", "mean_delta",
-           "principal_directions", "projection_edit", "random_features", "residual_edit"]
+__all__ = [
+    "CausalProbe",
+    "Effect",
+    "demo_marker_rates",
+    "feature_edit",
+    "generate_with_edit",
+    "mean_delta",
+    "principal_directions",
+    "projection_edit",
+    "random_features",
+    "residual_edit",
+]

@@ -26,19 +26,25 @@ def load_tokenizer(spec: str | os.PathLike | None = None, trust_remote_code: boo
     elif Path(spec_str).expanduser().exists():
         folder = Path(spec_str).expanduser()
         if not (folder / "config.json").is_file():
-            raise LorascopeError(f"{folder} is not a Hugging Face model folder (no config.json)",
-                                 fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id")
+            raise LorascopeError(
+                f"{folder} is not a Hugging Face model folder (no config.json)",
+                fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id",
+            )
         tok = AutoTokenizer.from_pretrained(folder)
     elif _looks_like_path(spec_str):
-        raise LorascopeError(f"model path {spec_str} does not exist",
-                             fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct")
+        raise LorascopeError(
+            f"model path {spec_str} does not exist",
+            fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct",
+        )
     else:
         try:
             tok = AutoTokenizer.from_pretrained(spec_str, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
-            raise LorascopeError(f"could not load the tokenizer of {spec_str!r} from the Hugging Face hub",
-                                 fix="download the model once (huggingface-cli download) and pass the local folder "
-                                     "path, or use 'embedded'") from exc
+            raise LorascopeError(
+                f"could not load the tokenizer of {spec_str!r} from the Hugging Face hub",
+                fix="download the model once (huggingface-cli download) and pass the local folder "
+                "path, or use 'embedded'",
+            ) from exc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -40,8 +40,11 @@ def _peft_version() -> str:
 def _unsupported_saved_modules(peft_model) -> list[str]:
     from peft.utils.other import ModulesToSaveWrapper
 
-    return [f"{name} ({type(m.original_module).__name__})" for name, m in peft_model.named_modules()
-            if isinstance(m, ModulesToSaveWrapper) and not isinstance(m.original_module, _MIXED_OK_MODULES)]
+    return [
+        f"{name} ({type(m.original_module).__name__})"
+        for name, m in peft_model.named_modules()
+        if isinstance(m, ModulesToSaveWrapper) and not isinstance(m.original_module, _MIXED_OK_MODULES)
+    ]
 
 
 def mixed_batch_support(peft_model, adapters: Sequence[str]) -> dict[str, str | None]:
@@ -57,8 +60,10 @@ def mixed_batch_support(peft_model, adapters: Sequence[str]) -> dict[str, str | 
         elif getattr(cfg, "use_dora", False):
             out[name] = f"DoRA: PEFT {version}'s mixed-batch forward refuses DoRA adapters"
         elif saved:
-            out[name] = (f"modules_to_save on {saved[0]}: PEFT {version} mixes batches only through Linear, "
-                         "Embedding and Conv modules")
+            out[name] = (
+                f"modules_to_save on {saved[0]}: PEFT {version} mixes batches only through Linear, "
+                "Embedding and Conv modules"
+            )
         else:
             out[name] = None
     return out
@@ -73,19 +78,23 @@ def resolve_adapter_source(name: str, spec: str | os.PathLike) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "adapter_config.json").is_file():
-            raise LorascopeError(f"adapter {name!r}: {path} has no adapter_config.json",
-                                 fix="point at a folder saved by PEFT (adapter_config.json + adapter_model."
-                                     "safetensors)")
+            raise LorascopeError(
+                f"adapter {name!r}: {path} has no adapter_config.json",
+                fix="point at a folder saved by PEFT (adapter_config.json + adapter_model.safetensors)",
+            )
         return str(path)
     spec_str = str(spec)
     looks_like_hub_id = spec_str.count("/") == 1 and not spec_str.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise LorascopeError(f"adapter {name!r}: folder {spec_str} does not exist", fix="check the adapter path")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise LorascopeError(f"adapter {name!r}: there is no folder {spec_str}, and as a hub id it cannot be fetched: "
-                             "the hub is offline (HF_HUB_OFFLINE=1)", fix=f"check the path, or download it where you "
-                             f"are online (huggingface-cli download {spec_str} --local-dir DIR) and set the adapter "
-                             "to DIR")
+        raise LorascopeError(
+            f"adapter {name!r}: there is no folder {spec_str}, and as a hub id it cannot be fetched: "
+            "the hub is offline (HF_HUB_OFFLINE=1)",
+            fix=f"check the path, or download it where you "
+            f"are online (huggingface-cli download {spec_str} --local-dir DIR) and set the adapter "
+            "to DIR",
+        )
     return spec_str
 
 

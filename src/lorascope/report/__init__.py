@@ -12,6 +12,19 @@ from lorascope.report.findings import Finding, compute_findings, findings_markdo
 from lorascope.report.html import render_report, write_report
 from lorascope.report.run import RunData, load_run
 
-__all__ = ["FIGURES", "Finding", "RunData", "compute_findings", "context_html", "feature_html",
-           "findings_markdown", "load_run", "make_all_figures", "render_figures", "render_report",
-           "top_activating_contexts", "write_fake_run", "write_report"]
+__all__ = [
+    "FIGURES",
+    "Finding",
+    "RunData",
+    "compute_findings",
+    "context_html",
+    "feature_html",
+    "findings_markdown",
+    "load_run",
+    "make_all_figures",
+    "render_figures",
+    "render_report",
+    "top_activating_contexts",
+    "write_fake_run",
+    "write_report",
+]

@@ -21,10 +21,23 @@ from lorascope.report._table import Tab
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 NULL_COLOR = "#888888"
 STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
-    "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True,
-    "grid.alpha": 0.3, "grid.linewidth": 0.6, "svg.hashsalt": "lorascope", "svg.fonttype": "path",
-    "figure.dpi": 100, "savefig.bbox": "tight", "legend.frameon": False, "image.cmap": "viridis",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "svg.hashsalt": "lorascope",
+    "svg.fonttype": "path",
+    "figure.dpi": 100,
+    "savefig.bbox": "tight",
+    "legend.frameon": False,
+    "image.cmap": "viridis",
 }
 PNG_DPI = 130
 
@@ -66,8 +79,17 @@ def empty(ax, title: str) -> None:
     ax.grid(False)
 
 
-def heatmap(ax, mat: np.ndarray, rows: list[str], cols: list[str], title: str, fmt: str = "{:.3g}",
-            cmap: str = "viridis", vmin: float | None = None, vmax: float | None = None) -> None:
+def heatmap(
+    ax,
+    mat: np.ndarray,
+    rows: list[str],
+    cols: list[str],
+    title: str,
+    fmt: str = "{:.3g}",
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> None:
     """Annotated heatmap; NaN cells are left blank."""
     m = np.ma.masked_invalid(mat)
     im = ax.imshow(m, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
@@ -82,14 +104,23 @@ def heatmap(ax, mat: np.ndarray, rows: list[str], cols: list[str], title: str, f
     for i in range(mat.shape[0]):
         for j in range(mat.shape[1]):
             if math.isfinite(mat[i, j]):
-                ax.text(j, i, fmt.format(mat[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if mat[i, j] < mid else "black")
+                ax.text(
+                    j,
+                    i,
+                    fmt.format(mat[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if mat[i, j] < mid else "black",
+                )
     ax.figure.colorbar(im, ax=ax, shrink=0.8)
 
 
 def layer_adapter_heat(ax, tab: Tab, metric: str, title: str) -> bool:
-    layers, adapters = tab.layers(metric), [a for a in tab.adapters() if any(
-        tab.get(metric, layer, a) for layer in tab.layers(metric))]
+    layers, adapters = (
+        tab.layers(metric),
+        [a for a in tab.adapters() if any(tab.get(metric, layer, a) for layer in tab.layers(metric))],
+    )
     if not layers or not adapters:
         empty(ax, title)
         return False
@@ -100,8 +131,9 @@ def layer_adapter_heat(ax, tab: Tab, metric: str, title: str) -> bool:
     return True
 
 
-def grouped_bars(ax, tab: Tab, series: list[tuple[str, str]], title: str, ylabel: str,
-                 log_if_wide: bool = True) -> bool:
+def grouped_bars(
+    ax, tab: Tab, series: list[tuple[str, str]], title: str, ylabel: str, log_if_wide: bool = True
+) -> bool:
     """Bars per (layer, adapter) cell, one bar per metric in ``series`` [(metric, label)], with CI error bars."""
     metrics = [m for m, _ in series]
     cells = tab.cells(*metrics)
@@ -117,9 +149,19 @@ def grouped_bars(ax, tab: Tab, series: list[tuple[str, str]], title: str, ylabel
         vals = np.array([s.value if s is not None else np.nan for s in stats])
         allv += [v for v in vals if np.isfinite(v) and v > 0]
         is_null = m in ("fvu_noise",)
-        ax.bar(x + (i - (len(present) - 1) / 2) * width, vals, width, yerr=yerr(stats), capsize=2,
-               label=lab, color=NULL_COLOR if is_null else color(i), hatch="//" if is_null else None,
-               edgecolor="white", linewidth=0.5, error_kw={"elinewidth": 0.8})
+        ax.bar(
+            x + (i - (len(present) - 1) / 2) * width,
+            vals,
+            width,
+            yerr=yerr(stats),
+            capsize=2,
+            label=lab,
+            color=NULL_COLOR if is_null else color(i),
+            hatch="//" if is_null else None,
+            edgecolor="white",
+            linewidth=0.5,
+            error_kw={"elinewidth": 0.8},
+        )
     ax.set_xticks(x, [f"L{layer}\n{tab.label(a)}" for layer, a in cells])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -145,8 +187,7 @@ def vs_rank(ax, tab: Tab, metric: str, title: str, ylabel: str, logy: bool = Fal
         ax.errorbar(x, vals, yerr=yerr(stats), marker="o", ms=4, capsize=2, color=color(i), label=f"L{layer}")
         if ref and tab.has(ref):
             rv = [tab.value(ref, layer, a) for a in adapters]
-            ax.plot(x, rv, ls="--", marker=".", color=color(i), alpha=0.7,
-                    label=f"L{layer} ref" if i == 0 else None)
+            ax.plot(x, rv, ls="--", marker=".", color=color(i), alpha=0.7, label=f"L{layer} ref" if i == 0 else None)
     ax.set_xticks(x, [tab.label(a) for a in adapters])
     ax.set_xlabel("adapter (LoRA rank)")
     ax.set_ylabel(ylabel)

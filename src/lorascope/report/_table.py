@@ -39,8 +39,15 @@ class Tab:
         self._ranks: dict[str, int] = {}
         for r in df.itertuples(index=False):
             key = (str(r.metric), int(r.layer), str(r.adapter))
-            self._idx[key] = Stat(float(r.value), float(r.ci_low), float(r.ci_high), float(r.null_value),
-                                  str(r.null_name), int(r.rank), int(r.d) if math.isfinite(float(r.d)) else 0)
+            self._idx[key] = Stat(
+                float(r.value),
+                float(r.ci_low),
+                float(r.ci_high),
+                float(r.null_value),
+                str(r.null_name),
+                int(r.rank),
+                int(r.d) if math.isfinite(float(r.d)) else 0,
+            )
             if r.adapter:
                 self._ranks.setdefault(str(r.adapter), int(r.rank))
 

@@ -86,22 +86,30 @@ def _features_html(doc: dict, attribution: Any) -> str:
                 top_mod = f"{best.module} ({_n(best.share)})"
         flag = " <span class='badge weak'>template</span>" if f.get("template_flag") else ""
         ctx = "".join(_window_html(w) for w in f.get("activations", [])) or "<p class='muted'>no firing tokens</p>"
-        rows.append(f"<div class='feature'><h4>feature {int(idx)}{flag} <span class='muted'>stability "
-                    f"{_n(f.get('stability'))} · Δ energy {_n(f.get('delta_energy'))} · template share "
-                    f"{_n(f.get('template_share'))} · density {_n(f.get('density'))} · top module {_e(top_mod)}"
-                    f"</span></h4>{ctx}</div>")
+        rows.append(
+            f"<div class='feature'><h4>feature {int(idx)}{flag} <span class='muted'>stability "
+            f"{_n(f.get('stability'))} · Δ energy {_n(f.get('delta_energy'))} · template share "
+            f"{_n(f.get('template_share'))} · density {_n(f.get('density'))} · top module {_e(top_mod)}"
+            f"</span></h4>{ctx}</div>"
+        )
     return "".join(rows)
 
 
 def _causal_table(df, adapter: str) -> str:
-    sub = df[(df.family == schema.EXPLAIN) & (df.adapter == adapter)
-             & df.metric.str.match(r"(steer_|ablate_|marker_rate_)")]
+    sub = df[
+        (df.family == schema.EXPLAIN) & (df.adapter == adapter) & df.metric.str.match(r"(steer_|ablate_|marker_rate_)")
+    ]
     if sub.empty:
         return "<p class='muted'>No causal check in this run.</p>"
-    body = "".join(f"<tr><td>{_e(r.metric)}</td><td class='num'>{_n(r.value)}</td><td class='num'>"
-                   f"{_n(r.null_value)}</td><td>{_e(r.null_name)}</td></tr>" for r in sub.itertuples())
-    return ("<table class='data small'><thead><tr><th>causal check</th><th>value</th><th>control</th><th>control is"
-            f"</th></tr></thead><tbody>{body}</tbody></table>")
+    body = "".join(
+        f"<tr><td>{_e(r.metric)}</td><td class='num'>{_n(r.value)}</td><td class='num'>"
+        f"{_n(r.null_value)}</td><td>{_e(r.null_name)}</td></tr>"
+        for r in sub.itertuples()
+    )
+    return (
+        "<table class='data small'><thead><tr><th>causal check</th><th>value</th><th>control</th><th>control is"
+        f"</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _modules_table(csv: Path, n: int = 5) -> str:
@@ -110,17 +118,27 @@ def _modules_table(csv: Path, n: int = 5) -> str:
     if not csv.is_file():
         return ""
     df = pd.read_csv(csv).head(n)
-    body = "".join(f"<tr><td>{_e(r.module)}</td><td class='num'>{_n(r.delta_share)}</td><td class='num'>"
-                   f"{_n(r.mean_write_norm)}</td></tr>" for r in df.itertuples())
-    return ("<h4>Modules that write the most</h4><table class='data small'><thead><tr><th>module</th><th>share of "
-            f"Δ energy</th><th>mean write norm</th></tr></thead><tbody>{body}</tbody></table>")
+    body = "".join(
+        f"<tr><td>{_e(r.module)}</td><td class='num'>{_n(r.delta_share)}</td><td class='num'>"
+        f"{_n(r.mean_write_norm)}</td></tr>"
+        for r in df.itertuples()
+    )
+    return (
+        "<h4>Modules that write the most</h4><table class='data small'><thead><tr><th>module</th><th>share of "
+        f"Δ energy</th><th>mean write norm</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _banners(warnings: list[dict], adapter: str) -> str:
     mine = [w for w in warnings if adapter in str(w.get("adapter", "")).split(",")]
-    return "".join(f"<div class='finding'><span class='badge {'weak' if not w.get('exclude') else 'no'}'>sanity"
-                   f"</span> {_e(w.get('message', ''))}</div>" for w in mine) or \
-        "<p class='muted'>Sanity gate: no warning.</p>"
+    return (
+        "".join(
+            f"<div class='finding'><span class='badge {'weak' if not w.get('exclude') else 'no'}'>sanity"
+            f"</span> {_e(w.get('message', ''))}</div>"
+            for w in mine
+        )
+        or "<p class='muted'>Sanity gate: no warning.</p>"
+    )
 
 
 def _adapter_html(run_dir: Path, df, adapter: str, rank: Any, warnings: list[dict]) -> str:
@@ -132,12 +150,16 @@ def _adapter_html(run_dir: Path, df, adapter: str, rank: Any, warnings: list[dic
     attribution = pd.read_csv(att_csv) if att_csv.is_file() else None
     png = heatmap(att_csv, run_dir / "figures", adapter) if attribution is not None else None
     layer = doc.get("layer", "?")
-    return (f"<details open><summary>{_e(adapter)} (rank {_e(rank)}) · layer {_e(layer)}</summary>"
-            + _banners(warnings, adapter)
-            + "<h4>Top features (seed stability × Δ energy; template-flagged last)</h4>"
-            + _features_html(doc, attribution) + _causal_table(df, adapter) + _modules_table(ex / f"modules_"
-                                                                                              f"{adapter}.csv")
-            + _img(png, f"attribution heatmap {adapter}") + "</details>")
+    return (
+        f"<details open><summary>{_e(adapter)} (rank {_e(rank)}) · layer {_e(layer)}</summary>"
+        + _banners(warnings, adapter)
+        + "<h4>Top features (seed stability × Δ energy; template-flagged last)</h4>"
+        + _features_html(doc, attribution)
+        + _causal_table(df, adapter)
+        + _modules_table(ex / f"modules_{adapter}.csv")
+        + _img(png, f"attribution heatmap {adapter}")
+        + "</details>"
+    )
 
 
 def changed_section(run_dir: str | Path, df, meta: dict) -> str:
@@ -149,15 +171,19 @@ def changed_section(run_dir: str | Path, df, meta: dict) -> str:
         return head + "<p class='muted'>Not computed in this run (explain.enabled: false).</p></section>"
     warnings = _read(ex / "sanity.json", [])
     excluded = [w for w in warnings if w.get("exclude")]
-    top = "".join(f"<div class='finding'><span class='badge no'>excluded</span> {_e(w['message'])}</div>"
-                  for w in excluded)
+    top = "".join(
+        f"<div class='finding'><span class='badge no'>excluded</span> {_e(w['message'])}</div>" for w in excluded
+    )
     adapters = meta.get("adapters") or {}
-    parts = [_adapter_html(run_dir, df, a, r, warnings) for a, r in adapters.items()
-             if (ex / f"features_{a}.json").is_file()]
-    intro = ("<p class='muted'>Per adapter: the adapter-SAE features that carry most of Δ and that other SAE seeds "
-             "reproduce, with their de-duplicated top contexts (activating token highlighted), the LoRA modules "
-             "that write them directly (remainder = indirect effects), and whether steering the base model with them "
-             "moves it towards the adapted model, beside the same number of random features.</p>")
+    parts = [
+        _adapter_html(run_dir, df, a, r, warnings) for a, r in adapters.items() if (ex / f"features_{a}.json").is_file()
+    ]
+    intro = (
+        "<p class='muted'>Per adapter: the adapter-SAE features that carry most of Δ and that other SAE seeds "
+        "reproduce, with their de-duplicated top contexts (activating token highlighted), the LoRA modules "
+        "that write them directly (remainder = indirect effects), and whether steering the base model with them "
+        "moves it towards the adapted model, beside the same number of random features.</p>"
+    )
     return head + intro + top + "".join(parts) + "</section>"
 
 

@@ -50,8 +50,11 @@ def checkpoint_table(df, contexts: list[dict[str, Any]], steps: dict[str, int], 
         for _, metric in COLUMNS:
             row[metric] = by_key.get((adapter, metric), math.nan)
         feats = [c for c in contexts if int(c.get("layer", -1)) == layer and str(c.get("adapter", "")) == adapter]
-        row["top_features"] = [(int(f.get("feature", -1)), str(f["contexts"][0].get("token", "")))
-                               for f in feats[:TOP_FEATURES_SHOWN] if f.get("contexts")]
+        row["top_features"] = [
+            (int(f.get("feature", -1)), str(f["contexts"][0].get("token", "")))
+            for f in feats[:TOP_FEATURES_SHOWN]
+            if f.get("contexts")
+        ]
         out.append(row)
     return out
 
@@ -63,13 +66,18 @@ def _cell(v: Any) -> str:
 
 
 def _table_html(rows: list[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ("step", "checkpoint", *(c for c, _ in COLUMNS),
-                                                          "top features (token)"))
+    head = "".join(
+        f"<th>{html.escape(h)}</th>" for h in ("step", "checkpoint", *(c for c, _ in COLUMNS), "top features (token)")
+    )
     body = []
     for r in rows:
         feats = ", ".join(f"#{f} {html.escape(repr(tok))}" for f, tok in r["top_features"]) or "—"
-        cells = (_cell(r["step"]) + f"<td>{html.escape(r['checkpoint'])}</td>"
-                 + "".join(_cell(r[m]) for _, m in COLUMNS) + f"<td>{feats}</td>")
+        cells = (
+            _cell(r["step"])
+            + f"<td>{html.escape(r['checkpoint'])}</td>"
+            + "".join(_cell(r[m]) for _, m in COLUMNS)
+            + f"<td>{feats}</td>"
+        )
         body.append(f"<tr>{cells}</tr>")
     return f"<table class='data checkpoints'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -85,10 +93,12 @@ def checkpoints_section(df, contexts: list[dict[str, Any]]) -> str:
         for layer in layers:
             rows = checkpoint_table(df, contexts, steps, layer)
             parts.append(f"<h3>{html.escape(name)} · layer {layer}</h3><div class='scroll'>{_table_html(rows)}</div>")
-    return ("<section id='checkpoints'><h2>Across training checkpoints</h2><p class='muted'>One row per "
-            "checkpoint, in step order; every value is the same statistic as in the results table (held-out "
-            "tokens). Each checkpoint has its own adapter SAE, so its top features are shown by the token they fire "
-            "on hardest, not by id.</p>" + "".join(parts) + "</section>")
+    return (
+        "<section id='checkpoints'><h2>Across training checkpoints</h2><p class='muted'>One row per "
+        "checkpoint, in step order; every value is the same statistic as in the results table (held-out "
+        "tokens). Each checkpoint has its own adapter SAE, so its top features are shown by the token they fire "
+        "on hardest, not by id.</p>" + "".join(parts) + "</section>"
+    )
 
 
 __all__ = ["COLUMNS", "checkpoint_steps", "checkpoint_table", "checkpoints_section"]

@@ -22,11 +22,20 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions: Any,
-                            docs: Sequence[Sequence[int]], decode: Callable[[list[int]], str],
-                            features: int | Iterable[int], n_per_feature: int, window: int = 12,
-                            layer: int = -1, adapter: str = "",
-                            column_of: Callable[[int], int] | None = None) -> list[dict[str, Any]]:
+def top_activating_contexts(
+    acts: Any,
+    token_ids: Any,
+    doc_index: Any,
+    positions: Any,
+    docs: Sequence[Sequence[int]],
+    decode: Callable[[list[int]], str],
+    features: int | Iterable[int],
+    n_per_feature: int,
+    window: int = 12,
+    layer: int = -1,
+    adapter: str = "",
+    column_of: Callable[[int], int] | None = None,
+) -> list[dict[str, Any]]:
     """Top ``n_per_feature`` activating tokens of each feature, with ``window`` tokens of text on each side.
 
     acts: [N] (one feature; ``features`` names it) or [N, F] (``features`` are column indices, or pass
@@ -44,22 +53,28 @@ def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions
     feats = [int(features)] if isinstance(features, (int, np.integer)) else [int(f) for f in features]
     if a.ndim == 1:
         if len(feats) != 1:
-            raise LorascopeError(f"1-D activations belong to one feature, got {len(feats)} feature ids",
-                                 fix="pass acts of shape [N, F] or a single feature id")
+            raise LorascopeError(
+                f"1-D activations belong to one feature, got {len(feats)} feature ids",
+                fix="pass acts of shape [N, F] or a single feature id",
+            )
         a = a[:, None]
         cols = [0]
     elif a.ndim == 2:
         cols = [column_of(f) if column_of else f for f in feats]
         bad = [c for c in cols if not 0 <= c < a.shape[1]]
         if bad:
-            raise LorascopeError(f"feature columns {bad} are outside acts' {a.shape[1]} columns",
-                                 fix="pass column indices into acts, or column_of to map ids to columns")
+            raise LorascopeError(
+                f"feature columns {bad} are outside acts' {a.shape[1]} columns",
+                fix="pass column indices into acts, or column_of to map ids to columns",
+            )
     else:
         raise LorascopeError(f"acts must be [N] or [N, F], got shape {a.shape}", fix="reshape the activations")
     n = a.shape[0]
     if not (len(tok) == len(doc) == len(pos) == n):
-        raise LorascopeError(f"lengths differ: acts {n}, token_ids {len(tok)}, doc_index {len(doc)}, "
-                             f"positions {len(pos)}", fix="pass one entry per activation row")
+        raise LorascopeError(
+            f"lengths differ: acts {n}, token_ids {len(tok)}, doc_index {len(doc)}, positions {len(pos)}",
+            fix="pass one entry per activation row",
+        )
     if n_per_feature < 1 or window < 0:
         raise LorascopeError("n_per_feature must be >= 1 and window >= 0", fix="choose valid sizes")
     out: list[dict[str, Any]] = []
@@ -76,24 +91,48 @@ def top_activating_contexts(acts: Any, token_ids: Any, doc_index: Any, positions
             if key not in seen:
                 seen.add(key)
                 chosen.append(w)
-        out.append({"layer": int(layer), "adapter": str(adapter), "feature": f,
-                    "density": float(firing.mean()) if n else 0.0,
-                    "max_act": float(col.max()) if n and firing.any() else 0.0, "contexts": chosen})
+        out.append(
+            {
+                "layer": int(layer),
+                "adapter": str(adapter),
+                "feature": f,
+                "density": float(firing.mean()) if n else 0.0,
+                "max_act": float(col.max()) if n and firing.any() else 0.0,
+                "contexts": chosen,
+            }
+        )
     return out
 
 
-def _window(i: int, tok: np.ndarray, doc: np.ndarray, pos: np.ndarray, docs: Sequence[Sequence[int]],
-            decode: Callable[[list[int]], str], window: int, act: float) -> dict[str, Any]:
+def _window(
+    i: int,
+    tok: np.ndarray,
+    doc: np.ndarray,
+    pos: np.ndarray,
+    docs: Sequence[Sequence[int]],
+    decode: Callable[[list[int]], str],
+    window: int,
+    act: float,
+) -> dict[str, Any]:
     d, p = int(doc[i]), int(pos[i])
     if not 0 <= d < len(docs) or not 0 <= p < len(docs[d]):
-        raise LorascopeError(f"token {i} points at document {d} position {p}, outside the documents",
-                             fix="pass the docs the activations were extracted from")
+        raise LorascopeError(
+            f"token {i} points at document {d} position {p}, outside the documents",
+            fix="pass the docs the activations were extracted from",
+        )
     ids = [int(t) for t in docs[d]]
     if ids[p] != int(tok[i]):
-        raise LorascopeError(f"token {i}: docs[{d}][{p}] is {ids[p]} but token_ids says {int(tok[i])}",
-                             fix="keep token_ids, doc_index and positions aligned with docs")
-    return {"doc_id": d, "text_before": decode(ids[max(0, p - window):p]), "token": decode([ids[p]]),
-            "text_after": decode(ids[p + 1:p + 1 + window]), "activation": act}
+        raise LorascopeError(
+            f"token {i}: docs[{d}][{p}] is {ids[p]} but token_ids says {int(tok[i])}",
+            fix="keep token_ids, doc_index and positions aligned with docs",
+        )
+    return {
+        "doc_id": d,
+        "text_before": decode(ids[max(0, p - window) : p]),
+        "token": decode([ids[p]]),
+        "text_after": decode(ids[p + 1 : p + 1 + window]),
+        "activation": act,
+    }
 
 
 def _visible(text: str) -> str:
@@ -104,17 +143,23 @@ def _visible(text: str) -> str:
 def context_html(ctx: dict[str, Any]) -> str:
     """One context as an HTML snippet; the activating token is in a <mark>. Every string is escaped."""
     act = float(ctx.get("activation", float("nan")))
-    return (f'<div class="ctx"><span class="act">{act:.3g}</span> '
-            f'<span class="txt">{_visible(str(ctx.get("text_before", "")))}'
-            f'<mark title="activation {act:.4g}">{_visible(str(ctx.get("token", "")))}</mark>'
-            f'{_visible(str(ctx.get("text_after", "")))}</span></div>')
+    return (
+        f'<div class="ctx"><span class="act">{act:.3g}</span> '
+        f'<span class="txt">{_visible(str(ctx.get("text_before", "")))}'
+        f'<mark title="activation {act:.4g}">{_visible(str(ctx.get("token", "")))}</mark>'
+        f"{_visible(str(ctx.get('text_after', '')))}</span></div>"
+    )
 
 
 def feature_html(entry: dict[str, Any]) -> str:
     """One feature's block: heading (layer, adapter, feature, density, max activation) and its contexts."""
-    head = (f'L{int(entry.get("layer", -1))} · {html.escape(str(entry.get("adapter", "")))} · '
-            f'feature {int(entry.get("feature", -1))}')
-    stats = (f'density {100 * float(entry.get("density", float("nan"))):.3g}% · '
-             f'max {float(entry.get("max_act", float("nan"))):.3g}')
+    head = (
+        f"L{int(entry.get('layer', -1))} · {html.escape(str(entry.get('adapter', '')))} · "
+        f"feature {int(entry.get('feature', -1))}"
+    )
+    stats = (
+        f"density {100 * float(entry.get('density', float('nan'))):.3g}% · "
+        f"max {float(entry.get('max_act', float('nan'))):.3g}"
+    )
     body = "".join(context_html(c) for c in entry.get("contexts", [])) or '<p class="muted">no firing tokens</p>'
     return f'<div class="feature"><h4>{head} <span class="muted">{stats}</span></h4>{body}</div>'

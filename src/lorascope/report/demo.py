@@ -26,17 +26,39 @@ def _ci(rng: np.random.Generator, v: float, rel: float = 0.04) -> tuple[float, f
     return v - w, v + w
 
 
-def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, adapters: dict[str, int],
-              n_layers: int) -> list[ResultRow]:
+def _rows_for(
+    rng: np.random.Generator, layer: int, adapter: str, rank: int, adapters: dict[str, int], n_layers: int
+) -> list[ResultRow]:
     depth = 1.0 + layer / max(n_layers, 1)
     n, d = 2048, D_MODEL
     rows: list[ResultRow] = []
 
-    def add(family: str, metric: str, value: float, ci: bool = True, null: float = float("nan"),
-            null_name: str = "", rel: float = 0.04) -> None:
+    def add(
+        family: str,
+        metric: str,
+        value: float,
+        ci: bool = True,
+        null: float = float("nan"),
+        null_name: str = "",
+        rel: float = 0.04,
+    ) -> None:
         lo, hi = _ci(rng, value, rel) if ci else (float("nan"), float("nan"))
-        rows.append(ResultRow(family, metric, float(value), layer=layer, adapter=adapter, rank=rank, ci_low=lo,
-                              ci_high=hi, null_value=null, null_name=null_name, n=n, d=d))
+        rows.append(
+            ResultRow(
+                family,
+                metric,
+                float(value),
+                layer=layer,
+                adapter=adapter,
+                rank=rank,
+                ci_low=lo,
+                ci_high=hi,
+                null_value=null,
+                null_name=null_name,
+                n=n,
+                d=d,
+            )
+        )
 
     base_norm = 10.0 * depth
     dn = 0.4 * np.sqrt(rank) * depth * (1 + 0.05 * rng.standard_normal())
@@ -48,21 +70,31 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
     add("delta_norm", "effective_rank_pr", 1.6 * rank + 2 * rng.random(), ci=False)
     add("delta_norm", "pca_k90", float(int(1.3 * rank) + 1), ci=False)
 
-    fvu = {"fvu_adapter_sae": 0.05 + 0.03 * rng.random(), "fvu_ref_on_delta": 0.6 + 0.1 * rng.random(),
-           "fvu_ref_diff": 0.45 + 0.05 * rng.random(), "fvu_ref_lstsq_active": 0.3 + 0.05 * rng.random(),
-           "fvu_noise": 2.0 + 0.02 * rng.standard_normal()}
+    fvu = {
+        "fvu_adapter_sae": 0.05 + 0.03 * rng.random(),
+        "fvu_ref_on_delta": 0.6 + 0.1 * rng.random(),
+        "fvu_ref_diff": 0.45 + 0.05 * rng.random(),
+        "fvu_ref_lstsq_active": 0.3 + 0.05 * rng.random(),
+        "fvu_noise": 2.0 + 0.02 * rng.standard_normal(),
+    }
     for m, v in fvu.items():
         null = (1.0, "mean_predictor") if m != "fvu_noise" else (2.0, "analytic_expectation")
         add("reconstruction", m, v, null=null[0], null_name=null[1])
         add("reconstruction", "cos_" + m.removeprefix("fvu_"), float(np.sqrt(max(0.0, 1 - min(v, 1.0)))))
     imp = 100 * (fvu["fvu_ref_on_delta"] - fvu["fvu_adapter_sae"]) / fvu["fvu_ref_on_delta"]
     add("reconstruction", "recon_improvement_pct", imp, ci=False)
-    add("reconstruction", "fvu_gap_adapter_sae_vs_best_control", fvu["fvu_adapter_sae"] - fvu["fvu_ref_lstsq_active"],
-        null=0.0, null_name="best_control")
+    add(
+        "reconstruction",
+        "fvu_gap_adapter_sae_vs_best_control",
+        fvu["fvu_adapter_sae"] - fvu["fvu_ref_lstsq_active"],
+        null=0.0,
+        null_name="best_control",
+    )
 
     add("splice", "kl_adapted_vs_base", 0.02 * rank * depth)
-    add("splice", "kl_recovered_rel_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02, null=0.0,
-        null_name="zero_splice")
+    add(
+        "splice", "kl_recovered_rel_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02, null=0.0, null_name="zero_splice"
+    )
     add("splice", "kl_recovered_rel_ref_diff", 0.35 + 0.1 * rng.random(), null=0.0, null_name="zero_splice")
     add("splice", "kl_recovered_rel_mean_delta", 0.1 + 0.05 * rng.random(), null=0.0, null_name="zero_splice")
     add("splice", "kl_recovered_raw_zero", 0.5 + 0.1 * rng.random(), ci=False)
@@ -76,10 +108,20 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
     add("density", "l0_ref_on_delta", 3 + rng.random())
 
     null_mmcs = float(np.sqrt(2 * np.log(F_REF) / D_MODEL))
-    add("decoder_similarity", "mmcs_adapter_to_ref", 0.55 + 0.05 * rng.random(), null=null_mmcs + 0.02,
-        null_name="strongest_alignment_null")
-    add("decoder_similarity", "mmcs_ref_to_adapter", 0.5 + 0.05 * rng.random(), null=null_mmcs,
-        null_name="random_isotropic")
+    add(
+        "decoder_similarity",
+        "mmcs_adapter_to_ref",
+        0.55 + 0.05 * rng.random(),
+        null=null_mmcs + 0.02,
+        null_name="strongest_alignment_null",
+    )
+    add(
+        "decoder_similarity",
+        "mmcs_ref_to_adapter",
+        0.5 + 0.05 * rng.random(),
+        null=null_mmcs,
+        null_name="random_isotropic",
+    )
     add("decoder_similarity", "mmcs_null_isotropic", null_mmcs, ci=False, null_name="random_isotropic")
     add("decoder_similarity", "mmcs_null_cov_matched", null_mmcs + 0.02, ci=False, null_name="cov_matched_random")
     add("decoder_similarity", "mmcs_null_sae_init", null_mmcs + 0.01, ci=False, null_name="SAE at initialisation")
@@ -90,18 +132,36 @@ def _rows_for(rng: np.random.Generator, layer: int, adapter: str, rank: int, ada
 
     kd = K_SUBSPACE / D_MODEL
     add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), ci=False)
-    add("subspace", "selected_cos2_pca_delta_vs_ref_topk", 3 * kd + 0.2 + 0.1 * rng.random(), ci=False, null=3 * kd,
-        null_name="selected_random_dictionary")
+    add(
+        "subspace",
+        "selected_cos2_pca_delta_vs_ref_topk",
+        3 * kd + 0.2 + 0.1 * rng.random(),
+        ci=False,
+        null=3 * kd,
+        null_name="selected_random_dictionary",
+    )
     add("subspace", "selected_cos2_null_q95_pca_delta_vs_ref_topk", 3.5 * kd, ci=False)
     add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
 
     for other, r2 in adapters.items():
         if other != adapter:
-            add("cka", f"cka_delta_vs_{other}", 0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)), ci=False, null=0.0,
-                null_name="document_permutation")
+            add(
+                "cka",
+                f"cka_delta_vs_{other}",
+                0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)),
+                ci=False,
+                null=0.0,
+                null_name="document_permutation",
+            )
             add("cka", f"cka_p__cka_delta_vs_{other}", 0.02, ci=False)
-    add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False, null=0.0,
-        null_name="document_permutation")
+    add(
+        "cka",
+        "cka_codes_adapter_vs_ref",
+        0.3 + 0.1 * rng.random(),
+        ci=False,
+        null=0.0,
+        null_name="document_permutation",
+    )
     return rows
 
 
@@ -123,8 +183,10 @@ def _arrays_for(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
     }
 
 
-_WORDS = ("the ship sailed north & the crew sang <script>alert('x')</script> \"arr\" matey a b < c > d "
-          "yo ho ho and a bottle of rum\nnew line here").split(" ")
+_WORDS = (
+    "the ship sailed north & the crew sang <script>alert('x')</script> \"arr\" matey a b < c > d "
+    "yo ho ho and a bottle of rum\nnew line here"
+).split(" ")
 
 
 def _contexts_for(rng: np.random.Generator, layer: int, adapter: str) -> list[dict]:
@@ -134,17 +196,35 @@ def _contexts_for(rng: np.random.Generator, layer: int, adapter: str) -> list[di
         ctxs = []
         for a in acts:
             i = int(rng.integers(3, len(_WORDS) - 3))
-            ctxs.append({"doc_id": int(rng.integers(0, 100)), "text_before": " ".join(_WORDS[max(0, i - 6):i]) + " ",
-                         "token": _WORDS[i], "text_after": " " + " ".join(_WORDS[i + 1:i + 7]),
-                         "activation": float(round(a, 4))})
-        out.append({"layer": layer, "adapter": adapter, "feature": int(feature),
-                    "density": float(round(rng.uniform(1e-3, 5e-2), 5)), "max_act": float(round(acts[0], 4)),
-                    "contexts": ctxs})
+            ctxs.append(
+                {
+                    "doc_id": int(rng.integers(0, 100)),
+                    "text_before": " ".join(_WORDS[max(0, i - 6) : i]) + " ",
+                    "token": _WORDS[i],
+                    "text_after": " " + " ".join(_WORDS[i + 1 : i + 7]),
+                    "activation": float(round(a, 4)),
+                }
+            )
+        out.append(
+            {
+                "layer": layer,
+                "adapter": adapter,
+                "feature": int(feature),
+                "density": float(round(rng.uniform(1e-3, 5e-2), 5)),
+                "max_act": float(round(acts[0], 4)),
+                "contexts": ctxs,
+            }
+        )
     return out
 
 
-def write_fake_run(folder: str | Path, seed: int = 0, layers: Sequence[int] = (3, 6),
-                   ranks: Sequence[int] = (4, 16), with_absorption: bool = False) -> Path:
+def write_fake_run(
+    folder: str | Path,
+    seed: int = 0,
+    layers: Sequence[int] = (3, 6),
+    ranks: Sequence[int] = (4, 16),
+    with_absorption: bool = False,
+) -> Path:
     """Write a deterministic fake run folder (results table, arrays, contexts, meta) under ``folder``.
 
     Same ``seed`` and arguments give byte-identical tables, arrays and JSON. Returns ``folder`` as a Path.
@@ -157,21 +237,30 @@ def write_fake_run(folder: str | Path, seed: int = 0, layers: Sequence[int] = (3
     contexts: list[dict] = []
     arrays_dir = folder / "results" / "arrays"
     for layer in layers:
-        rows.append(ResultRow("reconstruction", "fvu_ref_on_base", 0.12 + 0.02 * rng.random(), layer=layer,
-                              n=2048, d=D_MODEL))
+        rows.append(
+            ResultRow("reconstruction", "fvu_ref_on_base", 0.12 + 0.02 * rng.random(), layer=layer, n=2048, d=D_MODEL)
+        )
         for name, rank in adapters.items():
             rows += _rows_for(rng, layer, name, rank, adapters, n_layers)
             with atomic_open(arrays_dir / f"L{layer}__{name}.npz", "wb") as fh:
                 np.savez(fh, **_arrays_for(rng, rank))
             contexts += _contexts_for(rng, layer, name)
     for name, rank in adapters.items():
-        for metric, v in (("train_loss_start", 3.2), ("train_loss_end", 0.4 + 1.0 / rank),
-                          ("heldout_loss_base", 3.1), ("heldout_loss_adapted", 0.5 + 1.0 / rank)):
+        for metric, v in (
+            ("train_loss_start", 3.2),
+            ("train_loss_end", 0.4 + 1.0 / rank),
+            ("heldout_loss_base", 3.1),
+            ("heldout_loss_adapted", 0.5 + 1.0 / rank),
+        ):
             rows.append(ResultRow("lora", metric, v, adapter=name, rank=rank))
     if with_absorption:
         for name in adapters:
-            for metric, v in (("absorption_fraction", 0.1 + 0.1 * rng.random()), ("full_absorption_rate", 0.05),
-                              ("splitting_k", 1.0 + rng.random()), ("probe_letters_passing", 24.0)):
+            for metric, v in (
+                ("absorption_fraction", 0.1 + 0.1 * rng.random()),
+                ("full_absorption_rate", 0.05),
+                ("splitting_k", 1.0 + rng.random()),
+                ("probe_letters_passing", 24.0),
+            ):
                 rows.append(ResultRow("absorption", metric, v, layer=layers[-1], adapter=f"base_sae/{name}"))
     df = rows_to_frame(rows)
     res = folder / "results"
@@ -180,11 +269,21 @@ def write_fake_run(folder: str | Path, seed: int = 0, layers: Sequence[int] = (3
     with atomic_path(res / "results.csv") as tmp:
         df.to_csv(tmp, index=False)
     write_json(res / "contexts.json", contexts)
-    meta = {"name": f"demo-seed{seed}", "model": "demo/fake-smollm2", "d_model": D_MODEL, "n_layers": n_layers,
-            "layers": list(layers), "adapters": adapters,
-            "config": {"sae": {"architecture": "topk", "k": 32, "width": F_ADAPTER}, "tokens": 200_000,
-                       "seed": seed, "exclude_positions": "first 4 (attention sinks)"},
-            "timings": {"lora": 31.2, "extract": 84.5, "sae": 120.9, "geometry": 12.3},
-            "created": "2025-01-01T00:00:00"}
+    meta = {
+        "name": f"demo-seed{seed}",
+        "model": "demo/fake-smollm2",
+        "d_model": D_MODEL,
+        "n_layers": n_layers,
+        "layers": list(layers),
+        "adapters": adapters,
+        "config": {
+            "sae": {"architecture": "topk", "k": 32, "width": F_ADAPTER},
+            "tokens": 200_000,
+            "seed": seed,
+            "exclude_positions": "first 4 (attention sinks)",
+        },
+        "timings": {"lora": 31.2, "extract": 84.5, "sae": 120.9, "geometry": 12.3},
+        "created": "2025-01-01T00:00:00",
+    }
     write_json(res / "meta.json", json.loads(json.dumps(meta)))
     return folder

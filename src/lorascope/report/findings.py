@@ -77,8 +77,10 @@ def _interval(s: Stat | None) -> tuple[float, float]:
 
 
 def _reconstruction_cell(tab: Tab, c: tuple[int, str]) -> str:
-    v = reconstruction_verdict(_interval(tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c)),
-                               _interval(tab.get(schema.FVU_ADAPTER_SAE, *c)))
+    v = reconstruction_verdict(
+        _interval(tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c)),
+        _interval(tab.get(schema.FVU_ADAPTER_SAE, *c)),
+    )
     init = tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, *c)
     if v != HOLDS or init is None:
         return v
@@ -93,27 +95,41 @@ def reconstruction_cells(tab: Tab) -> dict[tuple[int, str], str]:
 
 def reconstruction_finding(tab: Tab) -> Finding:
     title = "Adapter SAE reconstructs Δ better than the best control"
-    rule = ("at a layer×adapter cell, holds if the document-bootstrap CI of FVU(adapter SAE) − FVU(best control) "
-            "lies wholly below 0 (best control: the lower-FVU of SAE_ref(h_ft)−SAE_ref(h_base) and least squares on "
-            "the reference atoms active on h_ft; the CI is paired over the same resamples), the CI of "
-            "FVU(adapter SAE) lies below 1 (the mean predictor) and the paired CI of FVU(adapter SAE) − FVU(the same "
-            "SAE at initialisation, fed Δ) lies below 0; no interval: not testable here")
+    rule = (
+        "at a layer×adapter cell, holds if the document-bootstrap CI of FVU(adapter SAE) − FVU(best control) "
+        "lies wholly below 0 (best control: the lower-FVU of SAE_ref(h_ft)−SAE_ref(h_base) and least squares on "
+        "the reference atoms active on h_ft; the CI is paired over the same resamples), the CI of "
+        "FVU(adapter SAE) lies below 1 (the mean predictor) and the paired CI of FVU(adapter SAE) − FVU(the same "
+        "SAE at initialisation, fed Δ) lies below 0; no interval: not testable here"
+    )
     cells = reconstruction_cells(tab)
     if not cells:
         return Finding("reconstruction", title, NOT_MEASURED, "FVU of the adapter SAE not in the table.", rule)
     c = list(cells)[-1]
     a, gap = tab.get(schema.FVU_ADAPTER_SAE, *c), tab.get(schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL, *c)
     ctrl = {m: tab.value(m, *c) for m in (schema.FVU_REF_DIFF, schema.FVU_REF_LSTSQ_ACTIVE, schema.FVU_REF_ON_DELTA)}
-    names = {schema.FVU_REF_DIFF: "SAE(h_ft)−SAE(h_base)", schema.FVU_REF_LSTSQ_ACTIVE: "lstsq on active ref atoms",
-             schema.FVU_REF_ON_DELTA: "reference SAE fed Δ (weakest)"}
+    names = {
+        schema.FVU_REF_DIFF: "SAE(h_ft)−SAE(h_base)",
+        schema.FVU_REF_LSTSQ_ACTIVE: "lstsq on active ref atoms",
+        schema.FVU_REF_ON_DELTA: "reference SAE fed Δ (weakest)",
+    }
     ctrl_txt = ", ".join(f"{names[m]} {_f(v)}" for m, v in ctrl.items() if math.isfinite(v))
     gv = gap.value if gap else math.nan
-    text = (f"FVU {_f(a.value)}{_ci(a)} for the adapter SAE; gap to the best control {_f(gv)}{_ci(gap)}"
-            f" ({_where(tab, *c)}; null: FVU 1 for the mean predictor)"
-            + (f"; controls: {ctrl_txt}" if ctrl_txt else "") + f". {_tally(list(cells.values()))}.")
-    nums = {schema.FVU_ADAPTER_SAE: a.value, schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL: gap.value if gap else
-            math.nan, **ctrl, "layer": c[0], "adapter": c[1], "cells": len(cells),
-            "cells_holding": sum(v == HOLDS for v in cells.values())}
+    text = (
+        f"FVU {_f(a.value)}{_ci(a)} for the adapter SAE; gap to the best control {_f(gv)}{_ci(gap)}"
+        f" ({_where(tab, *c)}; null: FVU 1 for the mean predictor)"
+        + (f"; controls: {ctrl_txt}" if ctrl_txt else "")
+        + f". {_tally(list(cells.values()))}."
+    )
+    nums = {
+        schema.FVU_ADAPTER_SAE: a.value,
+        schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL: gap.value if gap else math.nan,
+        **ctrl,
+        "layer": c[0],
+        "adapter": c[1],
+        "cells": len(cells),
+        "cells_holding": sum(v == HOLDS for v in cells.values()),
+    }
     return Finding("reconstruction", title, _aggregate(list(cells.values())), text, rule, nums)
 
 
@@ -131,11 +147,13 @@ def alignment_cells(tab: Tab) -> dict[tuple[int, str], str]:
 
 def alignment_finding(tab: Tab) -> Finding:
     title = "Alignment between adapter SAE and reference dictionary"
-    rule = ("at a cell, MMCS(adapter→reference) over alive atoms of both is 'no alignment' unless its CI (over "
-            "seeds, or over atoms with one seed) lies above the strongest null (isotropic random atoms, random atoms "
-            "with Δ's training covariance, the adapter SAE at its initialisation); 'at ceiling' when its CI reaches "
-            "the seed-vs-seed ceiling's lower bound (same alive atoms); 'weak' in between; the finding reports the "
-            "cells' common verdict, or 'mixed'")
+    rule = (
+        "at a cell, MMCS(adapter→reference) over alive atoms of both is 'no alignment' unless its CI (over "
+        "seeds, or over atoms with one seed) lies above the strongest null (isotropic random atoms, random atoms "
+        "with Δ's training covariance, the adapter SAE at its initialisation); 'at ceiling' when its CI reaches "
+        "the seed-vs-seed ceiling's lower bound (same alive atoms); 'weak' in between; the finding reports the "
+        "cells' common verdict, or 'mixed'"
+    )
     cells = alignment_cells(tab)
     if not cells:
         return Finding("alignment", title, NOT_MEASURED, "MMCS adapter→reference not in the table.", rule)
@@ -143,15 +161,28 @@ def alignment_finding(tab: Tab) -> Finding:
     s = tab.get(schema.MMCS_ADAPTER_TO_REF, *c)
     ceil = tab.get(schema.MMCS_SEED_VS_SEED, *c)
     ceil_txt = f"seed-vs-seed ceiling {_f(ceil.value)}{_ci(ceil)}" if ceil else "no seed-vs-seed ceiling"
-    nulls = {m: tab.value(m, *c) for m in (schema.MMCS_NULL_ISOTROPIC, schema.MMCS_NULL_COV_MATCHED,
-                                          schema.MMCS_NULL_SAE_INIT)}
-    text = (f"MMCS(adapter→reference) {_f(s.value)}{_ci(s)} vs strongest null {_f(s.null)} and {ceil_txt} "
-            f"({_where(tab, *c)}). {_tally(list(cells.values()))}.")
+    nulls = {
+        m: tab.value(m, *c)
+        for m in (schema.MMCS_NULL_ISOTROPIC, schema.MMCS_NULL_COV_MATCHED, schema.MMCS_NULL_SAE_INIT)
+    }
+    text = (
+        f"MMCS(adapter→reference) {_f(s.value)}{_ci(s)} vs strongest null {_f(s.null)} and {ceil_txt} "
+        f"({_where(tab, *c)}). {_tally(list(cells.values()))}."
+    )
     verdicts = set(cells.values())
     verdict = next(iter(verdicts)) if len(verdicts) == 1 else MIXED
-    nums = {"mmcs": s.value, "ci_low": s.lo, "ci_high": s.hi, "null": s.null, **nulls,
-            "ceiling": ceil.value if ceil else math.nan, "layer": c[0], "adapter": c[1], "cells": len(cells),
-            "verdicts": dict(Counter(cells.values()))}
+    nums = {
+        "mmcs": s.value,
+        "ci_low": s.lo,
+        "ci_high": s.hi,
+        "null": s.null,
+        **nulls,
+        "ceiling": ceil.value if ceil else math.nan,
+        "layer": c[0],
+        "adapter": c[1],
+        "cells": len(cells),
+        "verdicts": dict(Counter(cells.values())),
+    }
     return Finding("alignment", title, verdict, text, rule, nums)
 
 
@@ -163,14 +194,15 @@ def _trend_cell(tab: Tab, metric: str, p_metric: str, layer: int, adapter: str =
     return trend_cell_verdict(p.value, p.null, s.lo, s.hi, ALPHA, direction, "increasing")
 
 
-def trend_finding(tab: Tab, key: str, metric: str, p_metric: str, title: str, what: str,
-                  over: str = "rank") -> Finding:
+def trend_finding(tab: Tab, key: str, metric: str, p_metric: str, title: str, what: str, over: str = "rank") -> Finding:
     """A slope over log2 rank (per layer, same-recipe adapters) or over layers (per adapter)."""
-    rule = (f"per {'layer' if over == 'rank' else 'adapter'}, OLS slope of {what} on "
-            f"{'log2 LoRA rank across adapters trained with one recipe' if over == 'rank' else 'layer index'}; "
-            "holds there if the exact permutation p ≤ 0.05 and the paired document-bootstrap CI of the slope lies "
-            "above 0; not testable here when the design cannot reach p ≤ 0.05 (fewer than 5 points: 4 ranks give "
-            "at best p = 1/12)")
+    rule = (
+        f"per {'layer' if over == 'rank' else 'adapter'}, OLS slope of {what} on "
+        f"{'log2 LoRA rank across adapters trained with one recipe' if over == 'rank' else 'layer index'}; "
+        "holds there if the exact permutation p ≤ 0.05 and the paired document-bootstrap CI of the slope lies "
+        "above 0; not testable here when the design cannot reach p ≤ 0.05 (fewer than 5 points: 4 ranks give "
+        "at best p = 1/12)"
+    )
     if over == "rank":
         keys = [(layer, "") for layer in tab.layers(metric)]
     else:
@@ -181,11 +213,19 @@ def trend_finding(tab: Tab, key: str, metric: str, p_metric: str, title: str, wh
     k = keys[-1]
     s, p = tab.get(metric, *k), tab.get(p_metric, *k)
     where = f"layer {k[0]}" if over == "rank" else f"adapter {k[1]}"
-    text = (f"slope of {what} per {'doubling of rank' if over == 'rank' else 'layer'} {_f(s.value)}{_ci(s)}, "
-            f"permutation p {_f(p.value if p else math.nan)} (smallest attainable {_f(p.null if p else math.nan)}; "
-            f"{where}). {_tally(verdicts)}.")
-    nums = {"slope": s.value, "ci_low": s.lo, "ci_high": s.hi, "p": p.value if p else math.nan,
-            "min_p": p.null if p else math.nan, "cells": len(keys)}
+    text = (
+        f"slope of {what} per {'doubling of rank' if over == 'rank' else 'layer'} {_f(s.value)}{_ci(s)}, "
+        f"permutation p {_f(p.value if p else math.nan)} (smallest attainable {_f(p.null if p else math.nan)}; "
+        f"{where}). {_tally(verdicts)}."
+    )
+    nums = {
+        "slope": s.value,
+        "ci_low": s.lo,
+        "ci_high": s.hi,
+        "p": p.value if p else math.nan,
+        "min_p": p.null if p else math.nan,
+        "cells": len(keys),
+    }
     return Finding(key, title, _aggregate(verdicts), text, rule, nums)
 
 
@@ -197,8 +237,14 @@ def density_finding(tab: Tab) -> Finding:
     f = trend_finding(tab, "density_rank", schema.TREND_L0_RANK, schema.TREND_L0_RANK_P, title, "L0")
     free = free_l0_text(tab)
     if len(l0) > 1 and max(l0) - min(l0) < 1e-9:
-        return Finding(f.key, title, NOT_TESTABLE, f"L0 is fixed at {_f(l0[0])} by the SAE architecture (TopK), so "
-                       f"density cannot rise with rank here.{free}", f.rule, f.numbers)
+        return Finding(
+            f.key,
+            title,
+            NOT_TESTABLE,
+            f"L0 is fixed at {_f(l0[0])} by the SAE architecture (TopK), so density cannot rise with rank here.{free}",
+            f.rule,
+            f.numbers,
+        )
     return Finding(f.key, f.title, f.verdict, f.text + free, f.rule, f.numbers)
 
 
@@ -214,26 +260,38 @@ def free_l0_text(tab: Tab) -> str:
     deepest, top = max(c[0] for c in cells), max(c[2] for c in cells)
     by_rank = sorted((r, v) for layer, _, r, v in cells if layer == deepest)
     by_layer = sorted((layer, v) for layer, _, r, v in cells if r == top)
-    return (f" Free-L0 SAE ({'; '.join(notes) or 'fixed coefficient'}): L0 "
-            f"{', '.join(f'{_f(v)} (rank {r})' for r, v in by_rank)} at layer {deepest}; "
-            f"{', '.join(f'{_f(v)} (layer {x})' for x, v in by_layer)} at rank {top} — one SAE per cell, no CI, so "
-            "descriptive only.")
+    return (
+        f" Free-L0 SAE ({'; '.join(notes) or 'fixed coefficient'}): L0 "
+        f"{', '.join(f'{_f(v)} (rank {r})' for r, v in by_rank)} at layer {deepest}; "
+        f"{', '.join(f'{_f(v)} (layer {x})' for x, v in by_layer)} at rank {top} — one SAE per cell, no CI, so "
+        "descriptive only."
+    )
 
 
 def effective_rank_finding(tab: Tab) -> Finding:
     title = "Δ spreads beyond the LoRA rank"
-    rule = ("at a cell of known rank r, holds if more than r principal components are needed for 90% of Δ's variance "
-            "(pca_k90 > r): the residual Δ carries downstream effects, so it is not confined to rank r")
+    rule = (
+        "at a cell of known rank r, holds if more than r principal components are needed for 90% of Δ's variance "
+        "(pca_k90 > r): the residual Δ carries downstream effects, so it is not confined to rank r"
+    )
     cells = [c for c in tab.cells(schema.PCA_K90) if tab.rank(c[1]) >= 0]
     if not cells:
         return Finding("effective_rank", title, NOT_MEASURED, "PCA spectrum of Δ not in the table.", rule)
     passes = [tab.value(schema.PCA_K90, *c) > tab.rank(c[1]) for c in cells]
     c = cells[-1]
     k90, pr = tab.value(schema.PCA_K90, *c), tab.value(schema.EFFECTIVE_RANK_PR, *c)
-    text = (f"{_f(k90)} components hold 90% of Δ's variance at LoRA rank {tab.rank(c[1])} (layer {c[0]}; "
-            f"participation ratio {_f(pr)}). Exceeds the rank at {sum(passes)}/{len(passes)} cells.")
-    nums = {schema.PCA_K90: k90, "participation_ratio": pr, "rank": tab.rank(c[1]), "layer": c[0],
-            "cells": len(cells), "cells_passing": int(sum(passes))}
+    text = (
+        f"{_f(k90)} components hold 90% of Δ's variance at LoRA rank {tab.rank(c[1])} (layer {c[0]}; "
+        f"participation ratio {_f(pr)}). Exceeds the rank at {sum(passes)}/{len(passes)} cells."
+    )
+    nums = {
+        schema.PCA_K90: k90,
+        "participation_ratio": pr,
+        "rank": tab.rank(c[1]),
+        "layer": c[0],
+        "cells": len(cells),
+        "cells_passing": int(sum(passes)),
+    }
     return Finding("effective_rank", title, _aggregate([HOLDS if x else NOT_HOLDS for x in passes]), text, rule, nums)
 
 
@@ -248,10 +306,12 @@ def _splice_cell(tab: Tab, c: tuple[int, str]) -> str:
 
 def splice_finding(tab: Tab) -> Finding:
     title = "Adapter SAE reconstruction keeps the adapter's behaviour beyond doing nothing"
-    rule = ("at a cell, holds if the document-bootstrap CI of the KL recovered by the adapter SAE's Δ̂ — relative "
-            "to splicing Δ̂ = 0 (1 − KL(adapted‖splice)/KL(adapted‖splice₀); the adapter still acts after the spliced "
-            "layer, so Δ̂ = 0 already recovers part of KL(adapted‖base)) — lies above 0 and above the CI of the "
-            "Δ̂ = mean Δ (training documents) baseline")
+    rule = (
+        "at a cell, holds if the document-bootstrap CI of the KL recovered by the adapter SAE's Δ̂ — relative "
+        "to splicing Δ̂ = 0 (1 − KL(adapted‖splice)/KL(adapted‖splice₀); the adapter still acts after the spliced "
+        "layer, so Δ̂ = 0 already recovers part of KL(adapted‖base)) — lies above 0 and above the CI of the "
+        "Δ̂ = mean Δ (training documents) baseline"
+    )
     cells = {c: _splice_cell(tab, c) for c in tab.cells(schema.KL_RECOVERED_REL_ADAPTER_SAE)}
     if not cells:
         return Finding("splice", title, NOT_MEASURED, "Splice KL not in the table.", rule)
@@ -260,14 +320,23 @@ def splice_finding(tab: Tab) -> Finding:
     ctrl, mean = tab.get(schema.KL_RECOVERED_REL_REF_DIFF, *c), tab.get(schema.kl_recovered_rel("mean_delta"), *c)
     raw0 = tab.value(schema.kl_recovered_raw("zero"), *c)
     kl = tab.value(schema.KL_ADAPTED_VS_BASE, *c)
-    text = (f"KL recovered beyond Δ̂ = 0: {_f(s.value)}{_ci(s)} with the adapter SAE"
-            + (f", {_f(ctrl.value)}{_ci(ctrl)} for SAE(h_ft)−SAE(h_base)" if ctrl else "")
-            + (f", {_f(mean.value)}{_ci(mean)} for Δ̂ = mean Δ" if mean else "")
-            + f"; Δ̂ = 0 alone recovers {_f(raw0)} of KL(adapted‖base) = {_f(kl)} nats/token ({_where(tab, *c)}). "
-            + f"{_tally(list(cells.values()))}.")
-    nums = {schema.KL_RECOVERED_REL_ADAPTER_SAE: s.value, schema.KL_RECOVERED_REL_REF_DIFF: ctrl.value if ctrl
-            else math.nan, "raw_recovered_by_zero": raw0, schema.KL_ADAPTED_VS_BASE: kl, "layer": c[0],
-            "adapter": c[1], "cells": len(cells), "cells_holding": sum(v == HOLDS for v in cells.values())}
+    text = (
+        f"KL recovered beyond Δ̂ = 0: {_f(s.value)}{_ci(s)} with the adapter SAE"
+        + (f", {_f(ctrl.value)}{_ci(ctrl)} for SAE(h_ft)−SAE(h_base)" if ctrl else "")
+        + (f", {_f(mean.value)}{_ci(mean)} for Δ̂ = mean Δ" if mean else "")
+        + f"; Δ̂ = 0 alone recovers {_f(raw0)} of KL(adapted‖base) = {_f(kl)} nats/token ({_where(tab, *c)}). "
+        + f"{_tally(list(cells.values()))}."
+    )
+    nums = {
+        schema.KL_RECOVERED_REL_ADAPTER_SAE: s.value,
+        schema.KL_RECOVERED_REL_REF_DIFF: ctrl.value if ctrl else math.nan,
+        "raw_recovered_by_zero": raw0,
+        schema.KL_ADAPTED_VS_BASE: kl,
+        "layer": c[0],
+        "adapter": c[1],
+        "cells": len(cells),
+        "cells_holding": sum(v == HOLDS for v in cells.values()),
+    }
     return Finding("splice", title, _aggregate(list(cells.values())), text, rule, nums)
 
 
@@ -277,36 +346,50 @@ def subspace_cells(tab: Tab) -> dict[tuple[int, str], str]:
     name = schema.PCA_DELTA_VS_REF_TOPK
     out = {}
     for c in tab.cells(schema.selected_cos2(name)):
-        v = overlap_verdict(tab.value(schema.selected_cos2(name), *c),
-                            tab.value(schema.selected_cos2_null_q95(name), *c))
+        v = overlap_verdict(
+            tab.value(schema.selected_cos2(name), *c), tab.value(schema.selected_cos2_null_q95(name), *c)
+        )
         out[c] = {"beyond chance": HOLDS, "at chance": NOT_HOLDS}.get(v, v)
     return out
 
 
 def subspace_finding(tab: Tab) -> Finding:
     title = "Δ's subspace overlaps the reference subspace beyond chance"
-    rule = ("at a cell, holds if the split-half overlap (mean cos²) of the reference's top-k atoms, selected by "
-            "energy on half of the held-out documents, with PCA_k(Δ) of the other half exceeds the 95th percentile "
-            "of the same selection run on random isotropic and covariance-matched dictionaries; only comparisons "
-            "that involve the reference count (k/d is no null for atoms selected on Δ)")
+    rule = (
+        "at a cell, holds if the split-half overlap (mean cos²) of the reference's top-k atoms, selected by "
+        "energy on half of the held-out documents, with PCA_k(Δ) of the other half exceeds the 95th percentile "
+        "of the same selection run on random isotropic and covariance-matched dictionaries; only comparisons "
+        "that involve the reference count (k/d is no null for atoms selected on Δ)"
+    )
     cells = subspace_cells(tab)
     if not cells:
         return Finding("subspace", title, NOT_MEASURED, "Selection-aware subspace overlap not in the table.", rule)
     c = list(cells)[-1]
     name = schema.PCA_DELTA_VS_REF_TOPK
     s, q95 = tab.get(schema.selected_cos2(name), *c), tab.value(schema.selected_cos2_null_q95(name), *c)
-    text = (f"split-half mean cos² {_f(s.value)} vs selected-random null {_f(s.null)} (95th percentile {_f(q95)}; "
-            f"{_where(tab, *c)}). {_tally(list(cells.values()))}.")
-    nums = {"value": s.value, "null": s.null, "null_q95": q95, "layer": c[0], "adapter": c[1],
-            "cells": len(cells), "cells_holding": sum(v == HOLDS for v in cells.values())}
+    text = (
+        f"split-half mean cos² {_f(s.value)} vs selected-random null {_f(s.null)} (95th percentile {_f(q95)}; "
+        f"{_where(tab, *c)}). {_tally(list(cells.values()))}."
+    )
+    nums = {
+        "value": s.value,
+        "null": s.null,
+        "null_q95": q95,
+        "layer": c[0],
+        "adapter": c[1],
+        "cells": len(cells),
+        "cells_holding": sum(v == HOLDS for v in cells.values()),
+    }
     return Finding("subspace", title, _aggregate(list(cells.values())), text, rule, nums)
 
 
 def cka_finding(tab: Tab) -> Finding:
     title = "Adapters of different ranks change similar directions"
-    rule = ("per layer and adapter pair, debiased linear CKA of Δ on the same held-out tokens against a null that "
-            "re-pairs whole documents; a pair shares directions if the permutation p ≤ 0.05; holds at a layer if "
-            "every pair does")
+    rule = (
+        "per layer and adapter pair, debiased linear CKA of Δ on the same held-out tokens against a null that "
+        "re-pairs whole documents; a pair shares directions if the permutation p ≤ 0.05; holds at a layer if "
+        "every pair does"
+    )
     by_layer: dict[int, list[tuple[float, float, float]]] = {}
     seen: set[tuple[int, frozenset]] = set()
     for m in tab.metrics(schema.CKA_DELTA_VS):
@@ -316,16 +399,24 @@ def cka_finding(tab: Tab) -> Finding:
                 continue
             seen.add((layer, frozenset((a, b))))
             p = tab.get(schema.cka_extra(m, "p"), layer, a)
-            by_layer.setdefault(layer, []).append((tab.value(m, layer, a), tab.get(m, layer, a).null,
-                                                   p.value if p else math.nan))
+            by_layer.setdefault(layer, []).append(
+                (tab.value(m, layer, a), tab.get(m, layer, a).null, p.value if p else math.nan)
+            )
     if not by_layer:
-        return Finding("cka", title, NOT_MEASURED, "CKA between adapters not in the table (needs ≥ 2 adapters).",
-                       rule)
-    verdicts = [NOT_TESTABLE if any(not math.isfinite(p) for _, _, p in v) else
-                HOLDS if all(p <= ALPHA for _, _, p in v) else NOT_HOLDS for v in by_layer.values()]
-    parts = "; ".join(f"layer {k}: mean {_f(float(np.mean([x[0] for x in v])))} vs null mean "
-                      f"{_f(float(np.mean([x[1] for x in v])))}, max p {_f(max(x[2] for x in v))}"
-                      for k, v in sorted(by_layer.items()))
+        return Finding("cka", title, NOT_MEASURED, "CKA between adapters not in the table (needs ≥ 2 adapters).", rule)
+    verdicts = [
+        NOT_TESTABLE
+        if any(not math.isfinite(p) for _, _, p in v)
+        else HOLDS
+        if all(p <= ALPHA for _, _, p in v)
+        else NOT_HOLDS
+        for v in by_layer.values()
+    ]
+    parts = "; ".join(
+        f"layer {k}: mean {_f(float(np.mean([x[0] for x in v])))} vs null mean "
+        f"{_f(float(np.mean([x[1] for x in v])))}, max p {_f(max(x[2] for x in v))}"
+        for k, v in sorted(by_layer.items())
+    )
     text = f"debiased CKA between adapters' Δ — {parts}. {_tally(verdicts)}."
     nums = {"mean_cka_by_layer": {str(k): float(np.mean([x[0] for x in v])) for k, v in by_layer.items()}}
     return Finding("cka", title, _aggregate(verdicts), text, rule, nums)
@@ -334,18 +425,42 @@ def cka_finding(tab: Tab) -> Finding:
 def compute_findings(df) -> list[Finding]:
     """All findings of a results table, in report order."""
     tab = Tab(normalize_frame(df))
-    return [reconstruction_finding(tab), alignment_finding(tab), density_finding(tab),
-            trend_finding(tab, "delta_norm_rank", schema.TREND_DELTA_NORM_RANK, schema.TREND_DELTA_NORM_RANK_P,
-                          "Δ norm grows with rank", "mean ‖Δ‖"),
-            trend_finding(tab, "delta_norm_depth", schema.TREND_DELTA_NORM_DEPTH, schema.TREND_DELTA_NORM_DEPTH_P,
-                          "Δ norm grows with depth", "mean ‖Δ‖", over="depth"),
-            effective_rank_finding(tab), splice_finding(tab), subspace_finding(tab), cka_finding(tab)]
+    return [
+        reconstruction_finding(tab),
+        alignment_finding(tab),
+        density_finding(tab),
+        trend_finding(
+            tab,
+            "delta_norm_rank",
+            schema.TREND_DELTA_NORM_RANK,
+            schema.TREND_DELTA_NORM_RANK_P,
+            "Δ norm grows with rank",
+            "mean ‖Δ‖",
+        ),
+        trend_finding(
+            tab,
+            "delta_norm_depth",
+            schema.TREND_DELTA_NORM_DEPTH,
+            schema.TREND_DELTA_NORM_DEPTH_P,
+            "Δ norm grows with depth",
+            "mean ‖Δ‖",
+            over="depth",
+        ),
+        effective_rank_finding(tab),
+        splice_finding(tab),
+        subspace_finding(tab),
+        cka_finding(tab),
+    ]
 
 
 def findings_markdown(df) -> str:
     """Findings as a Markdown list (verdict, title, numbers, rule)."""
-    lines = ["## Findings", "", "Intervals resample documents unless the table's ci_unit column says seed or atom "
-             "(see docs/statistics.md).", ""]
+    lines = [
+        "## Findings",
+        "",
+        "Intervals resample documents unless the table's ci_unit column says seed or atom (see docs/statistics.md).",
+        "",
+    ]
     for f in compute_findings(df):
         lines.append(f"- **{f.title}** — *{f.verdict}*. {f.text}  ")
         lines.append(f"  Rule: {f.rule}.")

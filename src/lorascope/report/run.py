@@ -39,8 +39,10 @@ def normalize_frame(df):
         df = df.assign(ci_unit="")
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise LorascopeError(f"results table lacks columns {missing}",
-                             fix="re-run the pipeline; the table must have lorascope.results.COLUMNS")
+        raise LorascopeError(
+            f"results table lacks columns {missing}",
+            fix="re-run the pipeline; the table must have lorascope.results.COLUMNS",
+        )
     out = df[COLUMNS].copy()
     for c in _NUMERIC:
         out[c] = pd.to_numeric(out[c], errors="coerce")
@@ -62,15 +64,17 @@ def read_results(run_dir: str | Path):
         try:
             frame = pd.read_parquet(pq)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for truncated/corrupt files
-            raise LorascopeError(f"{pq} is not a readable Parquet file ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})",
-                                 fix="re-run `lorascope run CONFIG` to rewrite the results (it resumes from the "
-                                     "finished stages)") from exc
+            raise LorascopeError(
+                f"{pq} is not a readable Parquet file ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'corrupt'})",
+                fix="re-run `lorascope run CONFIG` to rewrite the results (it resumes from the finished stages)",
+            ) from exc
         return normalize_frame(frame)
     if csv.is_file():
         return normalize_frame(pd.read_csv(csv, keep_default_na=False, na_values=["", "nan", "NaN"]))
-    raise LorascopeError(f"no results table in {res}",
-                         fix="point at a run folder written by `lorascope run`, or run the pipeline first")
+    raise LorascopeError(
+        f"no results table in {res}", fix="point at a run folder written by `lorascope run`, or run the pipeline first"
+    )
 
 
 def read_arrays(run_dir: str | Path) -> dict[tuple[int, str], dict[str, np.ndarray]]:
@@ -97,8 +101,9 @@ def _read_json(path: Path, default: Any) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise LorascopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
-                             fix="delete the file and re-run the pipeline") from exc
+        raise LorascopeError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})", fix="delete the file and re-run the pipeline"
+        ) from exc
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -116,7 +121,13 @@ def load_run(run_dir: str | Path) -> RunData:
     contexts = _read_json(run_dir / "results" / "contexts.json", [])
     meta = _read_json(run_dir / "results" / "meta.json", {})
     if not isinstance(contexts, list):
-        raise LorascopeError(f"{run_dir / 'results' / 'contexts.json'} is not a list",
-                             fix="re-run the pipeline's contexts stage")
-    return RunData(run_dir=run_dir, df=df, arrays=read_arrays(run_dir), contexts=contexts,
-                   meta=meta if isinstance(meta, dict) else {})
+        raise LorascopeError(
+            f"{run_dir / 'results' / 'contexts.json'} is not a list", fix="re-run the pipeline's contexts stage"
+        )
+    return RunData(
+        run_dir=run_dir,
+        df=df,
+        arrays=read_arrays(run_dir),
+        contexts=contexts,
+        meta=meta if isinstance(meta, dict) else {},
+    )

@@ -133,9 +133,7 @@ def rebatch(
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
-def take_rows(
-    chunks: Iterator[torch.Tensor], rows: int
-) -> tuple[torch.Tensor | None, Iterator[torch.Tensor]]:
+def take_rows(chunks: Iterator[torch.Tensor], rows: int) -> tuple[torch.Tensor | None, Iterator[torch.Tensor]]:
     """Read the first ``rows`` rows (fewer if the stream is shorter) and return them with the untouched stream
     (the rows read are put back in front)."""
     head: list[torch.Tensor] = []

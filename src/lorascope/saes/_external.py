@@ -80,9 +80,7 @@ def load_sparsify(folder: Path, hookpoint: str | None) -> SAE:
     w = t["encoder.weight"]
     f, d = w.shape
     meta = {"source_format": "sparsify", "source_path": str(folder), "hook_name": folder.name}
-    sae_cfg = SAEConfig(
-        "topk", int(cfg.get("d_in", d)), f, True, _tensor_dtype(w), {"k": int(cfg["k"])}, meta
-    )
+    sae_cfg = SAEConfig("topk", int(cfg.get("d_in", d)), f, True, _tensor_dtype(w), {"k": int(cfg["k"])}, meta)
     canon = {
         "W_enc": w.T.contiguous(),
         "b_enc": t["encoder.bias"],
@@ -94,8 +92,10 @@ def load_sparsify(folder: Path, hookpoint: str | None) -> SAE:
 
 # ---- dictionary_learning -----------------------------------------------------------------------
 def _unreadable(path: Path, exc: BaseException) -> LorascopeError:
-    return LorascopeError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})",
-                          fix="the file is corrupt or truncated; re-download it")
+    return LorascopeError(
+        f"{path} is not a readable torch file ({type(exc).__name__}: {exc})",
+        fix="the file is corrupt or truncated; re-download it",
+    )
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -121,9 +121,7 @@ def _torch_load(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict):
-        raise LorascopeError(
-            f"{path} holds a {type(obj).__name__}, not a state dict", fix="save model.state_dict()"
-        )
+        raise LorascopeError(f"{path} holds a {type(obj).__name__}, not a state dict", fix="save model.state_dict()")
     return obj
 
 
@@ -136,11 +134,7 @@ def _dict_class(folder: Path, state: dict[str, Any]) -> tuple[str, dict[str, Any
         if "W_enc" in state:
             name = "JumpReluAutoEncoder"
         elif "k" in state:
-            name = (
-                "BatchTopKSAE"
-                if float(state.get("threshold", torch.tensor(-1.0))) >= 0
-                else "AutoEncoderTopK"
-            )
+            name = "BatchTopKSAE" if float(state.get("threshold", torch.tensor(-1.0))) >= 0 else "AutoEncoderTopK"
         else:
             name = "AutoEncoder" if "bias" in state else "AutoEncoderNew"
     return name, trainer
@@ -151,9 +145,11 @@ def load_dictionary_learning(path: Path, allow_pickle: bool = False) -> SAE:
     try:
         return _dl_from_state(path, state)
     except KeyError as exc:
-        raise LorascopeError(f"{path} lacks the tensor {exc} of a dictionary_learning SAE (it has "
-                             f"{', '.join(sorted(map(str, state))[:6]) or 'no entries'})",
-                             fix="pass an ae.pt saved by dictionary_learning (a state dict of its SAE)") from exc
+        raise LorascopeError(
+            f"{path} lacks the tensor {exc} of a dictionary_learning SAE (it has "
+            f"{', '.join(sorted(map(str, state))[:6]) or 'no entries'})",
+            fix="pass an ae.pt saved by dictionary_learning (a state dict of its SAE)",
+        ) from exc
 
 
 def _dl_from_state(path: Path, state: dict[str, Any]) -> SAE:
@@ -193,9 +189,7 @@ def _dl_from_state(path: Path, state: dict[str, Any]) -> SAE:
             state["b_dec"],
             {"k": k},
         )
-        if (
-            arch_name == "batchtopk"
-        ):  # threshold < 0 means "never set": relu(pre) > -1 always, i.e. plain ReLU
+        if arch_name == "batchtopk":  # threshold < 0 means "never set": relu(pre) > -1 always, i.e. plain ReLU
             thr = max(float(state.get("threshold", torch.tensor(-1.0))), 0.0)
             canon["threshold"] = torch.full((f,), thr, dtype=w.dtype)
     cfg = SAEConfig(arch_name, d, f, apply_b_dec, _tensor_dtype(w), arch, meta)

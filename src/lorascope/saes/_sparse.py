@@ -121,9 +121,7 @@ class _EncodeValues(torch.autograd.Function):
             x_c = (x - b_dec if ctx.apply_b_dec else x).to(W_enc.dtype)
             g_w = sel.scatter_rows(grad, x_c).T.contiguous().to(W_enc.dtype)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            g_sum = torch.zeros(sel.n_latents, dtype=torch.float32, device=grad.device).index_add_(
-                0, sel.cols, grad
-            )
+            g_sum = torch.zeros(sel.n_latents, dtype=torch.float32, device=grad.device).index_add_(0, sel.cols, grad)
             if ctx.needs_input_grad[3]:
                 g_b = g_sum.to(W_enc.dtype)
             if ctx.needs_input_grad[4] and ctx.apply_b_dec:
@@ -152,9 +150,7 @@ class _DecodeSparse(torch.autograd.Function):
     def forward(ctx, values, W_dec, sel: Selection):
         ctx.sel = sel
         ctx.save_for_backward(values, W_dec)
-        return F.embedding_bag(
-            sel.cols, W_dec, sel.bag_offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype)
-        )
+        return F.embedding_bag(sel.cols, W_dec, sel.bag_offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):

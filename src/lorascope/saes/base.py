@@ -110,8 +110,9 @@ def settings_class(name: str) -> type[SAESettings]:
     return sae_class(name).settings_class
 
 
-def parse_settings(architecture: str, arch: dict[str, Any], d_in: int | None = None,
-                   d_sae: int | None = None) -> SAESettings:
+def parse_settings(
+    architecture: str, arch: dict[str, Any], d_in: int | None = None, d_sae: int | None = None
+) -> SAESettings:
     """Validate ``arch`` for ``architecture`` (and, given the width, fill width-dependent fields); bad values
     raise one LorascopeError naming the setting."""
     cls = settings_class(architecture)
@@ -132,15 +133,19 @@ def settings_error(architecture: str, exc: ValidationError, cls: type[BaseModel]
     err = exc.errors()[0]
     name = ".".join(str(p) for p in err["loc"])
     if err["type"] == "missing":
-        return LorascopeError(f"{architecture} SAE needs {name} (the setting {name!r} is missing)",
-                              fix=f"pass {name}=<value> when creating the SAE")
+        return LorascopeError(
+            f"{architecture} SAE needs {name} (the setting {name!r} is missing)",
+            fix=f"pass {name}=<value> when creating the SAE",
+        )
     if err["type"] == "extra_forbidden":
-        return LorascopeError(f"{architecture} SAE has no setting {name!r}",
-                              fix=f"use one of: {', '.join(cls.model_fields)}")
+        return LorascopeError(
+            f"{architecture} SAE has no setting {name!r}", fix=f"use one of: {', '.join(cls.model_fields)}"
+        )
     ctx_err = (err.get("ctx") or {}).get("error")
     msg = f" {ctx_err}" if ctx_err is not None else f": {err['msg']}"
-    return LorascopeError(f"{architecture} SAE: {name}{msg}" if name else f"{architecture} SAE:{msg}",
-                          fix="change that setting")
+    return LorascopeError(
+        f"{architecture} SAE: {name}{msg}" if name else f"{architecture} SAE:{msg}", fix="change that setting"
+    )
 
 
 def known_architectures() -> list[str]:
@@ -149,13 +154,23 @@ def known_architectures() -> list[str]:
 
 def sae_class(name: str) -> type[SAE]:
     if name not in _REGISTRY:
-        raise LorascopeError(f"unknown SAE architecture {name!r}",
-                             fix=f"use one of: {', '.join(known_architectures())}")
+        raise LorascopeError(
+            f"unknown SAE architecture {name!r}", fix=f"use one of: {', '.join(known_architectures())}"
+        )
     return _REGISTRY[name]
 
 
-def create_sae(architecture: str, d_in: int, d_sae: int, *, seed: int = 0, dtype: str = "float32",
-               apply_b_dec_to_input: bool = True, metadata: dict | None = None, **arch: Any) -> SAE:
+def create_sae(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    apply_b_dec_to_input: bool = True,
+    metadata: dict | None = None,
+    **arch: Any,
+) -> SAE:
     """Build a freshly initialised SAE of a registered architecture."""
     if d_in <= 0 or d_sae <= 0:
         raise LorascopeError(f"d_in and d_sae must be positive (got {d_in}, {d_sae})", fix="pass positive sizes")
@@ -232,7 +247,8 @@ class SAE(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.d_in:
             raise LorascopeError(
                 f"activations have shape {tuple(x.shape)} but this SAE expects [N, {self.d_in}] (d_in = {self.d_in})",
-                fix="use an SAE trained for this layer's width, or the matching activations")
+                fix="use an SAE trained for this layer's width, or the matching activations",
+            )
 
     # ---- training ------------------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, ctx: TrainContext) -> TrainOutput:  # pragma: no cover - abstract

@@ -89,18 +89,37 @@ def density_at_coefficient(train: Any, held_out: Any, coefficient: float, spec: 
     if not coefficient >= 0 or not math.isfinite(coefficient):
         raise LorascopeError(f"sparsity coefficient {coefficient} is not a finite number >= 0", fix="use e.g. 0.2")
     d_in = _width(train)
-    sae = create_sae(spec.architecture, d_in, spec.d_sae, seed=spec.seed,
-                     **{**spec.arch, COEFFICIENT_NAME[spec.architecture]: coefficient})
+    sae = create_sae(
+        spec.architecture,
+        d_in,
+        spec.d_sae,
+        seed=spec.seed,
+        **{**spec.arch, COEFFICIENT_NAME[spec.architecture]: coefficient},
+    )
     t0 = time.perf_counter()
     res = train_sae(sae, train, replace(spec.trainer, seed=spec.seed), progress=False)
     ev = evaluate_sae(res.sae, held_out)
-    return DensityRun(float(coefficient), float(ev["fvu"]), float(ev["l0"]), float(ev["l0"]) / spec.d_sae,
-                      1.0 - float(ev["dead"]) / spec.d_sae, time.perf_counter() - t0)
+    return DensityRun(
+        float(coefficient),
+        float(ev["fvu"]),
+        float(ev["l0"]),
+        float(ev["l0"]) / spec.d_sae,
+        1.0 - float(ev["dead"]) / spec.d_sae,
+        time.perf_counter() - t0,
+    )
 
 
-def density_at_matched_fvu(train: Any, held_out: Any, target_fvu: float, spec: DensitySpec, *,
-                           start: float | None = None, factor: float = 4.0, max_runs: int = 8,
-                           fvu_rtol: float = 0.05) -> MatchedDensity:
+def density_at_matched_fvu(
+    train: Any,
+    held_out: Any,
+    target_fvu: float,
+    spec: DensitySpec,
+    *,
+    start: float | None = None,
+    factor: float = 4.0,
+    max_runs: int = 8,
+    fvu_rtol: float = 0.05,
+) -> MatchedDensity:
     """L0 of ``spec`` SAEs at the coefficient where held-out FVU reaches ``target_fvu`` (one training run per
     coefficient tried, at most ``max_runs``, the first at ``start``: default, the architecture's default
     coefficient); see the module docstring for the search."""
@@ -109,16 +128,31 @@ def density_at_matched_fvu(train: Any, held_out: Any, target_fvu: float, spec: D
         raise LorascopeError(f"target_fvu = {target_fvu} must be in (0, 1)", fix="use e.g. 0.1")
     name = COEFFICIENT_NAME[spec.architecture]
     first = float(settings_class(spec.architecture).model_fields[name].default) if start is None else start
-    return search_matched_fvu(lambda c: density_at_coefficient(train, held_out, c, spec), target_fvu,
-                              start=first, factor=factor, max_runs=max_runs, fvu_rtol=fvu_rtol)
+    return search_matched_fvu(
+        lambda c: density_at_coefficient(train, held_out, c, spec),
+        target_fvu,
+        start=first,
+        factor=factor,
+        max_runs=max_runs,
+        fvu_rtol=fvu_rtol,
+    )
 
 
-def search_matched_fvu(run_at: Callable[[float], DensityRun], target_fvu: float, *, start: float,
-                       factor: float = 4.0, max_runs: int = 8, fvu_rtol: float = 0.05) -> MatchedDensity:
+def search_matched_fvu(
+    run_at: Callable[[float], DensityRun],
+    target_fvu: float,
+    *,
+    start: float,
+    factor: float = 4.0,
+    max_runs: int = 8,
+    fvu_rtol: float = 0.05,
+) -> MatchedDensity:
     """Bracket then bisect (in log coefficient) for FVU = ``target_fvu``; ``run_at(c)`` trains and evaluates."""
     if not start > 0 or not factor > 1 or max_runs < 2:
-        raise LorascopeError(f"bad search settings (start {start}, factor {factor}, max_runs {max_runs})",
-                             fix="use start > 0, factor > 1 and max_runs >= 2")
+        raise LorascopeError(
+            f"bad search settings (start {start}, factor {factor}, max_runs {max_runs})",
+            fix="use start > 0, factor > 1 and max_runs >= 2",
+        )
     runs = [run_at(start)]
     below = runs[0] if runs[0].fvu <= target_fvu else None  # fvu <= target: coefficient too small (or exact)
     above = runs[0] if runs[0].fvu > target_fvu else None
@@ -129,8 +163,12 @@ def search_matched_fvu(run_at: Callable[[float], DensityRun], target_fvu: float,
             below = runs[-1]
         else:
             above = runs[-1]
-    while (below is not None and above is not None and len(runs) < max_runs
-           and min(abs(below.fvu - target_fvu), abs(above.fvu - target_fvu)) > fvu_rtol * target_fvu):
+    while (
+        below is not None
+        and above is not None
+        and len(runs) < max_runs
+        and min(abs(below.fvu - target_fvu), abs(above.fvu - target_fvu)) > fvu_rtol * target_fvu
+    ):
         runs.append(run_at(math.sqrt(below.coefficient * above.coefficient)))
         if runs[-1].fvu <= target_fvu:
             below = runs[-1]
@@ -144,21 +182,25 @@ def search_matched_fvu(run_at: Callable[[float], DensityRun], target_fvu: float,
     return MatchedDensity(target_fvu, l0, coef, True, runs)
 
 
-def density_rows(fixed: DensityRun | None, matched: MatchedDensity | None, d_sae: int, **where: Any
-                 ) -> list[ResultRow]:
+def density_rows(fixed: DensityRun | None, matched: MatchedDensity | None, d_sae: int, **where: Any) -> list[ResultRow]:
     """Rows (family "density") for one (layer, adapter): L0 and FVU at the fixed coefficient, and L0 and the
     coefficient at the matched FVU (the target in ``null_value``; NaN L0 when the search did not bracket it)."""
     rows: list[ResultRow] = []
     common = dict(family="density", d=d_sae, dtype="float32", **where)
     if fixed is not None:
         note = f"coefficient {fixed.coefficient:g}"
-        rows += [ResultRow(metric="l0_fixed_coefficient", value=fixed.l0, note=note, **common),
-                 ResultRow(metric="fvu_fixed_coefficient", value=fixed.fvu, note=note, **common)]
+        rows += [
+            ResultRow(metric="l0_fixed_coefficient", value=fixed.l0, note=note, **common),
+            ResultRow(metric="fvu_fixed_coefficient", value=fixed.fvu, note=note, **common),
+        ]
     if matched is not None:
         note = f"target FVU {matched.target_fvu:g}; {len(matched.runs)} runs" + (
-            "" if matched.bracketed else "; target not bracketed")
-        rows += [ResultRow(metric="l0_matched_fvu", value=matched.l0, note=note, **common),
-                 ResultRow(metric="coefficient_matched_fvu", value=matched.coefficient, note=note, **common)]
+            "" if matched.bracketed else "; target not bracketed"
+        )
+        rows += [
+            ResultRow(metric="l0_matched_fvu", value=matched.l0, note=note, **common),
+            ResultRow(metric="coefficient_matched_fvu", value=matched.coefficient, note=note, **common),
+        ]
     return rows
 
 

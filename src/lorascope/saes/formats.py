@@ -29,8 +29,13 @@ from lorascope.saes.base import DTYPES, SAE, SAEConfig, sae_class
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the SAELens config layout we write (v6: nested metadata)
-TO_SAELENS = {"relu": "standard", "paper_a": "standard", "topk": "topk", "batchtopk": "jumprelu",
-              "jumprelu": "jumprelu"}
+TO_SAELENS = {
+    "relu": "standard",
+    "paper_a": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+}
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
 
@@ -124,9 +129,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def dtype_name(value: Any) -> str:
     name = str(value or "float32").removeprefix("torch.")
     if name not in DTYPES:
-        raise LorascopeError(
-            f"unsupported dtype {value!r} in an SAE config", fix=f"use one of {', '.join(DTYPES)}"
-        )
+        raise LorascopeError(f"unsupported dtype {value!r} in an SAE config", fix=f"use one of {', '.join(DTYPES)}")
     return name
 
 
@@ -202,9 +205,7 @@ def _load_saelens(folder: Path) -> SAE:
     _check_saelens_supported(folder, raw, arch_name)
     scaling = tensors.pop("scaling_factor", None)
     if scaling is not None and not torch.all(scaling == 1):
-        raise LorascopeError(
-            f"{folder} has a finetuning scaling_factor", fix="fold it into W_dec before loading"
-        )
+        raise LorascopeError(f"{folder} has a finetuning scaling_factor", fix="fold it into W_dec before loading")
     if "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     if arch_name == "batchtopk" and "topk_threshold" in tensors:
@@ -234,11 +235,19 @@ def nonfinite_tensors(sae: SAE) -> dict[str, int]:
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
-_CONTENT_NAMES = {"safetensors": "a safetensors file", "npz": "a NumPy .npz archive", "npy": "a NumPy .npy array",
-                  "torch": "a torch.save zip archive", "pickle": "a Python pickle", "zip": "a zip archive",
-                  "json": "a JSON text file", "empty": "an empty file"}
-_SAE_FILE_FIX = ("pass an SAE folder (cfg.json + sae_weights.safetensors), a Gemma Scope params.npz or a "
-                 "dictionary_learning ae.pt")
+_CONTENT_NAMES = {
+    "safetensors": "a safetensors file",
+    "npz": "a NumPy .npz archive",
+    "npy": "a NumPy .npy array",
+    "torch": "a torch.save zip archive",
+    "pickle": "a Python pickle",
+    "zip": "a zip archive",
+    "json": "a JSON text file",
+    "empty": "an empty file",
+}
+_SAE_FILE_FIX = (
+    "pass an SAE folder (cfg.json + sae_weights.safetensors), a Gemma Scope params.npz or a dictionary_learning ae.pt"
+)
 
 
 def classify_file(path: str | os.PathLike) -> str:
@@ -276,8 +285,11 @@ def classify_file(path: str | os.PathLike) -> str:
 
 def not_an_sae_file(path: Path, kind: str) -> LorascopeError:
     """The error for a file whose content is not what an SAE loader reads (named by file, with its content)."""
-    what = f"it holds {_CONTENT_NAMES[kind]}" if kind in _CONTENT_NAMES \
+    what = (
+        f"it holds {_CONTENT_NAMES[kind]}"
+        if kind in _CONTENT_NAMES
         else f"unrecognised content, first bytes {Path(path).read_bytes()[:8]!r}"
+    )
     return LorascopeError(f"{path} is not an SAE file ({what})", fix=_SAE_FILE_FIX)
 
 
@@ -294,9 +306,11 @@ def _detect_file(p: Path) -> tuple[str, Path]:
         return "saelens", folder
     if p.name == "sae.safetensors" and (folder / CFG_NAME).exists():
         return "sparsify", folder
-    raise LorascopeError(f"{p} is a safetensors file without an SAE config beside it",
-                         fix="pass the folder holding cfg.json + sae_weights.safetensors (SAELens) or "
-                             "cfg.json + sae.safetensors (sparsify)")
+    raise LorascopeError(
+        f"{p} is a safetensors file without an SAE config beside it",
+        fix="pass the folder holding cfg.json + sae_weights.safetensors (SAELens) or "
+        "cfg.json + sae.safetensors (sparsify)",
+    )
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -55,32 +55,41 @@ def l0_of(path: str | Path) -> float | None:
 def _pick_closest(layer: int, pattern: str, target_l0: float | None) -> ReferencePick:
     matches = sorted(glob.glob(pattern))
     if not matches:
-        raise LorascopeError(f"reference_sae.path for layer {layer}: nothing matches {pattern}",
-                             fix="check the folder (download the SAEs first) and the {layer} placeholder")
+        raise LorascopeError(
+            f"reference_sae.path for layer {layer}: nothing matches {pattern}",
+            fix="check the folder (download the SAEs first) and the {layer} placeholder",
+        )
     cands = tuple((m, l0_of(m)) for m in matches)
     if len(cands) == 1:
         return ReferencePick(layer, Path(matches[0]), "glob", cands[0][1], cands)
     if target_l0 is None:
-        raise LorascopeError(f"reference_sae.path for layer {layer}: {len(cands)} files match {pattern}",
-                             fix="set reference_sae.target_l0 to pick the closest L0, or give {layer: path}")
+        raise LorascopeError(
+            f"reference_sae.path for layer {layer}: {len(cands)} files match {pattern}",
+            fix="set reference_sae.target_l0 to pick the closest L0, or give {layer: path}",
+        )
     with_l0 = [(m, v) for m, v in cands if v is not None]
     if not with_l0:
-        raise LorascopeError(f"reference_sae.path for layer {layer}: no L0 in the names matching {pattern}",
-                             fix="give an explicit {layer: path} mapping")
+        raise LorascopeError(
+            f"reference_sae.path for layer {layer}: no L0 in the names matching {pattern}",
+            fix="give an explicit {layer: path} mapping",
+        )
     path, l0 = min(with_l0, key=lambda mv: (abs(mv[1] - target_l0), mv[1]))
     return ReferencePick(layer, Path(path), "glob", l0, cands)
 
 
-def resolve_reference_paths(spec: str | Mapping[int | str, str], layers: Sequence[int],
-                            target_l0: float | None = None) -> dict[int, ReferencePick]:
+def resolve_reference_paths(
+    spec: str | Mapping[int | str, str], layers: Sequence[int], target_l0: float | None = None
+) -> dict[int, ReferencePick]:
     """{layer: ReferencePick} for ``spec`` (module docstring); every picked path exists. Logs each glob pick."""
     out: dict[int, ReferencePick] = {}
     if isinstance(spec, Mapping):
         given = {int(k): v for k, v in spec.items()}
         missing = [L for L in layers if L not in given]
         if missing:
-            raise LorascopeError(f"reference_sae.path has no entry for layer {missing[0]}",
-                                 fix=f"give a path for every extraction layer {list(layers)}")
+            raise LorascopeError(
+                f"reference_sae.path has no entry for layer {missing[0]}",
+                fix=f"give a path for every extraction layer {list(layers)}",
+            )
         items = [(L, str(given[L]), "mapping") for L in layers]
     else:
         items = [(L, str(spec), "template") for L in layers]
@@ -91,9 +100,10 @@ def resolve_reference_paths(spec: str | Mapping[int | str, str], layers: Sequenc
             _log.warning("reference SAE %s", pick.describe())
         else:
             if not Path(text).exists():
-                raise LorascopeError(f"reference_sae.path for layer {layer}: {text} does not exist",
-                                     fix="check the path; use {layer} in a template, a {layer: path} mapping, or a "
-                                         "glob with target_l0")
+                raise LorascopeError(
+                    f"reference_sae.path for layer {layer}: {text} does not exist",
+                    fix="check the path; use {layer} in a template, a {layer: path} mapping, or a glob with target_l0",
+                )
             pick = ReferencePick(layer, Path(text), rule, l0_of(text))
         out[layer] = pick
     return out

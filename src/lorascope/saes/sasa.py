@@ -76,16 +76,41 @@ from lorascope.saes.base import (
 
 RECIPES = ("published", "lorascope")
 _RECIPE_DEFAULTS: dict[str, dict] = {
-    "published": {"input_norm": "layer_norm", "encoder_renorm": True, "nuclear_target": "decoder",
-                  "nuclear_reduce": "mean", "nuclear_coefficient": 100.0, "nuclear_warmup": False,
-                  "recon_loss": "sse", "auxk_over": "latents", "auxk_coefficient": 1.0, "k_aux": 512},
-    "lorascope": {"input_norm": "none", "encoder_renorm": False, "nuclear_target": "map",
-                  "nuclear_reduce": "sum", "nuclear_coefficient": 1e-4, "nuclear_warmup": True,
-                  "recon_loss": "fvu", "auxk_over": "groups", "auxk_coefficient": 1 / 32, "k_aux": 0},
+    "published": {
+        "input_norm": "layer_norm",
+        "encoder_renorm": True,
+        "nuclear_target": "decoder",
+        "nuclear_reduce": "mean",
+        "nuclear_coefficient": 100.0,
+        "nuclear_warmup": False,
+        "recon_loss": "sse",
+        "auxk_over": "latents",
+        "auxk_coefficient": 1.0,
+        "k_aux": 512,
+    },
+    "lorascope": {
+        "input_norm": "none",
+        "encoder_renorm": False,
+        "nuclear_target": "map",
+        "nuclear_reduce": "sum",
+        "nuclear_coefficient": 1e-4,
+        "nuclear_warmup": True,
+        "recon_loss": "fvu",
+        "auxk_over": "groups",
+        "auxk_coefficient": 1 / 32,
+        "k_aux": 0,
+    },
 }
 # what the authors' training script passes to SAELens's runner (scripts/train_sasa.py)
-PUBLISHED_TRAINER = {"lr": 2e-4, "warmup_steps": 1000, "decay_fraction": 0.2, "betas": (0.9, 0.999),
-                     "scale_inputs": False, "b_dec_init": "zeros", "sparsity_warmup_fraction": 0.0}
+PUBLISHED_TRAINER = {
+    "lr": 2e-4,
+    "warmup_steps": 1000,
+    "decay_fraction": 0.2,
+    "betas": (0.9, 0.999),
+    "scale_inputs": False,
+    "b_dec_init": "zeros",
+    "sparsity_warmup_fraction": 0.0,
+}
 LN_EPS = 1e-5  # SAELens's layer_norm eps (added to the std)
 
 
@@ -128,8 +153,9 @@ class SASASettings(SAESettings):
     def check_width(self, d_in: int, d_sae: int) -> None:
         g, r = self.groups, self.rank
         if g is None or d_sae != g * r:
-            raise ValueError(f"SASA d_sae={d_sae} must equal groups·rank = {g}·{r}"
-                             + (f" = {g * r}" if g is not None else ""))
+            raise ValueError(
+                f"SASA d_sae={d_sae} must equal groups·rank = {g}·{r}" + (f" = {g * r}" if g is not None else "")
+            )
         if self.s > g:
             raise ValueError(f"SASA s={self.s} exceeds groups={g} (active groups per token)")
         if r > d_in:
@@ -165,8 +191,13 @@ class SASA(SAE):
     def saelens_fields(self) -> dict:
         """cfg.json keys of the authors' SAELens class (``topk_sasa``: n_groups, group_rank, k_groups) and the
         input normalisation SAELens applies at inference ("layer_norm" for the published recipe)."""
-        return {"architecture": "topk_sasa", "n_groups": self.groups, "group_rank": self.rank, "k_groups": self.s,
-                "normalize_activations": self.settings.input_norm}
+        return {
+            "architecture": "topk_sasa",
+            "n_groups": self.groups,
+            "group_rank": self.rank,
+            "k_groups": self.s,
+            "normalize_activations": self.settings.input_norm,
+        }
 
     # ---- per-token LayerNorm (published recipe) ---------------------------------------------------------
     def normalise_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -329,9 +360,14 @@ class SASA(SAE):
             parts["auxk"] = aux.detach()
         return TrainOutput(loss, x_hat, lat, parts, active_is_indices=True)
 
-    def _auxk_latents(self, xn: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
-                      stats: tuple[torch.Tensor, torch.Tensor] | None,
-                      dead_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _auxk_latents(
+        self,
+        xn: torch.Tensor,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        stats: tuple[torch.Tensor, torch.Tensor] | None,
+        dead_mask: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Published AuxK: the top-k_aux dead latents by signed pre-activation reconstruct the residual."""
         if dead_mask is None:
             return None
@@ -347,8 +383,9 @@ class SASA(SAE):
         resid = (x - x_hat).detach()
         return min(n_dead / k_aux, 1.0) * (e_hat - resid).pow(2).sum() / x.shape[0]
 
-    def _auxk_groups(self, xn: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
-                     dead_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _auxk_groups(
+        self, xn: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, dead_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """lorascope AuxK on dead groups: the top dead groups (by score) reconstruct the detached residual."""
         if dead_mask is None:
             return None
@@ -372,7 +409,7 @@ class SASA(SAE):
         """Fraction of the rows of ``x`` [N, d_in] on which each group is selected [G] (float64)."""
         counts = torch.zeros(self.groups, dtype=torch.float64)
         for i in range(0, x.shape[0], batch_size):
-            idx, _ = self.select(x[i:i + batch_size])
+            idx, _ = self.select(x[i : i + batch_size])
             counts += torch.bincount(idx.flatten().cpu(), minlength=self.groups).double()
         return counts / max(x.shape[0], 1)
 
@@ -383,16 +420,25 @@ class SASA(SAE):
         encode-decode map (``map_threshold_rank``, ``map_entropy_rank``, ``map_singular_values``)."""
         sv = torch.linalg.svdvals(self.W_dec.detach().double().view(self.groups, self.rank, self.d_in))
         mv = self.map_singular_values()
-        return {"singular_values": sv, "threshold_rank": (sv > rel_threshold * sv[:, :1]).sum(1),
-                "entropy_rank": entropy_rank(sv), "map_singular_values": mv,
-                "map_threshold_rank": (mv > rel_threshold * mv[:, :1]).sum(1),
-                "map_entropy_rank": entropy_rank(mv)}
+        return {
+            "singular_values": sv,
+            "threshold_rank": (sv > rel_threshold * sv[:, :1]).sum(1),
+            "entropy_rank": entropy_rank(sv),
+            "map_singular_values": mv,
+            "map_threshold_rank": (mv > rel_threshold * mv[:, :1]).sum(1),
+            "map_entropy_rank": entropy_rank(mv),
+        }
 
     # ---- resampling -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def resample_groups(self, x: torch.Tensor, firing_rate: torch.Tensor, threshold: float = 2e-4,
-                        optimizer: torch.optim.Optimizer | None = None,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
+    def resample_groups(
+        self,
+        x: torch.Tensor,
+        firing_rate: torch.Tensor,
+        threshold: float = 2e-4,
+        optimizer: torch.optim.Optimizer | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Re-initialise groups whose firing rate [G] is below ``threshold`` from high-error rows of ``x``.
 
         Each such group gets r residual directions x − x̂ (rows drawn with probability ∝ ‖x − x̂‖²) as unit
@@ -410,8 +456,9 @@ class SASA(SAE):
         w = resid.pow(2).sum(1)
         if float(w.sum()) <= 0:
             return rare[:0]
-        picks = torch.multinomial(w / w.sum(), rare.numel() * r, replacement=w.numel() < rare.numel() * r,
-                                  generator=generator)
+        picks = torch.multinomial(
+            w / w.sum(), rare.numel() * r, replacement=w.numel() < rare.numel() * r, generator=generator
+        )
         rows = resid[picks].view(rare.numel(), r, d)
         rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         alive = torch.ones(self.groups, dtype=torch.bool)
@@ -435,8 +482,7 @@ def entropy_rank(sv: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reset_optimizer_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor,
-                         dim: int) -> None:
+def reset_optimizer_rows(optimizer: torch.optim.Optimizer, param: torch.Tensor, index: torch.Tensor, dim: int) -> None:
     """Zero each per-parameter optimiser state tensor (Adam's exp_avg, exp_avg_sq) at ``index`` on ``dim``."""
     state = optimizer.state.get(param)
     if not state:

@@ -55,7 +55,7 @@ class TopKSAE(SAE):
 
     settings: TopKSettings
     sparse_kernels: bool = True
-    encoder_init_scale = 3 ** -0.5
+    encoder_init_scale = 3**-0.5
 
     @property
     def k(self) -> int:

@@ -81,9 +81,7 @@ class TrainerConfig:
                 fix="pass the number of activation rows to train on",
             )
         if self.lr is not None and not self.lr > 0:
-            raise LorascopeError(
-                f"lr must be positive (got {self.lr})", fix="use e.g. lr=2e-4 or leave it unset"
-            )
+            raise LorascopeError(f"lr must be positive (got {self.lr})", fix="use e.g. lr=2e-4 or leave it unset")
         if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_warmup_fraction <= 1:
             raise LorascopeError(
                 "decay_fraction and sparsity_warmup_fraction must be in [0, 1]",
@@ -110,9 +108,7 @@ class TrainResult:
 
     sae: SAE
     log: list[dict[str, float]]  # step, tokens, lr, loss, loss parts, fvu, l0, dead_frac
-    final: dict[
-        str, float
-    ]  # fvu, mse (raw units), cosine, l0, dead_frac, steps, tokens, seconds, tokens_per_s
+    final: dict[str, float]  # fvu, mse (raw units), cosine, l0, dead_frac, steps, tokens, seconds, tokens_per_s
     input_scale: float
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -173,9 +169,7 @@ class _State:
         self.window: list[ReconstructionStats] = []
 
 
-def _save_checkpoint(
-    path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig
-) -> None:
+def _save_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig) -> None:
     blob = {
         "format": "lorascope-sae-checkpoint/1",
         "sae_config": sae.cfg.to_dict(),
@@ -194,9 +188,7 @@ def _save_checkpoint(
         torch.save(blob, tmp)
 
 
-def _load_checkpoint(
-    path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig
-) -> None:
+def _load_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, st: _State, cfg: TrainerConfig) -> None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated / foreign file
@@ -294,9 +286,15 @@ def train_sae(
     sae.to(device).train()
     base_lr = cfg.lr or lr_for_width(sae.d_sae)
     amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
-    run = _Run(cfg, math.ceil(total_tokens / cfg.batch_size), base_lr,
-               cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1)), device,
-               torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None), dp)
+    run = _Run(
+        cfg,
+        math.ceil(total_tokens / cfg.batch_size),
+        base_lr,
+        cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1)),
+        device,
+        torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None),
+        dp,
+    )
     opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, base_lr)
     st = _State(sae.d_sae)
     resumed, chunks = _start(sae, opt, st, source, ckpt, run)
@@ -309,19 +307,33 @@ def train_sae(
     final = _final_stats(st, run.window, seconds, st.tokens - tokens_at_start)
     sae.eval()
     sae.fold_input_scale(st.scale)
-    return TrainResult(sae, st.log, final, st.scale,
-                       {**asdict(cfg), "lr": base_lr, "total_steps": run.total_steps,
-                        "dead_window_tokens": run.window, "resumed": resumed})
+    return TrainResult(
+        sae,
+        st.log,
+        final,
+        st.scale,
+        {
+            **asdict(cfg),
+            "lr": base_lr,
+            "total_steps": run.total_steps,
+            "dead_window_tokens": run.window,
+            "resumed": resumed,
+        },
+    )
 
 
-def _start(sae: SAE, opt: torch.optim.Optimizer, st: _State, source: BatchSource, ckpt: Path | None,
-           run: _Run) -> tuple[bool, Any]:
+def _start(
+    sae: SAE, opt: torch.optim.Optimizer, st: _State, source: BatchSource, ckpt: Path | None, run: _Run
+) -> tuple[bool, Any]:
     """Resume from the checkpoint, or seed, scale the inputs and initialise b_dec from the first rows. Returns
     (resumed, the batch chunks still to train on)."""
     resumed = bool(run.cfg.resume and ckpt is not None and ckpt.exists())
     if run.dp is not None:
-        run.dp.check_agree(resumed, f"the checkpoint {ckpt} is visible on some ranks only",
-                           "put checkpoint_dir on a filesystem every rank can read")
+        run.dp.check_agree(
+            resumed,
+            f"the checkpoint {ckpt} is visible on some ranks only",
+            "put checkpoint_dir on a filesystem every rank can read",
+        )
     if resumed:
         _load_checkpoint(ckpt, sae, opt, st, run.cfg)
         chunks = source.open(st.tokens)
@@ -337,8 +349,9 @@ def _start(sae: SAE, opt: torch.optim.Optimizer, st: _State, source: BatchSource
     return resumed, chunks
 
 
-def _loop(sae: SAE, opt: torch.optim.Optimizer, st: _State, batches: Any, ckpt: Path | None, run: _Run,
-          progress: bool) -> None:
+def _loop(
+    sae: SAE, opt: torch.optim.Optimizer, st: _State, batches: Any, ckpt: Path | None, run: _Run, progress: bool
+) -> None:
     """The training loop: a step per global batch, the progress bar, periodic checkpoints."""
     bar = _progress_bar(run.total_steps, st.step, progress and (run.dp is None or run.dp.is_main))
     try:
@@ -360,9 +373,13 @@ def _context(st: _State, run: _Run, share: StepShare | None) -> TrainContext:
     """What the SAE sees this step: step counts, sparsity-coefficient warmup factor, dead-latent mask and, under
     data parallelism, this rank's share of the global batch (for global-batch statistics)."""
     warm_steps = run.cfg.sparsity_warmup_fraction * run.total_steps
-    return TrainContext(st.step, run.total_steps,
-                        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
-                        st.since_fired >= run.window, share)
+    return TrainContext(
+        st.step,
+        run.total_steps,
+        min(1.0, (st.step + 1) / warm_steps) if warm_steps > 0 else 1.0,
+        st.since_fired >= run.window,
+        share,
+    )
 
 
 def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _State, run: _Run) -> None:
@@ -405,8 +422,9 @@ def _train_step(sae: SAE, opt: torch.optim.Optimizer, x: torch.Tensor, st: _Stat
         _record(st, run.window, stats, (in_window, is_log), lr, loss, parts, l0)
 
 
-def _step_stats(sae: SAE, out: TrainOutput, xs: torch.Tensor, l0: float, share: StepShare | None,
-                run: _Run) -> tuple[ReconstructionStats, dict[str, float], float]:
+def _step_stats(
+    sae: SAE, out: TrainOutput, xs: torch.Tensor, l0: float, share: StepShare | None, run: _Run
+) -> tuple[ReconstructionStats, dict[str, float], float]:
     """Reconstruction statistics, loss parts and L0 of this step (merged over ranks under data parallelism)."""
     stats = ReconstructionStats()
     if run.dp is None or run.dp.contributes_stats(share):
@@ -429,8 +447,16 @@ def _wants_stats(st: _State, cfg: TrainerConfig, total_steps: int) -> tuple[bool
     return st.step > total_steps - cfg.final_window_steps, st.step % cfg.log_every == 0 or st.step == total_steps
 
 
-def _record(st: _State, window: int, stats: ReconstructionStats, flags: tuple[bool, bool], lr: float,
-            loss: float, parts: dict[str, float], l0: float) -> None:
+def _record(
+    st: _State,
+    window: int,
+    stats: ReconstructionStats,
+    flags: tuple[bool, bool],
+    lr: float,
+    loss: float,
+    parts: dict[str, float],
+    l0: float,
+) -> None:
     """Keep this step's statistics for the final window and/or append a log entry (``flags``: in window, log)."""
     in_window, is_log = flags
     if in_window:
@@ -487,9 +513,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 
 
 @torch.no_grad()
-def evaluate_sae(
-    sae: SAE, batches: Any, max_tokens: int | None = None, batch_size: int = 4096
-) -> dict[str, Any]:
+def evaluate_sae(sae: SAE, batches: Any, max_tokens: int | None = None, batch_size: int = 4096) -> dict[str, Any]:
     """Reconstruction and sparsity of ``sae`` on raw activations: fvu, explained_variance, mse, cosine, l0,
     dead (count of latents never active in the window), n_tokens, and density [d_sae] (float64 tensor)."""
     was_training = sae.training

@@ -25,10 +25,21 @@ from lorascope.study.splice import (
 
 
 @torch.no_grad()
-def reference_splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: int, adapter: str,
-              reconstructors: dict[str, Reconstructor], batch_size: int = 8, skip_first: int = 1, *,
-              mean_delta=None, selection: TokenSelection | None = None, norm_layers: Sequence[int] | None = None,
-              keep_positions: Sequence[Sequence[int]] | None = None) -> SpliceResult:
+def reference_splice_kl(
+    peft_model,
+    pad_id: int,
+    docs: Sequence[TokenizedExample],
+    layer: int,
+    adapter: str,
+    reconstructors: dict[str, Reconstructor],
+    batch_size: int = 8,
+    skip_first: int = 1,
+    *,
+    mean_delta=None,
+    selection: TokenSelection | None = None,
+    norm_layers: Sequence[int] | None = None,
+    keep_positions: Sequence[Sequence[int]] | None = None,
+) -> SpliceResult:
     """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
 
     ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
@@ -41,14 +52,16 @@ def reference_splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample
     blocks = decoder_blocks(peft_model)
     selection = selection or TokenSelection("all", skip_first, None)
     if keep_positions is not None and len(keep_positions) != len(docs):
-        raise LorascopeError(f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
-                             fix="pass one list of positions per document")
+        raise LorascopeError(
+            f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
+            fix="pass one list of positions per document",
+        )
     recons = _reconstructors(reconstructors, mean_delta)
     peft_model.eval()
     doc_kl = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
     for start in range(0, len(docs), batch_size):
-        chunk = list(docs[start: start + batch_size])
+        chunk = list(docs[start : start + batch_size])
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
         ids, att = batch["input_ids"], batch["attention_mask"]
@@ -70,14 +83,16 @@ def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
     return torch.zeros(b, dtype=torch.float64).index_add_(0, rows, kl).tolist()
 
 
-def _mixed_forward(peft_model, blocks, layers: list[int], ids: torch.Tensor, att: torch.Tensor,
-                   names: list[str]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def _mixed_forward(
+    peft_model, blocks, layers: list[int], ids: torch.Tensor, att: torch.Tensor, names: list[str]
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Logits (float32) of one mixed base/adapted forward and the residual outputs of ``layers``' blocks."""
     caps: dict[int, torch.Tensor] = {}
 
     def grab(layer: int):
         def hook(_m, _i, out):
             caps[layer] = _block_output(out).detach()
+
         return hook
 
     handles = [blocks[L].register_forward_hook(grab(L)) for L in layers]
@@ -89,8 +104,17 @@ def _mixed_forward(peft_model, blocks, layers: list[int], ids: torch.Tensor, att
     return logits, caps
 
 
-def _spliced_logp(peft_model, block, recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor,
-                  sel: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, adapter: str) -> torch.Tensor:
+def _spliced_logp(
+    peft_model,
+    block,
+    recon: Reconstructor,
+    h_base: torch.Tensor,
+    h_ft: torch.Tensor,
+    sel: torch.Tensor,
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    adapter: str,
+) -> torch.Tensor:
     """Log-probabilities at the selected positions of the adapted model with h_base + Δ̂ at ``block``."""
     delta_hat = recon(h_base[sel].float(), h_ft[sel].float()).to(h_ft.dtype)
     replaced = h_ft.clone()

@@ -45,8 +45,10 @@ class Adapter:
 
 def check_adapter_folder(name: str, path: Path) -> None:
     if not (path / "adapter_config.json").is_file():
-        raise LorascopeError(f"adapters.load.{name}: {path} is not a PEFT adapter folder (no adapter_config.json)",
-                             fix="point at a folder saved by PEFT, or remove the entry")
+        raise LorascopeError(
+            f"adapters.load.{name}: {path} is not a PEFT adapter folder (no adapter_config.json)",
+            fix="point at a folder saved by PEFT, or remove the entry",
+        )
 
 
 def _loaded(entry) -> Adapter:
@@ -77,23 +79,42 @@ def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
     from lorascope.models import LoraSettings, held_out_loss, load_adapters, train_lora
 
     cfg, t = st.config, st.config.adapters.train
-    examples = load_dataset_spec(cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed,
-                                 columns=cfg.data.finetune_columns)
+    examples = load_dataset_spec(
+        cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed, columns=cfg.data.finetune_columns
+    )
     train, held = split_examples(examples, 0.15, seed=cfg.seed)
     st.log(f"fine-tuning examples: {check_lengths(cfg, train, st.tokenizer()).summary()}")  # before the model
     base = st.base()
     for r, sd in todo:
         st.log(f"training LoRA rank {r} ({t.steps} steps)")
-        s = LoraSettings(rank=r, alpha=t.alpha, dropout=t.dropout, target_modules=t.target_modules,
-                         steps=t.steps, lr=t.lr, batch_size=t.batch_size, max_length=cfg.data.max_length,
-                         seed=cfg.seed, autocast_bf16=t.autocast_bf16, length_policy=cfg.data.long_examples)
+        s = LoraSettings(
+            rank=r,
+            alpha=t.alpha,
+            dropout=t.dropout,
+            target_modules=t.target_modules,
+            steps=t.steps,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            max_length=cfg.data.max_length,
+            seed=cfg.seed,
+            autocast_bf16=t.autocast_bf16,
+            length_policy=cfg.data.long_examples,
+        )
         res = train_lora(base, train, s, output_dir=sd.path / "adapter", progress=st.progress)
         pm = load_adapters(base, {"a": sd.path / "adapter"})
         losses = held_out_loss(pm, base.tokenizer, held[:16], ["__base__", "a"], max_length=cfg.data.max_length)
         pm.unload()
-        sd.mark_done({"losses": res.losses, "loss_start": res.loss_start, "loss_end": res.loss_end,
-                      "heldout_loss_base": losses["__base__"], "heldout_loss_adapted": losses["a"],
-                      "tokens_seen": res.tokens_seen, "examples": res.lengths.to_dict() if res.lengths else None})
+        sd.mark_done(
+            {
+                "losses": res.losses,
+                "loss_start": res.loss_start,
+                "loss_end": res.loss_end,
+                "heldout_loss_base": losses["__base__"],
+                "heldout_loss_adapted": losses["a"],
+                "tokens_seen": res.tokens_seen,
+                "examples": res.lengths.to_dict() if res.lengths else None,
+            }
+        )
 
 
 def check_lengths(cfg, examples, tokenizer) -> LengthReport:
@@ -112,15 +133,22 @@ def stage_adapters(st: RunState) -> list[Adapter]:
     t = cfg.adapters.train
     if t is None or not t.ranks:
         return out
-    data_inputs = {"model": cfg.model.spec, "finetune": cfg.data.finetune, "n": cfg.data.n_finetune,
-                   "max_length": cfg.data.max_length, "seed": cfg.seed}
+    data_inputs = {
+        "model": cfg.model.spec,
+        "finetune": cfg.data.finetune,
+        "n": cfg.data.n_finetune,
+        "max_length": cfg.data.max_length,
+        "seed": cfg.seed,
+    }
     # new settings enter the key only when not at their default, so existing caches stay valid
     if cfg.data.finetune_columns:
         data_inputs["columns"] = cfg.data.finetune_columns
     if cfg.data.long_examples != "truncate":
         data_inputs["long_examples"] = cfg.data.long_examples
-    stages = {r: StageDir.make(st.out, "adapters", f"rank_{r}",
-                               {**data_inputs, **t.model_dump(exclude={"ranks"}), "rank": r}) for r in t.ranks}
+    stages = {
+        r: StageDir.make(st.out, "adapters", f"rank_{r}", {**data_inputs, **t.model_dump(exclude={"ranks"}), "rank": r})
+        for r in t.ranks
+    }
     todo = [(r, sd) for r, sd in stages.items() if not sd.done]
     if todo:
         t0 = time.perf_counter()
@@ -128,7 +156,11 @@ def stage_adapters(st: RunState) -> list[Adapter]:
         st.finished("adapters", t0)
     for r, sd in stages.items():
         i = sd.info()
-        training = AdapterTraining(float(i["loss_start"]), float(i["loss_end"]), float(i["heldout_loss_base"]),
-                                   float(i["heldout_loss_adapted"]))
+        training = AdapterTraining(
+            float(i["loss_start"]),
+            float(i["loss_end"]),
+            float(i["heldout_loss_base"]),
+            float(i["heldout_loss_adapted"]),
+        )
         out.append(Adapter(f"rank_{r}", sd.path / "adapter", r, sd.key, training))
     return out

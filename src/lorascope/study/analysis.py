@@ -96,7 +96,7 @@ class LayerAdapterResult:
 
 @torch.no_grad()
 def _codes(sae: SAE, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-    return torch.cat([sae.encode(x[i: i + batch].to(sae.W_enc.dtype)) for i in range(0, x.shape[0], batch)])
+    return torch.cat([sae.encode(x[i : i + batch].to(sae.W_enc.dtype)) for i in range(0, x.shape[0], batch)])
 
 
 def _docs(inp: LayerAdapterInputs) -> torch.Tensor:
@@ -119,8 +119,15 @@ def analyse_layer_adapter(inp: LayerAdapterInputs, s: Settings) -> LayerAdapterR
     _subspaces(out, inp, _Cell(hb, h_ft, delta, docs, codes_ad, alive, alive_ref), s, where)
     m = min(delta.shape[0], s.cka_max_tokens)
     if m >= 4:
-        out.rows += cka_rows(codes_ad[:m], codes_ref[:m], docs[:m], schema.CKA_CODES_ADAPTER_VS_REF, s,
-                             "adapter-SAE vs reference-SAE codes on Δ", where)
+        out.rows += cka_rows(
+            codes_ad[:m],
+            codes_ref[:m],
+            docs[:m],
+            schema.CKA_CODES_ADAPTER_VS_REF,
+            s,
+            "adapter-SAE vs reference-SAE codes on Δ",
+            where,
+        )
     return out
 
 
@@ -145,16 +152,36 @@ def cka_rows(X, Y, docs, name: str, s: Settings, what: str, where: dict) -> list
     try:
         res = cka_permutation_null(X, Y, docs, n_perm=s.cka_permutations, seed=s.seed)
     except LorascopeError:
-        return [ResultRow(metric=name, value=linear_cka(X, Y, debiased=True), note=f"debiased linear CKA of {what}; "
-                          "too few documents for a permutation null", **common)]
-    note = (f"debiased linear CKA of {what}; null: {res.n_perm} re-pairings of {res.n_docs} documents × "
-            f"{res.doc_length} tokens")
-    return [ResultRow(metric=name, value=res.value, null_value=res.null_mean, null_name=schema.NULL_DOC_PERMUTATION,
-                      note=note, **common),
-            ResultRow(metric=schema.cka_extra(name, "null_q95"), value=res.null_q95, **common),
-            ResultRow(metric=schema.cka_extra(name, "p"), value=res.p_value, **common),
-            ResultRow(metric=schema.cka_extra(name, "biased"), value=linear_cka(X, Y), note="biased estimator "
-                      "(labelled extra: ≈ 0.45 for independent TopK codes)", **common)]
+        return [
+            ResultRow(
+                metric=name,
+                value=linear_cka(X, Y, debiased=True),
+                note=f"debiased linear CKA of {what}; too few documents for a permutation null",
+                **common,
+            )
+        ]
+    note = (
+        f"debiased linear CKA of {what}; null: {res.n_perm} re-pairings of {res.n_docs} documents × "
+        f"{res.doc_length} tokens"
+    )
+    return [
+        ResultRow(
+            metric=name,
+            value=res.value,
+            null_value=res.null_mean,
+            null_name=schema.NULL_DOC_PERMUTATION,
+            note=note,
+            **common,
+        ),
+        ResultRow(metric=schema.cka_extra(name, "null_q95"), value=res.null_q95, **common),
+        ResultRow(metric=schema.cka_extra(name, "p"), value=res.p_value, **common),
+        ResultRow(
+            metric=schema.cka_extra(name, "biased"),
+            value=linear_cka(X, Y),
+            note="biased estimator (labelled extra: ≈ 0.45 for independent TopK codes)",
+            **common,
+        ),
+    ]
 
 
 def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, docs, s: Settings, where: dict) -> None:
@@ -174,18 +201,40 @@ def _delta_norms(out: LayerAdapterResult, hb, h_ft, delta, docs, s: Settings, wh
     fam = schema.DELTA_NORM
     out.rows.append(ResultRow(fam, schema.BASE_NORM_MEAN, float(tn.base.mean()), n=n, d=d, **where))
     eig = torch.linalg.eigvalsh(torch.cov(delta.double().T)).flip(0).clamp_min(0)
-    out.rows.append(ResultRow(fam, schema.EFFECTIVE_RANK_PR, participation_ratio(eig), n=n, d=d,
-                              note="participation ratio (Σλ)²/Σλ² of Δ's covariance", **where))
-    out.rows.append(ResultRow(fam, schema.PCA_K90, float(n_components_for_variance(eig, 0.9)), n=n, d=d,
-                              note="PCA components for 90% of Δ's variance", **where))
+    out.rows.append(
+        ResultRow(
+            fam,
+            schema.EFFECTIVE_RANK_PR,
+            participation_ratio(eig),
+            n=n,
+            d=d,
+            note="participation ratio (Σλ)²/Σλ² of Δ's covariance",
+            **where,
+        )
+    )
+    out.rows.append(
+        ResultRow(
+            fam,
+            schema.PCA_K90,
+            float(n_components_for_variance(eig, 0.9)),
+            n=n,
+            d=d,
+            note="PCA components for 90% of Δ's variance",
+            **where,
+        )
+    )
     out.arrays["delta_norms"] = dn.float().numpy()
     out.arrays["rel_delta_norms"] = rel.float().numpy()
 
 
 # geometry.delta_reconstruction's method labels -> the table's (lorascope.results_schema) method names
-_RECON_METHOD = {"adapter_sae": schema.ADAPTER_SAE, "ref_sae_on_delta": schema.REF_ON_DELTA,
-                 "ref_sae_difference": schema.REF_DIFF, "ref_active_lstsq": schema.REF_LSTSQ_ACTIVE,
-                 "isotropic_noise": schema.NOISE}
+_RECON_METHOD = {
+    "adapter_sae": schema.ADAPTER_SAE,
+    "ref_sae_on_delta": schema.REF_ON_DELTA,
+    "ref_sae_difference": schema.REF_DIFF,
+    "ref_active_lstsq": schema.REF_LSTSQ_ACTIVE,
+    "isotropic_noise": schema.NOISE,
+}
 _RECON_STAT = {"fvu": schema.fvu, "mse": schema.mse, "cosine": schema.cos}  # l0 rows: the density family has them
 
 
@@ -194,8 +243,9 @@ def _reconstruction(hb, h_ft, inp: LayerAdapterInputs, docs, s: Settings, where:
     intervals, null = the mean predictor), the paired gap to the best control, and the labelled extra
     improvement % against the reference SAE fed Δ."""
     rows = []
-    for r in delta_reconstruction(hb, h_ft, inp.reference, inp.adapter_saes[0], seed=s.seed, n_boot=s.n_boot,
-                                  doc_ids=docs, **where):
+    for r in delta_reconstruction(
+        hb, h_ft, inp.reference, inp.adapter_saes[0], seed=s.seed, n_boot=s.n_boot, doc_ids=docs, **where
+    ):
         r.ci_unit = r.extra.get("ci_unit", "")
         if r.metric == schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL:
             r.null_name = schema.NULL_BEST_CONTROL
@@ -211,9 +261,16 @@ def _reconstruction(hb, h_ft, inp: LayerAdapterInputs, docs, s: Settings, where:
     vals = {r.metric: r.value for r in rows}
     ad, ref = vals.get(schema.FVU_ADAPTER_SAE), vals.get(schema.FVU_REF_ON_DELTA)
     if ad is not None and ref:
-        rows.append(ResultRow(schema.RECONSTRUCTION, schema.RECON_IMPROVEMENT_PCT, 100.0 * (ref - ad) / ref,
-                              note="extra: 100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta, against the "
-                                   "weakest control; not a verdict", **where))
+        rows.append(
+            ResultRow(
+                schema.RECONSTRUCTION,
+                schema.RECON_IMPROVEMENT_PCT,
+                100.0 * (ref - ad) / ref,
+                note="extra: 100·(FVU_ref_on_delta − FVU_adapter)/FVU_ref_on_delta, against the "
+                "weakest control; not a verdict",
+                **where,
+            )
+        )
     return rows
 
 
@@ -227,16 +284,36 @@ def _density(out: LayerAdapterResult, inp: LayerAdapterInputs, delta, docs, s: S
     density = active.double().mean(0)
     l0 = active.sum(1).double()
     ci = document_bootstrap_mean_ci(l0, docs, n_boot=s.n_boot, seed=s.seed) if s.n_boot else None
-    out.rows.append(ResultRow(fam, schema.L0_ADAPTER_SAE, float(l0.mean()), ci_low=ci.low if ci else float("nan"),
-                              ci_high=ci.high if ci else float("nan"), ci_unit=ci.ci_unit if ci else "", n=n, d=d,
-                              **where))
-    out.rows.append(ResultRow(fam, schema.DEAD_FRACTION_ADAPTER_SAE, float((density == 0).double().mean()),
-                              n=n, d=d, note=f"no activation on {n} held-out tokens", **where))
+    out.rows.append(
+        ResultRow(
+            fam,
+            schema.L0_ADAPTER_SAE,
+            float(l0.mean()),
+            ci_low=ci.low if ci else float("nan"),
+            ci_high=ci.high if ci else float("nan"),
+            ci_unit=ci.ci_unit if ci else "",
+            n=n,
+            d=d,
+            **where,
+        )
+    )
+    out.rows.append(
+        ResultRow(
+            fam,
+            schema.DEAD_FRACTION_ADAPTER_SAE,
+            float((density == 0).double().mean()),
+            n=n,
+            d=d,
+            note=f"no activation on {n} held-out tokens",
+            **where,
+        )
+    )
     out.rows.append(ResultRow(fam, schema.ALIVE_LATENTS_ADAPTER_SAE, float((density > 0).sum()), n=n, d=d, **where))
     out.rows.append(ResultRow(fam, schema.MEAN_DENSITY_ADAPTER_SAE, float(density.mean()), n=n, d=d, **where))
     codes_ref = _codes(inp.reference, delta)
-    out.rows.append(ResultRow(fam, schema.L0_REF_ON_DELTA, float((codes_ref != 0).sum(1).double().mean()), n=n,
-                              d=d, **where))
+    out.rows.append(
+        ResultRow(fam, schema.L0_REF_ON_DELTA, float((codes_ref != 0).sum(1).double().mean()), n=n, d=d, **where)
+    )
     out.arrays["density_adapter"] = density.float().numpy()
     out.arrays["density_ref_on_delta"] = (codes_ref != 0).double().mean(0).float().numpy()
     return codes_ad, codes_ref, density > 0
@@ -249,8 +326,15 @@ def init_sae(sae: SAE, fallback_seed: int | None = None) -> SAE | None:
     if seed is None:
         return None
     c = sae.cfg
-    return create_sae(c.architecture, c.d_in, c.d_sae, seed=int(seed), dtype=c.dtype,
-                      apply_b_dec_to_input=c.apply_b_dec_to_input, **c.arch)
+    return create_sae(
+        c.architecture,
+        c.d_in,
+        c.d_sae,
+        seed=int(seed),
+        dtype=c.dtype,
+        apply_b_dec_to_input=c.apply_b_dec_to_input,
+        **c.arch,
+    )
 
 
 def init_decoder(sae: SAE) -> torch.Tensor | None:
@@ -261,8 +345,7 @@ def init_decoder(sae: SAE) -> torch.Tensor | None:
 
 @torch.no_grad()
 def _sq_errors(sae: SAE, delta: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-    return torch.cat([((x - sae(x.to(sae.W_enc.dtype)).float()) ** 2).sum(1).double()
-                      for x in delta.split(batch)])
+    return torch.cat([((x - sae(x.to(sae.W_enc.dtype)).float()) ** 2).sum(1).double() for x in delta.split(batch)])
 
 
 def init_control_rows(sae0: SAE, delta, docs, s: Settings, where: dict) -> list[ResultRow]:
@@ -278,48 +361,96 @@ def init_control_rows(sae0: SAE, delta, docs, s: Settings, where: dict) -> list[
     glo, ghi = _percentiles(samples[:, 0] - samples[:, 1], 0.05)
     n, d = delta.shape
     common = dict(family=schema.RECONSTRUCTION, n=n, d=d, ci_unit=schema.CI_DOCUMENT, **where)
-    return [ResultRow(metric=schema.FVU_SAE_INIT, value=float(point[1]), ci_low=float(lo), ci_high=float(hi),
-                      null_value=1.0, null_name=schema.NULL_MEAN_PREDICTOR,
-                      note="the adapter SAE's architecture at its initialisation, fed Δ", **common),
-            ResultRow(metric=schema.FVU_GAP_ADAPTER_SAE_VS_SAE_INIT, value=float(point[0] - point[1]),
-                      ci_low=float(glo), ci_high=float(ghi), null_value=0.0, null_name=schema.NULL_INIT,
-                      note=f"FVU(adapter SAE) − FVU(SAE at init); paired bootstrap over {u} documents", **common)]
+    return [
+        ResultRow(
+            metric=schema.FVU_SAE_INIT,
+            value=float(point[1]),
+            ci_low=float(lo),
+            ci_high=float(hi),
+            null_value=1.0,
+            null_name=schema.NULL_MEAN_PREDICTOR,
+            note="the adapter SAE's architecture at its initialisation, fed Δ",
+            **common,
+        ),
+        ResultRow(
+            metric=schema.FVU_GAP_ADAPTER_SAE_VS_SAE_INIT,
+            value=float(point[0] - point[1]),
+            ci_low=float(glo),
+            ci_high=float(ghi),
+            null_value=0.0,
+            null_name=schema.NULL_INIT,
+            note=f"FVU(adapter SAE) − FVU(SAE at init); paired bootstrap over {u} documents",
+            **common,
+        ),
+    ]
 
 
-def _decoder_similarity(out: LayerAdapterResult, inp: LayerAdapterInputs, delta, alive, alive_ref, s: Settings,
-                        where: dict) -> None:
+def _decoder_similarity(
+    out: LayerAdapterResult, inp: LayerAdapterInputs, delta, alive, alive_ref, s: Settings, where: dict
+) -> None:
     """MMCS(adapter → reference) over alive atoms of both, read against the strongest of three nulls
     (isotropic, covariance-matched on training Δ, the SAE at its real initialisation) and the seed-vs-seed
     ceiling over alive atoms. CI over seeds when there are ≥ MIN_SEEDS_FOR_CI, else over atoms (labelled)."""
     d = delta.shape[1]
     sae0 = inp.adapter_saes[0]
     W_ad, W_ref = sae0.W_dec.detach().float(), inp.reference.W_dec.detach().float()
-    rows = compare_dictionaries(W_ad, W_ref, "adapter", "ref", seed=s.seed, taus=s.taus, alive_a=alive,
-                                alive_b=alive_ref, n_boot=s.n_boot, **where)
+    rows = compare_dictionaries(
+        W_ad,
+        W_ref,
+        "adapter",
+        "ref",
+        seed=s.seed,
+        taus=s.taus,
+        alive_a=alive,
+        alive_b=alive_ref,
+        n_boot=s.n_boot,
+        **where,
+    )
     for r in rows:
         r.ci_unit = schema.CI_ATOM if r.ci_low == r.ci_low else ""
     out.rows += [r for r in rows if r.metric != schema.MMCS_ADAPTER_TO_REF]
     seeds_W = [sae.W_dec.detach().float() for sae in inp.adapter_saes]
     seeds_alive = [alive] + [_codes(sae, delta).ne(0).any(0) for sae in inp.adapter_saes[1:]]
-    per_seed = [mmcs(W, W_ref, alive_a=a, alive_b=alive_ref).a_to_b for W, a in zip(seeds_W, seeds_alive,
-                                                                                       strict=True)]
+    per_seed = [mmcs(W, W_ref, alive_a=a, alive_b=alive_ref).a_to_b for W, a in zip(seeds_W, seeds_alive, strict=True)]
     best = best_match_cosines(W_ad, W_ref, alive_a=alive, alive_b=alive_ref).cosine
     # a percentile bootstrap over 2-4 seeds is about [min, max] of the seeds: both seeds above the null by chance
     # (p ≈ 1/4) would read as alignment, so seeds are the unit only from MIN_SEEDS_FOR_CI on; atoms otherwise
-    ci = (unit_bootstrap_ci(per_seed, schema.CI_SEED, n_boot=max(s.n_boot, 100), seed=s.seed)
-          if len(per_seed) >= MIN_SEEDS_FOR_CI
-          else unit_bootstrap_ci(best, schema.CI_ATOM, n_boot=max(s.n_boot, 100), seed=s.seed))
-    nulls = alignment_nulls(W_ad, W_ref, delta_cov=inp.train_delta_cov, init_W=init_decoder(sae0),
-                            alive_adapter=alive, alive_reference=alive_ref, seed=s.seed)
+    ci = (
+        unit_bootstrap_ci(per_seed, schema.CI_SEED, n_boot=max(s.n_boot, 100), seed=s.seed)
+        if len(per_seed) >= MIN_SEEDS_FOR_CI
+        else unit_bootstrap_ci(best, schema.CI_ATOM, n_boot=max(s.n_boot, 100), seed=s.seed)
+    )
+    nulls = alignment_nulls(
+        W_ad,
+        W_ref,
+        delta_cov=inp.train_delta_cov,
+        init_W=init_decoder(sae0),
+        alive_adapter=alive,
+        alive_reference=alive_ref,
+        seed=s.seed,
+    )
     fam, n_al, n_ref = schema.DECODER_SIMILARITY, int(alive.sum()), int(alive_ref.sum())
-    out.rows.append(ResultRow(fam, schema.MMCS_ADAPTER_TO_REF, float(per_seed[0]), ci_low=ci.low, ci_high=ci.high,
-                              ci_unit=ci.ci_unit, null_value=nulls.strongest,
-                              null_name=schema.NULL_STRONGEST_ALIGNMENT, n=n_al, d=d,
-                              note=f"alive atoms ({n_al} adapter, {n_ref} reference); strongest null: "
-                                   f"{nulls.strongest_name}", **where))
-    for name, v, null in ((schema.MMCS_NULL_ISOTROPIC, nulls.isotropic, schema.NULL_RANDOM_ISOTROPIC),
-                          (schema.MMCS_NULL_COV_MATCHED, nulls.cov_matched, schema.NULL_COV_MATCHED),
-                          (schema.MMCS_NULL_SAE_INIT, nulls.sae_init, schema.NULL_INIT)):
+    out.rows.append(
+        ResultRow(
+            fam,
+            schema.MMCS_ADAPTER_TO_REF,
+            float(per_seed[0]),
+            ci_low=ci.low,
+            ci_high=ci.high,
+            ci_unit=ci.ci_unit,
+            null_value=nulls.strongest,
+            null_name=schema.NULL_STRONGEST_ALIGNMENT,
+            n=n_al,
+            d=d,
+            note=f"alive atoms ({n_al} adapter, {n_ref} reference); strongest null: {nulls.strongest_name}",
+            **where,
+        )
+    )
+    for name, v, null in (
+        (schema.MMCS_NULL_ISOTROPIC, nulls.isotropic, schema.NULL_RANDOM_ISOTROPIC),
+        (schema.MMCS_NULL_COV_MATCHED, nulls.cov_matched, schema.NULL_COV_MATCHED),
+        (schema.MMCS_NULL_SAE_INIT, nulls.sae_init, schema.NULL_INIT),
+    ):
         if v == v:
             out.rows.append(ResultRow(fam, name, float(v), null_name=null, n=n_al, d=d, **where))
     out.arrays["best_cos_adapter_to_ref"] = best.float().numpy()
@@ -328,9 +459,21 @@ def _decoder_similarity(out: LayerAdapterResult, inp: LayerAdapterInputs, delta,
     if len(seeds_W) > 1:
         ceil = seed_ceiling(seeds_W[0], seeds_W[1], seeds_alive[0], seeds_alive[1])
         cci = unit_bootstrap_ci(ceil, schema.CI_ATOM, n_boot=max(s.n_boot, 100), seed=s.seed)
-        out.rows.append(ResultRow(fam, schema.MMCS_SEED_VS_SEED, cci.value, ci_low=cci.low, ci_high=cci.high,
-                                  ci_unit=cci.ci_unit, null_name=schema.NULL_SEED_VS_SEED, n=int(ceil.numel()), d=d,
-                                  note="alive atoms of both seeds, mean of both directions (the ceiling)", **where))
+        out.rows.append(
+            ResultRow(
+                fam,
+                schema.MMCS_SEED_VS_SEED,
+                cci.value,
+                ci_low=cci.low,
+                ci_high=cci.high,
+                ci_unit=cci.ci_unit,
+                null_name=schema.NULL_SEED_VS_SEED,
+                n=int(ceil.numel()),
+                d=d,
+                note="alive atoms of both seeds, mean of both directions (the ceiling)",
+                **where,
+            )
+        )
         out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], seeds_W[1]).cosine.float().numpy()
 
 
@@ -348,8 +491,11 @@ def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, c: _Cell, s: Se
     ref_diff = _codes(inp.reference, h_ft) - _codes(inp.reference, hb)
     ref_top = top_k_atoms(W_ref, atom_energy(ref_diff, W_ref), k)
     ad_top = top_k_atoms(W_ad, atom_energy(codes_ad, W_ad), k)
-    pairs = {schema.PCA_DELTA_VS_REF_TOPK: (pca, ref_top), schema.PCA_DELTA_VS_ADAPTER_TOPK: (pca, ad_top),
-             schema.ADAPTER_TOPK_VS_REF_TOPK: (ad_top, ref_top)}
+    pairs = {
+        schema.PCA_DELTA_VS_REF_TOPK: (pca, ref_top),
+        schema.PCA_DELTA_VS_ADAPTER_TOPK: (pca, ad_top),
+        schema.ADAPTER_TOPK_VS_REF_TOPK: (ad_top, ref_top),
+    }
     if inp.lora_update is not None:
         col = lora_column_space(*inp.lora_update)
         pairs[schema.PCA_DELTA_VS_LORA_COLSPACE] = (pca[: col.shape[0]], col)
@@ -363,22 +509,41 @@ def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, c: _Cell, s: Se
     m = min(delta.shape[0], s.cka_max_tokens)
     if int(torch.unique(docs[:m]).numel()) < 4:
         return
-    for name, W in ((schema.PCA_DELTA_VS_ADAPTER_TOPK, W_ad[alive]), (schema.PCA_DELTA_VS_REF_TOPK,
-                                                                       W_ref[alive_ref])):
+    for name, W in ((schema.PCA_DELTA_VS_ADAPTER_TOPK, W_ad[alive]), (schema.PCA_DELTA_VS_REF_TOPK, W_ref[alive_ref])):
         kk = min(k, W.shape[0])
         if kk < 1:
             continue
         sel = selection_aware_overlap(W, delta[:m], docs[:m], kk, n_draws=s.subspace_draws, seed=s.seed)
-        note = (f"split-half: top-{kk} atoms by energy on half the documents vs PCA_k(Δ) of the other half; "
-                f"null = same selection on random dictionaries ({sel.n_draws} draws); naive k/d = {sel.naive_null:.3g}")
-        out.rows.append(ResultRow(schema.SUBSPACE, schema.selected_cos2(name), sel.value, null_value=sel.null,
-                                  null_name=schema.NULL_SELECTED_RANDOM, n=m, d=d, note=note, **where))
-        out.rows.append(ResultRow(schema.SUBSPACE, schema.selected_cos2_null_q95(name), sel.null_q95, n=m, d=d,
-                                  **where))
+        note = (
+            f"split-half: top-{kk} atoms by energy on half the documents vs PCA_k(Δ) of the other half; "
+            f"null = same selection on random dictionaries ({sel.n_draws} draws); naive k/d = {sel.naive_null:.3g}"
+        )
+        out.rows.append(
+            ResultRow(
+                schema.SUBSPACE,
+                schema.selected_cos2(name),
+                sel.value,
+                null_value=sel.null,
+                null_name=schema.NULL_SELECTED_RANDOM,
+                n=m,
+                d=d,
+                note=note,
+                **where,
+            )
+        )
+        out.rows.append(
+            ResultRow(schema.SUBSPACE, schema.selected_cos2_null_q95(name), sel.null_q95, n=m, d=d, **where)
+        )
 
 
-def cross_adapter_cka(layer: int, deltas: dict[str, torch.Tensor], ranks: dict[str, int], doc_index=None,
-                      max_tokens: int = 4000, settings: Settings | None = None) -> list[ResultRow]:
+def cross_adapter_cka(
+    layer: int,
+    deltas: dict[str, torch.Tensor],
+    ranks: dict[str, int],
+    doc_index=None,
+    max_tokens: int = 4000,
+    settings: Settings | None = None,
+) -> list[ResultRow]:
     """Debiased linear CKA between the deltas of every pair of adapters on the same held-out tokens, with its
     document-permutation null (diagonal = 1, no null). ``doc_index`` [N]: documents of the rows."""
     s = settings or Settings()
@@ -391,14 +556,28 @@ def cross_adapter_cka(layer: int, deltas: dict[str, torch.Tensor], ranks: dict[s
         for b in names:
             where = {"layer": layer, "adapter": a, "rank": ranks.get(a, -1)}
             if a == b:
-                rows.append(ResultRow(schema.CKA, schema.cka_delta_vs(b), 1.0, n=m, d=int(deltas[a].shape[1]),
-                                      note="CKA of Δ with itself", **where))
+                rows.append(
+                    ResultRow(
+                        schema.CKA,
+                        schema.cka_delta_vs(b),
+                        1.0,
+                        n=m,
+                        d=int(deltas[a].shape[1]),
+                        note="CKA of Δ with itself",
+                        **where,
+                    )
+                )
                 continue
             if (b, a) in done:  # CKA is symmetric: copy the other orientation's rows
-                rows += [dataclasses.replace(r, metric=r.metric.replace(schema.cka_delta_vs(a), schema.cka_delta_vs(b)),
-                                             **where) for r in done[(b, a)]]
+                rows += [
+                    dataclasses.replace(
+                        r, metric=r.metric.replace(schema.cka_delta_vs(a), schema.cka_delta_vs(b)), **where
+                    )
+                    for r in done[(b, a)]
+                ]
                 continue
-            done[(a, b)] = cka_rows(deltas[a][:m], deltas[b][:m], docs, schema.cka_delta_vs(b), s,
-                                    f"Δ of {a} vs Δ of {b}", where)
+            done[(a, b)] = cka_rows(
+                deltas[a][:m], deltas[b][:m], docs, schema.cka_delta_vs(b), s, f"Δ of {a} vs Δ of {b}", where
+            )
             rows += done[(a, b)]
     return rows

@@ -49,8 +49,15 @@ class StageDir:
         return (self.path / "done.json").is_file()
 
     def mark_done(self, info: dict[str, Any] | None = None) -> None:
-        write_json(self.path / "done.json", {"key": self.key, "inputs": self.inputs, "info": info or {},
-                                             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        write_json(
+            self.path / "done.json",
+            {
+                "key": self.key,
+                "inputs": self.inputs,
+                "info": info or {},
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
 
     def info(self) -> dict[str, Any]:
         return read_json(self.path / "done.json")["info"]
@@ -141,8 +148,9 @@ class RunState:
 
             m = self.config.model
             self.log(f"loading base model {m.spec}")
-            self._base = self._timed_load(lambda: load_base(m.spec, dtype=m.dtype, device=m.device,
-                                                            trust_remote_code=m.trust_remote_code))
+            self._base = self._timed_load(
+                lambda: load_base(m.spec, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+            )
         return self._base
 
     def tokenizer(self):

@@ -20,5 +20,10 @@ def sequence_name(adapter: Adapter) -> str:
 
 def checkpoint_rows(adapters: list[Adapter]) -> list[ResultRow]:
     """One row per adapter that is a checkpoint of a sequence (none when the run has no sequence)."""
-    return [ResultRow(CHECKPOINT, CHECKPOINT_STEP, float(a.step), layer=-1, adapter=a.name, rank=a.rank,
-                      note=sequence_name(a)) for a in adapters if a.step is not None]
+    return [
+        ResultRow(
+            CHECKPOINT, CHECKPOINT_STEP, float(a.step), layer=-1, adapter=a.name, rank=a.rank, note=sequence_name(a)
+        )
+        for a in adapters
+        if a.step is not None
+    ]

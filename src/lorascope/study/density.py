@@ -32,11 +32,16 @@ def density_spec(st: RunState, d_model: int):
 
     d = st.config.density
     steps = max(1, d.tokens // d.batch_size)
-    trainer = TrainerConfig(total_tokens=d.tokens, batch_size=d.batch_size, lr=d.lr, seed=st.config.seed,
-                            warmup_steps=min(100, max(1, steps // 10)), init_tokens=min(d.tokens, 65_536),
-                            device=st.config.model.device)
-    return DensitySpec(d_sae=d.expansion * d_model, architecture=d.architecture, trainer=trainer,
-                       seed=st.config.seed)
+    trainer = TrainerConfig(
+        total_tokens=d.tokens,
+        batch_size=d.batch_size,
+        lr=d.lr,
+        seed=st.config.seed,
+        warmup_steps=min(100, max(1, steps // 10)),
+        init_tokens=min(d.tokens, 65_536),
+        device=st.config.model.device,
+    )
+    return DensitySpec(d_sae=d.expansion * d_model, architecture=d.architecture, trainer=trainer, seed=st.config.seed)
 
 
 def cell_rows(st: RunState, store, layer: int, adapter: Adapter) -> list[ResultRow]:
@@ -55,10 +60,12 @@ def cell_rows(st: RunState, store, layer: int, adapter: Adapter) -> list[ResultR
     fixed = density_at_coefficient(train, held, d.l1_coefficient, spec)
     matched = None
     if d.matched_fvu_target is not None:
-        matched = density_at_matched_fvu(train, held, d.matched_fvu_target, spec, start=d.l1_coefficient,
-                                         max_runs=d.max_runs)
-    rows = density_rows(fixed, matched, spec.d_sae, layer=layer, adapter=adapter.name, rank=adapter.rank,
-                        n=int(held.shape[0]))
+        matched = density_at_matched_fvu(
+            train, held, d.matched_fvu_target, spec, start=d.l1_coefficient, max_runs=d.max_runs
+        )
+    rows = density_rows(
+        fixed, matched, spec.d_sae, layer=layer, adapter=adapter.name, rank=adapter.rank, n=int(held.shape[0])
+    )
     # the fixed-coefficient rows name their SAE, which the report's density finding quotes
     label = f"{d.architecture}, λ={fixed.coefficient:g}"
     return [replace(r, note=label) if r.metric in FIXED_METRICS else r for r in rows]
@@ -70,8 +77,14 @@ def stage_density(st: RunState, extracted: Extracted, adapters: list[Adapter]) -
     cfg = st.config
     if not cfg.density.enabled:
         return None
-    inputs = {"store": extracted.key, "held_out_fraction": cfg.data.held_out_fraction, "seed": cfg.seed,
-              "eval_tokens": cfg.geometry.eval_tokens, "device": cfg.model.device, **cfg.density.model_dump()}
+    inputs = {
+        "store": extracted.key,
+        "held_out_fraction": cfg.data.held_out_fraction,
+        "seed": cfg.seed,
+        "eval_tokens": cfg.geometry.eval_tokens,
+        "device": cfg.model.device,
+        **cfg.density.model_dump(),
+    }
     sd = StageDir.make(st.out, "density", "free_l0", inputs)
     if sd.done:
         return sd.path

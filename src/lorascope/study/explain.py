@@ -79,8 +79,10 @@ def gate_adapters(st: RunState, adapters: list[Adapter]) -> tuple[list[Adapter],
     drop = excluded(warnings)
     kept = [a for a in adapters if a.name not in drop]
     if not kept:
-        raise LorascopeError(f"every adapter failed the sanity gate: {'; '.join(drop.values())}",
-                             fix="check the adapters' training (or weights) and run again")
+        raise LorascopeError(
+            f"every adapter failed the sanity gate: {'; '.join(drop.values())}",
+            fix="check the adapters' training (or weights) and run again",
+        )
     return kept, warnings
 
 
@@ -93,8 +95,10 @@ def explain_layer(config) -> int:
     if chosen is None:
         return sorted(layers)[len(layers) // 2]
     if chosen not in layers:
-        raise LorascopeError(f"explain.layer {chosen} is not among extraction.layers {layers}",
-                             fix="choose one of the extracted layers, or leave it empty")
+        raise LorascopeError(
+            f"explain.layer {chosen} is not among extraction.layers {layers}",
+            fix="choose one of the extracted layers, or leave it empty",
+        )
     return chosen
 
 
@@ -108,8 +112,9 @@ def scaffold_flags(store, doc_index: torch.Tensor, position: torch.Tensor) -> to
         return torch.zeros(len(doc_index), dtype=torch.bool)
     docs = [store.doc_tokens(i) for i in range(n)]
     masks = detect_template_positions(docs, info["response_start"]).masks
-    return torch.tensor([bool(masks[d][p]) for d, p in zip(doc_index.tolist(), position.tolist(), strict=True)],
-                        dtype=torch.bool)
+    return torch.tensor(
+        [bool(masks[d][p]) for d, p in zip(doc_index.tolist(), position.tolist(), strict=True)], dtype=torch.bool
+    )
 
 
 def rank_features(saes: list, delta: torch.Tensor, scaffold: torch.Tensor) -> tuple[Any, torch.Tensor]:
@@ -121,7 +126,7 @@ def rank_features(saes: list, delta: torch.Tensor, scaffold: torch.Tensor) -> tu
 
     sae = saes[0]
     with torch.no_grad():
-        codes = torch.cat([sae.encode(delta[i: i + 4096]) for i in range(0, len(delta), 4096)])
+        codes = torch.cat([sae.encode(delta[i : i + 4096]) for i in range(0, len(delta), 4096)])
     alive = (codes > 0).any(0)
     if not alive.any():
         raise LorascopeError("the adapter SAE has no feature active on held-out Δ", fix="train the SAE longer")
@@ -140,13 +145,15 @@ def rank_features(saes: list, delta: torch.Tensor, scaffold: torch.Tensor) -> tu
     table["template_flag"] = table["template_share"] > TEMPLATE_SHARE_FLAG
     table["density"] = (codes[:, feats] > 0).double().mean(0).numpy()
     # stability × energy first; among equal scores (e.g. no feature reproduced by another seed) the energy decides
-    table = table.sort_values(["template_flag", "score", "delta_energy", "feature"],
-                              ascending=[True, False, False, True], ignore_index=True)
+    table = table.sort_values(
+        ["template_flag", "score", "delta_energy", "feature"], ascending=[True, False, False, True], ignore_index=True
+    )
     return table, codes
 
 
-def feature_windows(st: RunState, store, codes: torch.Tensor, held, feature: int,
-                    doc_cache: dict[int, list[str]]) -> list[dict]:
+def feature_windows(
+    st: RunState, store, codes: torch.Tensor, held, feature: int, doc_cache: dict[int, list[str]]
+) -> list[dict]:
     """De-duplicated top windows of one feature over the held-out documents (activating token highlighted);
     ``doc_cache`` keeps each document's decoded tokens across features."""
     from lorascope.activations.feature_export import top_windows
@@ -173,9 +180,12 @@ def feature_windows(st: RunState, store, codes: torch.Tensor, held, feature: int
 def _feature_rows(table, top, adapter: Adapter, layer: int) -> list[ResultRow]:
     where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
     stab = table.loc[table.feature.isin(top), "stability"]
-    return [ResultRow(schema.EXPLAIN, schema.TOP_FEATURE_STABILITY, float(stab.mean()), n=len(top), **where),
-            ResultRow(schema.EXPLAIN, schema.TEMPLATE_FLAGGED_FEATURES, float(table.template_flag.sum()),
-                      n=len(table), **where)]
+    return [
+        ResultRow(schema.EXPLAIN, schema.TOP_FEATURE_STABILITY, float(stab.mean()), n=len(top), **where),
+        ResultRow(
+            schema.EXPLAIN, schema.TEMPLATE_FLAGGED_FEATURES, float(table.template_flag.sum()), n=len(table), **where
+        ),
+    ]
 
 
 def explain_features(st: RunState, store, adapter: Adapter, layer: int, saes: StudySAEs, out: Path) -> dict:
@@ -186,23 +196,37 @@ def explain_features(st: RunState, store, adapter: Adapter, layer: int, saes: St
     cfg, ex = st.config, st.config.explain
     held = store.held_out(layer, adapter.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
     n = min(len(held.delta), ex.tokens)
-    held = replace(held, base=held.base[:n], delta=held.delta[:n], doc_index=held.doc_index[:n],
-                   position=held.position[:n], token_id=held.token_id[:n])
+    held = replace(
+        held,
+        base=held.base[:n],
+        delta=held.delta[:n],
+        doc_index=held.doc_index[:n],
+        position=held.position[:n],
+        token_id=held.token_id[:n],
+    )
     sae_list = [load_sae(p) for p in saes.adapter[(layer, adapter.name)]]
     scaffold = scaffold_flags(store, held.doc_index[:n], held.position[:n])
     table, codes = rank_features(sae_list, held.delta[:n], scaffold)
-    top = table.feature[:ex.top_features].astype(int).tolist()
+    top = table.feature[: ex.top_features].astype(int).tolist()
     dec = sae_list[0].W_dec.detach()
     records, doc_cache = [], {}
     for f in top:
         info = table[table.feature == f].iloc[0]
-        extra = {k: (bool(info[k]) if k == "template_flag" else float(info[k]))
-                 for k in ("stability", "delta_energy", "score", "template_share", "template_flag", "density")}
+        extra = {
+            k: (bool(info[k]) if k == "template_flag" else float(info[k]))
+            for k in ("stability", "delta_energy", "score", "template_share", "template_flag", "density")
+        }
         records.append(feature_record(f, dec[f], feature_windows(st, store, codes, held, f, doc_cache), extra))
     export_features_json(out / f"features_{adapter.name}.json", cfg.model.spec, layer, adapter.name, records)
     table.to_csv(out / f"ranking_{adapter.name}.csv", index=False)
-    return {"top": top, "table": table, "sae": sae_list[0], "delta_rows": held.delta[:n], "base_rows": held.base[:n],
-            "rows": _feature_rows(table, top, adapter, layer)}
+    return {
+        "top": top,
+        "table": table,
+        "sae": sae_list[0],
+        "delta_rows": held.delta[:n],
+        "base_rows": held.base[:n],
+        "rows": _feature_rows(table, top, adapter, layer),
+    }
 
 
 # ---- stage ------------------------------------------------------------------------------------------------------
@@ -244,19 +268,24 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
     """One line of the run's output with the causal numbers of an adapter (value vs the random-feature control)."""
     by = {r.metric: r for r in rows}
     parts = [f"explain {adapter}: top features {top}"]
-    for name, label in ((schema.steer_kl_closed("top_features"), "KL closed by steering"),
-                        (schema.ABLATE_EFFECT_LOST, "effect lost by ablation"),
-                        (schema.marker_rate("steer_top_features"), "marker rate of the steered base")):
+    for name, label in (
+        (schema.steer_kl_closed("top_features"), "KL closed by steering"),
+        (schema.ABLATE_EFFECT_LOST, "effect lost by ablation"),
+        (schema.marker_rate("steer_top_features"), "marker rate of the steered base"),
+    ):
         if name in by:
             parts.append(f"{label} {by[name].value:.3g} (random features {by[name].null_value:.3g})")
     if schema.marker_rate("base") in by and schema.marker_rate("adapted") in by:
-        parts.append(f"marker rate base {by[schema.marker_rate('base')].value:.3g}, adapted "
-                     f"{by[schema.marker_rate('adapted')].value:.3g}")
+        parts.append(
+            f"marker rate base {by[schema.marker_rate('base')].value:.3g}, adapted "
+            f"{by[schema.marker_rate('adapted')].value:.3g}"
+        )
     return "; ".join(parts)
 
 
-def stage_explain(st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs, measured: Path,
-                  warnings: list) -> Path:
+def stage_explain(
+    st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs, measured: Path, warnings: list
+) -> Path:
     """Run (or re-use) the explain stage; returns the folder to publish (the measure stage's when disabled)."""
     from lorascope.study.explain_causal import reference_rows
 
@@ -264,8 +293,13 @@ def stage_explain(st: RunState, extracted: Extracted, adapters: list[Adapter], s
     if not ex.enabled:
         return measured
     layer = explain_layer(st.config)
-    inputs = {"measured": measured.name, "explain": ex.model_dump(), "layer": layer,
-              "warnings": [asdict(w) for w in warnings], "finetune": st.config.data.finetune}
+    inputs = {
+        "measured": measured.name,
+        "explain": ex.model_dump(),
+        "layer": layer,
+        "warnings": [asdict(w) for w in warnings],
+        "finetune": st.config.data.finetune,
+    }
     sd = StageDir.make(st.out, "explain", "tables", inputs)
     if sd.done:
         return sd.path
@@ -282,8 +316,9 @@ def stage_explain(st: RunState, extracted: Extracted, adapters: list[Adapter], s
         write_json(out / "rows_reference.json", [r.as_record() for r in reference_rows(st, store, layer, saes, out)])
     rows = [row_from_record(r) for f in sorted(out.glob("rows_*.json")) for r in read_json(f)]
     _merge_results(st, measured, sd, rows)
-    shutil.copytree(out, sd.path / RESULTS / EXPLAIN_DIR, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("rows_*.json"))
+    shutil.copytree(
+        out, sd.path / RESULTS / EXPLAIN_DIR, dirs_exist_ok=True, ignore=shutil.ignore_patterns("rows_*.json")
+    )
     sd.mark_done({"rows": len(rows), "layer": layer})
     st.finished("explain", t0)
     return sd.path

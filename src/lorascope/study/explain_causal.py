@@ -60,18 +60,28 @@ def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> dict[str, torch.
     rand = steering.random_features(alive, len(top), exclude=top, seed=seed)
     basis = steering.principal_directions(feats["delta_rows"], min(len(top), *feats["delta_rows"].shape))
     mean = feats["delta_rows"].double().mean(0).float()
-    return {"top_features": steering.feature_edit(codes, dec, top) * att.unsqueeze(-1),
-            "random_features": steering.feature_edit(codes, dec, rand) * att.unsqueeze(-1),
-            "pca": steering.projection_edit(delta, basis) * att.unsqueeze(-1),
-            "mean_delta": mean, "exact_delta": delta}
+    return {
+        "top_features": steering.feature_edit(codes, dec, top) * att.unsqueeze(-1),
+        "random_features": steering.feature_edit(codes, dec, rand) * att.unsqueeze(-1),
+        "pca": steering.projection_edit(delta, basis) * att.unsqueeze(-1),
+        "mean_delta": mean,
+        "exact_delta": delta,
+    }
 
 
 def _row(metric: str, value, where: dict, null: float | None = None, n: int = 0) -> ResultRow:
     v = float("nan") if value is None else float(value)
     if null is None:
         return ResultRow(schema.EXPLAIN, metric, v, n=n, **where)
-    return ResultRow(schema.EXPLAIN, metric, v, null_value=float("nan") if null is None else float(null),
-                     null_name=schema.NULL_RANDOM_FEATURES, n=n, **where)
+    return ResultRow(
+        schema.EXPLAIN,
+        metric,
+        v,
+        null_value=float("nan") if null is None else float(null),
+        null_name=schema.NULL_RANDOM_FEATURES,
+        n=n,
+        **where,
+    )
 
 
 def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int) -> tuple[list[ResultRow], dict]:
@@ -81,22 +91,44 @@ def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int
     rows = []
     for k, eff in steer.items():
         null = steer["random_features"] if k == "top_features" else None
-        rows.append(_row(schema.steer_kl_closed(k), eff.fraction_closed, where,
-                         None if null is None else null.fraction_closed, n_tok))
-        rows.append(_row(schema.steer_behaviour(k), eff.behaviour_recovered, where,
-                         None if null is None else null.behaviour_recovered, n_tok))
+        rows.append(
+            _row(
+                schema.steer_kl_closed(k),
+                eff.fraction_closed,
+                where,
+                None if null is None else null.fraction_closed,
+                n_tok,
+            )
+        )
+        rows.append(
+            _row(
+                schema.steer_behaviour(k),
+                eff.behaviour_recovered,
+                where,
+                None if null is None else null.behaviour_recovered,
+                n_tok,
+            )
+        )
     lost = {k: 1.0 - e.fraction_closed for k, e in ablate.items()}
     blost = {k: (None if e.behaviour_recovered is None else 1.0 - e.behaviour_recovered) for k, e in ablate.items()}
     rows.append(_row(schema.ABLATE_EFFECT_LOST, lost["top_features"], where, lost["random_features"], n_tok))
-    rows.append(_row(schema.ABLATE_BEHAVIOUR_LOST, blost["top_features"], where,
-                     float("nan") if blost["random_features"] is None else blost["random_features"], n_tok))
+    rows.append(
+        _row(
+            schema.ABLATE_BEHAVIOUR_LOST,
+            blost["top_features"],
+            where,
+            float("nan") if blost["random_features"] is None else blost["random_features"],
+            n_tok,
+        )
+    )
     rows.append(_row(schema.STEER_KL_BASE, probe.kl_base, where, n=n_tok))
     summary = {"steer": {k: vars(v) for k, v in steer.items()}, "ablate": {k: vars(v) for k, v in ablate.items()}}
     return rows, summary
 
 
-def generation_rows(st: RunState, peft, adapter: str, layer: int, prompts: list[str], edits: dict,
-                    att: torch.Tensor, where: dict) -> tuple[list[ResultRow], dict]:
+def generation_rows(
+    st: RunState, peft, adapter: str, layer: int, prompts: list[str], edits: dict, att: torch.Tensor, where: dict
+) -> tuple[list[ResultRow], dict]:
     """Demo-task marker rates of greedy answers: base, adapted, base steered by the top features' mean edit and by
     the random features' (the control)."""
     from lorascope.models import steering
@@ -105,13 +137,29 @@ def generation_rows(st: RunState, peft, adapter: str, layer: int, prompts: list[
     n_tok = att.sum().clamp_min(1)
     vec = {k: edits[k].sum((0, 1)) / n_tok for k in ("top_features", "random_features")}
     ex = st.config.explain
-    runs = {"base": (None, False), "adapted": (None, True), "steer_top_features": (vec["top_features"], False),
-            "steer_random_features": (vec["random_features"], False)}
-    texts = {k: steering.generate_with_edit(peft, tok, adapter, prompts, layer, v, adapted=a,
-                                            max_new_tokens=ex.max_new_tokens) for k, (v, a) in runs.items()}
+    runs = {
+        "base": (None, False),
+        "adapted": (None, True),
+        "steer_top_features": (vec["top_features"], False),
+        "steer_random_features": (vec["random_features"], False),
+    }
+    texts = {
+        k: steering.generate_with_edit(
+            peft, tok, adapter, prompts, layer, v, adapted=a, max_new_tokens=ex.max_new_tokens
+        )
+        for k, (v, a) in runs.items()
+    }
     rates = {k: steering.demo_marker_rates(t)["any_marker"] for k, t in texts.items()}
-    rows = [_row(schema.marker_rate(k), r, where, rates["steer_random_features"] if k == "steer_top_features"
-                 else None, len(prompts)) for k, r in rates.items()]
+    rows = [
+        _row(
+            schema.marker_rate(k),
+            r,
+            where,
+            rates["steer_random_features"] if k == "steer_top_features" else None,
+            len(prompts),
+        )
+        for k, r in rates.items()
+    ]
     return rows, {"prompts": prompts, "generations": texts, "marker_rates": rates}
 
 
@@ -129,9 +177,17 @@ def attribution_rows(peft, adapter: Adapter, layer: int, feats: dict, batch: dic
     mods.to_csv(out / f"modules_{adapter.name}.csv", index=False)
     where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
     rem = (res.remainder.abs() / res.total.abs().clamp_min(1e-30)).mean()
-    return [ResultRow(schema.EXPLAIN, schema.TOP_MODULE_DELTA_SHARE, float(mods.delta_share.iloc[0]),
-                      n=res.n_tokens, note=str(mods.module.iloc[0]), **where),
-            ResultRow(schema.EXPLAIN, schema.ATTRIBUTION_REMAINDER, float(rem), n=res.n_tokens, **where)]
+    return [
+        ResultRow(
+            schema.EXPLAIN,
+            schema.TOP_MODULE_DELTA_SHARE,
+            float(mods.delta_share.iloc[0]),
+            n=res.n_tokens,
+            note=str(mods.module.iloc[0]),
+            **where,
+        ),
+        ResultRow(schema.EXPLAIN, schema.ATTRIBUTION_REMAINDER, float(rem), n=res.n_tokens, **where),
+    ]
 
 
 def first_position_rows(delta: torch.Tensor, att: torch.Tensor, where: dict, n_positions: int = 8) -> list[ResultRow]:
@@ -142,9 +198,19 @@ def first_position_rows(delta: torch.Tensor, att: torch.Tensor, where: dict, n_p
     means = first_position_means(delta, att, n_positions)
     later = delta[:, n_positions:][att[:, n_positions:].bool()]
     ref = float(later.norm(dim=-1).mean()) if len(later) else float("nan")
-    return [ResultRow(schema.EXPLAIN, schema.first_position_delta(p), float(means.norm[p]), null_value=ref,
-                      null_name=schema.NULL_LATER_POSITIONS, n=int(means.count[p]), **where)
-            for p in range(min(n_positions, delta.shape[1])) if int(means.count[p]) > 0]
+    return [
+        ResultRow(
+            schema.EXPLAIN,
+            schema.first_position_delta(p),
+            float(means.norm[p]),
+            null_value=ref,
+            null_name=schema.NULL_LATER_POSITIONS,
+            n=int(means.count[p]),
+            **where,
+        )
+        for p in range(min(n_positions, delta.shape[1]))
+        if int(means.count[p]) > 0
+    ]
 
 
 def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Path) -> list[ResultRow]:
@@ -157,8 +223,15 @@ def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Pa
     where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
     rows = attribution_rows(peft, adapter, layer, feats, batch, out) if ex.attribution else []
     labels, att = batch["labels"], batch["attention_mask"]
-    probe = CausalProbe(peft, adapter.name, batch["input_ids"], att, layer, labels=labels,
-                        token_mask=torch.roll(labels != -100, -1, dims=1))
+    probe = CausalProbe(
+        peft,
+        adapter.name,
+        batch["input_ids"],
+        att,
+        layer,
+        labels=labels,
+        token_mask=torch.roll(labels != -100, -1, dims=1),
+    )
     edits = _edits(feats, probe, att, st.config.seed)
     srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
     rows += srows + first_position_rows(edits["exact_delta"], att, where)
@@ -186,8 +259,9 @@ def intruder_rows(peft, adapter: Adapter, layer: int, feats: dict, out: Path) ->
         if getattr(mod, "fan_in_fan_out", False):
             W, dW = W.T, dW.T
         found[f"{layer}.{name}"] = intruder_dimensions(W, dW)
-    counts = pd.DataFrame([{"adapter": adapter.name, "module": m, "n_intruders": len(x.indices)}
-                           for m, x in found.items()])
+    counts = pd.DataFrame(
+        [{"adapter": adapter.name, "module": m, "n_intruders": len(x.indices)} for m, x in found.items()]
+    )
     counts.to_csv(out / f"intruders_{adapter.name}.csv", index=False)
     dec = feats["sae"].W_dec.detach()
     vecs, labels = residual_intruders(found, dec.shape[1])
@@ -195,9 +269,10 @@ def intruder_rows(peft, adapter: Adapter, layer: int, feats: dict, out: Path) ->
     aligned.to_csv(out / f"intruder_alignment_{adapter.name}.csv", index=False)
     where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
     n_al = int(aligned["aligned"].sum()) if len(aligned) else 0
-    return [ResultRow(schema.EXPLAIN, schema.INTRUDER_DIMENSIONS, float(counts.n_intruders.sum()), n=len(found),
-                      **where),
-            ResultRow(schema.EXPLAIN, schema.INTRUDERS_ALIGNED, float(n_al), n=len(labels), **where)]
+    return [
+        ResultRow(schema.EXPLAIN, schema.INTRUDER_DIMENSIONS, float(counts.n_intruders.sum()), n=len(found), **where),
+        ResultRow(schema.EXPLAIN, schema.INTRUDERS_ALIGNED, float(n_al), n=len(labels), **where),
+    ]
 
 
 def reference_rows(st: RunState, store, layer: int, saes, out: Path) -> list[ResultRow]:
@@ -225,8 +300,10 @@ def reference_rows(st: RunState, store, layer: int, saes, out: Path) -> list[Res
         table.to_csv(out / f"latent_scaling_{name}.csv", index=False)
         fired = table.dropna(subset=["ratio"])
         where = {"layer": layer, "adapter": name, "n": len(fired)}
-        rows += [ResultRow(schema.EXPLAIN, schema.LATENTS_STRENGTHENED,
-                           float((fired.ratio < STRENGTHENED_RATIO).sum()), **where),
-                 ResultRow(schema.EXPLAIN, schema.LATENTS_WEAKENED, float((fired.ratio > WEAKENED_RATIO).sum()),
-                           **where)]
+        rows += [
+            ResultRow(
+                schema.EXPLAIN, schema.LATENTS_STRENGTHENED, float((fired.ratio < STRENGTHENED_RATIO).sum()), **where
+            ),
+            ResultRow(schema.EXPLAIN, schema.LATENTS_WEAKENED, float((fired.ratio > WEAKENED_RATIO).sum()), **where),
+        ]
     return rows

@@ -38,9 +38,16 @@ def activation_examples(st: RunState) -> list:
 
 def _inputs(st: RunState, adapters: list[Adapter]) -> dict:
     cfg = st.config
-    inputs = {"model": cfg.model.spec, "dtype": cfg.model.dtype, "adapters": {a.name: a.key for a in adapters},
-              "data": cfg.data.activations, "n_docs": cfg.data.n_docs, "max_length": cfg.data.max_length,
-              "seed": cfg.seed, **cfg.extraction.model_dump()}
+    inputs = {
+        "model": cfg.model.spec,
+        "dtype": cfg.model.dtype,
+        "adapters": {a.name: a.key for a in adapters},
+        "data": cfg.data.activations,
+        "n_docs": cfg.data.n_docs,
+        "max_length": cfg.data.max_length,
+        "seed": cfg.seed,
+        **cfg.extraction.model_dump(),
+    }
     # new settings enter the key only when not at their default, so existing caches stay valid
     if cfg.data.activations_columns:
         inputs["columns"] = cfg.data.activations_columns
@@ -59,10 +66,19 @@ def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
     if not sd.done:
         t0 = time.perf_counter()
         examples = activation_examples(st)
-        xcfg = ExtractConfig(layers=list(e.layers), tokens=e.tokens, skip_first=e.skip_first,
-                             max_norm_factor=e.max_norm_factor, batch_size=e.batch_size, docs_per_shard=e.shard_docs,
-                             max_length=cfg.data.max_length, dtype=e.store_dtype, progress=st.progress,
-                             length_policy=cfg.data.long_examples, exclude_template=e.exclude_template)
+        xcfg = ExtractConfig(
+            layers=list(e.layers),
+            tokens=e.tokens,
+            skip_first=e.skip_first,
+            max_norm_factor=e.max_norm_factor,
+            batch_size=e.batch_size,
+            docs_per_shard=e.shard_docs,
+            max_length=cfg.data.max_length,
+            dtype=e.store_dtype,
+            progress=st.progress,
+            length_policy=cfg.data.long_examples,
+            exclude_template=e.exclude_template,
+        )
         st.log(f"extracting activations at layers {list(e.layers)} for {len(adapters)} fine-tunes")
         if all(a.kind == "peft" for a in adapters):
             base = st.base()
@@ -71,8 +87,15 @@ def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
             extract(peft, base.tokenizer, examples, sd.path / "store", xcfg, adapters=[a.name for a in adapters])
         else:  # a whole model among them: every fine-tune runs as its own model, one resident at a time
             st.log("a fine-tune is a whole model: base and fine-tunes run one after another on the same batches")
-            extract_full(cfg.model.spec, {a.name: str(a.path) for a in adapters}, st.tokenizer(), examples,
-                         sd.path / "store", xcfg, load={"dtype": cfg.model.dtype, "device": cfg.model.device})
+            extract_full(
+                cfg.model.spec,
+                {a.name: str(a.path) for a in adapters},
+                st.tokenizer(),
+                examples,
+                sd.path / "store",
+                xcfg,
+                load={"dtype": cfg.model.dtype, "device": cfg.model.device},
+            )
         sd.mark_done()
         st.finished("extraction", t0)
     return Extracted(sd.path / "store", sd.key)

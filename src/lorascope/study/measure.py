@@ -39,10 +39,16 @@ def lora_rows(adapter: Adapter) -> list[ResultRow]:
     t = adapter.training
     if t is None:
         return []
-    values = {"train_loss_start": t.loss_start, "train_loss_end": t.loss_end,
-              "heldout_loss_base": t.heldout_loss_base, "heldout_loss_adapted": t.heldout_loss_adapted}
-    return [ResultRow("lora", name, float(v), layer=-1, adapter=adapter.name, rank=adapter.rank)
-            for name, v in values.items()]
+    values = {
+        "train_loss_start": t.loss_start,
+        "train_loss_end": t.loss_end,
+        "heldout_loss_base": t.heldout_loss_base,
+        "heldout_loss_adapted": t.heldout_loss_adapted,
+    }
+    return [
+        ResultRow("lora", name, float(v), layer=-1, adapter=adapter.name, rank=adapter.rank)
+        for name, v in values.items()
+    ]
 
 
 def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
@@ -54,7 +60,7 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
         return []
     sae = inp.adapter_saes[0]
     with torch.no_grad():
-        codes = torch.cat([sae.encode(inp.delta[i: i + 4096]) for i in range(0, n, 4096)])
+        codes = torch.cat([sae.encode(inp.delta[i : i + 4096]) for i in range(0, n, 4096)])
     top = torch.argsort(codes.clamp_min(0).sum(0), descending=True)[: r.top_features].tolist()
     codes = codes[:, top]  # only the shown features' columns go on (not a float64 copy of every latent)
     used = sorted(set(held.doc_index[:n].tolist()))
@@ -62,13 +68,22 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     doc_list = [docs.get(i, []) for i in range(max(used) + 1)]
     tok = st.tokenizer()
     column = {f: c for c, f in enumerate(top)}
-    return top_activating_contexts(codes, held.token_id[:n], held.doc_index[:n], held.position[:n], doc_list,
-                                   lambda ids: tok.decode(ids), top, r.contexts_per_feature, layer=inp.layer,
-                                   adapter=inp.adapter, column_of=column.__getitem__)
+    return top_activating_contexts(
+        codes,
+        held.token_id[:n],
+        held.doc_index[:n],
+        held.position[:n],
+        doc_list,
+        lambda ids: tok.decode(ids),
+        top,
+        r.contexts_per_feature,
+        layer=inp.layer,
+        adapter=inp.adapter,
+        column_of=column.__getitem__,
+    )
 
 
-def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: StudySAEs, reference,
-                  parts: Path) -> None:
+def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: StudySAEs, reference, parts: Path) -> None:
     """Statistics, LoRA rows, contexts and arrays of one (layer, adapter) into its part files."""
     from lorascope.models.peft_weights import lora_update
     from lorascope.saes import load_sae
@@ -79,10 +94,18 @@ def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: Study
     n = min(held.base.shape[0], g.eval_tokens)
     st.log(f"geometry: layer {layer}, {adapter.name} ({n} held-out tokens)")
     _, train_cov = train_delta_moments(st, store, layer, adapter.name)
-    inp = LayerAdapterInputs(layer, adapter.name, adapter.rank, held.base[:n], held.delta[:n],
-                             [load_sae(p) for p in saes.adapter[(layer, adapter.name)]], reference,
-                             lora_update(adapter.path, layer), doc_index=held.doc_index[:n],
-                             train_delta_cov=train_cov)
+    inp = LayerAdapterInputs(
+        layer,
+        adapter.name,
+        adapter.rank,
+        held.base[:n],
+        held.delta[:n],
+        [load_sae(p) for p in saes.adapter[(layer, adapter.name)]],
+        reference,
+        lora_update(adapter.path, layer),
+        doc_index=held.doc_index[:n],
+        train_delta_cov=train_cov,
+    )
     with st.timed("geometry/analysis"):
         res = analyse_layer_adapter(inp, analysis_settings(st))
     res.rows.extend(lora_rows(adapter))
@@ -99,19 +122,34 @@ def analysis_settings(st: RunState):
     from lorascope.study.analysis import Settings
 
     g = st.config.geometry
-    return Settings(taus=tuple(g.taus), subspace_k=g.subspace_k, n_boot=g.bootstrap,
-                    cka_max_tokens=g.cka_max_tokens, seed=st.config.seed, cka_permutations=g.cka_permutations,
-                    subspace_draws=g.subspace_draws)
+    return Settings(
+        taus=tuple(g.taus),
+        subspace_k=g.subspace_k,
+        n_boot=g.bootstrap,
+        cka_max_tokens=g.cka_max_tokens,
+        seed=st.config.seed,
+        cka_permutations=g.cka_permutations,
+        subspace_draws=g.subspace_draws,
+    )
 
 
-def train_delta_moments(st: RunState, store, layer: int, adapter: str,
-                        max_rows: int = 50_000) -> tuple[torch.Tensor, torch.Tensor]:
+def train_delta_moments(
+    st: RunState, store, layer: int, adapter: str, max_rows: int = 50_000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean [d] and covariance [d, d] (float64) of Δ over the *training* documents (the first ``max_rows`` rows
     in store order): the mean-Δ splice baseline and the covariance-matched alignment null must not look at the
     held-out documents they are evaluated on (the store's extraction statistics cover every document)."""
     cfg = st.config
-    reader = store.reader(layer, kind="delta", adapter=adapter, split="train", batch_size=4096, shuffle=False,
-                          held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+    reader = store.reader(
+        layer,
+        kind="delta",
+        adapter=adapter,
+        split="train",
+        batch_size=4096,
+        shuffle=False,
+        held_out_fraction=cfg.data.held_out_fraction,
+        split_seed=cfg.seed,
+    )
     d = store.d_model
     total, outer, n = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0
     for x in reader:
@@ -132,12 +170,13 @@ def reference_rows(st: RunState, store, reference, layer: int, adapters: list[Ad
     from lorascope.saes.trainer import evaluate_sae
 
     cfg = st.config
-    held = store.held_out(layer, adapters[0].name, held_out_fraction=cfg.data.held_out_fraction,
-                          split_seed=cfg.seed)
+    held = store.held_out(layer, adapters[0].name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
     ev = evaluate_sae(reference, held.base[: cfg.geometry.eval_tokens])
     where = {"layer": layer, "n": int(ev["n_tokens"]), "d": store.d_model}
-    return [ResultRow("reconstruction", "fvu_ref_on_base", ev["fvu"], **where),
-            ResultRow("density", "l0_ref_on_base", ev["l0"], **where)]
+    return [
+        ResultRow("reconstruction", "fvu_ref_on_base", ev["fvu"], **where),
+        ResultRow("density", "l0_ref_on_base", ev["l0"], **where),
+    ]
 
 
 def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
@@ -147,8 +186,13 @@ def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], sae
 
     cfg, g = st.config, st.config.geometry
     reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
-    check = check_reference(reference, store, cfg.data.held_out_fraction, cfg.seed,
-                            allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False))
+    check = check_reference(
+        reference,
+        store,
+        cfg.data.held_out_fraction,
+        cfg.seed,
+        allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False),
+    )
     if check.message:
         st.log(f"warning: {check.message}")
     for a in adapters:
@@ -156,12 +200,15 @@ def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], sae
             _measure_pair(st, store, a, layer, saes, reference, parts)
     cka_part = parts / f"L{layer}__cka.json"
     if not cka_part.is_file() and len(adapters) > 1:
-        helds = {a.name: store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction,
-                                        split_seed=cfg.seed) for a in adapters}
+        helds = {
+            a.name: store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+            for a in adapters
+        }
         deltas = {name: h.delta[: g.cka_max_tokens] for name, h in helds.items()}
         doc_index = next(iter(helds.values())).doc_index[: g.cka_max_tokens]  # same rows for every adapter
-        rows = cross_adapter_cka(layer, deltas, {a.name: a.rank for a in adapters}, doc_index, g.cka_max_tokens,
-                                 analysis_settings(st))
+        rows = cross_adapter_cka(
+            layer, deltas, {a.name: a.rank for a in adapters}, doc_index, g.cka_max_tokens, analysis_settings(st)
+        )
         write_json(cka_part, [r.as_record() for r in rows])
     ref_part = parts / f"L{layer}__reference.json"
     if not ref_part.is_file():
@@ -178,8 +225,11 @@ def _splice_docs(st: RunState, store) -> tuple[list, list[int]]:
     examples = activation_examples(st)
     mask = store.split_docs("held_out", cfg.data.held_out_fraction, cfg.seed)
     index = {doc: i for i, (doc, keep) in enumerate(zip(store.doc_ids, mask.tolist(), strict=True)) if keep}
-    docs = [d for d in tokenize_docs(st.tokenizer(), examples, cfg.data.max_length, cfg.data.long_examples)
-            if d.doc_id in index]
+    docs = [
+        d
+        for d in tokenize_docs(st.tokenizer(), examples, cfg.data.max_length, cfg.data.long_examples)
+        if d.doc_id in index
+    ]
     docs = sorted(docs, key=lambda d: index[d.doc_id])[: cfg.geometry.splice_docs]
     return docs, [index[d.doc_id] for d in docs]
 
@@ -203,18 +253,29 @@ def splice_rows(res, n_boot: int, seed: int, **where) -> list[ResultRow]:
     common = dict(family=schema.SPLICE, n=int(res.n_tokens), **where)
     rows = [ResultRow(metric=schema.KL_ADAPTED_VS_BASE, value=res.kl_adapted_vs_base, **common)]
     for name in res.kl:
-        rel = ResultRow(metric=schema.kl_recovered_rel(name), value=res.recovered[name], null_value=0.0,
-                        null_name=schema.NULL_ZERO_SPLICE, note="1 − KL(ft‖splice)/KL(ft‖splice with Δ̂ = 0)",
-                        **common)
+        rel = ResultRow(
+            metric=schema.kl_recovered_rel(name),
+            value=res.recovered[name],
+            null_value=0.0,
+            null_name=schema.NULL_ZERO_SPLICE,
+            note="1 − KL(ft‖splice)/KL(ft‖splice with Δ̂ = 0)",
+            **common,
+        )
         if n_boot and n_docs >= 2 and sum(res.doc_kl["zero"]) > 0:
-            ci = document_bootstrap_ratio_ci(res.doc_kl[name], res.doc_kl["zero"], list(range(n_docs)),
-                                             n_boot=n_boot, seed=seed)
+            ci = document_bootstrap_ratio_ci(
+                res.doc_kl[name], res.doc_kl["zero"], list(range(n_docs)), n_boot=n_boot, seed=seed
+            )
             rel.ci_low, rel.ci_high, rel.ci_unit = 1.0 - ci.high, 1.0 - ci.low, ci.ci_unit
-        rows += [rel,
-                 ResultRow(metric=schema.kl_recovered_raw(name), value=res.recovered_raw[name],
-                           note="extra: 1 − KL(ft‖splice)/KL(ft‖base); Δ̂ = 0 already scores > 0 before the last "
-                                "layer", **common),
-                 ResultRow(metric=schema.kl(name), value=res.kl[name], note="nats per selected token", **common)]
+        rows += [
+            rel,
+            ResultRow(
+                metric=schema.kl_recovered_raw(name),
+                value=res.recovered_raw[name],
+                note="extra: 1 − KL(ft‖splice)/KL(ft‖base); Δ̂ = 0 already scores > 0 before the last layer",
+                **common,
+            ),
+            ResultRow(metric=schema.kl(name), value=res.kl[name], note="nats per selected token", **common),
+        ]
     return rows
 
 
@@ -228,8 +289,12 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
 
     cfg = st.config
     adapters = [a for a in adapters if a.kind == "peft"]  # the splice runs a PeftModel: none for whole models
-    todo = [(layer, a) for layer in cfg.extraction.layers for a in adapters
-            if not (parts / f"L{layer}__{a.name}__splice.json").is_file()]
+    todo = [
+        (layer, a)
+        for layer in cfg.extraction.layers
+        for a in adapters
+        if not (parts / f"L{layer}__{a.name}__splice.json").is_file()
+    ]
     if not todo:
         return
     base = st.base()
@@ -252,10 +317,17 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
 
         held = store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
         mean_delta, _ = train_delta_moments(st, store, layer, a.name)
-        res = splice_kl(peft, base.tokenizer.pad_token_id, docs, layer, a.name,
-                        {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff},
-                        skip_first=cfg.extraction.skip_first, mean_delta=mean_delta.float(),
-                        keep_positions=kept_positions(held, doc_indices))
+        res = splice_kl(
+            peft,
+            base.tokenizer.pad_token_id,
+            docs,
+            layer,
+            a.name,
+            {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff},
+            skip_first=cfg.extraction.skip_first,
+            mean_delta=mean_delta.float(),
+            keep_positions=kept_positions(held, doc_indices),
+        )
         rows = splice_rows(res, cfg.geometry.bootstrap, cfg.seed, layer=layer, adapter=a.name, rank=a.rank)
         write_json(parts / f"L{layer}__{a.name}__splice.json", [r.as_record() for r in rows])
 
@@ -286,20 +358,42 @@ def trend_part(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, pa
     common = dict(n_boot=g.bootstrap, seed=cfg.seed)
     for layer in cfg.extraction.layers:
         x = [math.log2(a.rank) for a in trained]
-        rows += trend_rows(x, [norms[(layer, a.name)] for a in trained], schema.TREND_DELTA_NORM_RANK,
-                           schema.TREND_DELTA_NORM_RANK_P, family=schema.DELTA_NORM, layer=layer, **common)
-        rows += trend_rows(x, [l0[(layer, a.name)] for a in trained], schema.TREND_L0_RANK, schema.TREND_L0_RANK_P,
-                           family=schema.DENSITY, layer=layer, **common)
+        rows += trend_rows(
+            x,
+            [norms[(layer, a.name)] for a in trained],
+            schema.TREND_DELTA_NORM_RANK,
+            schema.TREND_DELTA_NORM_RANK_P,
+            family=schema.DELTA_NORM,
+            layer=layer,
+            **common,
+        )
+        rows += trend_rows(
+            x,
+            [l0[(layer, a.name)] for a in trained],
+            schema.TREND_L0_RANK,
+            schema.TREND_L0_RANK_P,
+            family=schema.DENSITY,
+            layer=layer,
+            **common,
+        )
     for a in adapters:
         layers = list(cfg.extraction.layers)
-        rows += trend_rows([float(v) for v in layers], [norms[(v, a.name)] for v in layers],
-                           schema.TREND_DELTA_NORM_DEPTH, schema.TREND_DELTA_NORM_DEPTH_P, family=schema.DELTA_NORM,
-                           adapter=a.name, rank=a.rank, **common)
+        rows += trend_rows(
+            [float(v) for v in layers],
+            [norms[(v, a.name)] for v in layers],
+            schema.TREND_DELTA_NORM_DEPTH,
+            schema.TREND_DELTA_NORM_DEPTH_P,
+            family=schema.DELTA_NORM,
+            adapter=a.name,
+            rank=a.rank,
+            **common,
+        )
     write_json(path, [r.as_record() for r in rows])
 
 
-def stage_measure(st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs,
-                  upstream: dict[str, Any]) -> Measured:
+def stage_measure(
+    st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs, upstream: dict[str, Any]
+) -> Measured:
     """Every part of the measure stage (resuming from those already written), then the results table."""
     from lorascope.study.publish import write_results
 

@@ -31,14 +31,22 @@ def write_results(st: RunState, stage_dir: Path, rows: list[ResultRow], adapters
     contexts = [c for f in sorted((stage_dir / "parts").glob("*.ctx")) for c in read_json(f)]
     write_json(res / "contexts.json", contexts)
     cfg = st.config
-    write_json(res / "meta.json", {"name": cfg.name, "model": cfg.model.spec, "d_model": store.d_model,
-                                   "n_layers": store.manifest.get("config", {}).get("model", {}).get("n_layers"),
-                                   "layers": list(cfg.extraction.layers),
-                                   "adapters": {a.name: a.rank for a in adapters},
-                                   "fine_tunes": {a.name: {"kind": a.kind, "step": a.step} for a in adapters},
-                                   "reference_saes": _reference_picks(cfg),
-                                   "config": cfg.model_dump(), "lorascope_version": __version__,
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_json(
+        res / "meta.json",
+        {
+            "name": cfg.name,
+            "model": cfg.model.spec,
+            "d_model": store.d_model,
+            "n_layers": store.manifest.get("config", {}).get("model", {}).get("n_layers"),
+            "layers": list(cfg.extraction.layers),
+            "adapters": {a.name: a.rank for a in adapters},
+            "fine_tunes": {a.name: {"kind": a.kind, "step": a.step} for a in adapters},
+            "reference_saes": _reference_picks(cfg),
+            "config": cfg.model_dump(),
+            "lorascope_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
+    )
 
 
 def _reference_picks(cfg) -> dict[str, str]:

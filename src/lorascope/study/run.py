@@ -70,12 +70,16 @@ def run(config: ExperimentConfig, progress: bool = True, report: bool = True) ->
 
 def _upstream(config: ExperimentConfig, out: Path, extracted: Extracted, saes: StudySAEs) -> dict[str, Any]:
     """What the measure stage depends on (its cache key): the store, the SAE folders, the splice model."""
-    return {"store": extracted.key,
-            "adapter_saes": {f"{k[0]}:{k[1]}": [p.parent.name for p in v] for k, v in saes.adapter.items()},
-            # relative inside the run folder, so a moved run folder keeps its cached measurements
-            "ref": {str(k): str(v.relative_to(out)) if v.is_relative_to(out) else content_key(v)
-                    for k, v in saes.reference.items()},  # a path reference: keyed by its bytes, not its name
-            "splice_model": config.model.spec}
+    return {
+        "store": extracted.key,
+        "adapter_saes": {f"{k[0]}:{k[1]}": [p.parent.name for p in v] for k, v in saes.adapter.items()},
+        # relative inside the run folder, so a moved run folder keeps its cached measurements
+        "ref": {
+            str(k): str(v.relative_to(out)) if v.is_relative_to(out) else content_key(v)
+            for k, v in saes.reference.items()
+        },  # a path reference: keyed by its bytes, not its name
+        "splice_model": config.model.spec,
+    }
 
 
 def _model_config(spec: str) -> dict[str, Any]:
@@ -98,11 +102,16 @@ def _check_reference(config: ExperimentConfig, width: Any) -> None:
         except LorascopeError as exc:
             if "allow_pickle" not in (exc.fix or ""):
                 raise
-            raise LorascopeError(exc.problem, fix="re-save it as a state dict, or, only if you trust the file, "
-                                                  "set reference_sae.allow_pickle: true") from exc
+            raise LorascopeError(
+                exc.problem,
+                fix="re-save it as a state dict, or, only if you trust the file, set reference_sae.allow_pickle: true",
+            ) from exc
         if width is not None and sae.d_in != int(width):
-            raise LorascopeError(f"reference_sae.path for layer {layer}: {p} has d_in = {sae.d_in}, but the model's "
-                                 f"residual width is {width}", fix="use SAEs trained on this model's residual stream")
+            raise LorascopeError(
+                f"reference_sae.path for layer {layer}: {p} has d_in = {sae.d_in}, but the model's "
+                f"residual width is {width}",
+                fix="use SAEs trained on this model's residual stream",
+            )
 
 
 def check_inputs(config: ExperimentConfig) -> None:
@@ -118,8 +127,10 @@ def check_inputs(config: ExperimentConfig) -> None:
     n = mc.get("num_hidden_layers", mc.get("n_layer"))
     bad = [x for x in config.extraction.layers if n is not None and not 0 <= x < int(n)]
     if bad:
-        raise LorascopeError(f"extraction.layers: layer {bad[0]} is out of range: this model has {n} blocks",
-                             fix=f"choose layers in 0..{int(n) - 1}")
+        raise LorascopeError(
+            f"extraction.layers: layer {bad[0]} is out of range: this model has {n} blocks",
+            fix=f"choose layers in 0..{int(n) - 1}",
+        )
     if config.reference_sae.source == "path":
         _check_reference(config, mc.get("hidden_size", mc.get("n_embd")))
     if config.explain.enabled:
@@ -137,8 +148,11 @@ def _check_data(config: ExperimentConfig) -> None:
     from lorascope.study.adapters import check_lengths
 
     d, t = config.data, config.adapters.train
-    examples = (load_dataset_spec(d.finetune, limit=d.n_finetune, seed=config.seed, columns=d.finetune_columns)
-                if t is not None and t.ranks else [])
+    examples = (
+        load_dataset_spec(d.finetune, limit=d.n_finetune, seed=config.seed, columns=d.finetune_columns)
+        if t is not None and t.ranks
+        else []
+    )
     docs = load_dataset_spec(d.activations, limit=d.n_docs, seed=config.seed + 1, columns=d.activations_columns)
     if d.long_examples != "error":
         return

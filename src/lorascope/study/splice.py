@@ -90,7 +90,7 @@ def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
 
 def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 128) -> torch.Tensor:
     """:func:`_kl_rows` over blocks of rows (the same numbers; temporaries of ``rows`` × V, not N × V)."""
-    return torch.cat([_kl_rows(logp_p[i: i + rows], logp_q[i: i + rows]) for i in range(0, logp_p.shape[0], rows)])
+    return torch.cat([_kl_rows(logp_p[i : i + rows], logp_q[i : i + rows]) for i in range(0, logp_p.shape[0], rows)])
 
 
 def _block_output(out):
@@ -100,8 +100,10 @@ def _block_output(out):
 def _reconstructors(reconstructors: dict[str, Reconstructor], mean_delta) -> dict[str, Reconstructor]:
     clash = [n for n in reconstructors if n in BASELINES]
     if clash:
-        raise LorascopeError(f"reconstructor name(s) {clash} are reserved for the baselines",
-                             fix="rename them; zero and mean_delta splices are always run")
+        raise LorascopeError(
+            f"reconstructor name(s) {clash} are reserved for the baselines",
+            fix="rename them; zero and mean_delta splices are always run",
+        )
     out: dict[str, Reconstructor] = {"zero": lambda hb, hf: torch.zeros_like(hb)}
     if mean_delta is not None:
         mu = torch.as_tensor(mean_delta).reshape(-1)
@@ -109,16 +111,25 @@ def _reconstructors(reconstructors: dict[str, Reconstructor], mean_delta) -> dic
     return {**out, **reconstructors}
 
 
-def _selected(att: torch.Tensor, chunk: Sequence[TokenizedExample], caps: dict[int, torch.Tensor], b: int,
-              selection: TokenSelection, keep_positions, start: int) -> torch.Tensor:
+def _selected(
+    att: torch.Tensor,
+    chunk: Sequence[TokenizedExample],
+    caps: dict[int, torch.Tensor],
+    b: int,
+    selection: TokenSelection,
+    keep_positions,
+    start: int,
+) -> torch.Tensor:
     """bool [b, T]: positions of the batch's documents to splice and score (the extraction's rule)."""
     if keep_positions is not None:
         sel = torch.zeros(b, att.shape[1], dtype=torch.bool)
         for i in range(b):
             pos = torch.as_tensor(list(keep_positions[start + i]), dtype=torch.long)
             if pos.numel() and (int(pos.max()) >= int(att[i].sum()) or int(pos.min()) < 0):
-                raise LorascopeError(f"keep_positions of document {start + i} point outside it",
-                                     fix="pass the positions the store kept for these documents, in order")
+                raise LorascopeError(
+                    f"keep_positions of document {start + i} point outside it",
+                    fix="pass the positions the store kept for these documents, in order",
+                )
             sel[i, pos] = True
         return sel
     norms = {L: h[:b].float().norm(dim=-1).cpu() for L, h in caps.items()}
@@ -127,11 +138,23 @@ def _selected(att: torch.Tensor, chunk: Sequence[TokenizedExample], caps: dict[i
 
 
 @torch.no_grad()
-def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: int, adapter: str,
-              reconstructors: dict[str, Reconstructor], batch_size: int = 8, skip_first: int = 1, *,
-              mean_delta=None, selection: TokenSelection | None = None, norm_layers: Sequence[int] | None = None,
-              keep_positions: Sequence[Sequence[int]] | None = None, recon_device: str | torch.device = "cpu",
-              max_logit_bytes: int = 1 << 29) -> SpliceResult:
+def splice_kl(
+    peft_model,
+    pad_id: int,
+    docs: Sequence[TokenizedExample],
+    layer: int,
+    adapter: str,
+    reconstructors: dict[str, Reconstructor],
+    batch_size: int = 8,
+    skip_first: int = 1,
+    *,
+    mean_delta=None,
+    selection: TokenSelection | None = None,
+    norm_layers: Sequence[int] | None = None,
+    keep_positions: Sequence[Sequence[int]] | None = None,
+    recon_device: str | torch.device = "cpu",
+    max_logit_bytes: int = 1 << 29,
+) -> SpliceResult:
     """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
 
     ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
@@ -149,8 +172,10 @@ def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: 
     layers = check_layers(peft_model, sorted({layer, *(norm_layers or [layer])}))
     selection = selection or TokenSelection("all", skip_first, None)
     if keep_positions is not None and len(keep_positions) != len(docs):
-        raise LorascopeError(f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
-                             fix="pass one list of positions per document")
+        raise LorascopeError(
+            f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
+            fix="pass one list of positions per document",
+        )
     recons = _reconstructors(reconstructors, mean_delta)
     peft_model.eval()
     device = next(peft_model.parameters()).device
@@ -158,7 +183,7 @@ def splice_kl(peft_model, pad_id: int, docs: Sequence[TokenizedExample], layer: 
     doc_kl: dict[str, list[float]] = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
     for start in range(0, len(docs), batch_size):
-        chunk = list(docs[start: start + batch_size])
+        chunk = list(docs[start : start + batch_size])
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
         ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -185,8 +210,9 @@ def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
     return torch.zeros(b, dtype=torch.float64).index_add_(0, rows, kl).tolist()
 
 
-def _spliced(recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor, sel: torch.Tensor,
-             recon_device) -> torch.Tensor:
+def _spliced(
+    recon: Reconstructor, h_base: torch.Tensor, h_ft: torch.Tensor, sel: torch.Tensor, recon_device
+) -> torch.Tensor:
     """The adapted residual with h_base + Δ̂ at the selected positions (Δ̂ computed on ``recon_device``)."""
     hb, hf = h_base[sel].float().to(recon_device), h_ft[sel].float().to(recon_device)
     delta_hat = recon(hb, hf).to(device=h_ft.device, dtype=h_ft.dtype)
@@ -213,6 +239,7 @@ class _Suffix:
     def prefix(self, layers: list[int], ids: torch.Tensor, att: torch.Tensor, names: list[str]):
         """The mixed base/adapted forward up to the deepest of ``layers`` (their residuals); notes whether the
         blocks return tuples (older transformers), so the pass-through blocks answer in the same form."""
+
         def note(_m, _i, out):
             self.tuple_out = isinstance(out, tuple)
 
@@ -230,16 +257,22 @@ class _Suffix:
         per_group = 4 * int(sel.sum()) * self.vocab if self.head_selects else 4 * b * t * self.vocab
         step = max(1, self.max_logit_bytes // max(per_group, 1))
         for i in range(0, len(names), step):
-            group = names[i: i + step]
-            parts = list(zip(group, self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel,
-                                                  group).chunk(len(group)), strict=True))
+            group = names[i : i + step]
+            parts = list(
+                zip(
+                    group,
+                    self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel, group).chunk(len(group)),
+                    strict=True,
+                )
+            )
             while parts:  # hold no reference to a part once it is handed out (one N × V buffer alive, not two)
                 name, part = parts.pop(0)
                 yield name, _log_softmax_inplace(part)
                 del part
 
-    def _forward(self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor,
-                 group: list[str]) -> torch.Tensor:
+    def _forward(
+        self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor, group: list[str]
+    ) -> torch.Tensor:
         g = len(group)
         rows_sel = sel.repeat(g, 1)
         adapter_names = [n for name in group for n in ["__base__" if name == "base" else self.adapter] * ids.shape[0]]
@@ -247,11 +280,18 @@ class _Suffix:
         for blk in self.blocks[: self.layer]:
             blk.forward = functools.partial(_pass_through, self.tuple_out)
         self.blocks[self.layer].forward = functools.partial(_inject, self.tuple_out, hidden)
-        handle = self.head.register_forward_pre_hook(
-            lambda _m, args: (args[0][rows_sel], *args[1:])) if self.head_selects else None
+        handle = (
+            self.head.register_forward_pre_hook(lambda _m, args: (args[0][rows_sel], *args[1:]))
+            if self.head_selects
+            else None
+        )
         try:
-            out = self.model(input_ids=ids.repeat(g, 1), attention_mask=att.repeat(g, 1),
-                             adapter_names=adapter_names, use_cache=False).logits.float()
+            out = self.model(
+                input_ids=ids.repeat(g, 1),
+                attention_mask=att.repeat(g, 1),
+                adapter_names=adapter_names,
+                use_cache=False,
+            ).logits.float()
         finally:
             if handle is not None:
                 handle.remove()
@@ -266,7 +306,7 @@ def _log_softmax_inplace(logits: torch.Tensor, rows: int = 128) -> torch.Tensor:
     """log_softmax over the last dimension written back into ``logits`` block by block (row-wise, so the same
     numbers as one call; temporaries of ``rows`` × V instead of a second N × V tensor)."""
     for i in range(0, logits.shape[0], rows):
-        logits[i: i + rows] = torch.log_softmax(logits[i: i + rows], -1)
+        logits[i : i + rows] = torch.log_softmax(logits[i : i + rows], -1)
     return logits
 
 
@@ -288,11 +328,14 @@ def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResu
     names = [n for n in doc_kl if n != "base"]
     nan = float("nan")
     return SpliceResult(
-        kl_adapted_vs_base=base / max(n_tok, 1), n_tokens=n_tok,
+        kl_adapted_vs_base=base / max(n_tok, 1),
+        n_tokens=n_tok,
         kl={n: totals[n] / max(n_tok, 1) for n in names},
         recovered={n: 1.0 - totals[n] / zero if zero > 0 else nan for n in names},
         recovered_raw={n: 1.0 - totals[n] / base if base > 0 else nan for n in names},
-        doc_kl=doc_kl, doc_tokens=doc_tokens)
+        doc_kl=doc_kl,
+        doc_tokens=doc_tokens,
+    )
 
 
 __all__ = ["BASELINES", "Reconstructor", "SpliceResult", "splice_kl"]

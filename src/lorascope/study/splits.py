@@ -17,8 +17,11 @@ from lorascope.activations.split import HeldOutSplit, OverlapCheck, check_no_ove
 
 def doc_hashes(store, docs_mask: torch.Tensor) -> list[str]:
     """Content hashes of the store's documents selected by ``docs_mask`` [n_docs]."""
-    return [content_hash(SimpleNamespace(input_ids=store.doc_tokens(i)))
-            for i, keep in enumerate(docs_mask.tolist()) if keep]
+    return [
+        content_hash(SimpleNamespace(input_ids=store.doc_tokens(i)))
+        for i, keep in enumerate(docs_mask.tolist())
+        if keep
+    ]
 
 
 def sae_split_record(store, held_out_fraction: float, split_seed: int) -> dict[str, Any]:
@@ -33,13 +36,17 @@ def eval_split_record(store, held_out_fraction: float, split_seed: int) -> dict[
     return HeldOutSplit(held_out_fraction, split_seed).record(eval_docs=doc_hashes(store, held))
 
 
-def check_reference(reference, store, held_out_fraction: float, split_seed: int,
-                    allow_overlap: bool = False) -> OverlapCheck:
+def check_reference(
+    reference, store, held_out_fraction: float, split_seed: int, allow_overlap: bool = False
+) -> OverlapCheck:
     """Refuse (one line naming the overlap) a reference SAE whose recorded training documents include this
     study's held-out documents; "unknown" when the SAE carries no split record (e.g. a downloaded SAE)."""
-    return check_no_overlap(reference.cfg.metadata, {"split": eval_split_record(store, held_out_fraction,
-                                                                                 split_seed)},
-                            "reference SAE", allow_overlap=allow_overlap)
+    return check_no_overlap(
+        reference.cfg.metadata,
+        {"split": eval_split_record(store, held_out_fraction, split_seed)},
+        "reference SAE",
+        allow_overlap=allow_overlap,
+    )
 
 
 def derived_init_seed(seed: int, layer: int, kind: str, adapter: str | None) -> int:

@@ -27,8 +27,16 @@ def per_document(values: torch.Tensor, doc_index: torch.Tensor) -> tuple[torch.T
     return ids, sums, counts
 
 
-def trend_rows(x: list[float], points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], metric: str,
-               p_metric: str, n_boot: int, seed: int, family: str, **where) -> list[ResultRow]:
+def trend_rows(
+    x: list[float],
+    points: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    metric: str,
+    p_metric: str,
+    n_boot: int,
+    seed: int,
+    family: str,
+    **where,
+) -> list[ResultRow]:
     """Slope of Σ num / Σ den over ``x`` with the paired document bootstrap (the same documents at every point;
     points whose documents differ are not comparable and give no rows), and its permutation p-value row
     (``null_value`` = the smallest p-value the design can reach, ``null_name`` "min_attainable_p")."""
@@ -46,7 +54,16 @@ def trend_rows(x: list[float], points: list[tuple[torch.Tensor, torch.Tensor, to
     common = dict(family=family, n=t.n_points, **where)
     if not math.isfinite(t.slope):
         return []
-    return [ResultRow(metric=metric, value=t.slope, ci_low=t.ci_low, ci_high=t.ci_high, ci_unit=t.ci_unit,
-                      note=note, **common),
-            ResultRow(metric=p_metric, value=t.p_value if math.isfinite(t.p_value) else 1.0,
-                      null_value=t.min_p, null_name=schema.NULL_MIN_P, note=note, **common)]
+    return [
+        ResultRow(
+            metric=metric, value=t.slope, ci_low=t.ci_low, ci_high=t.ci_high, ci_unit=t.ci_unit, note=note, **common
+        ),
+        ResultRow(
+            metric=p_metric,
+            value=t.p_value if math.isfinite(t.p_value) else 1.0,
+            null_value=t.min_p,
+            null_name=schema.NULL_MIN_P,
+            note=note,
+            **common,
+        ),
+    ]
