@@ -50,7 +50,7 @@ def test_checkpoint_sequence_gives_one_report_with_a_row_per_checkpoint(built, m
     assert set(steps.note) == {"run"} and set(steps.family) == {"checkpoint"}
     for adapter in steps.index:  # every checkpoint is measured like an adapter, at the one layer
         rows = df[(df.adapter == adapter) & (df.layer == 1)]
-        for metric in ("delta_norm_mean", "mmcs_adapter_to_ref", "l0_adapter_sae", "kl_recovered_adapter_sae"):
+        for metric in ("delta_norm_mean", "mmcs_adapter_to_ref", "l0_adapter_sae", "kl_recovered_rel_adapter_sae"):
             assert math.isfinite(rows[rows.metric == metric].value.iloc[0]), (adapter, metric)
     meta = json.loads((out / "results" / "meta.json").read_text())
     assert meta["fine_tunes"]["run_step_8"] == {"kind": "peft", "step": 8}

@@ -283,6 +283,24 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
     return "; ".join(parts)
 
 
+def _explainable(st: RunState, adapters: list[Adapter]) -> list[Adapter]:
+    """The adapters module attribution and steering can serve: plain PEFT LoRA (whole-model fine-tunes and LoRA
+    variants such as DoRA, whose update is not B·A·x, are skipped with one log line each)."""
+    from lorascope.models.variants import mixed_batch_support
+
+    peft_ones = [a for a in adapters if a.kind == "peft"]
+    for a in adapters:
+        if a.kind != "peft":
+            st.log(f"explain: {a.name} skipped (a whole-model fine-tune has no LoRA modules to attribute)")
+    if not peft_ones:
+        return []
+    why = mixed_batch_support(st.peft({a.name: a.path for a in peft_ones}), [a.name for a in peft_ones])
+    for name, reason in why.items():
+        if reason:
+            st.log(f"explain: {name} skipped ({reason})")
+    return [a for a in peft_ones if not why.get(a.name)]
+
+
 def stage_explain(
     st: RunState, extracted: Extracted, adapters: list[Adapter], saes: StudySAEs, measured: Path, warnings: list
 ) -> Path:
@@ -308,6 +326,7 @@ def stage_explain(
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sanity.json", [asdict(w) for w in warnings])
     store = extracted.open()
+    adapters = _explainable(st, adapters)
     if any(not (out / f"rows_{a.name}.json").is_file() for a in adapters):
         st.peft({a.name: a.path for a in adapters})  # every adapter in one PeftModel (re-used if loaded)
     for a in adapters:

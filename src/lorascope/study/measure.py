@@ -186,15 +186,16 @@ def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], sae
 
     cfg, g = st.config, st.config.geometry
     reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
-    check = check_reference(
-        reference,
-        store,
-        cfg.data.held_out_fraction,
-        cfg.seed,
-        allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False),
-    )
-    if check.message:
-        st.log(f"warning: {check.message}")
+    if cfg.reference_sae.source == "path":  # a study-trained reference uses this store's own training split
+        check = check_reference(
+            reference,
+            store,
+            cfg.data.held_out_fraction,
+            cfg.seed,
+            allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False),
+        )
+        if check.message:
+            st.log(f"warning: {check.message}")
     for a in adapters:
         if not (parts / f"L{layer}__{a.name}.json").is_file():
             _measure_pair(st, store, a, layer, saes, reference, parts)
