@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lorascope.activations import extract
-from lorascope.report import top_activating_contexts
+from lorascope.report.contexts import TokenSource, top_activating_contexts
 from tiny_models import CHAT_TEMPLATE, tiny_tokenizer
 
 SYSTEM = "you are a good assistant"
@@ -46,7 +46,7 @@ def test_fixed_system_prompt_never_reaches_the_store_or_the_contexts(peft_tiny, 
     top = torch.argsort(acts.sum(0), descending=True)[:4].tolist()
     doc_list = [on.doc_tokens(i) for i in range(len(on.doc_ids))]
     ctx = top_activating_contexts(
-        acts, rows_on.token_id, rows_on.doc_index, rows_on.position, doc_list, lambda ids: tok.decode(ids), top, 5
+        acts, TokenSource(rows_on.token_id, rows_on.doc_index, rows_on.position, doc_list, tok.decode), top, 5
     )
     shown = [c for f in ctx for c in f["contexts"]]
     prefix = tok.decode(doc_list[0][:span])  # identical in every document

@@ -10,6 +10,7 @@ import torch
 
 from lorascope.errors import LorascopeError
 from lorascope.report import context_html, top_activating_contexts
+from lorascope.report.contexts import TokenSource
 
 
 def decode(ids):
@@ -30,7 +31,13 @@ def test_picks_true_top_k_with_exact_windows(corpus):
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((len(tok), 5))
     out = top_activating_contexts(
-        acts, tok, doc, pos, docs, decode, features=[0, 3], n_per_feature=4, window=3, layer=7, adapter="rank_4"
+        acts,
+        TokenSource(tok, doc, pos, docs, decode),
+        features=[0, 3],
+        n_per_feature=4,
+        window=3,
+        layer=7,
+        adapter="rank_4",
     )
     assert [e["feature"] for e in out] == [0, 3]
     for e in out:
@@ -55,7 +62,7 @@ def test_window_is_clipped_at_document_edges_and_ties_keep_order(corpus):
     acts[[first, last]] = 2.0  # a tie: lower index first
     acts[5] = 1.0
     (e,) = top_activating_contexts(
-        torch.tensor(acts), tok, doc, pos, docs, decode, features=42, n_per_feature=10, window=12
+        torch.tensor(acts), TokenSource(tok, doc, pos, docs, decode), features=42, n_per_feature=10, window=12
     )
     assert e["feature"] == 42 and len(e["contexts"]) == 3  # only strictly positive activations
     a, b, c = e["contexts"]
@@ -67,7 +74,7 @@ def test_window_is_clipped_at_document_edges_and_ties_keep_order(corpus):
 
 def test_feature_that_never_fires(corpus):
     docs, tok, doc, pos = corpus
-    (e,) = top_activating_contexts(-np.ones((len(tok), 2)), tok, doc, pos, docs, decode, [1], 5)
+    (e,) = top_activating_contexts(-np.ones((len(tok), 2)), TokenSource(tok, doc, pos, docs, decode), [1], 5)
     assert e["contexts"] == [] and e["max_act"] == 0.0 and e["density"] == 0.0
 
 
@@ -77,13 +84,15 @@ def test_bookkeeping_errors(corpus):
     bad = tok.copy()
     bad[3] += 1
     with pytest.raises(LorascopeError, match="token_ids says"):
-        top_activating_contexts(acts, bad, doc, pos, docs, decode, 0, len(tok))
+        top_activating_contexts(acts, TokenSource(bad, doc, pos, docs, decode), 0, len(tok))
     with pytest.raises(LorascopeError, match="lengths differ"):
-        top_activating_contexts(acts[:-1], tok, doc, pos, docs, decode, 0, 2)
+        top_activating_contexts(acts[:-1], TokenSource(tok, doc, pos, docs, decode), 0, 2)
     with pytest.raises(LorascopeError, match="outside acts"):
-        top_activating_contexts(np.ones((len(tok), 2)), tok, doc, pos, docs, decode, [2], 2)
+        top_activating_contexts(np.ones((len(tok), 2)), TokenSource(tok, doc, pos, docs, decode), [2], 2)
     with pytest.raises(LorascopeError, match="one feature"):
-        top_activating_contexts(acts, tok, doc, pos, docs, decode, [0, 1], 2)
+        top_activating_contexts(acts, TokenSource(tok, doc, pos, docs, decode), [0, 1], 2)
+    with pytest.raises(LorascopeError, match="lengths differ"):
+        TokenSource(tok, doc[:-1], pos, docs, decode)
 
 
 def test_context_html_escapes_and_marks_the_token():

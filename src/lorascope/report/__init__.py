@@ -5,7 +5,7 @@ Entry points: ``write_report(run_dir)`` (figures + report.html), ``make_all_figu
 ``write_fake_run(folder, seed)`` for a synthetic run folder to preview the report.
 """
 
-from lorascope.report.contexts import context_html, feature_html, top_activating_contexts
+from lorascope.report.contexts import TokenSource, context_html, feature_html, top_activating_contexts
 from lorascope.report.demo import write_fake_run
 from lorascope.report.figures import FIGURES, make_all_figures, render_figures
 from lorascope.report.findings import Finding, compute_findings, findings_markdown
@@ -17,6 +17,7 @@ __all__ = [
     "Finding",
     "RunData",
     "compute_findings",
+    "TokenSource",
     "context_html",
     "feature_html",
     "findings_markdown",

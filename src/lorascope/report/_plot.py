@@ -87,10 +87,10 @@ def heatmap(
     title: str,
     fmt: str = "{:.3g}",
     cmap: str = "viridis",
-    vmin: float | None = None,
-    vmax: float | None = None,
+    limits: tuple[float, float] | None = None,
 ) -> None:
-    """Annotated heatmap; NaN cells are left blank."""
+    """Annotated heatmap; NaN cells are left blank; ``limits`` = (vmin, vmax) of the colours (None: data range)."""
+    vmin, vmax = limits if limits is not None else (None, None)
     m = np.ma.masked_invalid(mat)
     im = ax.imshow(m, cmap=cmap, aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(cols)), cols)

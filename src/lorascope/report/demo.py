@@ -26,14 +26,15 @@ def _ci(rng: np.random.Generator, v: float, rel: float = 0.04) -> tuple[float, f
     return v - w, v + w
 
 
-def _rows_for(
-    rng: np.random.Generator, layer: int, adapter: str, rank: int, adapters: dict[str, int], n_layers: int
-) -> list[ResultRow]:
-    depth = 1.0 + layer / max(n_layers, 1)
-    n, d = 2048, D_MODEL
-    rows: list[ResultRow] = []
+class _Rows:
+    """Collects the fake rows of one (layer, adapter) cell; every value draws its CI from the shared generator."""
+
+    def __init__(self, rng: np.random.Generator, layer: int, adapter: str, rank: int) -> None:
+        self.rng, self.layer, self.adapter, self.rank = rng, layer, adapter, rank
+        self.rows: list[ResultRow] = []
 
     def add(
+        self,
         family: str,
         metric: str,
         value: float,
@@ -42,34 +43,39 @@ def _rows_for(
         null_name: str = "",
         rel: float = 0.04,
     ) -> None:
-        lo, hi = _ci(rng, value, rel) if ci else (float("nan"), float("nan"))
-        rows.append(
+        lo, hi = _ci(self.rng, value, rel) if ci else (float("nan"), float("nan"))
+        self.rows.append(
             ResultRow(
                 family,
                 metric,
                 float(value),
-                layer=layer,
-                adapter=adapter,
-                rank=rank,
+                layer=self.layer,
+                adapter=self.adapter,
+                rank=self.rank,
                 ci_low=lo,
                 ci_high=hi,
                 null_value=null,
                 null_name=null_name,
-                n=n,
-                d=d,
+                n=2048,
+                d=D_MODEL,
             )
         )
 
-    base_norm = 10.0 * depth
-    dn = 0.4 * np.sqrt(rank) * depth * (1 + 0.05 * rng.standard_normal())
-    add("delta_norm", "delta_norm_mean", dn)
-    add("delta_norm", "delta_norm_median", 0.9 * dn, ci=False)
-    add("delta_norm", "delta_norm_p99", 2.5 * dn, ci=False)
-    add("delta_norm", "rel_delta_norm_mean", dn / base_norm)
-    add("delta_norm", "base_norm_mean", base_norm, ci=False)
-    add("delta_norm", "effective_rank_pr", 1.6 * rank + 2 * rng.random(), ci=False)
-    add("delta_norm", "pca_k90", float(int(1.3 * rank) + 1), ci=False)
 
+def _delta_norm_rows(out: _Rows, depth: float) -> None:
+    base_norm = 10.0 * depth
+    dn = 0.4 * np.sqrt(out.rank) * depth * (1 + 0.05 * out.rng.standard_normal())
+    out.add("delta_norm", "delta_norm_mean", dn)
+    out.add("delta_norm", "delta_norm_median", 0.9 * dn, ci=False)
+    out.add("delta_norm", "delta_norm_p99", 2.5 * dn, ci=False)
+    out.add("delta_norm", "rel_delta_norm_mean", dn / base_norm)
+    out.add("delta_norm", "base_norm_mean", base_norm, ci=False)
+    out.add("delta_norm", "effective_rank_pr", 1.6 * out.rank + 2 * out.rng.random(), ci=False)
+    out.add("delta_norm", "pca_k90", float(int(1.3 * out.rank) + 1), ci=False)
+
+
+def _reconstruction_rows(out: _Rows) -> None:
+    rng = out.rng
     fvu = {
         "fvu_adapter_sae": 0.05 + 0.03 * rng.random(),
         "fvu_ref_on_delta": 0.6 + 0.1 * rng.random(),
@@ -79,90 +85,75 @@ def _rows_for(
     }
     for m, v in fvu.items():
         null = (1.0, "mean_predictor") if m != "fvu_noise" else (2.0, "analytic_expectation")
-        add("reconstruction", m, v, null=null[0], null_name=null[1])
-        add("reconstruction", "cos_" + m.removeprefix("fvu_"), float(np.sqrt(max(0.0, 1 - min(v, 1.0)))))
+        out.add("reconstruction", m, v, null=null[0], null_name=null[1])
+        out.add("reconstruction", "cos_" + m.removeprefix("fvu_"), float(np.sqrt(max(0.0, 1 - min(v, 1.0)))))
     imp = 100 * (fvu["fvu_ref_on_delta"] - fvu["fvu_adapter_sae"]) / fvu["fvu_ref_on_delta"]
-    add("reconstruction", "recon_improvement_pct", imp, ci=False)
-    add(
-        "reconstruction",
-        "fvu_gap_adapter_sae_vs_best_control",
-        fvu["fvu_adapter_sae"] - fvu["fvu_ref_lstsq_active"],
-        null=0.0,
-        null_name="best_control",
-    )
+    out.add("reconstruction", "recon_improvement_pct", imp, ci=False)
+    gap = fvu["fvu_adapter_sae"] - fvu["fvu_ref_lstsq_active"]
+    out.add("reconstruction", "fvu_gap_adapter_sae_vs_best_control", gap, null=0.0, null_name="best_control")
 
-    add("splice", "kl_adapted_vs_base", 0.02 * rank * depth)
-    add(
-        "splice", "kl_recovered_rel_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02, null=0.0, null_name="zero_splice"
-    )
-    add("splice", "kl_recovered_rel_ref_diff", 0.35 + 0.1 * rng.random(), null=0.0, null_name="zero_splice")
-    add("splice", "kl_recovered_rel_mean_delta", 0.1 + 0.05 * rng.random(), null=0.0, null_name="zero_splice")
-    add("splice", "kl_recovered_raw_zero", 0.5 + 0.1 * rng.random(), ci=False)
 
-    l0 = 6 + 3 * np.log2(rank) + rng.random()
-    add("density", "l0_adapter_sae", l0)
+def _splice_and_density_rows(out: _Rows, depth: float) -> None:
+    rng, zero = out.rng, {"null": 0.0, "null_name": "zero_splice"}
+    out.add("splice", "kl_adapted_vs_base", 0.02 * out.rank * depth)
+    out.add("splice", "kl_recovered_rel_adapter_sae", 0.85 + 0.1 * rng.random(), rel=0.02, **zero)
+    out.add("splice", "kl_recovered_rel_ref_diff", 0.35 + 0.1 * rng.random(), **zero)
+    out.add("splice", "kl_recovered_rel_mean_delta", 0.1 + 0.05 * rng.random(), **zero)
+    out.add("splice", "kl_recovered_raw_zero", 0.5 + 0.1 * rng.random(), ci=False)
+
+    l0 = 6 + 3 * np.log2(out.rank) + rng.random()
+    out.add("density", "l0_adapter_sae", l0)
     dead = 0.05 + 0.1 * rng.random()
-    add("density", "dead_fraction_adapter_sae", dead, ci=False)
-    add("density", "alive_latents_adapter_sae", float(round(F_ADAPTER * (1 - dead))), ci=False)
-    add("density", "mean_density_adapter_sae", l0 / F_ADAPTER, ci=False)
-    add("density", "l0_ref_on_delta", 3 + rng.random())
+    out.add("density", "dead_fraction_adapter_sae", dead, ci=False)
+    out.add("density", "alive_latents_adapter_sae", float(round(F_ADAPTER * (1 - dead))), ci=False)
+    out.add("density", "mean_density_adapter_sae", l0 / F_ADAPTER, ci=False)
+    out.add("density", "l0_ref_on_delta", 3 + rng.random())
 
+
+def _similarity_rows(out: _Rows) -> None:
+    rng, fam = out.rng, "decoder_similarity"
     null_mmcs = float(np.sqrt(2 * np.log(F_REF) / D_MODEL))
-    add(
-        "decoder_similarity",
-        "mmcs_adapter_to_ref",
-        0.55 + 0.05 * rng.random(),
-        null=null_mmcs + 0.02,
-        null_name="strongest_alignment_null",
-    )
-    add(
-        "decoder_similarity",
-        "mmcs_ref_to_adapter",
-        0.5 + 0.05 * rng.random(),
-        null=null_mmcs,
-        null_name="random_isotropic",
-    )
-    add("decoder_similarity", "mmcs_null_isotropic", null_mmcs, ci=False, null_name="random_isotropic")
-    add("decoder_similarity", "mmcs_null_cov_matched", null_mmcs + 0.02, ci=False, null_name="cov_matched_random")
-    add("decoder_similarity", "mmcs_null_sae_init", null_mmcs + 0.01, ci=False, null_name="SAE at initialisation")
-    add("decoder_similarity", "mmcs_seed_vs_seed", 0.85 + 0.05 * rng.random(), null_name="seed_vs_seed")
+    strongest = {"null": null_mmcs + 0.02, "null_name": "strongest_alignment_null"}
+    out.add(fam, "mmcs_adapter_to_ref", 0.55 + 0.05 * rng.random(), **strongest)
+    out.add(fam, "mmcs_ref_to_adapter", 0.5 + 0.05 * rng.random(), null=null_mmcs, null_name="random_isotropic")
+    out.add(fam, "mmcs_null_isotropic", null_mmcs, ci=False, null_name="random_isotropic")
+    out.add(fam, "mmcs_null_cov_matched", null_mmcs + 0.02, ci=False, null_name="cov_matched_random")
+    out.add(fam, "mmcs_null_sae_init", null_mmcs + 0.01, ci=False, null_name="SAE at initialisation")
+    out.add(fam, "mmcs_seed_vs_seed", 0.85 + 0.05 * rng.random(), null_name="seed_vs_seed")
     for tau, frac in ((0.5, 0.6), (0.7, 0.2), (0.9, 0.03)):
-        add("decoder_similarity", f"overlap_adapter_to_ref@{tau}", frac * (0.8 + 0.4 * rng.random()))
-    add("decoder_similarity", "hungarian_mean_cos", 0.4 + 0.05 * rng.random(), ci=False)
+        out.add(fam, f"overlap_adapter_to_ref@{tau}", frac * (0.8 + 0.4 * rng.random()))
+    out.add(fam, "hungarian_mean_cos", 0.4 + 0.05 * rng.random(), ci=False)
 
-    kd = K_SUBSPACE / D_MODEL
-    add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), ci=False)
-    add(
-        "subspace",
-        "selected_cos2_pca_delta_vs_ref_topk",
-        3 * kd + 0.2 + 0.1 * rng.random(),
-        ci=False,
-        null=3 * kd,
-        null_name="selected_random_dictionary",
-    )
-    add("subspace", "selected_cos2_null_q95_pca_delta_vs_ref_topk", 3.5 * kd, ci=False)
-    add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
 
+def _subspace_and_cka_rows(out: _Rows, adapters: dict[str, int]) -> None:
+    rng, kd = out.rng, K_SUBSPACE / D_MODEL
+    out.add("subspace", "mean_cos2_pca_delta_vs_ref_topk", kd + 0.2 + 0.1 * rng.random(), ci=False)
+    selected = 3 * kd + 0.2 + 0.1 * rng.random()
+    null = {"null": 3 * kd, "null_name": "selected_random_dictionary"}
+    out.add("subspace", "selected_cos2_pca_delta_vs_ref_topk", selected, ci=False, **null)
+    out.add("subspace", "selected_cos2_null_q95_pca_delta_vs_ref_topk", 3.5 * kd, ci=False)
+    out.add("subspace", "max_angle_pca_delta_vs_ref_topk", 1.2 + 0.2 * rng.random(), ci=False)
+
+    perm = {"null": 0.0, "null_name": "document_permutation"}
     for other, r2 in adapters.items():
-        if other != adapter:
-            add(
-                "cka",
-                f"cka_delta_vs_{other}",
-                0.9 - 0.1 * abs(np.log2(rank) - np.log2(r2)),
-                ci=False,
-                null=0.0,
-                null_name="document_permutation",
-            )
-            add("cka", f"cka_p__cka_delta_vs_{other}", 0.02, ci=False)
-    add(
-        "cka",
-        "cka_codes_adapter_vs_ref",
-        0.3 + 0.1 * rng.random(),
-        ci=False,
-        null=0.0,
-        null_name="document_permutation",
-    )
-    return rows
+        if other != out.adapter:
+            cka = 0.9 - 0.1 * abs(np.log2(out.rank) - np.log2(r2))
+            out.add("cka", f"cka_delta_vs_{other}", cka, ci=False, **perm)
+            out.add("cka", f"cka_p__cka_delta_vs_{other}", 0.02, ci=False)
+    out.add("cka", "cka_codes_adapter_vs_ref", 0.3 + 0.1 * rng.random(), ci=False, **perm)
+
+
+def _rows_for(
+    rng: np.random.Generator, layer: int, adapter: str, rank: int, adapters: dict[str, int], n_layers: int
+) -> list[ResultRow]:
+    depth = 1.0 + layer / max(n_layers, 1)
+    out = _Rows(rng, layer, adapter, rank)
+    _delta_norm_rows(out, depth)
+    _reconstruction_rows(out)
+    _splice_and_density_rows(out, depth)
+    _similarity_rows(out)
+    _subspace_and_cka_rows(out, adapters)
+    return out.rows
 
 
 def _arrays_for(rng: np.random.Generator, rank: int) -> dict[str, np.ndarray]:
@@ -218,6 +209,51 @@ def _contexts_for(rng: np.random.Generator, layer: int, adapter: str) -> list[di
     return out
 
 
+def _lora_rows(adapters: dict[str, int]) -> list[ResultRow]:
+    rows = []
+    for name, rank in adapters.items():
+        for metric, v in (
+            ("train_loss_start", 3.2),
+            ("train_loss_end", 0.4 + 1.0 / rank),
+            ("heldout_loss_base", 3.1),
+            ("heldout_loss_adapted", 0.5 + 1.0 / rank),
+        ):
+            rows.append(ResultRow("lora", metric, v, adapter=name, rank=rank))
+    return rows
+
+
+def _absorption_rows(rng: np.random.Generator, adapters: dict[str, int], layer: int) -> list[ResultRow]:
+    rows = []
+    for name in adapters:
+        for metric, v in (
+            ("absorption_fraction", 0.1 + 0.1 * rng.random()),
+            ("full_absorption_rate", 0.05),
+            ("splitting_k", 1.0 + rng.random()),
+            ("probe_letters_passing", 24.0),
+        ):
+            rows.append(ResultRow("absorption", metric, v, layer=layer, adapter=f"base_sae/{name}"))
+    return rows
+
+
+def _meta(seed: int, layers: Sequence[int], n_layers: int, adapters: dict[str, int]) -> dict:
+    return {
+        "name": f"demo-seed{seed}",
+        "model": "demo/fake-smollm2",
+        "d_model": D_MODEL,
+        "n_layers": n_layers,
+        "layers": list(layers),
+        "adapters": adapters,
+        "config": {
+            "sae": {"architecture": "topk", "k": 32, "width": F_ADAPTER},
+            "tokens": 200_000,
+            "seed": seed,
+            "exclude_positions": "first 4 (attention sinks)",
+        },
+        "timings": {"lora": 31.2, "extract": 84.5, "sae": 120.9, "geometry": 12.3},
+        "created": "2025-01-01T00:00:00",
+    }
+
+
 def write_fake_run(
     folder: str | Path,
     seed: int = 0,
@@ -245,23 +281,9 @@ def write_fake_run(
             with atomic_open(arrays_dir / f"L{layer}__{name}.npz", "wb") as fh:
                 np.savez(fh, **_arrays_for(rng, rank))
             contexts += _contexts_for(rng, layer, name)
-    for name, rank in adapters.items():
-        for metric, v in (
-            ("train_loss_start", 3.2),
-            ("train_loss_end", 0.4 + 1.0 / rank),
-            ("heldout_loss_base", 3.1),
-            ("heldout_loss_adapted", 0.5 + 1.0 / rank),
-        ):
-            rows.append(ResultRow("lora", metric, v, adapter=name, rank=rank))
+    rows += _lora_rows(adapters)
     if with_absorption:
-        for name in adapters:
-            for metric, v in (
-                ("absorption_fraction", 0.1 + 0.1 * rng.random()),
-                ("full_absorption_rate", 0.05),
-                ("splitting_k", 1.0 + rng.random()),
-                ("probe_letters_passing", 24.0),
-            ):
-                rows.append(ResultRow("absorption", metric, v, layer=layers[-1], adapter=f"base_sae/{name}"))
+        rows += _absorption_rows(rng, adapters, layers[-1])
     df = rows_to_frame(rows)
     res = folder / "results"
     with atomic_path(res / "results.parquet") as tmp:
@@ -269,21 +291,6 @@ def write_fake_run(
     with atomic_path(res / "results.csv") as tmp:
         df.to_csv(tmp, index=False)
     write_json(res / "contexts.json", contexts)
-    meta = {
-        "name": f"demo-seed{seed}",
-        "model": "demo/fake-smollm2",
-        "d_model": D_MODEL,
-        "n_layers": n_layers,
-        "layers": list(layers),
-        "adapters": adapters,
-        "config": {
-            "sae": {"architecture": "topk", "k": 32, "width": F_ADAPTER},
-            "tokens": 200_000,
-            "seed": seed,
-            "exclude_positions": "first 4 (attention sinks)",
-        },
-        "timings": {"lora": 31.2, "extract": 84.5, "sae": 120.9, "geometry": 12.3},
-        "created": "2025-01-01T00:00:00",
-    }
+    meta = _meta(seed, layers, n_layers, adapters)
     write_json(res / "meta.json", json.loads(json.dumps(meta)))
     return folder

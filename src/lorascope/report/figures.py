@@ -294,7 +294,7 @@ def cka(df, out_dir: str | Path, arrays: Arrays | None = None) -> list[Path]:
                     v = tab.value(pref + b, layer, a)
                     mat[i, j] = v if np.isfinite(v) else tab.value(pref + a, layer, b)
         labels = [tab.label(a) for a in order]
-        P.heatmap(ax, mat, labels, labels, f"Layer {layer}: CKA of Δ", fmt="{:.2f}", vmin=0, vmax=1)
+        P.heatmap(ax, mat, labels, labels, f"Layer {layer}: CKA of Δ", fmt="{:.2f}", limits=(0, 1))
     return P.save(fig, out_dir, "cka")
 
 

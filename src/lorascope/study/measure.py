@@ -53,7 +53,7 @@ def lora_rows(adapter: Adapter) -> list[ResultRow]:
 
 def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     """Top-activating held-out contexts of the adapter SAE's strongest features (by total activation mass)."""
-    from lorascope.report import top_activating_contexts
+    from lorascope.report.contexts import TokenSource, top_activating_contexts
 
     r = st.config.report
     if r.top_features == 0 or n == 0:
@@ -68,13 +68,10 @@ def contexts(st: RunState, store, inp, held, n: int) -> list[dict]:
     doc_list = [docs.get(i, []) for i in range(max(used) + 1)]
     tok = st.tokenizer()
     column = {f: c for c, f in enumerate(top)}
+    source = TokenSource(held.token_id[:n], held.doc_index[:n], held.position[:n], doc_list, tok.decode)
     return top_activating_contexts(
         codes,
-        held.token_id[:n],
-        held.doc_index[:n],
-        held.position[:n],
-        doc_list,
-        lambda ids: tok.decode(ids),
+        source,
         top,
         r.contexts_per_feature,
         layer=inp.layer,
