@@ -69,7 +69,9 @@ def test_covariance_matched_null_is_the_strongest_when_atoms_follow_the_data():
     assert math.isnan(nulls.sae_init)
     # a value that beats isotropic but not the covariance-matched null is "no alignment"
     mid = (nulls.isotropic + nulls.cov_matched) / 2
-    assert alignment_verdict(mid, (mid - 0.01, mid + 0.01), nulls, ceiling=0.9) == "no alignment"
+    assert alignment_verdict(mid, (mid - 0.01, mid + 0.01), nulls, ceiling=0.99) == "no alignment"
+    # with a ceiling below that null (0.95) the same value is "not testable here": the test had no power
+    assert alignment_verdict(mid, (mid - 0.01, mid + 0.01), nulls, ceiling=0.9) == NOT_TESTABLE
 
 
 def test_alive_masks_change_the_null_size_and_the_ceiling():
@@ -91,6 +93,10 @@ def test_verdict_rules():
     assert alignment_verdict(0.55, (0.5, 0.62), nulls, 0.6) == "at ceiling"
     assert alignment_verdict(0.7, (0.65, 0.75), nulls, 0.45) == "at ceiling"  # above the ceiling (A/A case)
     assert alignment_verdict(0.4, (float("nan"), float("nan")), nulls, 0.6) == NOT_TESTABLE
+    # no power: the ceiling is not above the strongest null, so "no alignment" cannot be concluded
+    assert alignment_verdict(0.2, (0.18, 0.22), nulls, 0.25) == NOT_TESTABLE
+    assert alignment_verdict(0.2, (0.18, 0.22), nulls, (0.22, 0.3)) == NOT_TESTABLE
+    assert alignment_verdict(0.2, (0.18, 0.22), nulls, None) == "no alignment"  # no ceiling: the plain rule
     assert alignment_verdict(0.4, (0.35, 0.45), {"isotropic": 0.2}, None) == "weak"
     ceiling_ci = unit_bootstrap_ci([0.5, 0.55, 0.6, 0.52], "seed", n_boot=200)
     assert alignment_verdict(0.49, (0.45, 0.51), nulls, ceiling_ci) == "at ceiling"  # overlaps the ceiling's CI

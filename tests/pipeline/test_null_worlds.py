@@ -108,3 +108,38 @@ def test_aa_world_alignment_is_at_ceiling_not_weak():
     )
     found = {f.key: f.verdict for f in compute_findings(rows_to_frame(rows))}
     assert found["alignment"] == "at ceiling", shown
+
+
+def test_no_effect_world_with_a_reproducible_random_dictionary_is_no_alignment():
+    """No effect, with power: the "adapter SAE" is one random TopK dictionary (both seeds identical, so the
+    seed-vs-seed ceiling is 1) in a rich-Δ world whose reference SAE was trained on Δ. Alignment must read
+    "no alignment" (the ceiling is far above the strongest null, so the test could have found alignment) and
+    reconstruction "does not hold"."""
+    from lorascope.saes.trainer import TrainerConfig, train_sae
+
+    g = torch.Generator().manual_seed(1)
+    atoms = torch.nn.functional.normalize(torch.randn(48, 24, generator=g), dim=1)
+    train, held = _sparse_world(g, atoms, 400), _sparse_world(g, atoms, 30)
+    ref = create_sae("topk", 24, 48, seed=7, k=3, metadata={"init_seed": 7, "trained_on": "delta"})
+    batches = [train[i : i + 128] for _ in range(12) for i in range(0, train.shape[0], 128)]
+    cfg = TrainerConfig(total_tokens=sum(b.shape[0] for b in batches), batch_size=128, lr=3e-3, seed=0)
+    ref = train_sae(ref, batches, cfg, progress=False).sae
+    random_dictionary = [create_sae("topk", 24, 48, seed=99, k=3) for _ in range(2)]
+    doc_index = torch.arange(30).repeat_interleave(TOKENS)
+    inp = LayerAdapterInputs(
+        1,
+        "rank_4",
+        4,
+        torch.randn(held.shape, generator=g),
+        held,
+        random_dictionary,
+        ref,
+        doc_index=doc_index,
+        train_delta_cov=torch.cov(train.double().T),
+    )
+    rows = analyse_layer_adapter(inp, Settings(subspace_k=4, n_boot=200, cka_max_tokens=240, seed=0)).rows
+    by = {r.metric: r for r in rows}
+    assert by["mmcs_seed_vs_seed"].ci_low > by["mmcs_adapter_to_ref"].null_value + 0.2
+    found = {f.key: f.verdict for f in compute_findings(rows_to_frame(rows))}
+    assert found["alignment"] == "no alignment"
+    assert found["reconstruction"] == "does not hold"

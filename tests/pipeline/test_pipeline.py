@@ -241,8 +241,9 @@ def test_aa_world_alignment_reaches_the_ceiling_and_is_never_weak(mini_run, tmp_
     """A/A on the tiny model: the "reference" is a third SAE of the adapter recipe trained on the same Δ with
     another seed. Its MMCS to the adapter SAE reaches the seed-vs-seed ceiling and is never called "weak". (The
     tiny LoRA's Δ has participation ratio ≈ 1.5, so random atoms with Δ's covariance all fall on its top
-    direction and their MMCS exceeds even the ceiling: the verdict there is "no alignment" — nothing beats what
-    Δ's geometry forces. The synthetic A/A world of test_null_worlds.py, with a rich Δ, reads "at ceiling".)"""
+    direction and their MMCS matches or exceeds even the ceiling: the verdict there is "not testable here" — the
+    recipe's own seeds do not beat what Δ's geometry forces. The synthetic A/A world of test_null_worlds.py, with
+    a rich Δ, reads "at ceiling".)"""
     store, cfg, _, _ = _mini_parts(mini_run)
     # the miniature's own SAEs see 1024 tokens and barely leave their initialisation; these see 16x more
     sae0, sae1, reference = (
@@ -259,7 +260,7 @@ def test_aa_world_alignment_reaches_the_ceiling_and_is_never_weak(mini_run, tmp_
     ceiling = next(r for r in rows if r.metric == "mmcs_seed_vs_seed")
     assert value.ci_high >= ceiling.ci_low, shown
     verdict = _verdicts(rows)["alignment"]
-    assert verdict == ("at ceiling" if ceiling.ci_low > value.null_value else "no alignment"), shown
+    assert verdict == ("at ceiling" if ceiling.ci_low > value.null_value else "not testable here"), shown
 
 
 def test_no_effect_world_reports_no_alignment_and_no_reconstruction(mini_run):
@@ -269,8 +270,14 @@ def test_no_effect_world_reports_no_alignment_and_no_reconstruction(mini_run):
     store, cfg, saes, ref_path = _mini_parts(mini_run)
     c = saes[0].cfg
     random_saes = [create_sae(c.architecture, c.d_in, c.d_sae, seed=555 + i, **c.arch) for i in range(2)]
-    v = _verdicts(_analyse(store, cfg, random_saes, load_sae(ref_path)))
-    assert v["alignment"] == "no alignment" and v["reconstruction"] == "does not hold"
+    rows = _analyse(store, cfg, random_saes, load_sae(ref_path))
+    v = _verdicts(rows)
+    assert v["reconstruction"] == "does not hold"
+    # two random dictionaries agree no better than the strongest null: "no alignment" needs a ceiling above it
+    # (test_null_worlds.py: a reproducible random dictionary in a rich-Δ world reads "no alignment")
+    value = next(r for r in rows if r.metric == "mmcs_adapter_to_ref")
+    ceiling = next(r for r in rows if r.metric == "mmcs_seed_vs_seed")
+    assert v["alignment"] == ("no alignment" if ceiling.ci_low > value.null_value else "not testable here")
 
 
 def test_reference_trained_on_held_out_documents_is_refused(mini_run, tiny_llama_dir, tmp_path):

@@ -47,7 +47,11 @@ def alignment_verdict(value: float, ci: Any, nulls: Any, ceiling: Any) -> str:
     ``nulls``: :class:`~lorascope.geometry.nulls.AlignmentNulls`, a mapping name -> value, or one number;
     ``ceiling``: the seed-vs-seed ceiling over alive atoms, a number or an interval (then its lower bound is
     used: the ceiling is itself estimated); None when no ceiling is available.
-    - "no alignment": the interval's lower bound is not above the strongest null (or the value is not);
+    - "no alignment": the interval's lower bound is not above the strongest null (or the value is not), and the
+      test had power: the ceiling's lower bound is above that null (or no ceiling is available);
+    - "not testable here" instead of "no alignment" when the ceiling is not above the strongest null: two seeds of
+      the adapter recipe agree no better than random atoms do, so no reference dictionary could have shown
+      alignment (e.g. a Δ of participation ratio ~1.5, where random atoms with Δ's covariance all point one way);
     - "at ceiling": the ceiling (its lower bound) is within or below the interval;
     - "weak": above the null and clearly below the ceiling.
     """
@@ -55,10 +59,10 @@ def alignment_verdict(value: float, ci: Any, nulls: Any, ceiling: Any) -> str:
     null = _strongest(nulls)
     if math.isnan(low) or math.isnan(high) or math.isnan(null):
         return NOT_TESTABLE
-    if low <= null or value <= null:
-        return "no alignment"
     interval = hasattr(ceiling, "low") or isinstance(ceiling, tuple | list)
     top = float("nan") if ceiling is None else (_bounds(ceiling)[0] if interval else float(ceiling))
+    if low <= null or value <= null:
+        return NOT_TESTABLE if not math.isnan(top) and top <= null else "no alignment"
     if not math.isnan(top) and high >= top:
         return "at ceiling"
     return "weak"

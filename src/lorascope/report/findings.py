@@ -151,7 +151,9 @@ def alignment_finding(tab: Tab) -> Finding:
         "at a cell, MMCS(adapter→reference) over alive atoms of both is 'no alignment' unless its CI (over "
         "seeds, or over atoms with one seed) lies above the strongest null (isotropic random atoms, random atoms "
         "with Δ's training covariance, the adapter SAE at its initialisation); 'at ceiling' when its CI reaches "
-        "the seed-vs-seed ceiling's lower bound (same alive atoms); 'weak' in between; the finding reports the "
+        "the seed-vs-seed ceiling's lower bound (same alive atoms); 'weak' in between; 'not testable here' "
+        "instead of 'no alignment' when the ceiling itself is not above the strongest null (the recipe's own seeds "
+        "agree no better than random atoms, so no reference could show alignment); the finding reports the "
         "cells' common verdict, or 'mixed'"
     )
     cells = alignment_cells(tab)
