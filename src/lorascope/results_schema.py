@@ -244,6 +244,10 @@ TREND_L0_RANK = "trend_l0_vs_log2_rank"
 TREND_L0_RANK_P = "trend_l0_vs_log2_rank_p"
 TREND_DELTA_NORM_DEPTH = "trend_delta_norm_vs_layer"
 TREND_DELTA_NORM_DEPTH_P = "trend_delta_norm_vs_layer_p"
+TREND_FREE_L0_RANK = "trend_free_l0_vs_log2_rank"
+TREND_FREE_L0_RANK_P = "trend_free_l0_vs_log2_rank_p"
+TREND_FREE_L0_DEPTH = "trend_free_l0_vs_layer"
+TREND_FREE_L0_DEPTH_P = "trend_free_l0_vs_layer_p"
 
 # ---- LoRA training ---------------------------------------------------------------------------------------------
 TRAIN_LOSS_START = "train_loss_start"
@@ -338,6 +342,7 @@ _FIXED = [
         L0_FIXED_COEFFICIENT,
         "active latents per held-out Δ token of a free-L0 SAE (paper_a: ReLU + "
         "plain L1 on mean-norm-normalised Δ) trained at the fixed coefficient in the row's note",
+        ci=CI_DOCUMENT,
     ),
     Metric(DENSITY, FVU_FIXED_COEFFICIENT, "held-out FVU of that free-L0 SAE at the fixed coefficient"),
     Metric(
@@ -403,6 +408,20 @@ _FIXED = [
     ),
     Metric(DELTA_NORM, TREND_DELTA_NORM_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DENSITY, TREND_L0_RANK, "OLS slope of L0 (alive latents under TopK) on log2 rank", ci=CI_DOCUMENT),
+    Metric(
+        DENSITY,
+        TREND_FREE_L0_RANK,
+        "OLS slope of the free-L0 SAE's L0 (fixed coefficient) on log2 rank, per layer",
+        ci=CI_DOCUMENT,
+    ),
+    Metric(DENSITY, TREND_FREE_L0_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
+    Metric(
+        DENSITY,
+        TREND_FREE_L0_DEPTH,
+        "OLS slope of the free-L0 SAE's L0 (fixed coefficient) on layer index, per adapter",
+        ci=CI_DOCUMENT,
+    ),
+    Metric(DENSITY, TREND_FREE_L0_DEPTH_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DENSITY, TREND_L0_RANK_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),
     Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH, "OLS slope of mean ‖Δ‖ on layer index, per adapter", ci=CI_DOCUMENT),
     Metric(DELTA_NORM, TREND_DELTA_NORM_DEPTH_P, "exact permutation p-value of that slope (two-sided)", NULL_MIN_P),

@@ -97,9 +97,19 @@ def test_free_l0_density_rows_reach_the_table_and_the_finding(mini_run):
     l0 = df[df.metric == schema.L0_FIXED_COEFFICIENT].value
     assert ((l0 > 0) & (l0 <= d_sae)).all(), l0  # free L0: not pinned at the TopK k of the adapter SAEs
     assert (df[df.metric == schema.FVU_FIXED_COEFFICIENT].value > 0).all()
-    density = {f.key: f for f in compute_findings(df)}["density_rank"]
-    assert "Free-L0 SAE (paper_a, λ=0.2)" in density.text  # reported beside the trend test, descriptively
-    assert density.verdict != "holds"  # two ranks, one SAE per cell: never a verdict from these rows
+    fixed = df[df.metric == schema.L0_FIXED_COEFFICIENT]
+    assert (fixed.ci_unit == "document").all() and (fixed.ci_low <= fixed.value).all()
+    assert (fixed.value <= fixed.ci_high).all() and (fixed.ci_low < fixed.ci_high).all()
+    trend = df[df.metric == schema.TREND_FREE_L0_RANK]
+    assert list(trend.layer) == [1] and (trend.ci_unit == "document").all()  # 2 ranks at the one layer
+    l0_by_rank = fixed.set_index("adapter").value
+    assert trend.value.iloc[0] == pytest.approx(l0_by_rank["rank_4"] - l0_by_rank["rank_2"], rel=1e-6)  # log2 4/2=1
+    assert df[df.metric == schema.TREND_FREE_L0_DEPTH].empty  # one layer: no depth trend
+    found = {f.key: f for f in compute_findings(df)}
+    density = found["density_rank"]
+    assert "Free-L0 SAE (paper_a, λ=0.2)" in density.text and "free-L0 SAE's L0" in density.rule
+    assert density.verdict == "not testable here"  # two ranks: no permutation test can reach p <= 0.05
+    assert found["density_depth"].verdict == "not measured"
 
 
 def test_changed_density_setting_reruns_only_the_density_stage(mini_run, tiny_llama_dir):

@@ -234,10 +234,14 @@ def trend_finding(tab: Tab, key: str, metric: str, p_metric: str, title: str, wh
 def density_finding(tab: Tab) -> Finding:
     """L0 rises with rank; when the architecture fixes L0 (TopK: L0 = k everywhere) the claim is not testable."""
     title = "Feature density rises with rank"
+    free = free_l0_text(tab)
+    if tab.layers(schema.TREND_FREE_L0_RANK):  # the density stage's free-L0 SAEs: the test where L0 can move
+        what = "the free-L0 SAE's L0 (fixed coefficient)"
+        f = trend_finding(tab, "density_rank", schema.TREND_FREE_L0_RANK, schema.TREND_FREE_L0_RANK_P, title, what)
+        return Finding(f.key, title, f.verdict, f.text + free, f.rule, f.numbers)
     l0 = [tab.value(schema.L0_ADAPTER_SAE, *c) for c in tab.cells(schema.L0_ADAPTER_SAE)]
     l0 = [v for v in l0 if math.isfinite(v)]
     f = trend_finding(tab, "density_rank", schema.TREND_L0_RANK, schema.TREND_L0_RANK_P, title, "L0")
-    free = free_l0_text(tab)
     if len(l0) > 1 and max(l0) - min(l0) < 1e-9:
         return Finding(
             f.key,
@@ -252,21 +256,21 @@ def density_finding(tab: Tab) -> Finding:
 
 def free_l0_text(tab: Tab) -> str:
     """What the density stage's free-L0 SAEs (one per cell, fixed coefficient) measured, per rank at the deepest
-    layer and per layer at the highest rank. Descriptive: one SAE per cell has no CI, so it sets no verdict."""
+    layer and per layer at the highest rank, with each cell's document-bootstrap CI where the table has one."""
     metric = schema.L0_FIXED_COEFFICIENT
-    cells = [(layer, a, tab.rank(a), tab.value(metric, layer, a)) for layer, a in tab.cells(metric)]
-    cells = [c for c in cells if c[2] >= 0 and math.isfinite(c[3])]
+    cells = [(layer, a, tab.rank(a), tab.get(metric, layer, a)) for layer, a in tab.cells(metric)]
+    cells = [c for c in cells if c[2] >= 0 and c[3] is not None and math.isfinite(c[3].value)]
     if not cells:
         return ""
     notes = sorted({str(n) for n in tab.df.loc[tab.df.metric == metric, "note"] if isinstance(n, str) and n})
     deepest, top = max(c[0] for c in cells), max(c[2] for c in cells)
-    by_rank = sorted((r, v) for layer, _, r, v in cells if layer == deepest)
-    by_layer = sorted((layer, v) for layer, _, r, v in cells if r == top)
+    by_rank = sorted(((r, v) for layer, _, r, v in cells if layer == deepest), key=lambda t: t[0])
+    by_layer = sorted(((layer, v) for layer, _, r, v in cells if r == top), key=lambda t: t[0])
+    one_sae = "one SAE per cell: the intervals are over documents, not over SAE seeds"
     return (
         f" Free-L0 SAE ({'; '.join(notes) or 'fixed coefficient'}): L0 "
-        f"{', '.join(f'{_f(v)} (rank {r})' for r, v in by_rank)} at layer {deepest}; "
-        f"{', '.join(f'{_f(v)} (layer {x})' for x, v in by_layer)} at rank {top} — one SAE per cell, no CI, so "
-        "descriptive only."
+        f"{', '.join(f'{_f(v.value)}{_ci(v)} (rank {r})' for r, v in by_rank)} at layer {deepest}; "
+        f"{', '.join(f'{_f(v.value)}{_ci(v)} (layer {x})' for x, v in by_layer)} at rank {top} ({one_sae})."
     )
 
 
@@ -446,6 +450,15 @@ def compute_findings(df) -> list[Finding]:
             schema.TREND_DELTA_NORM_DEPTH_P,
             "Δ norm grows with depth",
             "mean ‖Δ‖",
+            over="depth",
+        ),
+        trend_finding(
+            tab,
+            "density_depth",
+            schema.TREND_FREE_L0_DEPTH,
+            schema.TREND_FREE_L0_DEPTH_P,
+            "Feature density rises with depth",
+            "the free-L0 SAE's L0 (fixed coefficient)",
             over="depth",
         ),
         effective_rank_finding(tab),

@@ -65,6 +65,7 @@ class DensityRun:
     density: float  # l0 / d_sae
     alive_fraction: float  # latents active on at least one held-out row
     seconds: float
+    per_token_l0: Any = field(default=None, compare=False, repr=False)  # [N] float64 when held_out is a tensor
 
 
 @dataclass
@@ -106,7 +107,19 @@ def density_at_coefficient(train: Any, held_out: Any, coefficient: float, spec: 
         float(ev["l0"]) / spec.d_sae,
         1.0 - float(ev["dead"]) / spec.d_sae,
         time.perf_counter() - t0,
+        _per_token_l0(res.sae, held_out),
     )
+
+
+def _per_token_l0(sae, held_out: Any):
+    """Active latents of each held-out row [N] (float64), for document-level intervals; None for a batch source."""
+    import torch
+
+    if not isinstance(held_out, torch.Tensor):
+        return None
+    with torch.no_grad():
+        x = held_out.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+        return torch.cat([sae.encode(x[i : i + 4096]).ne(0).sum(1).double().cpu() for i in range(0, len(x), 4096)])
 
 
 def density_at_matched_fvu(
@@ -182,15 +195,19 @@ def search_matched_fvu(
     return MatchedDensity(target_fvu, l0, coef, True, runs)
 
 
-def density_rows(fixed: DensityRun | None, matched: MatchedDensity | None, d_sae: int, **where: Any) -> list[ResultRow]:
-    """Rows (family "density") for one (layer, adapter): L0 and FVU at the fixed coefficient, and L0 and the
+def density_rows(
+    fixed: DensityRun | None, matched: MatchedDensity | None, d_sae: int, l0_ci: Any = None, **where: Any
+) -> list[ResultRow]:
+    """Rows (family "density") for one (layer, adapter): L0 and FVU at the fixed coefficient (``l0_ci``: an
+    interval with ``low``/``high``/``ci_unit`` for that L0, e.g. a document bootstrap), and L0 and the
     coefficient at the matched FVU (the target in ``null_value``; NaN L0 when the search did not bracket it)."""
     rows: list[ResultRow] = []
     common = dict(family="density", d=d_sae, dtype="float32", **where)
     if fixed is not None:
         note = f"coefficient {fixed.coefficient:g}"
+        ci = {} if l0_ci is None else {"ci_low": l0_ci.low, "ci_high": l0_ci.high, "ci_unit": l0_ci.ci_unit}
         rows += [
-            ResultRow(metric="l0_fixed_coefficient", value=fixed.l0, note=note, **common),
+            ResultRow(metric="l0_fixed_coefficient", value=fixed.l0, note=note, **ci, **common),
             ResultRow(metric="fvu_fixed_coefficient", value=fixed.fvu, note=note, **common),
         ]
     if matched is not None:

@@ -11,6 +11,7 @@ cell finishes (an interrupted stage resumes by cell); the publish step merges th
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,15 +45,19 @@ def density_spec(st: RunState, d_model: int):
     return DensitySpec(d_sae=d.expansion * d_model, architecture=d.architecture, trainer=trainer, seed=st.config.seed)
 
 
-def cell_rows(st: RunState, store, layer: int, adapter: Adapter) -> list[ResultRow]:
-    """The density rows of one (layer, adapter) cell."""
+def cell_rows(st: RunState, store, layer: int, adapter: Adapter, per_doc: Path | None = None) -> list[ResultRow]:
+    """The density rows of one (layer, adapter) cell; with ``per_doc``, also write the fixed-coefficient SAE's
+    per-document L0 sums there (document ids, sums, token counts: the trend rows' paired bootstrap reads them)."""
+    from lorascope.geometry.bootstrap import document_bootstrap_mean_ci
     from lorascope.saes.density import density_at_coefficient, density_at_matched_fvu, density_rows
+    from lorascope.study.trends import per_document
 
     cfg, d = st.config, st.config.density
     frac = cfg.data.held_out_fraction
     train = store.training_stream(layer, "delta", adapter.name, d.batch_size, cfg.seed, frac, cfg.seed)
-    held = store.held_out(layer, adapter.name, held_out_fraction=frac, split_seed=cfg.seed).delta
-    held = held[: cfg.geometry.eval_tokens]
+    rows_held = store.held_out(layer, adapter.name, held_out_fraction=frac, split_seed=cfg.seed)
+    held = rows_held.delta[: cfg.geometry.eval_tokens]
+    docs = rows_held.doc_index[: cfg.geometry.eval_tokens]
     if held.shape[0] == 0:
         return []
     spec = density_spec(st, store.d_model)
@@ -63,9 +68,12 @@ def cell_rows(st: RunState, store, layer: int, adapter: Adapter) -> list[ResultR
         matched = density_at_matched_fvu(
             train, held, d.matched_fvu_target, spec, start=d.l1_coefficient, max_runs=d.max_runs
         )
-    rows = density_rows(
-        fixed, matched, spec.d_sae, layer=layer, adapter=adapter.name, rank=adapter.rank, n=int(held.shape[0])
-    )
+    l0_ci = document_bootstrap_mean_ci(fixed.per_token_l0, docs, cfg.geometry.bootstrap, seed=cfg.seed)
+    if per_doc is not None:
+        ids, sums, counts = per_document(fixed.per_token_l0, docs)
+        write_json(per_doc, {"ids": ids.tolist(), "sums": sums.tolist(), "counts": counts.tolist()})
+    where = dict(layer=layer, adapter=adapter.name, rank=adapter.rank, n=int(held.shape[0]))
+    rows = density_rows(fixed, matched, spec.d_sae, l0_ci, **where)
     # the fixed-coefficient rows name their SAE, which the report's density finding quotes
     label = f"{d.architecture}, λ={fixed.coefficient:g}"
     return [replace(r, note=label) if r.metric in FIXED_METRICS else r for r in rows]
@@ -95,10 +103,53 @@ def stage_density(st: RunState, extracted: Extracted, adapters: list[Adapter]) -
         for a in adapters:
             part = parts / f"L{layer}__{a.name}.json"
             if not part.is_file():
-                write_json(part, [r.as_record() for r in cell_rows(st, store, layer, a)])
+                rows = cell_rows(st, store, layer, a, sd.path / "per_doc" / f"L{layer}__{a.name}.json")
+                write_json(part, [r.as_record() for r in rows])
+    write_json(parts / "trends.json", [r.as_record() for r in density_trend_rows(st, sd.path / "per_doc", adapters)])
     sd.mark_done({"cells": len(cfg.extraction.layers) * len(adapters)})
     st.finished("density", t0)
     return sd.path
+
+
+def density_trend_rows(st: RunState, per_doc: Path, adapters: list[Adapter]) -> list[ResultRow]:
+    """The free-L0 SAE's L0 over rank (per layer; trained adapters only, one recipe) and over depth (per adapter),
+    as slopes with paired document-bootstrap CIs and permutation p-values (lorascope.study.trends)."""
+    import torch
+
+    from lorascope.study.trends import trend_rows
+
+    cfg = st.config
+    points = {}
+    for layer in cfg.extraction.layers:
+        for a in adapters:
+            f = per_doc / f"L{layer}__{a.name}.json"
+            if f.is_file():
+                r = read_json(f)
+                points[(layer, a.name)] = tuple(
+                    torch.tensor(r[k], dtype=torch.float64 if k != "ids" else torch.long)
+                    for k in ("ids", "sums", "counts")
+                )
+    common = dict(n_boot=cfg.geometry.bootstrap, seed=cfg.seed, family=schema.DENSITY)
+    rows: list[ResultRow] = []
+    trained = sorted((a for a in adapters if a.training is not None and a.rank > 0), key=lambda a: a.rank)
+    for layer in cfg.extraction.layers:
+        cell = [points.get((layer, a.name)) for a in trained]
+        if all(c is not None for c in cell):
+            x = [math.log2(a.rank) for a in trained]
+            rows += trend_rows(x, cell, schema.TREND_FREE_L0_RANK, schema.TREND_FREE_L0_RANK_P, layer=layer, **common)
+    for a in adapters:
+        layers = [v for v in cfg.extraction.layers if (v, a.name) in points]
+        cell = [points[(v, a.name)] for v in layers]
+        where = dict(adapter=a.name, rank=a.rank)
+        rows += trend_rows(
+            [float(v) for v in layers],
+            cell,
+            schema.TREND_FREE_L0_DEPTH,
+            schema.TREND_FREE_L0_DEPTH_P,
+            **where,
+            **common,
+        )
+    return rows
 
 
 def read_rows(stage_dir: Path) -> list[ResultRow]:
