@@ -10,6 +10,8 @@ results agree with one-by-one training up to float summation order (tests/saes/t
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,17 +70,24 @@ class StackedSAEs(nn.Module):
         return self.architecture == "topk" or bool(self.settings.unit_decoder)
 
 
+def _per_member(t: torch.Tensor, fn) -> torch.Tensor:
+    """[fn(t[0]), …, fn(t[M-1])]: a per-token mean over each member on its own, reduced as for one SAE (a mean over
+    the last axis of [M, B] may sum in another order; these scalars are cheap)."""
+    return torch.stack([fn(t[m]) for m in range(t.shape[0])])
+
+
 # ---- ReLU / paper_a ----------------------------------------------------------------------------------------------
 def _relu_losses(s: StackedSAEs, x: torch.Tensor, ctxs: list[TrainContext]) -> list[TrainOutput]:
     """``ReLUSAE.training_loss`` for every member at once."""
     x_c = x - s.b_dec[:, None] if s.apply_b_dec else x
     f = torch.relu(torch.bmm(x_c, s.W_enc) + s.b_enc[:, None])
     x_hat = torch.bmm(f, s.W_dec) + s.b_dec[:, None]
-    mse = (x_hat.float() - x.float()).pow(2).sum(-1).mean(-1)
+    mse = _per_member(x_hat.float() - x.float(), lambda e: e.pow(2).sum(1).mean())
     if s.settings.l1_penalty == "plain":
-        l1 = f.float().sum(-1).mean(-1)
+        l1 = _per_member(f.float(), lambda fm: fm.sum(1).mean())
     else:
-        l1 = torch.bmm(f, s.W_dec.norm(dim=-1)[:, :, None]).squeeze(-1).mean(-1)
+        norms = s.W_dec.norm(dim=-1)
+        l1 = torch.stack([(f[m] @ norms[m]).mean() for m in range(s.M)])
     coef = s.settings.l1_coefficient
     active = f.detach() > 0
     return [
@@ -93,6 +102,29 @@ def _relu_losses(s: StackedSAEs, x: torch.Tensor, ctxs: list[TrainContext]) -> l
 
 
 # ---- TopK ------------------------------------------------------------------------------------------------------
+class _MemberSelection(Selection):
+    """A Selection over M members' pairs (member m's pairs are ``spans[m]`` = [start, end), latents offset by
+    m·d_sae) whose latent-major order sorts each member's latent ids on their own, with the call ``Selection``
+    makes for one SAE: the sort is not stable, so sorting all M·nnz ids at once would order the pairs of a latent
+    differently, and the encoder/decoder weight gradients (sums over those pairs) would round differently."""
+
+    def __init__(self, cols, bag_offsets, n_tokens: int, d_sae: int, spans: list[tuple[int, int]]):
+        super().__init__(cols, bag_offsets, n_tokens, len(spans) * d_sae)
+        self.d_sae, self.spans = d_sae, spans
+
+    @cached_property
+    def _latent_major(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        orders = []
+        for m, (lo, hi) in enumerate(self.spans):
+            local = (self.cols[lo:hi] - m * self.d_sae).to(torch.int32)
+            orders.append(torch.sort(local)[1] + lo)
+        order = torch.cat(orders)
+        counts = torch.bincount(self.cols, minlength=self.n_latents)
+        offsets = torch.zeros(self.n_latents, dtype=torch.int64, device=self.cols.device)
+        offsets[1:] = counts.cumsum(0)[:-1]
+        return order, offsets, self.rows[order]
+
+
 class _StackedEncodeValues(torch.autograd.Function):
     """Pre-activations at the selected pairs (already computed without grad) with a backward that touches only
     those pairs: ``_sparse._EncodeValues`` for M members whose tokens and latents are numbered member-major."""
@@ -114,7 +146,9 @@ class _StackedEncodeValues(torch.autograd.Function):
         g_sum = g_sum.view(M, d_sae)
         g_bd = None
         if ctx.apply_b_dec:
-            g_bd = -torch.bmm(W_enc.float(), g_sum[:, :, None]).squeeze(-1).to(W_enc.dtype)
+            # one matrix-vector product per member, the very kernel the one-SAE backward uses (a batched product
+            # rounds differently)
+            g_bd = -torch.stack([W_enc[m].float() @ g_sum[m] for m in range(M)]).to(W_enc.dtype)
         return None, None, g_w, g_sum.to(W_enc.dtype), g_bd, None, None
 
 
@@ -132,13 +166,15 @@ def _topk_losses(s: StackedSAEs, x: torch.Tensor, ctxs: list[TrainContext]) -> l
         x_c = (x - s.b_dec[:, None] if s.apply_b_dec else x).to(s.W_enc.dtype)
         pre = torch.baddbmm(s.b_enc[:, None], x_c, s.W_enc)
     v, i = topk_rows(pre.view(M * B, s.d_sae), s.settings.k)
-    member_offset = (torch.arange(M, device=x.device) * s.d_sae).repeat_interleave(B)[:, None]
-    sel = Selection.from_topk(i + member_offset, M * s.d_sae)
+    k = i.shape[1]
+    cols = (i.view(M, B, k) + _offsets(M, s.d_sae, x.device)).reshape(-1)
+    offsets = torch.arange(0, M * B * k, k, device=x.device)
+    sel = _MemberSelection(cols, offsets, M * B, s.d_sae, [(m * B * k, (m + 1) * B * k) for m in range(M)])
     x_c_flat = x_c.reshape(M * B, s.d_in)
     codes, recon = _codes_and_recon(s, x_c_flat, v.reshape(-1), sel)
     x_hat = recon + s.b_dec[:, None]
     err = x_hat.float() - x.float()
-    mse = err.pow(2).sum(-1).mean(-1)
+    mse = _per_member(err, lambda e: e.pow(2).sum(1).mean())
     aux = _auxk_losses(s, (x_c_flat, pre), -err.detach(), ctxs)
     ids = (torch.where(codes.detach() > 0, sel.cols, -1).view(M, B, -1) - _offsets(M, s.d_sae, x.device)).clamp_min(-1)
     out = []
@@ -179,7 +215,9 @@ def _auxk_losses(
     offsets[1:] = counts.cumsum(0)[:-1]
     cols = torch.cat([p[1].reshape(-1) for p in picks if p is not None])
     vals = torch.cat([p[0].reshape(-1) for p in picks if p is not None])
-    _, e_hat = _codes_and_recon(s, x_c_flat, vals, Selection(cols, offsets, M * B, M * s.d_sae))
+    ends = (per_token * B).cumsum(0).tolist()
+    spans = [(end - int(n) * B, end) for end, n in zip(ends, per_token.tolist(), strict=True)]
+    _, e_hat = _codes_and_recon(s, x_c_flat, vals, _MemberSelection(cols, offsets, M * B, s.d_sae, spans))
     return [
         None
         if picks[m] is None
