@@ -4,8 +4,11 @@ The training loss of each member is written with batched products (``torch.baddb
 for TopK, the sparse kernels of ``_sparse`` run on the M members at once by numbering member m's tokens
 m·B + n and its latents m·d_sae + f (a block-diagonal selection: no pair ever crosses members). The summed
 loss Σ_m L_m has ∂/∂θ_m = ∂L_m/∂θ_m, so one backward gives every member its own gradient. Each member's
-operations are the ones ``TopKSAE.training_loss`` / ``ReLUSAE.training_loss`` perform, in the same order, so the
-results agree with one-by-one training up to float summation order (tests/saes/test_multi.py).
+operations are the ones ``TopKSAE.training_loss`` / ``ReLUSAE.training_loss`` perform, in the same order, and
+where a batched kernel would round differently from the one-SAE kernel (the unstable latent sort of the sparse
+backward, matrix-vector products, per-token means) the member's own call is made, so on CPU the results equal
+one-by-one training bit for bit (tests/saes/test_multi.py). ``torch.baddbmm`` / ``torch.bmm`` round like
+``addmm`` / ``mm`` per member on CPU (checked by those tests); a GPU's batched GEMM may not (float tolerance there).
 """
 
 from __future__ import annotations
