@@ -9,8 +9,9 @@ AuxK term, per-row decoder renormalisation. Adam is per element, so one Adam ove
 No gradient clipping exists in the trainer, so none needs to be split per member.
 
 On CPU the stacked SAEs, logs and final statistics equal ``train_sae``'s bit for bit (tests/saes/test_multi.py);
-the final ``seconds`` / ``tokens_per_s`` are the group's. Checkpoints are written per member, in the format and folder ``train_sae`` uses (the stacked optimiser state is
-sliced back into a per-member Adam), so a run checkpointed here can be resumed by ``train_sae`` and vice versa.
+the final ``seconds`` / ``tokens_per_s`` are the group's. Checkpoints are written per member, in the format and
+folder ``train_sae`` uses (the stacked optimiser state is sliced back into a per-member Adam), so a run
+checkpointed here can be resumed by ``train_sae`` and vice versa.
 
 Stacked: ``topk`` (sparse kernels) and ``relu`` / ``paper_a``. Anything else (another architecture, members of
 different shapes or settings, autocast, a process group, checkpoints at different steps) trains one by one with
