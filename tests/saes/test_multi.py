@@ -127,3 +127,36 @@ def test_streams_of_different_lengths_are_refused():
     xs = streams(2)
     with pytest.raises(LorascopeError, match="different rows"):
         train_saes(members("topk", 2), [xs[0], xs[1][:700]], TrainerConfig(total_tokens=1200, **CFG), progress=False)
+
+
+def test_quickstart_groups_per_layer_are_the_seed_groups(tmp_path):
+    """The quickstart's 27 SAEs train in 6 passes: per layer, the 4 adapter SAEs and the reference SAE of seed 0
+    (same recipe: topk, 576→2304, k 16, 60k tokens, batch 512, lr 0.01) and the 4 adapter SAEs of seed 1."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from lorascope.config import load_config
+    from lorascope.study.cache import RunState
+    from lorascope.study.saes import SAEJob, _group_key, _plan
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    st = RunState(cfg, tmp_path, progress=False)
+    ext = SimpleNamespace(key="store")
+    adapters = [f"rank_{r}" for r in cfg.adapters.train.ranks]
+    plans = [
+        _plan(st, ext, SAEJob(layer, "delta", a, seed, 0.2, 0), cfg.adapter_sae, f"L{layer}__{a}__seed{seed}")
+        for layer in cfg.extraction.layers
+        for a in adapters
+        for seed in cfg.adapter_sae.seeds
+    ]
+    plans += [
+        _plan(st, ext, SAEJob(layer, "base", None, 0, 0.2, 0), cfg.reference_sae, f"L{layer}__reference")
+        for layer in cfg.extraction.layers
+    ]
+    groups: dict = {}
+    for p in plans:
+        groups.setdefault(_group_key(p), []).append(p.label)
+    assert len(plans) == 27
+    assert sorted(len(g) for g in groups.values()) == [4, 4, 4, 5, 5, 5]
+    assert all(any("reference" in label for label in g) == (len(g) == 5) for g in groups.values())
+    assert len({p.stage.path for p in plans}) == 27  # each SAE keeps its own stage folder (cache key)
