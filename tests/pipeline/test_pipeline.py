@@ -306,3 +306,33 @@ def test_reference_trained_on_held_out_documents_is_refused(mini_run, tiny_llama
     )
     with pytest.raises(LorascopeError, match=r"reference SAE was trained on \d+ of the \d+ evaluation documents"):
         run(changed, progress=False)
+
+
+def test_study_saes_trained_in_one_pass_equal_each_trained_alone(mini_run, tmp_path):
+    """The study trains the SAEs that share a layer, seed and recipe in one pass (saes.multi: here rank_2, rank_4
+    and the reference at seed 0); each saved SAE equals the one ``train_sae_job`` trains alone from the same plan
+    (same init seed, same stream, same trainer settings), bit for bit."""
+    from types import SimpleNamespace
+
+    from lorascope.saes import load_sae
+    from lorascope.saes._batches import BatchSource
+    from lorascope.saes.multi import why_not_stacked
+    from lorascope.study.cache import RunState
+    from lorascope.study.saes import SAEJob, _group_key, _plan, _study_trainer, job_sae_and_stream, train_sae_job
+
+    store, cfg, saes, ref_path = _mini_parts(mini_run)
+    st = RunState(cfg, tmp_path, progress=False)
+    frac = cfg.data.held_out_fraction
+    cases = [
+        ("L1__rank_4__seed0", SAEJob(1, "delta", "rank_4", 0, frac, cfg.seed), cfg.adapter_sae, saes[0]),
+        ("L1__reference", SAEJob(1, "base", None, 0, frac, cfg.seed), cfg.reference_sae, load_sae(ref_path)),
+    ]
+    plans = [_plan(st, SimpleNamespace(key="k"), job, section, label) for label, job, section, _ in cases]
+    assert _group_key(plans[0]) == _group_key(plans[1])  # they were trained together, and stacked:
+    built = [job_sae_and_stream(store, p.job, p.section) for p in plans]
+    sources = [BatchSource(b[1]) for b in built]
+    assert why_not_stacked([b[0] for b in built], sources, _study_trainer(st, plans[0]), [None, None]) is None
+    for p, (label, _, section, saved) in zip(plans, cases, strict=True):
+        alone = train_sae_job(store, p.job, section, _study_trainer(st, p), None, tmp_path / label, progress=False)
+        for name, w in alone.sae.state_dict().items():
+            assert torch.equal(saved.state_dict()[name], w), (label, name)

@@ -213,3 +213,19 @@ def test_published_recipe_learns_planted_subspaces():
     res = train_sae(sae, gen.batches(128, seed=1), tc, progress=False)
     ev = evaluate_sae(res.sae, gen.sample(2048, seed=5).x)
     assert ev["fvu"] < 0.25, ev["fvu"]
+
+
+def test_explicit_trainer_values_equal_to_the_standard_are_kept_for_the_published_recipe():
+    """A value set explicitly wins even when it equals the trainer's standard value (it used to be taken for
+    'unset' and replaced by the recipe's); fields left None take the recipe's value, or the standard one."""
+    from lorascope.saes.trainer import RECIPE_FIELDS, TrainerConfig, with_arch_defaults
+
+    standard = {k: v for k, v in RECIPE_FIELDS.items() if k != "lr"}
+    explicit = with_arch_defaults(TrainerConfig(lr=2e-4, **standard), _pub())
+    assert {k: getattr(explicit, k) for k in standard} == standard
+    unset = with_arch_defaults(TrainerConfig(), _pub())
+    assert {k: getattr(unset, k) for k in PUBLISHED_TRAINER} == PUBLISHED_TRAINER
+    plain = with_arch_defaults(TrainerConfig(), create_sae("topk", 12, 16, k=2))
+    assert {k: getattr(plain, k) for k in RECIPE_FIELDS} == RECIPE_FIELDS
+    half = with_arch_defaults(TrainerConfig(warmup_steps=100), _pub())
+    assert half.warmup_steps == 100 and half.scale_inputs is False and half.b_dec_init == "zeros"

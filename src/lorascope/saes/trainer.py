@@ -41,6 +41,17 @@ from lorascope.saes.base import DTYPES, SAE, TrainContext, TrainOutput, lr_for_w
 
 CHECKPOINT_NAME = "checkpoint.pt"
 INPUT_NORMS = ("sqrt_d_in", "mean_norm")
+# TrainerConfig fields an architecture's recipe may set, with the value used when neither the caller nor the recipe
+# sets them (lr None: lr_for_width(d_sae))
+RECIPE_FIELDS: dict[str, Any] = {
+    "lr": None,
+    "betas": (0.9, 0.999),
+    "warmup_steps": 100,
+    "decay_fraction": 0.2,
+    "sparsity_warmup_fraction": 0.05,
+    "scale_inputs": True,
+    "b_dec_init": "geometric_median",
+}
 
 
 @dataclass
@@ -49,19 +60,22 @@ class TrainerConfig:
 
     total_tokens: int | None = None  # None: the length of an in-memory source (tensor / list of chunks)
     batch_size: int = 4096
-    lr: float | None = None  # None: lr_for_width(d_sae)
-    betas: tuple[float, float] = (0.9, 0.999)
+    # Fields left None take the architecture's recipe value (``SAE.trainer_defaults()``, e.g. SASA's published
+    # recipe) when it has one, else the trainer's standard value in RECIPE_FIELDS (shown in each comment); a value
+    # set explicitly is always kept, even one equal to the standard value.
+    lr: float | None = None  # None: the recipe's lr, else lr_for_width(d_sae)
+    betas: tuple[float, float] | None = None  # (0.9, 0.999)
     adam_eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
-    sparsity_warmup_fraction: float = 0.05  # sparsity coefficient ramps 0 -> 1 over this first fraction
-    scale_inputs: bool = True  # scale by one constant (see input_norm); folded back into the weights at the end
+    warmup_steps: int | None = None  # 100
+    decay_fraction: float | None = None  # 0.2: linear decay to 0 over this final fraction of the steps
+    sparsity_warmup_fraction: float | None = None  # 0.05: sparsity coefficient ramps 0 -> 1 over this fraction
+    scale_inputs: bool | None = None  # True: scale by one constant (see input_norm); folded back at the end
     # "sqrt_d_in": mean norm -> sqrt(d_in); "mean_norm": divide by sigma = mean ||x|| (arXiv 2605.28896 eq. 6,
     # mean norm 1); None: the SAE class's ``input_norm`` attribute, else "sqrt_d_in". Estimated on the first
     # init_tokens rows (exact over the training set when init_tokens >= its rows).
     input_norm: str | None = None
     init_tokens: int = 4096  # rows used to estimate the input scale and initialise b_dec
-    b_dec_init: str = "geometric_median"  # "geometric_median" | "mean" | "zeros"
+    b_dec_init: str | None = None  # "geometric_median" (standard) | "mean" | "zeros"
     dead_window_tokens: int | None = None  # None: min(10M, total_tokens // 4)
     autocast_dtype: str | None = None  # e.g. "bfloat16": forward matmuls in that dtype (needs fast bf16 GEMM)
     device: str | None = None  # None: the SAE's device
@@ -73,31 +87,32 @@ class TrainerConfig:
     data_parallel: bool = True  # in a running process group, train over all ranks (False: this rank alone)
 
     def validate(self) -> None:
-        if self.batch_size <= 0:
-            raise LorascopeError(f"batch_size must be positive (got {self.batch_size})", fix="use e.g. 4096")
-        if self.total_tokens is not None and self.total_tokens <= 0:
+        c = replace(self, **{k: v for k, v in RECIPE_FIELDS.items() if getattr(self, k) is None})  # standard values
+        if c.batch_size <= 0:
+            raise LorascopeError(f"batch_size must be positive (got {c.batch_size})", fix="use e.g. 4096")
+        if c.total_tokens is not None and c.total_tokens <= 0:
             raise LorascopeError(
-                f"total_tokens must be positive (got {self.total_tokens})",
+                f"total_tokens must be positive (got {c.total_tokens})",
                 fix="pass the number of activation rows to train on",
             )
-        if self.lr is not None and not self.lr > 0:
-            raise LorascopeError(f"lr must be positive (got {self.lr})", fix="use e.g. lr=2e-4 or leave it unset")
-        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.sparsity_warmup_fraction <= 1:
+        if c.lr is not None and not c.lr > 0:
+            raise LorascopeError(f"lr must be positive (got {c.lr})", fix="use e.g. lr=2e-4 or leave it unset")
+        if not 0 <= c.decay_fraction <= 1 or not 0 <= c.sparsity_warmup_fraction <= 1:
             raise LorascopeError(
                 "decay_fraction and sparsity_warmup_fraction must be in [0, 1]",
                 fix="use fractions such as 0.2 and 0.05",
             )
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+        if c.b_dec_init not in ("geometric_median", "mean", "zeros"):
             raise LorascopeError(
-                f"unknown b_dec_init {self.b_dec_init!r}", fix="use 'geometric_median', 'mean' or 'zeros'"
+                f"unknown b_dec_init {c.b_dec_init!r}", fix="use 'geometric_median', 'mean' or 'zeros'"
             )
-        if self.input_norm not in (None, *INPUT_NORMS):
+        if c.input_norm not in (None, *INPUT_NORMS):
             raise LorascopeError(
-                f"unknown input_norm {self.input_norm!r}", fix=f"use one of {', '.join(INPUT_NORMS)} or None"
+                f"unknown input_norm {c.input_norm!r}", fix=f"use one of {', '.join(INPUT_NORMS)} or None"
             )
-        if self.autocast_dtype is not None and self.autocast_dtype not in DTYPES:
+        if c.autocast_dtype is not None and c.autocast_dtype not in DTYPES:
             raise LorascopeError(
-                f"unknown autocast_dtype {self.autocast_dtype!r}",
+                f"unknown autocast_dtype {c.autocast_dtype!r}",
                 fix=f"use one of {', '.join(DTYPES)} or None",
             )
 
@@ -124,14 +139,19 @@ def geometric_median(x: torch.Tensor, iters: int = 8, eps: float = 1e-8) -> torc
     return m
 
 
-def _with_arch_defaults(cfg: TrainerConfig, sae: SAE) -> TrainerConfig:
-    """Apply the architecture's own trainer defaults (``sae.trainer_defaults()``, e.g. SASA's published recipe)
-    to the fields the caller left at TrainerConfig's default; other architectures are unchanged."""
+def with_arch_defaults(cfg: TrainerConfig, sae: SAE) -> TrainerConfig:
+    """``cfg`` with every recipe field the caller left None filled in: the architecture's own value
+    (``sae.trainer_defaults()``, e.g. SASA's published recipe) when it has one, else RECIPE_FIELDS' value."""
     own = getattr(sae, "trainer_defaults", None)
-    extra = own() if callable(own) else {}
-    base = TrainerConfig()
-    changes = {k: v for k, v in extra.items() if getattr(cfg, k) == getattr(base, k)}
-    return replace(cfg, **changes) if changes else cfg
+    recipe = own() if callable(own) else {}
+    unknown = set(recipe) - set(RECIPE_FIELDS)
+    if unknown:
+        raise LorascopeError(
+            f"{sae.architecture} trainer_defaults sets {sorted(unknown)}, which are not recipe fields",
+            fix=f"set only {', '.join(RECIPE_FIELDS)}",
+        )
+    changes = {k: recipe.get(k, std) for k, std in RECIPE_FIELDS.items() if getattr(cfg, k) is None}
+    return replace(cfg, **changes)
 
 
 def _adam(params: list[torch.nn.Parameter], cfg: TrainerConfig, lr: float) -> torch.optim.Adam:
@@ -252,6 +272,7 @@ class _Run:
     device: torch.device
     amp: Any  # autocast context (disabled unless cfg.autocast_dtype)
     dp: DataParallel | None  # data parallelism across a process group, or None
+    total_tokens: int  # rows to train on in all (cfg.total_tokens or the source's length)
 
 
 def train_sae(
@@ -266,60 +287,64 @@ def train_sae(
     Returns the same SAE folded to raw-activation scale (it applies to un-scaled inputs), a log with one entry
     every ``cfg.log_every`` steps, and final statistics over the last ``cfg.final_window_steps`` batches.
     """
-    cfg = _with_arch_defaults(cfg or TrainerConfig(), sae)
+    cfg = with_arch_defaults(cfg or TrainerConfig(), sae)
     cfg.validate()
     source = BatchSource(batches)
-    total_tokens = cfg.total_tokens or source.total_rows()
+    ckpt = checkpoint_path(cfg, checkpoint_dir)
+    dp = DataParallel.detect() if cfg.data_parallel else None
+    run = make_run(cfg, sae, source.total_rows(), _device(cfg.device, sae, dp), dp)
+    sae.to(run.device).train()
+    opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, run.base_lr)
+    st = _State(sae.d_sae)
+    resumed, chunks = _start(sae, opt, st, source, ckpt, run)
+    t0 = time.perf_counter()
+    tokens_at_start = st.tokens
+    _loop(sae, opt, st, rebatch(chunks, cfg.batch_size, limit_rows=run.total_tokens - st.tokens), ckpt, run, progress)
+    return finish_run(sae, st, run, (time.perf_counter() - t0, st.tokens - tokens_at_start), resumed)
+
+
+def checkpoint_path(cfg: TrainerConfig, checkpoint_dir: str | Path | None) -> Path | None:
+    """The checkpoint file in ``checkpoint_dir`` (None without one; an error if checkpoints are asked for)."""
+    if cfg.checkpoint_every and checkpoint_dir is None:
+        raise LorascopeError(
+            "checkpoint_every is set but no checkpoint_dir was given",
+            fix="pass checkpoint_dir=... to train_sae",
+        )
+    return Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+
+def make_run(
+    cfg: TrainerConfig, sae: SAE, source_rows: int | None, device: torch.device, dp: DataParallel | None
+) -> _Run:
+    """What every step shares: step count, base LR, dead-latent window, device, autocast context."""
+    total_tokens = cfg.total_tokens or source_rows
     if not total_tokens:
         raise LorascopeError(
             "total_tokens is needed when the batch source has no known length",
             fix="set TrainerConfig(total_tokens=...)",
         )
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if cfg.checkpoint_every and ckpt is None:
-        raise LorascopeError(
-            "checkpoint_every is set but no checkpoint_dir was given",
-            fix="pass checkpoint_dir=... to train_sae",
-        )
-    dp = DataParallel.detect() if cfg.data_parallel else None
-    device = _device(cfg.device, sae, dp)
-    sae.to(device).train()
-    base_lr = cfg.lr or lr_for_width(sae.d_sae)
     amp_dtype = DTYPES[cfg.autocast_dtype] if cfg.autocast_dtype else torch.bfloat16
-    run = _Run(
+    return _Run(
         cfg,
         math.ceil(total_tokens / cfg.batch_size),
-        base_lr,
+        cfg.lr or lr_for_width(sae.d_sae),
         cfg.dead_window_tokens or min(10_000_000, max(total_tokens // 4, 1)),
         device,
         torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast_dtype is not None),
         dp,
+        total_tokens,
     )
-    opt = _adam([p for p in sae.parameters() if p.requires_grad], cfg, base_lr)
-    st = _State(sae.d_sae)
-    resumed, chunks = _start(sae, opt, st, source, ckpt, run)
-    t0 = time.perf_counter()
-    tokens_at_start = st.tokens
-    _loop(sae, opt, st, rebatch(chunks, cfg.batch_size, limit_rows=total_tokens - st.tokens), ckpt, run, progress)
-    seconds = time.perf_counter() - t0
+
+
+def finish_run(sae: SAE, st: _State, run: _Run, timing: tuple[float, int], resumed: bool) -> TrainResult:
+    """Fold the input scale into the trained SAE and collect its result; ``timing`` = (seconds, tokens run)."""
     if st.step == 0:
         raise LorascopeError("no batches were trained on", fix="check that the batch source yields rows")
-    final = _final_stats(st, run.window, seconds, st.tokens - tokens_at_start)
+    final = _final_stats(st, run.window, *timing)
     sae.eval()
     sae.fold_input_scale(st.scale)
-    return TrainResult(
-        sae,
-        st.log,
-        final,
-        st.scale,
-        {
-            **asdict(cfg),
-            "lr": base_lr,
-            "total_steps": run.total_steps,
-            "dead_window_tokens": run.window,
-            "resumed": resumed,
-        },
-    )
+    extra = {"lr": run.base_lr, "total_steps": run.total_steps, "dead_window_tokens": run.window, "resumed": resumed}
+    return TrainResult(sae, st.log, final, st.scale, {**asdict(run.cfg), **extra})
 
 
 def _start(

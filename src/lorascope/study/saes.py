@@ -69,8 +69,20 @@ def train_sae_job(
     """Build the SAE that ``section`` describes (an ``adapter_sae``-style config section) for the store's width,
     train it on ``job``'s rows with ``trainer`` (a TrainerConfig; resumes from ``checkpoint_dir``), save it to
     ``sae_dir`` (SAELens layout; None: not saved, e.g. on non-writing ranks) and return the TrainResult."""
-    from lorascope.saes import create_sae, save_sae
+    from lorascope.saes import save_sae
     from lorascope.saes.trainer import train_sae
+
+    sae, stream = job_sae_and_stream(store, job, section)
+    res = train_sae(sae, stream, trainer, checkpoint_dir=checkpoint_dir, progress=progress)
+    if sae_dir is not None:
+        save_sae(res.sae, sae_dir)
+    return res
+
+
+def job_sae_and_stream(store, job: SAEJob, section: Any) -> tuple[Any, Any]:
+    """The freshly initialised SAE of ``job`` (its metadata filled in) and its training stream: the store's
+    ``training_stream`` of the job's (layer, kind, adapter) rows, shuffled by ``job.seed``."""
+    from lorascope.saes import create_sae
     from lorascope.study.splits import sae_split_record
 
     meta = {
@@ -93,10 +105,7 @@ def train_sae_job(
     stream = store.training_stream(
         job.layer, job.kind, job.adapter, section.batch_size, job.seed, job.held_out_fraction, job.split_seed
     )
-    res = train_sae(sae, stream, trainer, checkpoint_dir=checkpoint_dir, progress=progress)
-    if sae_dir is not None:
-        save_sae(res.sae, sae_dir)
-    return res
+    return sae, stream
 
 
 def evaluate_held_out(store, job: SAEJob, sae) -> dict[str, Any]:
@@ -117,11 +126,18 @@ class StudySAEs:
     reference: dict[int, Path]
 
 
-def _study_sae(
-    st: RunState, extracted: Extracted, job: SAEJob, section: Any, label: str, opened: Callable[[], Any] | None = None
-) -> Path:
-    """Train (or find cached) one of the study's SAEs; returns its folder. ``opened``: the store opened once for
-    all the stage's SAEs (each shard's checksum is then verified once per run, not once per SAE)."""
+@dataclass(frozen=True)
+class _Planned:
+    """One of the study's SAEs: its job (init seed and provenance filled in), config section, label, stage folder."""
+
+    job: SAEJob
+    section: Any
+    label: str
+    stage: StageDir
+
+
+def _plan(st: RunState, extracted: Extracted, job: SAEJob, section: Any, label: str) -> _Planned:
+    """The stage folder (cache key) of one SAE and its job as it will be trained."""
     inputs = {
         "store": extracted.key,
         "layer": job.layer,
@@ -131,11 +147,6 @@ def _study_sae(
         "held_out_fraction": job.held_out_fraction,
         **section.model_dump(exclude={"seeds", "path", "source", "allow_pickle"}),
     }
-    sd = StageDir.make(st.out, "saes", label, inputs)
-    if sd.done:
-        return sd.path / "sae"
-    t0 = time.perf_counter()
-    store = opened() if opened is not None else extracted.open()
     # every SAE gets its own initialisation: SAEs sharing a random init start with identical decoders, which
     # inflates any cross-SAE cosine for as long as training has not moved them far (measured: MMCS 0.99 at init)
     init_seed = int(stable_hash({"seed": job.seed, "label": label}, 8), 16)
@@ -149,16 +160,64 @@ def _study_sae(
         init_seed,
         {"model_name": st.config.model.spec, "lorascope_label": label, "init_seed": init_seed},
     )
-    steps = section.tokens // section.batch_size
-    trainer = trainer_config(
-        section, job.seed, checkpoints=5, warmup_steps=min(100, max(1, steps // 10)), device=st.config.model.device
+    return _Planned(job, section, label, StageDir.make(st.out, "saes", label, inputs))
+
+
+def _study_trainer(st: RunState, p: _Planned):
+    steps = p.section.tokens // p.section.batch_size
+    return trainer_config(
+        p.section, p.job.seed, checkpoints=5, warmup_steps=min(100, max(1, steps // 10)), device=st.config.model.device
     )
-    d = store.d_model
-    st.log(f"training {section.architecture} SAE {label} ({d}→{section.sae_width(d)}, {section.tokens} tokens)")
-    res = train_sae_job(store, job, section, trainer, sd.path / "sae", sd.path / "ckpt", st.progress)
-    sd.mark_done({"final": res.final, "log": res.log[-50:]})
-    st.finished(f"sae:{label}", t0)
-    return sd.path / "sae"
+
+
+def _group_key(p: _Planned) -> tuple:
+    """SAEs with equal keys train in lock-step (saes.multi): same layer, same trainer settings (seed included, so
+    each SAE's checkpoints hold what its own run would), same architecture, width and settings."""
+    s = p.section
+    shape = (s.architecture, s.expansion, tuple(sorted(s.sae_settings().items())), s.tokens, s.batch_size, s.lr)
+    return (p.job.layer, p.job.seed, p.job.held_out_fraction, p.job.split_seed, shape)
+
+
+def _train_group(st: RunState, group: list[_Planned], opened: Callable[[], Any]) -> None:
+    """Train a group of the study's SAEs in one pass (stacked where ``saes.multi`` can, else one by one), then
+    save each one and mark its stage done, exactly as if it had been trained alone. Each SAE reads its own stream
+    (``job_sae_and_stream``), the one it reads alone, so grouping changes no SAE's data or order."""
+    from lorascope.saes import save_sae
+    from lorascope.saes.multi import train_saes
+
+    t0 = time.perf_counter()
+    store = opened()
+    built = [job_sae_and_stream(store, p.job, p.section) for p in group]
+    d, sec = store.d_model, group[0].section
+    for p in group:
+        st.log(f"training {sec.architecture} SAE {p.label} ({d}→{sec.sae_width(d)}, {sec.tokens} tokens)")
+    if len(group) > 1:
+        st.log(f"  {len(group)} SAEs at layer {group[0].job.layer} in one pass")
+    results = train_saes(
+        [b[0] for b in built],
+        [b[1] for b in built],
+        _study_trainer(st, group[0]),
+        [p.stage.path / "ckpt" for p in group],
+        st.progress,
+        log=st.log,
+    )
+    share = (time.perf_counter() - t0) / len(group)  # the group's wall time, split evenly (the stage total is exact)
+    for p, res in zip(group, results, strict=True):
+        save_sae(res.sae, p.stage.path / "sae")
+        p.stage.mark_done({"final": res.final, "log": res.log[-50:]})
+        st.finished(f"sae:{p.label}", time.perf_counter() - share)
+
+
+def _train_planned(st: RunState, extracted: Extracted, planned: list[_Planned]) -> None:
+    """Train every planned SAE whose stage is not done yet, grouped by ``_group_key`` (the store is opened once,
+    so each shard's checksum is verified once per run, not once per SAE)."""
+    opened = functools.cache(extracted.open)
+    groups: dict[tuple, list[_Planned]] = {}
+    for p in planned:
+        if not p.stage.done:
+            groups.setdefault(_group_key(p), []).append(p)
+    for group in groups.values():
+        _train_group(st, group, opened)
 
 
 def reference_picks(config) -> dict:
@@ -171,18 +230,18 @@ def reference_picks(config) -> dict:
 
 
 def stage_saes(st: RunState, extracted: Extracted, adapters: list[Adapter]) -> StudySAEs:
+    """The study's SAEs: per layer, one per adapter × seed on Δ and a reference SAE on base activations (or the
+    pretrained one ``reference_sae.path`` picks); trained where their stage folder is not done yet."""
     cfg = st.config
     frac, split_seed = cfg.data.held_out_fraction, cfg.seed
-    opened = functools.cache(extracted.open)
-    adapter_saes = {
+    adapter_plan = {
         (layer, a.name): [
-            _study_sae(
+            _plan(
                 st,
                 extracted,
                 SAEJob(layer, "delta", a.name, seed, frac, split_seed),
                 cfg.adapter_sae,
                 f"L{layer}__{a.name}__seed{seed}",
-                opened,
             )
             for seed in cfg.adapter_sae.seeds
         ]
@@ -193,12 +252,18 @@ def stage_saes(st: RunState, extracted: Extracted, adapters: list[Adapter]) -> S
     picks = reference_picks(cfg) if r.source == "path" else {}
     for pick in picks.values():
         st.log(f"reference SAE {pick.describe()}")
-    ref = {
-        layer: picks[layer].path
-        if r.source == "path"
-        else _study_sae(
-            st, extracted, SAEJob(layer, "base", None, r.seeds[0], frac, split_seed), r, f"L{layer}__reference", opened
+    ref_plan = {
+        layer: _plan(
+            st, extracted, SAEJob(layer, "base", None, r.seeds[0], frac, split_seed), r, f"L{layer}__reference"
         )
         for layer in cfg.extraction.layers
+        if r.source != "path"
     }
-    return StudySAEs(adapter_saes, ref)
+    _train_planned(st, extracted, [p for ps in adapter_plan.values() for p in ps] + list(ref_plan.values()))
+    return StudySAEs(
+        {key: [p.stage.path / "sae" for p in ps] for key, ps in adapter_plan.items()},
+        {
+            layer: picks[layer].path if r.source == "path" else ref_plan[layer].stage.path / "sae"
+            for layer in cfg.extraction.layers
+        },
+    )
