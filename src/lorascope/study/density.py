@@ -21,6 +21,7 @@ from lorascope.results import ResultRow, row_from_record
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState, StageDir
 from lorascope.study.extract import Extracted
+from lorascope.study.splits import study_holdout
 
 FIXED_METRICS = (schema.L0_FIXED_COEFFICIENT, schema.FVU_FIXED_COEFFICIENT)
 
@@ -49,9 +50,9 @@ def cell_rows(st: RunState, store, layer: int, adapter: Adapter) -> list[ResultR
     from lorascope.saes.density import density_at_coefficient, density_at_matched_fvu, density_rows
 
     cfg, d = st.config, st.config.density
-    frac = cfg.data.held_out_fraction
-    train = store.training_stream(layer, "delta", adapter.name, d.batch_size, cfg.seed, frac, cfg.seed)
-    held = store.held_out(layer, adapter.name, held_out_fraction=frac, split_seed=cfg.seed).delta
+    holdout = study_holdout(cfg)
+    train = store.training_stream(layer, "delta", adapter.name, d.batch_size, cfg.seed, holdout)
+    held = store.held_out(layer, adapter.name, holdout).delta
     held = held[: cfg.geometry.eval_tokens]
     if held.shape[0] == 0:
         return []

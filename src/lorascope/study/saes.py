@@ -33,6 +33,13 @@ class SAEJob:
     init_seed: int | None = None  # weight initialisation; None: ``seed``
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def holdout(self):
+        """The held-out split of ``held_out_fraction`` and ``split_seed`` (lorascope.activations.split)."""
+        from lorascope.activations.split import HeldOutSplit
+
+        return HeldOutSplit(self.held_out_fraction, self.split_seed)
+
 
 def trainer_config(
     section: Any,
@@ -79,7 +86,7 @@ def train_sae_job(
         "trained_on": job.kind,
         "adapter": job.adapter or "",
         **job.metadata,
-        "split": sae_split_record(store, job.held_out_fraction, job.split_seed),
+        "split": sae_split_record(store, job.holdout),
     }
     init_seed = job.seed if job.init_seed is None else job.init_seed
     sae = create_sae(
@@ -90,9 +97,7 @@ def train_sae_job(
         metadata=meta,
         **section.sae_settings(),
     )
-    stream = store.training_stream(
-        job.layer, job.kind, job.adapter, section.batch_size, job.seed, job.held_out_fraction, job.split_seed
-    )
+    stream = store.training_stream(job.layer, job.kind, job.adapter, section.batch_size, job.seed, job.holdout)
     res = train_sae(sae, stream, trainer, checkpoint_dir=checkpoint_dir, progress=progress)
     if sae_dir is not None:
         save_sae(res.sae, sae_dir)
@@ -103,7 +108,7 @@ def evaluate_held_out(store, job: SAEJob, sae) -> dict[str, Any]:
     """The SAE's reconstruction and sparsity on the held-out documents of its own rows ({} when there are none)."""
     from lorascope.saes.trainer import evaluate_sae
 
-    held = store.held_out(job.layer, job.adapter, held_out_fraction=job.held_out_fraction, split_seed=job.split_seed)
+    held = store.held_out(job.layer, job.adapter, job.holdout)
     x = held.delta if job.kind == "delta" else held.base if job.kind == "base" else held.adapted
     return evaluate_sae(sae, x) if x.shape[0] else {}
 
