@@ -34,7 +34,7 @@ def test_split_is_by_document_content_and_never_mixes(store, docs, peft_tiny):
     # the records the study stores describe exactly the documents the mask selects
     evals = eval_split_record(store, SPLIT)
     trains = sae_split_record(store, SPLIT)["train_docs"]
-    assert set(evals["eval_docs"]) == {h[:PREFIX] for h, k in zip(store.doc_hashes, held.tolist()) if k}
+    assert set(evals["eval_docs"]) == {h[:PREFIX] for h, k in zip(store.doc_hashes, held.tolist(), strict=True) if k}
     assert not set(evals["eval_docs"]) & set(trains) and evals["n_excluded_from_eval"] == 0
     seen = {}
     for split in ("train", "held_out"):

@@ -208,7 +208,6 @@ def _verdicts(rows):
 
 def _analyse(store, cfg, adapter_saes, reference):
     from lorascope.study.analysis import LayerAdapterInputs, Settings, analyse_layer_adapter
-
     from lorascope.study.splits import study_holdout
 
     held = store.held_out(1, "rank_4", study_holdout(cfg))
