@@ -163,8 +163,8 @@ class ActivationStore:
     def doc_hashes(self) -> list[str]:
         """sha256 content hash of every document's token ids, in document order (the split's document identity)."""
         with safe_open(str(self.path / "docs.safetensors"), framework="pt") as fh:
-            off, ids = fh.get_tensor("offsets").tolist(), fh.get_tensor("input_ids").tolist()
-        return [_token_hash(ids[off[i] : off[i + 1]]) for i in range(len(off) - 1)]
+            off, ids = fh.get_tensor("offsets").tolist(), fh.get_tensor("input_ids")
+        return [_token_hash(ids[off[i] : off[i + 1]].tolist()) for i in range(len(off) - 1)]
 
     @property
     def split_record(self) -> dict:

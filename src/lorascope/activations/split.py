@@ -62,7 +62,7 @@ class HeldOutSplit:
 
     def __post_init__(self) -> None:
         if not 0 <= self.fraction < 1:
-            raise LorascopeError(f"held-out fraction must be in [0, 1), got {self.fraction}", fix="e.g. 0.2")
+            raise LorascopeError(f"held_out_fraction must be in [0, 1), got {self.fraction}", fix="e.g. 0.2")
 
     def is_held_out(self, doc_content_hash: str) -> bool:
         h = hashlib.sha256(f"{self.seed}:{doc_content_hash}".encode()).hexdigest()
