@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lorascope.activations.split import content_hash, dedupe_against
@@ -97,3 +98,33 @@ def test_a_lora_training_text_is_never_held_out(tiny_llama_dir, tmp_path):
     assert [line for line in lines2 if line.startswith("held-out split:")] == [
         "held-out split: training data of loaded fine-tunes unknown (ext): not deduplicated"
     ]
+
+
+@pytest.mark.slow  # two miniature studies (~1 min on 2 cores)
+def test_an_allowed_reference_overlap_reaches_the_table_and_the_report(tiny_llama_dir, tmp_path):
+    """End to end: a path reference SAE trained on every document of the run (held-out ones included), with
+    ``reference_sae.allow_overlap``, is measured, its overlap is a row of the table and a caution in report.html."""
+    from lorascope import results_schema as schema
+    from lorascope.saes import save_sae
+    from lorascope.study import run
+    from lorascope.study.saes import SAEJob, train_sae_job, trainer_config
+
+    over = {"geometry.splice": False, "explain.enabled": False}
+    cfg = parse_config(mini_config(tiny_llama_dir, tmp_path / "run", **over))
+    run(cfg, progress=False, report=False)
+    store = next((tmp_path / "run" / "activations").glob("store-*")) / "store"
+    from lorascope.activations import open_store
+
+    job = SAEJob(1, "base", None, 3, 0.0, cfg.seed, 7_003, {"init_seed": 7_003})  # fraction 0: every document
+    section = cfg.reference_sae
+    leaky = train_sae_job(open_store(store), job, section, trainer_config(section, 3, 1), None, tmp_path / "ck", False)
+    save_sae(leaky.sae, tmp_path / "leaky")
+    path_ref = {"reference_sae.source": "path", "reference_sae.path": str(tmp_path / "leaky")}
+    allowed = parse_config(
+        mini_config(tiny_llama_dir, tmp_path / "run", **over, **path_ref, **{"reference_sae.allow_overlap": True})
+    )
+    res = run(allowed, progress=False)
+    rows = res.table[res.table.metric == schema.REFERENCE_EVAL_OVERLAP]
+    assert len(rows) == 1 and int(rows.value.iloc[0]) > 0
+    html = res.report.read_text()
+    assert "Reference SAE saw evaluation documents" in html and f"layer 1: {int(rows.value.iloc[0])} documents" in html
