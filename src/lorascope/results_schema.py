@@ -35,6 +35,7 @@ SPLICE = "splice"
 LORA = "lora"
 ABSORPTION = "absorption"
 EXPLAIN = "explain"
+SPLIT = "split"
 
 # ---- nulls (the null_name column) ------------------------------------------------------------------------------
 NULL_RANDOM_ISOTROPIC = "random_isotropic"
@@ -297,8 +298,17 @@ def marker_rate(run: str) -> str:
     return f"marker_rate_{run}"
 
 
+# ---- the held-out split ----------------------------------------------------------------------------------------
+REFERENCE_EVAL_OVERLAP = "reference_eval_overlap_docs"
+
 # ---- the catalogue ---------------------------------------------------------------------------------------------
 _FIXED = [
+    Metric(
+        SPLIT,
+        REFERENCE_EVAL_OVERLAP,
+        "evaluation (held-out) documents the path reference SAE was trained on; > 0 only when "
+        "reference_sae.allow_overlap let it through (the report flags it)",
+    ),
     Metric(DELTA_NORM, BASE_NORM_MEAN, "mean ‖h_base,t‖ over held-out tokens"),
     Metric(DELTA_NORM, EFFECTIVE_RANK_PR, "participation ratio (Σλ)²/Σλ² of Δ's covariance"),
     Metric(DELTA_NORM, PCA_K90, "PCA components for 90% of Δ's variance"),

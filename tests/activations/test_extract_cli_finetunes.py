@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from lorascope.activations import open_store
+from lorascope.activations import HeldOutSplit, open_store
 from lorascope.cli import main
 
 
@@ -74,12 +74,13 @@ def test_whole_model_and_checkpoints_share_one_store_and_match_the_mixed_batch_p
     assert len(both.doc_ids) == 10
     ck3 = inputs / "run" / "checkpoint-3"
     peft = extract(tiny_llama_dir, tmp_path / "peft", *data, "--adapter", f"run_step_3={ck3}")
-    separate, mixed = both.held_out(1, "run_step_3", 0.5), peft.held_out(1, "run_step_3", 0.5)
+    half = HeldOutSplit(0.5)
+    separate, mixed = both.held_out(1, "run_step_3", half), peft.held_out(1, "run_step_3", half)
     assert separate.delta.shape == mixed.delta.shape and separate.delta.shape[0] > 0
     # a PEFT checkpoint run as its own model gives the Δ of the mixed-batch path (float32 round-off only)
     torch.testing.assert_close(separate.delta, mixed.delta, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(separate.base, mixed.base, rtol=1e-5, atol=1e-6)
-    assert float(both.held_out(1, "ft", 0.5).delta.norm()) > 0
+    assert float(both.held_out(1, "ft", half).delta.norm()) > 0
 
 
 def test_bad_finetune_options_are_one_line_before_any_model_load(tmp_path, tiny_llama_dir, inputs, capsys, monkeypatch):

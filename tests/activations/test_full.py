@@ -4,7 +4,7 @@ format, one model resident at a time in the default mode."""
 import pytest
 import torch
 
-from lorascope.activations import ExtractConfig, extract, open_store
+from lorascope.activations import ExtractConfig, HeldOutSplit, extract, open_store
 from lorascope.activations.full import extract_full
 from lorascope.activations.store import base_key, delta_key
 from lorascope.data import make_demo_dataset
@@ -74,9 +74,10 @@ def test_delta_equals_hand_computed_difference_of_two_models(tiny_llama_dir, fin
     assert res.store.manifest["config"]["adapters"]["kind"] == "full-model"
     assert not (tmp_path / "s" / "spill").exists()
     # downstream readers see an ordinary store: adapted = base + Δ, statistics per (layer, fine-tune)
-    paired = res.store.held_out(1, "ft", held_out_fraction=0.5)
+    half = HeldOutSplit(0.5)
+    paired = res.store.held_out(1, "ft", half)
     assert paired.delta.shape[0] > 0 and torch.allclose(paired.adapted, paired.base + paired.delta)
-    train = torch.cat(list(res.store.reader(1, "delta", "ft", batch_size=16, held_out_fraction=0.5)))
+    train = torch.cat(list(res.store.reader(1, "delta", "ft", batch_size=16, holdout=half)))
     assert train.shape[0] + paired.delta.shape[0] == rows["doc_index"].shape[0]
     assert res.store.stats(1, "ft")["n_tokens"] == rows["doc_index"].shape[0]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorascope.activations import extract, finalize_store, open_store
+from lorascope.activations import ReadOrder, extract, finalize_store, open_store
 from lorascope.errors import IntegrityError, LorascopeError
 from lorascope.io import read_json
 from lorascope.models import load_adapters, load_base
@@ -99,7 +99,7 @@ def test_corrupted_shard_is_named(store, tmp_path):
     st = open_store(copy)  # lazy: shards 0 and 1 still read fine
     assert st.load_shard(0, ["doc_index"])["doc_index"].numel() > 0
     with pytest.raises(IntegrityError, match="shard_000002.safetensors"):
-        list(st.reader(0, "base", split="all", shuffle=False))
+        list(st.reader(0, "base", split="all", order=ReadOrder(shuffle=False)))
     with pytest.raises(IntegrityError, match="shard_000002.safetensors"):
         open_store(copy, verify="open")
 

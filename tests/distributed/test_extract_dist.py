@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorascope.activations import ExtractConfig, extract, open_store
+from lorascope.activations import ExtractConfig, HeldOutSplit, extract, open_store
 from lorascope.activations.extract import finalize_extraction
 from lorascope.activations.store import base_key, delta_key
 from lorascope.data import load_dataset_spec
@@ -179,7 +179,7 @@ def test_sae_jobs_are_spread_round_robin_and_match_single_process(dist_store, tm
     sae = create_sae("topk", store.d_model, 2 * store.d_model, seed=derived_init_seed(0, L, "delta", a), k=4)
     res = train_sae(
         sae,
-        store.training_stream(L, "delta", a, 64, 0, 0.2, 0),
+        store.training_stream(L, "delta", a, 64, 0, HeldOutSplit(0.2, 0)),
         TrainerConfig(total_tokens=256, batch_size=64, seed=0, device="cpu", checkpoint_every=1, resume=True),
         checkpoint_dir=tmp_path / "ck",
         progress=False,

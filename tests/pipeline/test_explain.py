@@ -58,7 +58,7 @@ def test_template_scaffolding_is_excluded_and_recorded(explain_run):
     info = json.loads((store.path / "docs.json").read_text())
     docs = [store.doc_tokens(i) for i in range(len(info["doc_ids"]))]
     masks = detect_template_positions(docs, info["response_start"]).masks
-    rows = store.held_out(1, "rank_2", held_out_fraction=0.25, split="all")
+    rows = store.held_out(1, "rank_2", split="all")
     on_template = [bool(masks[d][p]) for d, p in zip(rows.doc_index.tolist(), rows.position.tolist(), strict=True)]
     assert len(on_template) > 0 and not any(on_template)
 

@@ -218,11 +218,10 @@ def _verdicts(rows):
 
 def _analyse(store, cfg, adapter_saes, reference):
     from lorascope.study.analysis import LayerAdapterInputs, Settings, analyse_layer_adapter
+    from lorascope.study.splits import study_holdout
 
-    held = store.held_out(1, "rank_4", held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
-    train = store.held_out(
-        1, "rank_4", held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed, split="train"
-    )
+    held = store.held_out(1, "rank_4", study_holdout(cfg))
+    train = store.held_out(1, "rank_4", study_holdout(cfg), split="train")
     inp = LayerAdapterInputs(
         1,
         "rank_4",

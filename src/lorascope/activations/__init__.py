@@ -11,9 +11,10 @@ from lorascope.activations.reader import (
     ActivationStore,
     Batch,
     PairedRows,
-    held_out_mask,
+    ReadOrder,
     open_store,
 )
+from lorascope.activations.split import HeldOutSplit
 from lorascope.activations.stats import DeltaStats
 from lorascope.activations.store import DELTA_DEFINITION, finalize_store
 from lorascope.activations.tokens import TOKEN_MODES, TokenSelection, select_positions
@@ -30,13 +31,14 @@ __all__ = [
     "DeltaStats",
     "ExtractConfig",
     "FullExtraction",
+    "HeldOutSplit",
     "PairedRows",
+    "ReadOrder",
     "TokenSelection",
     "adapter_fingerprints",
     "extract",
     "extract_full",
     "finalize_store",
-    "held_out_mask",
     "open_store",
     "select_positions",
     "tokenize_docs",

@@ -1,27 +1,32 @@
 """Reading an activation store: verified shard access, a seeded shuffling batch stream, held-out rows in memory.
 
-Train / held-out split is by *document*: a document is held out when sha256(f"{split_seed}:{doc_id}") falls
-below ``held_out_fraction`` (the rule of ``lorascope.data.split_examples``, so it agrees with how examples are
-split elsewhere), so no token of a held-out document ever reaches a training batch.
+Train / held-out split is by *document*, with the one rule of :class:`lorascope.activations.split.HeldOutSplit`
+applied to each document's content hash (sha256 of its token ids, :func:`~lorascope.activations.split.content_hash`
+of a ``TokenizedExample``): identical texts always land on the same side, and the split records the study stores
+(lorascope.study.splits) hash documents the same way, so the mask and the records cannot disagree. No token of a
+held-out document ever reaches a training batch. Documents listed in the manifest's ``split.exclude_from_eval``
+(e.g. the LoRA's own training texts, recorded by the study's extraction stage) are never held out: they go to the
+train split. A store without that record (older stores, CLI extractions) excludes nothing.
 
-Batch order for (seed, epoch): shards are permuted, grouped into windows of ``window_shards`` shards, and the
-rows of each window are permuted; batches are consecutive slices of that stream. The order is a pure function of
-(seed, epoch, manifest), and row counts per shard are in the manifest, so ``skip_rows`` skips whole windows
-without reading them (for resuming a trainer mid-epoch).
+Batch order (:class:`ReadOrder`) for (seed, epoch): shards are permuted, grouped into windows of
+``window_shards`` shards, and the rows of each window are permuted; batches are consecutive slices of that
+stream. The order is a pure function of (seed, epoch, manifest), and row counts per shard are in the manifest, so
+``skip_rows`` skips whole windows without reading them (for resuming a trainer mid-epoch).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 
+from lorascope.activations.split import PREFIX, HeldOutSplit, content_hash
 from lorascope.activations.store import base_key, delta_key, read_manifest
 from lorascope.errors import IntegrityError, LorascopeError
 from lorascope.io import read_json, sha256_file, stable_hash
@@ -31,14 +36,22 @@ SPLITS = ("train", "held_out", "all")
 META = ("doc_index", "position", "token_id")
 
 
-def held_out_mask(doc_ids: Sequence[str], fraction: float, seed: int = 0) -> torch.Tensor:
-    """bool [n_docs]: True for held-out documents (same hash rule as ``lorascope.data.split_examples``)."""
-    if not 0 <= fraction < 1:
-        raise LorascopeError(f"held_out_fraction must be in [0, 1), got {fraction}", fix="e.g. 0.1")
-    return torch.tensor(
-        [int(hashlib.sha256(f"{seed}:{d}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction for d in doc_ids],
-        dtype=torch.bool,
-    )
+@dataclass(frozen=True)
+class ReadOrder:
+    """How a reader orders its rows: ``seed`` and ``epoch`` fix the permutation; ``shuffle=False`` reads in store
+    order; ``window_shards`` shards are mixed at a time; the first ``skip_rows`` stream rows are skipped (whole
+    windows unread); ``drop_last`` drops a final short batch."""
+
+    seed: int = 0
+    epoch: int = 0
+    shuffle: bool = True
+    window_shards: int = 4
+    skip_rows: int = 0
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.window_shards < 1 or self.skip_rows < 0:
+            raise LorascopeError("window_shards must be >= 1 and skip_rows >= 0", fix="check the ReadOrder")
 
 
 def _generator(*parts) -> torch.Generator:
@@ -146,11 +159,32 @@ class ActivationStore:
             off = fh.get_tensor("offsets")
             return fh.get_slice("input_ids")[int(off[doc_index]) : int(off[doc_index + 1])].tolist()
 
-    def split_docs(self, split: str, held_out_fraction: float, split_seed: int) -> torch.Tensor:
-        """bool [n_docs]: documents belonging to ``split``."""
+    @cached_property
+    def doc_hashes(self) -> list[str]:
+        """sha256 content hash of every document's token ids, in document order (the split's document identity)."""
+        with safe_open(str(self.path / "docs.safetensors"), framework="pt") as fh:
+            off, ids = fh.get_tensor("offsets").tolist(), fh.get_tensor("input_ids")
+        return [_token_hash(ids[off[i] : off[i + 1]].tolist()) for i in range(len(off) - 1)]
+
+    @property
+    def split_record(self) -> dict:
+        """The manifest's "split" record ({} for stores written before it existed)."""
+        return dict(self.manifest.get("split") or {})
+
+    @property
+    def eval_exclusions(self) -> torch.Tensor:
+        """bool [n_docs]: documents that may never be held out (``split.exclude_from_eval``, content-hash prefixes)."""
+        excluded = set(self.split_record.get("exclude_from_eval", []))
+        return torch.tensor([h[:PREFIX] in excluded for h in self.doc_hashes], dtype=torch.bool)
+
+    def split_docs(self, split: str, holdout: HeldOutSplit | None = None) -> torch.Tensor:
+        """bool [n_docs]: documents belonging to ``split`` (train, held_out or all) under ``holdout`` (default
+        :class:`HeldOutSplit` ()), less the documents excluded from evaluation (they join the train split)."""
         if split not in SPLITS:
             raise LorascopeError(f"unknown split {split!r}", fix="use train, held_out or all")
-        held = held_out_mask(self.doc_ids, held_out_fraction, split_seed)
+        holdout = holdout or HeldOutSplit()
+        held = torch.tensor([holdout.is_held_out(h) for h in self.doc_hashes], dtype=torch.bool)
+        held &= ~self.eval_exclusions
         return torch.ones_like(held) if split == "all" else (held if split == "held_out" else ~held)
 
     def split_rows(self, docs_mask: torch.Tensor) -> list[int]:
@@ -169,33 +203,15 @@ class ActivationStore:
         adapter: str | None = None,
         split: str = "train",
         batch_size: int = 4096,
-        seed: int = 0,
-        epoch: int = 0,
-        held_out_fraction: float = 0.1,
-        split_seed: int = 0,
-        shuffle: bool = True,
-        window_shards: int = 4,
-        skip_rows: int = 0,
-        drop_last: bool = False,
+        holdout: HeldOutSplit | None = None,
+        order: ReadOrder | None = None,
         with_meta: bool = False,
     ) -> ActivationReader:
-        """Stream of [n, d] float32 batches of (layer, kind, adapter) for one split (see module docstring)."""
+        """Stream of [n, d] float32 batches of (layer, kind, adapter) for one split of ``holdout`` (default
+        :class:`HeldOutSplit` ()), in ``order`` (default :class:`ReadOrder` ()); see the module docstring."""
         self._keys(layer, kind, adapter)
-        return ActivationReader(
-            self,
-            layer,
-            kind,
-            adapter,
-            self.split_docs(split, held_out_fraction, split_seed),
-            batch_size,
-            seed,
-            epoch,
-            shuffle,
-            window_shards,
-            skip_rows,
-            drop_last,
-            with_meta,
-        )
+        docs = self.split_docs(split, holdout)
+        return ActivationReader(self, layer, kind, adapter, docs, batch_size, order or ReadOrder(), with_meta)
 
     def training_stream(
         self,
@@ -204,8 +220,7 @@ class ActivationStore:
         adapter: str | None = None,
         batch_size: int = 4096,
         seed: int = 0,
-        held_out_fraction: float = 0.1,
-        split_seed: int = 0,
+        holdout: HeldOutSplit | None = None,
     ):
         """A re-openable, endless, deterministic stream of training rows: a factory whose iterators read the
         train split epoch after epoch, a new shuffle each epoch (what ``train_sae`` takes for resumable runs)."""
@@ -213,17 +228,7 @@ class ActivationStore:
         def factory() -> Iterator[torch.Tensor]:
             epoch = 0
             while True:
-                reader = self.reader(
-                    layer,
-                    kind=kind,
-                    adapter=adapter,
-                    split="train",
-                    batch_size=batch_size,
-                    seed=seed,
-                    epoch=epoch,
-                    held_out_fraction=held_out_fraction,
-                    split_seed=split_seed,
-                )
+                reader = self.reader(layer, kind, adapter, "train", batch_size, holdout, ReadOrder(seed, epoch))
                 if len(reader) == 0:
                     raise LorascopeError(
                         f"no training tokens at layer {layer}",
@@ -238,13 +243,13 @@ class ActivationStore:
         self,
         layer: int,
         adapter: str | None = None,
-        held_out_fraction: float = 0.1,
-        split_seed: int = 0,
+        holdout: HeldOutSplit | None = None,
         split: str = "held_out",
     ) -> PairedRows:
-        """All rows of ``split`` at ``layer`` in store order: base, Δ (and adapted = base + Δ), with metadata."""
+        """All rows of ``split`` (default: the held-out documents of ``holdout``) at ``layer`` in store order:
+        base, Δ (and adapted = base + Δ), with metadata."""
         keys = self._keys(layer, "adapted", adapter)
-        docs = self.split_docs(split, held_out_fraction, split_seed)
+        docs = self.split_docs(split, holdout)
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "delta", *META)}
         for i, n in enumerate(self.split_rows(docs)):
             if n == 0:
@@ -289,33 +294,31 @@ class ActivationReader:
         adapter: str | None,
         docs: torch.Tensor,
         batch_size: int,
-        seed: int,
-        epoch: int,
-        shuffle: bool,
-        window_shards: int,
-        skip_rows: int,
-        drop_last: bool,
+        order: ReadOrder,
         with_meta: bool,
     ) -> None:
-        if batch_size < 1 or window_shards < 1 or skip_rows < 0:
-            raise LorascopeError("batch_size and window_shards must be >= 1, skip_rows >= 0", fix="check arguments")
+        if batch_size < 1:
+            raise LorascopeError(f"batch_size must be >= 1, got {batch_size}", fix="check arguments")
         self.store, self.layer, self.kind, self.adapter, self.docs = store, layer, kind, adapter, docs
-        self.batch_size, self.seed, self.epoch, self.shuffle = batch_size, seed, epoch, shuffle
-        self.window_shards, self.skip_rows = window_shards, skip_rows
-        self.drop_last, self.with_meta = drop_last, with_meta
+        self.batch_size, self.order, self.with_meta = batch_size, order, with_meta
         self.rows_per_shard = store.split_rows(docs)
         self.n_rows = sum(self.rows_per_shard)
 
+    @property
+    def skip_rows(self) -> int:
+        return self.order.skip_rows
+
     def __len__(self) -> int:
         n = max(self.n_rows - self.skip_rows, 0)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return n // self.batch_size if self.order.drop_last else -(-n // self.batch_size)
 
     def _windows(self) -> list[list[int]]:
-        order = list(range(len(self.rows_per_shard)))
-        if self.shuffle:
-            order = torch.randperm(len(order), generator=_generator(self.seed, self.epoch, "shards")).tolist()
-        order = [s for s in order if self.rows_per_shard[s] > 0]
-        return [order[i : i + self.window_shards] for i in range(0, len(order), self.window_shards)]
+        o = self.order
+        shards = list(range(len(self.rows_per_shard)))
+        if o.shuffle:
+            shards = torch.randperm(len(shards), generator=_generator(o.seed, o.epoch, "shards")).tolist()
+        shards = [s for s in shards if self.rows_per_shard[s] > 0]
+        return [shards[i : i + o.window_shards] for i in range(0, len(shards), o.window_shards)]
 
     def _load_window(self, w: int, shards: list[int]) -> dict[str, torch.Tensor]:
         parts: dict[str, list[torch.Tensor]] = {}
@@ -325,8 +328,9 @@ class ActivationReader:
             for k, v in t.items():
                 parts.setdefault(k, []).append(v[sel])
         cat = {k: torch.cat(v) for k, v in parts.items()}
-        if self.shuffle:
-            perm = torch.randperm(cat["x"].shape[0], generator=_generator(self.seed, self.epoch, "window", w))
+        o = self.order
+        if o.shuffle:
+            perm = torch.randperm(cat["x"].shape[0], generator=_generator(o.seed, o.epoch, "window", w))
             cat = {k: v[perm] for k, v in cat.items()}
         return cat
 
@@ -347,19 +351,28 @@ class ActivationReader:
             for i in range(0, full, self.batch_size):
                 yield self._out({k: v[i : i + self.batch_size] for k, v in cur.items()})
             carry = {k: v[full:] for k, v in cur.items()}
-        if carry is not None and carry["x"].shape[0] and not self.drop_last:
+        if carry is not None and carry["x"].shape[0] and not self.order.drop_last:
             yield self._out(carry)
 
     def iter_from(self, row: int) -> Iterator[torch.Tensor | Batch]:
         """Batches from stream row ``row`` on (the trainer's resume protocol); skipped windows are never read."""
         clone = copy.copy(self)
-        clone.skip_rows = self.skip_rows + int(row)
+        clone.order = replace(self.order, skip_rows=self.order.skip_rows + int(row))
         return iter(clone)
 
     def _out(self, t: dict[str, torch.Tensor]) -> torch.Tensor | Batch:
         if not self.with_meta:
             return t["x"]
         return Batch(t["x"], t["doc_index"], t["position"], t["token_id"])
+
+
+def _token_hash(input_ids: list[int]) -> str:
+    """The content hash of a document given by its token ids (as ``content_hash`` of a ``TokenizedExample``)."""
+    return content_hash(_Tokens(input_ids))
+
+
+class _Tokens(NamedTuple):
+    input_ids: list[int]
 
 
 def open_store(path: str | Path, verify: str = "lazy") -> ActivationStore:
@@ -374,6 +387,6 @@ __all__ = [
     "ActivationStore",
     "Batch",
     "PairedRows",
-    "held_out_mask",
+    "ReadOrder",
     "open_store",
 ]

@@ -25,14 +25,19 @@ from lorascope.errors import LorascopeError
 
 SPLIT_RULE = "held out iff int(sha256(f'{seed}:{content_sha256}')[:8], 16) / 0xFFFFFFFF < fraction"
 RECORD_VERSION = 1
+DOC_IDENTITY = "content_hash of the document's token ids in the store"
 PREFIX = 16  # hex characters of a content hash kept in records
 
 
 def content_hash(doc: Any) -> str:
-    """sha256 hex of a document's content: an ``Example`` (instruction, input, output), a ``TokenizedExample``
-    (its token ids), a str, or a sequence of strings / ints."""
+    """sha256 hex of a document's content: an ``Example`` (instruction, input, output, and its chat turns or
+    plain text when it has them), a ``TokenizedExample`` (its token ids), a str, or a sequence of strings / ints."""
     if hasattr(doc, "instruction"):
         parts: Sequence[Any] = [doc.instruction, getattr(doc, "input", ""), getattr(doc, "output", "")]
+        # chat turns and plain text enter only when present: instruction examples keep their hashes
+        parts += [f"{role}\x1e{text}" for role, text in getattr(doc, "messages", ()) or ()]
+        if getattr(doc, "text", None) is not None:
+            parts += ["\x1dtext", doc.text]
     elif hasattr(doc, "input_ids"):
         parts = [" ".join(str(int(t)) for t in doc.input_ids)]
     elif isinstance(doc, str):
@@ -57,7 +62,7 @@ class HeldOutSplit:
 
     def __post_init__(self) -> None:
         if not 0 <= self.fraction < 1:
-            raise LorascopeError(f"held-out fraction must be in [0, 1), got {self.fraction}", fix="e.g. 0.2")
+            raise LorascopeError(f"held_out_fraction must be in [0, 1), got {self.fraction}", fix="e.g. 0.2")
 
     def is_held_out(self, doc_content_hash: str) -> bool:
         h = hashlib.sha256(f"{self.seed}:{doc_content_hash}".encode()).hexdigest()
@@ -88,6 +93,20 @@ def _prefixes(docs: Iterable[Any]) -> list[str]:
 
 def _is_hash(d: Any) -> bool:
     return isinstance(d, str) and len(d) in (PREFIX, 64) and all(c in "0123456789abcdef" for c in d)
+
+
+def eval_exclusion_record(docs: Iterable[Any], reason: str, unknown: Sequence[str] = ()) -> dict:
+    """The "split" record of an activation store: documents never to be held out (``exclude_from_eval``, as
+    content-hash prefixes of the store's documents), why, and the fine-tunes whose training data is unknown (so
+    nothing could be excluded for them)."""
+    return {
+        "version": RECORD_VERSION,
+        "rule": SPLIT_RULE,
+        "doc_identity": DOC_IDENTITY,
+        "exclude_from_eval": _prefixes(docs),
+        "exclude_reason": reason,
+        "training_data_unknown": sorted(unknown),
+    }
 
 
 def dedupe_against(held_out: Sequence[Any], training: Iterable[Any]) -> tuple[list[int], list[int]]:
@@ -144,4 +163,12 @@ def check_no_overlap(
     return OverlapCheck("overlap", len(both), msg)
 
 
-__all__ = ["SPLIT_RULE", "HeldOutSplit", "OverlapCheck", "check_no_overlap", "content_hash", "dedupe_against"]
+__all__ = [
+    "SPLIT_RULE",
+    "HeldOutSplit",
+    "OverlapCheck",
+    "check_no_overlap",
+    "content_hash",
+    "dedupe_against",
+    "eval_exclusion_record",
+]

@@ -176,12 +176,12 @@ def _alive_on_store(store: Path, layer: int | None, kind: str, adapter: str | No
     """Per SAE, bool [d_sae]: active at least once on the store's held-out ``kind`` rows at ``layer``."""
     import torch
 
-    from lorascope.activations import open_store
+    from lorascope.activations import HeldOutSplit, open_store
     from lorascope.errors import LorascopeError
 
     if layer is None or kind not in ("delta", "base"):
         raise LorascopeError("--store needs --layer and --kind delta|base", fix="e.g. --store runs/x/store --layer 6")
-    held = open_store(store).held_out(layer, adapter, held_out_fraction=fraction, split_seed=seed)
+    held = open_store(store).held_out(layer, adapter, HeldOutSplit(fraction, seed))
     x = held.delta if kind == "delta" else held.base
     with torch.no_grad():
         return tuple(torch.cat([sae.encode(c.to(sae.W_dec.dtype)) for c in x.split(4096)]).ne(0).any(0) for sae in saes)

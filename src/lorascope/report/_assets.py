@@ -30,6 +30,7 @@ pre { background: var(--soft); padding: 12px; border-radius: 6px; overflow: auto
 .badge.mixed { background: #fef0c7; color: #93370d; } .badge.not-measured { background: #eaecf0; color: #344054; }
 .badge.not-testable-here, .badge.weak { background: #fef0c7; color: #93370d; }
 .badge.at-ceiling { background: #d1fadf; color: #05603a; } .badge.no-alignment { background: #fee4e2; color: #912018; }
+.badge.caution { background: #fee4e2; color: #912018; }
 figure { margin: 18px 0 28px; } figure img { max-width: 100%; height: auto; border: 1px solid var(--line);
   border-radius: 6px; } figcaption { color: #344054; font-size: 14px; margin-top: 6px; max-width: 900px; }
 table { border-collapse: collapse; font-size: 13px; }

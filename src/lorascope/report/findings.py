@@ -428,10 +428,31 @@ def cka_finding(tab: Tab) -> Finding:
     return Finding("cka", title, _aggregate(verdicts), text, rule, nums)
 
 
+CAUTION = "caution"
+
+
+def reference_overlap_findings(tab: Tab) -> list[Finding]:
+    """A caution first in the list when ``reference_sae.allow_overlap`` let a reference SAE trained on some of
+    the evaluation documents through (rows of schema.REFERENCE_EVAL_OVERLAP > 0); none otherwise."""
+    df = tab.df
+    rows = df[(df["metric"] == schema.REFERENCE_EVAL_OVERLAP) & (df["value"] > 0)]
+    if rows.empty:
+        return []
+    where = ", ".join(f"layer {int(r.layer)}: {int(r.value)} documents" for r in rows.itertuples())
+    text = (
+        f"The reference SAE was trained on some of this run's evaluation (held-out) documents ({where}); "
+        "reference_sae.allow_overlap let it through. Findings that use the reference (reconstruction, "
+        "alignment, subspace overlap) read it on text it saw in training, which favours it."
+    )
+    rule = "a reference SAE must not have been trained on the evaluation documents (refused unless allowed)"
+    return [Finding("reference_overlap", "Reference SAE saw evaluation documents", CAUTION, text, rule)]
+
+
 def compute_findings(df) -> list[Finding]:
-    """All findings of a results table, in report order."""
+    """All findings of a results table, in report order (a reference-overlap caution first, when there is one)."""
     tab = Tab(normalize_frame(df))
     return [
+        *reference_overlap_findings(tab),
         reconstruction_finding(tab),
         alignment_finding(tab),
         density_finding(tab),

@@ -74,15 +74,21 @@ def loaded_adapters(st: RunState) -> list[Adapter]:
     return [_loaded(e) for e in expand_load_specs(st.config.adapters.load)]
 
 
-def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
+def finetune_examples(cfg) -> tuple[list, list]:
+    """(training, held-out) examples of the trained adapters: ``data.finetune``, 15% held out for the loss."""
     from lorascope.data import load_dataset_spec, split_examples
-    from lorascope.models import LoraSettings, held_out_loss, load_adapters, train_lora
 
-    cfg, t = st.config, st.config.adapters.train
     examples = load_dataset_spec(
         cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed, columns=cfg.data.finetune_columns
     )
-    train, held = split_examples(examples, 0.15, seed=cfg.seed)
+    return split_examples(examples, 0.15, seed=cfg.seed)
+
+
+def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
+    from lorascope.models import LoraSettings, held_out_loss, load_adapters, train_lora
+
+    cfg, t = st.config, st.config.adapters.train
+    train, held = finetune_examples(cfg)
     st.log(f"fine-tuning examples: {check_lengths(cfg, train, st.tokenizer()).summary()}")  # before the model
     base = st.base()
     for r, sd in todo:

@@ -22,6 +22,7 @@ from lorascope.results import ResultRow, row_from_record
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState, StageDir
 from lorascope.study.extract import Extracted
+from lorascope.study.splits import study_holdout
 
 FIXED_METRICS = (schema.L0_FIXED_COEFFICIENT, schema.FVU_FIXED_COEFFICIENT)
 
@@ -53,9 +54,9 @@ def cell_rows(st: RunState, store, layer: int, adapter: Adapter, per_doc: Path |
     from lorascope.study.trends import per_document
 
     cfg, d = st.config, st.config.density
-    frac = cfg.data.held_out_fraction
-    train = store.training_stream(layer, "delta", adapter.name, d.batch_size, cfg.seed, frac, cfg.seed)
-    rows_held = store.held_out(layer, adapter.name, held_out_fraction=frac, split_seed=cfg.seed)
+    holdout = study_holdout(cfg)
+    train = store.training_stream(layer, "delta", adapter.name, d.batch_size, cfg.seed, holdout)
+    rows_held = store.held_out(layer, adapter.name, holdout)
     held = rows_held.delta[: cfg.geometry.eval_tokens]
     docs = rows_held.doc_index[: cfg.geometry.eval_tokens]
     if held.shape[0] == 0:

@@ -33,6 +33,7 @@ from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RESULTS, RunState, StageDir
 from lorascope.study.extract import Extracted
 from lorascope.study.saes import StudySAEs
+from lorascope.study.splits import study_holdout
 
 EXPLAIN_DIR = "explain"
 TEMPLATE_SHARE_FLAG = 0.5  # features with more than this share of activation mass on scaffolding are flagged
@@ -194,7 +195,7 @@ def explain_features(st: RunState, store, adapter: Adapter, layer: int, saes: St
     from lorascope.saes import load_sae
 
     cfg, ex = st.config, st.config.explain
-    held = store.held_out(layer, adapter.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+    held = store.held_out(layer, adapter.name, study_holdout(cfg))
     n = min(len(held.delta), ex.tokens)
     held = replace(
         held,

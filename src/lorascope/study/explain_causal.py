@@ -21,6 +21,7 @@ from lorascope.io import write_json
 from lorascope.results import ResultRow
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState
+from lorascope.study.splits import study_holdout
 
 STRENGTHENED_RATIO = 0.5  # β_base/β_ft below this: the fine-tune strengthened the latent
 WEAKENED_RATIO = 2.0  # above this: weakened
@@ -290,7 +291,7 @@ def reference_rows(st: RunState, store, layer: int, saes, out: Path) -> list[Res
     for name in names:
         if not any(a == name for (lyr, a) in saes.adapter if lyr == layer):
             continue
-        held = store.held_out(layer, name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+        held = store.held_out(layer, name, study_holdout(cfg))
         n = min(len(held.delta), cfg.explain.tokens)
         h_ft = held.base[:n] + held.delta[:n]
         acc = LatentScaling(ref.W_dec.detach())

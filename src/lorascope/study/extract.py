@@ -3,6 +3,10 @@
 PEFT adapters run as rows of one mixed batch (:func:`lorascope.activations.extract`); when any fine-tune is a
 whole model (``adapters.load: {name: {model: DIR}}``), every fine-tune runs as its own model on the same batches
 (:func:`lorascope.activations.full.extract_full`, one model resident at a time). Either way the store is the same.
+
+The stage also records in the store's manifest ("split") which documents are texts the trained adapters were
+fine-tuned on: they are never held out (lorascope.activations.reader), so the held-out Δ of an adapter is never
+measured on its own training data, even when ``data.finetune`` and ``data.activations`` coincide.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pathlib import Path
 
 from lorascope.study.adapters import Adapter
 from lorascope.study.cache import RunState, StageDir
+
+SPLIT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ def _inputs(st: RunState, adapters: list[Adapter]) -> dict:
         "max_length": cfg.data.max_length,
         "seed": cfg.seed,
         **cfg.extraction.model_dump(),
+        "split": SPLIT_VERSION,  # content-hash split, LoRA training texts never held out: downstream caches differ
     }
     # new settings enter the key only when not at their default, so existing caches stay valid
     if cfg.data.activations_columns:
@@ -96,6 +103,36 @@ def stage_extract(st: RunState, adapters: list[Adapter]) -> Extracted:
                 xcfg,
                 load={"dtype": cfg.model.dtype, "device": cfg.model.device},
             )
+        record_lora_exclusions(st, adapters, sd.path / "store", examples)
         sd.mark_done()
         st.finished("extraction", t0)
     return Extracted(sd.path / "store", sd.key)
+
+
+def record_lora_exclusions(st: RunState, adapters: list[Adapter], path: Path, examples: list) -> None:
+    """Write the store's "split" record (documents that are LoRA training texts; never held out) into its
+    manifest, and log how many held-out documents that removes. Adapters loaded from ``adapters.load`` have
+    unknown training data: said once in the log, nothing excluded for them."""
+    from lorascope.activations import open_store
+    from lorascope.io import write_json
+    from lorascope.study.adapters import finetune_examples
+    from lorascope.study.splits import lora_exclusions, study_holdout
+
+    trained = [a.name for a in adapters if a.training is not None]
+    unknown = [a.name for a in adapters if a.training is None]
+    if unknown:
+        st.log(f"held-out split: training data of loaded fine-tunes unknown ({', '.join(unknown)}): not deduplicated")
+    store = open_store(path, verify="none")
+    lora_train = finetune_examples(st.config)[0] if trained else []
+    record = lora_exclusions(store, examples, lora_train, trained, unknown)
+    holdout = study_holdout(st.config)
+    before = int(store.split_docs("held_out", holdout).sum())
+    store.manifest["split"] = record
+    after = int(store.split_docs("held_out", holdout).sum())
+    record["held_out_dropped"] = {"fraction": holdout.fraction, "seed": holdout.seed, "n_docs": before - after}
+    write_json(path / "manifest.json", store.manifest)
+    if trained:
+        st.log(
+            f"held-out split: {before - after} of {before} held-out documents are LoRA training texts "
+            f"(dropped from the held-out set, kept for SAE training); {after} held out"
+        )

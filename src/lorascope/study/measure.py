@@ -24,6 +24,7 @@ from lorascope.study.cache import RunState, StageDir
 from lorascope.study.checkpoints import checkpoint_rows
 from lorascope.study.extract import Extracted
 from lorascope.study.saes import StudySAEs
+from lorascope.study.splits import study_holdout
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def _measure_pair(st: RunState, store, adapter: Adapter, layer: int, saes: Study
     from lorascope.study.analysis import LayerAdapterInputs, analyse_layer_adapter
 
     cfg, g = st.config, st.config.geometry
-    held = store.held_out(layer, adapter.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+    held = store.held_out(layer, adapter.name, study_holdout(cfg))
     n = min(held.base.shape[0], g.eval_tokens)
     st.log(f"geometry: layer {layer}, {adapter.name} ({n} held-out tokens)")
     _, train_cov = train_delta_moments(st, store, layer, adapter.name)
@@ -137,16 +138,9 @@ def train_delta_moments(
     in store order): the mean-Δ splice baseline and the covariance-matched alignment null must not look at the
     held-out documents they are evaluated on (the store's extraction statistics cover every document)."""
     cfg = st.config
-    reader = store.reader(
-        layer,
-        kind="delta",
-        adapter=adapter,
-        split="train",
-        batch_size=4096,
-        shuffle=False,
-        held_out_fraction=cfg.data.held_out_fraction,
-        split_seed=cfg.seed,
-    )
+    from lorascope.activations import ReadOrder
+
+    reader = store.reader(layer, "delta", adapter, "train", 4096, study_holdout(cfg), ReadOrder(shuffle=False))
     d = store.d_model
     total, outer, n = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64), 0
     for x in reader:
@@ -167,13 +161,23 @@ def reference_rows(st: RunState, store, reference, layer: int, adapters: list[Ad
     from lorascope.saes.trainer import evaluate_sae
 
     cfg = st.config
-    held = store.held_out(layer, adapters[0].name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+    held = store.held_out(layer, adapters[0].name, study_holdout(cfg))
     ev = evaluate_sae(reference, held.base[: cfg.geometry.eval_tokens])
     where = {"layer": layer, "n": int(ev["n_tokens"]), "d": store.d_model}
     return [
         ResultRow("reconstruction", "fvu_ref_on_base", ev["fvu"], **where),
         ResultRow("density", "l0_ref_on_base", ev["l0"], **where),
     ]
+
+
+def overlap_row(check, layer: int) -> ResultRow:
+    """The reference-overlap check of a path reference SAE (with a split record) as a row: the evaluation
+    documents it was trained on; a value > 0 was allowed by ``reference_sae.allow_overlap`` and the report flags
+    it beside the findings that use the reference."""
+    from lorascope import results_schema as schema
+
+    n = float(check.n_overlap)
+    return ResultRow(schema.SPLIT, schema.REFERENCE_EVAL_OVERLAP, n, layer=layer, note=check.message)
 
 
 def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:
@@ -185,23 +189,18 @@ def _measure_layer(st: RunState, store, layer: int, adapters: list[Adapter], sae
     reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
     if cfg.reference_sae.source == "path":  # a study-trained reference uses this store's own training split
         check = check_reference(
-            reference,
-            store,
-            cfg.data.held_out_fraction,
-            cfg.seed,
-            allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False),
+            reference, store, study_holdout(cfg), allow_overlap=getattr(cfg.reference_sae, "allow_overlap", False)
         )
         if check.message:
             st.log(f"warning: {check.message}")
+        rows = [] if check.status == "unknown" else [overlap_row(check, layer).as_record()]
+        write_json(parts / f"L{layer}__reference_overlap.json", rows)
     for a in adapters:
         if not (parts / f"L{layer}__{a.name}.json").is_file():
             _measure_pair(st, store, a, layer, saes, reference, parts)
     cka_part = parts / f"L{layer}__cka.json"
     if not cka_part.is_file() and len(adapters) > 1:
-        helds = {
-            a.name: store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
-            for a in adapters
-        }
+        helds = {a.name: store.held_out(layer, a.name, study_holdout(cfg)) for a in adapters}
         deltas = {name: h.delta[: g.cka_max_tokens] for name, h in helds.items()}
         doc_index = next(iter(helds.values())).doc_index[: g.cka_max_tokens]  # same rows for every adapter
         rows = cross_adapter_cka(
@@ -221,7 +220,7 @@ def _splice_docs(st: RunState, store) -> tuple[list, list[int]]:
 
     cfg = st.config
     examples = activation_examples(st)
-    mask = store.split_docs("held_out", cfg.data.held_out_fraction, cfg.seed)
+    mask = store.split_docs("held_out", study_holdout(cfg))
     index = {doc: i for i, (doc, keep) in enumerate(zip(store.doc_ids, mask.tolist(), strict=True)) if keep}
     docs = [
         d
@@ -313,7 +312,7 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
         def recon_ref_diff(hb, hf, reference=reference):
             return reference(hf) - reference(hb)
 
-        held = store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+        held = store.held_out(layer, a.name, study_holdout(cfg))
         mean_delta, _ = train_delta_moments(st, store, layer, a.name)
         res = splice_kl(
             peft,
@@ -345,7 +344,7 @@ def trend_part(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, pa
     norms, l0 = {}, {}
     for layer in cfg.extraction.layers:
         for a in adapters:
-            held = store.held_out(layer, a.name, held_out_fraction=cfg.data.held_out_fraction, split_seed=cfg.seed)
+            held = store.held_out(layer, a.name, study_holdout(cfg))
             n = min(held.base.shape[0], g.eval_tokens)
             docs = held.doc_index[:n]
             norms[(layer, a.name)] = per_document(held.delta[:n].double().norm(dim=1), docs)

@@ -33,6 +33,13 @@ class SAEJob:
     init_seed: int | None = None  # weight initialisation; None: ``seed``
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def holdout(self):
+        """The held-out split of ``held_out_fraction`` and ``split_seed`` (lorascope.activations.split)."""
+        from lorascope.activations.split import HeldOutSplit
+
+        return HeldOutSplit(self.held_out_fraction, self.split_seed)
+
 
 def trainer_config(
     section: Any,
@@ -91,7 +98,7 @@ def job_sae_and_stream(store, job: SAEJob, section: Any) -> tuple[Any, Any]:
         "trained_on": job.kind,
         "adapter": job.adapter or "",
         **job.metadata,
-        "split": sae_split_record(store, job.held_out_fraction, job.split_seed),
+        "split": sae_split_record(store, job.holdout),
     }
     init_seed = job.seed if job.init_seed is None else job.init_seed
     sae = create_sae(
@@ -102,9 +109,7 @@ def job_sae_and_stream(store, job: SAEJob, section: Any) -> tuple[Any, Any]:
         metadata=meta,
         **section.sae_settings(),
     )
-    stream = store.training_stream(
-        job.layer, job.kind, job.adapter, section.batch_size, job.seed, job.held_out_fraction, job.split_seed
-    )
+    stream = store.training_stream(job.layer, job.kind, job.adapter, section.batch_size, job.seed, job.holdout)
     return sae, stream
 
 
@@ -112,7 +117,7 @@ def evaluate_held_out(store, job: SAEJob, sae) -> dict[str, Any]:
     """The SAE's reconstruction and sparsity on the held-out documents of its own rows ({} when there are none)."""
     from lorascope.saes.trainer import evaluate_sae
 
-    held = store.held_out(job.layer, job.adapter, held_out_fraction=job.held_out_fraction, split_seed=job.split_seed)
+    held = store.held_out(job.layer, job.adapter, job.holdout)
     x = held.delta if job.kind == "delta" else held.base if job.kind == "base" else held.adapted
     return evaluate_sae(sae, x) if x.shape[0] else {}
 
