@@ -48,6 +48,7 @@ def _inputs(st: RunState, adapters: list[Adapter]) -> dict:
         "seed": cfg.seed,
         **cfg.extraction.model_dump(),
     }
+    # new settings enter the key only when not at their default, so existing caches stay valid
     inputs.update(data_key_extras(cfg.data.activations_columns, cfg.data.long_examples))
     return inputs
 
