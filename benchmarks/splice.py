@@ -24,10 +24,10 @@ import torch
 
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_base
-from lorascope.study._splice_reference import reference_splice_kl
-from lorascope.study.splice import splice_kl
+from lorascope.study.splice import SpliceOptions, splice_kl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny-model scaffolding
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' scaffolding and splice oracle
+from splice_reference import reference_splice_kl  # noqa: E402
 from tiny_models import build_tiny_model, random_adapters  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[
     for layer in sorted({1, n // 2, n - 2}):
 
         def run(f, layer=layer):
-            return f(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), mean_delta=mean)
+            return f(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), SpliceOptions(mean_delta=mean))
 
         t_ref, ref = _time(lambda run=run: run(reference_splice_kl), reps)
         t_new, new = _time(lambda run=run: run(splice_kl), reps)
@@ -81,8 +81,8 @@ from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.data.chat import TokenizedExample
 from lorascope.models import load_base
 from tiny_models import random_adapters
-from lorascope.study._splice_reference import reference_splice_kl
-from lorascope.study.splice import splice_kl
+from splice_reference import reference_splice_kl
+from lorascope.study.splice import SpliceOptions, splice_kl
 base = load_base("embedded")
 pm = random_adapters(base.model, [4], scale=0.05, seed=1)
 parts = [tokenize_example(base.tokenizer, ex) for ex in make_demo_dataset(40, seed=2)]
@@ -96,7 +96,7 @@ recons = {{"adapter_sae": lambda hb, hf: (hf - hb) @ w,
           "ref_diff": lambda hb, hf: torch.tanh(hf @ w) - torch.tanh(hb @ w)}}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fn = reference_splice_kl if {which!r} == "before" else splice_kl
-fn(pm, base.tokenizer.pad_token_id, docs, 15, "r4", recons, mean_delta=torch.zeros(d))
+fn(pm, base.tokenizer.pad_token_id, docs, 15, "r4", recons, SpliceOptions(mean_delta=torch.zeros(d)))
 print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

@@ -8,7 +8,7 @@ from lorascope.activations.extract import tokenize_docs
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.errors import LorascopeError
 from lorascope.models import load_adapters, load_base
-from lorascope.study.splice import SpliceResult, splice_kl
+from lorascope.study.splice import SpliceOptions, SpliceResult, splice_kl
 
 EXACT = {"exact": lambda hb, hf: hf - hb}
 
@@ -23,7 +23,9 @@ def setup(tiny_llama_dir, tiny_adapters):
 
 def test_last_layer_exact_is_one_and_zero_is_the_base(setup):
     base, pm, docs = setup
-    res = splice_kl(pm, base.tokenizer.pad_token_id, docs, base.num_layers - 1, "rank_4", EXACT, batch_size=4)
+    res = splice_kl(
+        pm, base.tokenizer.pad_token_id, docs, base.num_layers - 1, "rank_4", EXACT, SpliceOptions(batch_size=4)
+    )
     assert isinstance(res, SpliceResult) and res.kl_adapted_vs_base > 0
     assert abs(res.recovered["exact"] - 1.0) < 1e-5 and abs(res.recovered_raw["exact"] - 1.0) < 1e-5
     # the output head is not adapted: replacing the last block's output by h_base gives the base logits exactly
@@ -48,8 +50,7 @@ def test_middle_layer_zero_baseline_recovers_part_and_recovery_is_relative_to_it
         1,
         "rank_4",
         {**EXACT, "half": lambda hb, hf: 0.5 * (hf - hb)},
-        batch_size=4,
-        mean_delta=mean_delta,
+        SpliceOptions(batch_size=4, mean_delta=mean_delta),
     )
     assert 0 < base.num_layers - 1 and res.kl_adapted_vs_base > 0
     assert res.recovered_raw["zero"] > 0.0  # later adapted blocks still act: doing nothing "recovers" this much
@@ -63,7 +64,7 @@ def test_middle_layer_zero_baseline_recovers_part_and_recovery_is_relative_to_it
 
 def test_per_document_sums_add_up(setup):
     base, pm, docs = setup
-    res = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "rank_2", EXACT, batch_size=4)
+    res = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "rank_2", EXACT, SpliceOptions(batch_size=4))
     assert len(res.doc_tokens) == len(docs) and sum(res.doc_tokens) == res.n_tokens
     for name, per_doc in res.doc_kl.items():
         assert len(per_doc) == len(docs)
@@ -82,11 +83,17 @@ def test_positions_follow_the_extraction_rule(setup, tmp_path):
     assert sum(stored) < sum(len(d) - 1 for d in docs)  # the norm rule excluded some positions
     pad = base.tokenizer.pad_token_id
     by_rule = splice_kl(
-        pm, pad, docs, 1, "rank_4", EXACT, batch_size=cfg.batch_size, selection=cfg.selection, norm_layers=cfg.layers
+        pm,
+        pad,
+        docs,
+        1,
+        "rank_4",
+        EXACT,
+        SpliceOptions(batch_size=cfg.batch_size, selection=cfg.selection, norm_layers=cfg.layers),
     )
     assert by_rule.doc_tokens == stored
     positions = [rows.position[rows.doc_index == i].tolist() for i in range(len(docs))]
-    exact = splice_kl(pm, pad, docs, 1, "rank_4", EXACT, batch_size=2, keep_positions=positions)
+    exact = splice_kl(pm, pad, docs, 1, "rank_4", EXACT, SpliceOptions(batch_size=2, keep_positions=positions))
     assert exact.doc_tokens == stored and abs(exact.recovered["exact"] - 1.0) < 1e-5
 
 
@@ -96,6 +103,6 @@ def test_bad_inputs(setup):
     with pytest.raises(LorascopeError, match="reserved"):
         splice_kl(pm, pad, docs, 1, "rank_4", {"zero": lambda hb, hf: hb})
     with pytest.raises(LorascopeError, match="one list of positions per document"):
-        splice_kl(pm, pad, docs, 1, "rank_4", EXACT, keep_positions=[[1]])
+        splice_kl(pm, pad, docs, 1, "rank_4", EXACT, SpliceOptions(keep_positions=[[1]]))
     with pytest.raises(LorascopeError, match="outside"):
-        splice_kl(pm, pad, docs, 1, "rank_4", EXACT, keep_positions=[[10_000]] * len(docs))
+        splice_kl(pm, pad, docs, 1, "rank_4", EXACT, SpliceOptions(keep_positions=[[10_000]] * len(docs)))

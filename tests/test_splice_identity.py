@@ -1,5 +1,5 @@
 """The fast splice (prefix once, only the blocks after the layer, all reconstructors in one forward, logits at the
-selected positions) equals the unoptimised one (one full forward per reconstructor, lorascope.study._splice_reference)
+selected positions) equals the unoptimised one (one full forward per reconstructor, tests/splice_reference.py)
 on every field of SpliceResult, for a Llama, a Gemma-2 and a GPT-2, at a middle and at the last layer."""
 
 import math
@@ -10,8 +10,8 @@ import torch
 from lorascope.activations.tokens import TokenSelection
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_base
-from lorascope.study._splice_reference import reference_splice_kl
-from lorascope.study.splice import splice_kl
+from lorascope.study.splice import SpliceOptions, splice_kl
+from splice_reference import reference_splice_kl
 from tiny_models import random_adapters
 
 TOL = 1e-5
@@ -57,22 +57,23 @@ def test_fast_splice_equals_the_reference(world, layer):
     base, pm, docs = world
     d = base.model.config.hidden_size
     mean = torch.randn(d, generator=torch.Generator().manual_seed(3)) * 0.1
-    kw = dict(batch_size=3, mean_delta=mean)
-    ref = reference_splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), **kw)
-    fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), **kw)
+    opt = SpliceOptions(batch_size=3, mean_delta=mean)
+    ref = reference_splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), opt)
+    fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), opt)
     assert ref.kl_adapted_vs_base > 0 and ref.kl["zero"] > 0 or layer == base.num_layers - 1
     _assert_same(fast, ref)
     # the memory bound splits the suffix into one forward per splice without changing a number
-    one_by_one = splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), max_logit_bytes=1, **kw)
+    one_at_a_time = SpliceOptions(batch_size=3, mean_delta=mean, max_logit_bytes=1)
+    one_by_one = splice_kl(pm, base.tokenizer.pad_token_id, docs, layer, "r4", _recons(d), one_at_a_time)
     _assert_same(one_by_one, ref)
 
 
 def test_fast_splice_equals_the_reference_with_the_norm_rule(world):
     base, pm, docs = world
     sel = TokenSelection("all", 1, 1.2)
-    kw = dict(batch_size=4, selection=sel, norm_layers=[0, 1, 2])
+    opt = SpliceOptions(batch_size=4, selection=sel, norm_layers=[0, 1, 2])
     d = base.model.config.hidden_size
-    ref = reference_splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), **kw)
-    fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), **kw)
+    ref = reference_splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), opt)
+    fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), opt)
     assert ref.n_tokens < sum(len(doc) - 1 for doc in docs)  # the norm rule dropped positions
     _assert_same(fast, ref)

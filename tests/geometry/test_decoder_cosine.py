@@ -6,6 +6,7 @@ import torch
 
 from lorascope.errors import LorascopeError
 from lorascope.geometry import (
+    CompareOptions,
     best_match_both,
     best_match_cosines,
     compare_dictionaries,
@@ -119,7 +120,7 @@ def test_hungarian_alive_and_rectangular_and_cap():
 
 def test_compare_dictionaries_rows():
     A, B = _dict(64, 32, 8), _dict(80, 32, 9)
-    rows = compare_dictionaries(A, B, "adapter", "ref", seed=0, n_boot=200, layer=3)
+    rows = compare_dictionaries(A, B, "adapter", "ref", CompareOptions(seed=0, n_boot=200), layer=3)
     by = {r.metric: r for r in rows}
     m = mmcs(A, B)
     assert by["mmcs_adapter_to_ref"].value == pytest.approx(m.a_to_b, abs=1e-6)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.geometry import DeltaReconstruction, delta_reconstruction, lstsq_on_active_atoms
+from lorascope.geometry import DeltaReconstruction, ReconstructionOptions, delta_reconstruction, lstsq_on_active_atoms
 
 
 class IdentitySAE:
@@ -48,7 +48,9 @@ def _by_metric(rows):
 
 def test_identity_sae_reconstructs_everything():
     hb, hf = _pair()
-    rows = _by_metric(delta_reconstruction(hb, hf, IdentitySAE(8), IdentitySAE(8), batch_size=64, layer=5))
+    rows = _by_metric(
+        delta_reconstruction(hb, hf, IdentitySAE(8), IdentitySAE(8), ReconstructionOptions(batch_size=64), layer=5)
+    )
     for m in ("adapter_sae", "ref_sae_on_delta", "ref_sae_difference", "ref_active_lstsq"):
         assert rows[f"fvu_{m}"].value == pytest.approx(0.0, abs=1e-20)
         assert rows[f"cosine_{m}"].value == pytest.approx(1.0, abs=1e-12)
@@ -111,13 +113,13 @@ def test_lstsq_on_active_atoms_matches_numpy_per_token():
 def test_bootstrap_interval_and_bad_inputs():
     hb, hf = _pair(n=200, d=8, seed=6)
     sae = ThresholdSAE(8, threshold=1.0, b_dec=torch.zeros(8, dtype=torch.float64))
-    rows = _by_metric(delta_reconstruction(hb, hf, sae, n_boot=200, seed=1))
+    rows = _by_metric(delta_reconstruction(hb, hf, sae, None, ReconstructionOptions(n_boot=200, seed=1)))
     r = rows["fvu_ref_sae_on_delta"]
     assert r.ci_low < r.value < r.ci_high
     with pytest.raises(LorascopeError, match="d_in"):
         delta_reconstruction(hb, hf, IdentitySAE(7))
     with pytest.raises(LorascopeError, match="tokens"):
-        delta_reconstruction(hb, hf[:10], IdentitySAE(8), batch_size=1000)
+        delta_reconstruction(hb, hf[:10], IdentitySAE(8), None, ReconstructionOptions(batch_size=1000))
     with pytest.raises(LorascopeError, match="encode"):
         DeltaReconstruction(object())
     bad = hf.clone()
@@ -145,7 +147,9 @@ def test_document_bootstrap_matches_the_pure_function_and_documents_span_batches
     hb, hf = _pair(n=240, d=8, seed=7, delta_mean=0.5)
     doc = torch.arange(240) // 12
     ref = ThresholdSAE(8, threshold=0.8, b_dec=torch.zeros(8, dtype=torch.float64))
-    rows = _by_metric(delta_reconstruction(hb, hf, ref, n_boot=300, seed=2, doc_ids=doc, batch_size=50))
+    rows = _by_metric(
+        delta_reconstruction(hb, hf, ref, None, ReconstructionOptions(batch_size=50, seed=2, n_boot=300), doc_ids=doc)
+    )
     delta = hf - hb
     err = ((delta - ref.decode(ref.encode(delta))) ** 2).sum(1)
     (ci,) = document_bootstrap_fvu_ci(err, delta, doc, n_boot=300, seed=2)
@@ -162,7 +166,7 @@ def test_gap_to_best_control_and_verdict():
     hb, hf = _pair(n=240, d=8, seed=8, delta_mean=0.5)
     doc = torch.arange(240) // 12
     ref = ThresholdSAE(8, threshold=0.8, b_dec=torch.zeros(8, dtype=torch.float64))
-    good = _by_metric(delta_reconstruction(hb, hf, ref, IdentitySAE(8), n_boot=300, doc_ids=doc))
+    good = _by_metric(delta_reconstruction(hb, hf, ref, IdentitySAE(8), ReconstructionOptions(n_boot=300), doc_ids=doc))
     gap = good["fvu_gap_adapter_sae_vs_best_control"]
     best = gap.extra["best_control"]
     assert best in ("ref_sae_difference", "ref_active_lstsq")
@@ -170,7 +174,7 @@ def test_gap_to_best_control_and_verdict():
     fvu_ad = good["fvu_adapter_sae"]
     assert fvu_ad.null_value == 1.0 and fvu_ad.null_name == "mean_predictor"
     assert reconstruction_verdict((gap.ci_low, gap.ci_high), (fvu_ad.ci_low, fvu_ad.ci_high)) == "holds"
-    bad = _by_metric(delta_reconstruction(hb, hf, ref, ZeroSAE(8), n_boot=300, doc_ids=doc))
+    bad = _by_metric(delta_reconstruction(hb, hf, ref, ZeroSAE(8), ReconstructionOptions(n_boot=300), doc_ids=doc))
     gap, fvu_ad = bad["fvu_gap_adapter_sae_vs_best_control"], bad["fvu_adapter_sae"]
     assert fvu_ad.value > 1  # predicting 0 for a biased Δ is worse than the mean
     assert reconstruction_verdict((gap.ci_low, gap.ci_high), (fvu_ad.ci_low, fvu_ad.ci_high)) == "does not hold"

@@ -175,6 +175,19 @@ def _check_finite(caps: dict[int, torch.Tensor], real: torch.Tensor, shard: int,
             )
 
 
+def forward_autocast(dev: torch.device, cfg: ExtractConfig) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``dev`` when ``cfg.forward_dtype`` is "bf16-autocast", else a no-op context."""
+    if cfg.forward_dtype == "bf16-autocast":
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _row_meta(keep: torch.Tensor, input_ids: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+    """Per kept row: its document (``start`` + batch row), position and token id."""
+    bi, ti = keep.nonzero(as_tuple=True)
+    return {"doc_index": bi + start, "position": ti.to(torch.int32), "token_id": input_ids[bi, ti].to(torch.int32)}
+
+
 def _run_shard(
     job: ExtractJob, forward: Forward, dev: torch.device, doc_range: range, s: int, prog: RankProgress, bar
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -185,11 +198,7 @@ def _run_shard(
     parts: dict[str, list[torch.Tensor]] = {}
     counts: dict[str, int] = {}
     rows_per_doc: list[int] = []
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-        if cfg.forward_dtype == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
+    autocast = forward_autocast(dev, cfg)
     for b, start in enumerate(range(doc_range.start, doc_range.stop, cfg.batch_size)):
         idx = range(start, min(start + cfg.batch_size, doc_range.stop))
         chunk = [docs[i] for i in idx]
@@ -207,13 +216,7 @@ def _run_shard(
         for k, v in c.items():
             counts[k] = counts.get(k, 0) + v
         rows_per_doc += keep.sum(1).tolist()
-        bi, ti = keep.nonzero(as_tuple=True)
-        meta = {
-            "doc_index": bi + start,
-            "position": ti.to(torch.int32),
-            "token_id": batch["input_ids"][bi, ti].to(torch.int32),
-        }
-        for k, v in meta.items():
+        for k, v in _row_meta(keep, batch["input_ids"], start).items():
             parts.setdefault(k, []).append(v)
         keep_dev = keep.to(dev)
         for L in layers:

@@ -44,6 +44,7 @@ from lorascope.activations.extract import (
     Forward,
     _check_rank,
     _model_info,
+    forward_autocast,
     run_extraction,
     template_exclusion,
     tokenize_docs,
@@ -232,15 +233,18 @@ def _one_resident_forward(
     return make
 
 
-def _capture(cap: ResidualCapture, batch: dict, dev: torch.device, config: ExtractConfig) -> dict[int, torch.Tensor]:
-    import contextlib
+def _both_resident_forward(
+    base_model: torch.nn.Module, base: ModelSource, finetunes: Mapping[str, ModelSource], ctx: dict
+) -> Callable[[list[range]], tuple[Forward, torch.device]]:
+    """make_forward for ``resident="both"``: every fine-tune loaded beside the base, one lock-step forward."""
+    track = ctx["residency"].track
+    models = [base_model] + [track(n, _open(src, base, ctx["dtype"], ctx["device"])) for n, src in finetunes.items()]
+    fwd, dev = _lockstep_forward(models, ctx["layers"], ctx["config"]), next(base_model.parameters()).device
+    return lambda _ranges: (fwd, dev)
 
-    autocast = (
-        torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
-        if config.forward_dtype == "bf16-autocast"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+
+def _capture(cap: ResidualCapture, batch: dict, dev: torch.device, config: ExtractConfig) -> dict[int, torch.Tensor]:
+    with forward_autocast(dev, config):
         return cap(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
 
@@ -263,6 +267,14 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
+def _check_full_inputs(base: ModelSource, finetunes: Mapping[str, ModelSource], resident: str) -> None:
+    if resident not in RESIDENT_MODES:
+        raise LorascopeError(f"unknown resident mode {resident!r}", fix="use 'one' (low memory) or 'both'")
+    if not finetunes:
+        raise LorascopeError("no fine-tuned models given", fix="pass {name: model folder}")
+    _check_compatible(base, finetunes)
+
+
 def extract_full(
     base: ModelSource,
     finetunes: Mapping[str, ModelSource],
@@ -279,11 +291,7 @@ def extract_full(
     sources. Resumable like :func:`~lorascope.activations.extract.extract` (shards; in ``"one"`` mode also the
     spilled batches). Single process only.
     """
-    if resident not in RESIDENT_MODES:
-        raise LorascopeError(f"unknown resident mode {resident!r}", fix="use 'one' (low memory) or 'both'")
-    if not finetunes:
-        raise LorascopeError("no fine-tuned models given", fix="pass {name: model folder}")
-    _check_compatible(base, finetunes)
+    _check_full_inputs(base, finetunes, resident)
     docs = tokenize_docs(tokenizer, examples, config.max_length, config.length_policy)  # before any model load
     opts = {"dtype": "float32", "device": "cpu", **(load or {})}
     residency, out = _Residency(), Path(out_dir)
@@ -298,42 +306,28 @@ def extract_full(
         "forward": "lock-step",
     }
     _check_rank(0, 1)
+    ctx = {
+        "layers": layers,
+        "docs": docs,
+        "config": config,
+        "pad_id": tokenizer.pad_token_id,
+        "residency": residency,
+        "dtype": opts["dtype"],
+        "device": opts["device"],
+    }
     if resident == "both":
-        models = [base_model] + [
-            residency.track(n, _open(finetunes[n], base, opts["dtype"], opts["device"])) for n in names
-        ]
-        fwd, dev = _lockstep_forward(models, layers, config), next(base_model.parameters()).device
-        make = lambda _ranges: (fwd, dev)  # noqa: E731
+        make = _both_resident_forward(base_model, base, finetunes, ctx)
     else:
         sources = [("base", base), *finetunes.items()]
         key = stable_hash(
             [source_fingerprint(base), adapters_info["fingerprints"], layers, config.forward_dtype, config.batch_size]
         )
         reuse = not any(callable(s) for _, s in sources)  # a callable has no fingerprint: never resume its spill
-        ctx = {
-            "layers": layers,
-            "docs": docs,
-            "config": config,
-            "pad_id": tokenizer.pad_token_id,
-            "spill": _Spill(out / "spill", key, reuse),
-            "residency": residency,
-            "dtype": opts["dtype"],
-            "device": opts["device"],
-        }
+        ctx["spill"] = _Spill(out / "spill", key, reuse)
         make = _one_resident_forward(sources, base_model, base, ctx)
     del base_model
-    job = ExtractJob(
-        out,
-        docs,
-        config,
-        layers,
-        names,
-        info,
-        adapters_info,
-        tokenizer.pad_token_id,
-        make,
-        template_exclusion(tokenizer, docs, config),
-    )
+    exclusion = template_exclusion(tokenizer, docs, config)
+    job = ExtractJob(out, docs, config, layers, names, info, adapters_info, tokenizer.pad_token_id, make, exclusion)
     store = run_extraction(job)
     shutil.rmtree(out / "spill", ignore_errors=True)
     return FullExtraction(store, resident, residency.peak, residency.peak_models, dict(residency.sizes))

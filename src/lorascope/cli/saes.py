@@ -126,7 +126,7 @@ def compare_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from lorascope.geometry import compare_dictionaries
+    from lorascope.geometry import CompareOptions, compare_dictionaries
     from lorascope.io import atomic_path
     from lorascope.results import rows_to_frame
     from lorascope.saes import load_sae
@@ -151,10 +151,9 @@ def compare_cmd(
         b.W_dec.detach(),
         "a",
         "b",
+        CompareOptions(taus=tau_values, absolute=absolute),
         alive_a=alive_a,
         alive_b=alive_b,
-        taus=tau_values,
-        absolute=absolute,
     )
     table = Table(title=f"{sae_a} vs {sae_b}")
     for col in ("metric", "value", "95% CI", "null"):

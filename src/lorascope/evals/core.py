@@ -139,7 +139,6 @@ def _references(
     }
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class CoreOptions:
     """Batching and scoring options of ``core_metrics``: documents per forward pass, leading positions of each
@@ -150,6 +149,7 @@ class CoreOptions:
     max_length: int = 256
 
 
+@torch.no_grad()
 def core_metrics(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -193,21 +193,9 @@ def core_metrics(
             continue
         ce_mask = sel[:, :-1] & att[:, 1:].bool()
         ref = cache.get(b) or cache.setdefault(b, _references(model, block, ids, att, sel, ce_mask))
-        x = ref["h"][sel].to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
-        sae.check_input(x)
-        codes = sae.encode(x)
-        x_hat = sae.decode(codes)
-        stats.update(x, x_hat, codes)
-
-        def splice(hh: torch.Tensor, x_hat=x_hat, sel=sel) -> torch.Tensor:
-            out = hh.clone()
-            out[sel] = x_hat.to(device=hh.device, dtype=hh.dtype)
-            return out
-
-        spliced, _ = _run(model, block, ids, att, splice)
-        sums["ce_sae"] += float(_per_token_ce(spliced, ids, ce_mask).sum())
-        lq = torch.log_softmax(spliced[sel], -1)
-        sums["kl_sae"] += float((ref["clean_lp"].exp() * (ref["clean_lp"] - lq)).sum(-1, dtype=torch.float64).sum())
+        ce_sae, kl_sae = _sae_sums(model, block, sae, (ids, att, sel, ce_mask), ref, stats)
+        sums["ce_sae"] += ce_sae
+        sums["kl_sae"] += kl_sae
         for k in ("ce_clean", "ce_zero", "kl_zero"):
             sums[k] += ref[k]
         n_ce += int(ce_mask.sum())
@@ -215,6 +203,35 @@ def core_metrics(
     if n_kl == 0 or n_ce == 0:
         raise LorascopeError("no positions to score", fix="pass longer documents or lower skip_first")
     return _summarise(sums, n_ce, n_kl, stats, sae, len(seqs))
+
+
+def _sae_sums(
+    model: torch.nn.Module,
+    block: torch.nn.Module,
+    sae: SAE,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ref: dict[str, Any],
+    stats: ReconstructionStats,
+) -> tuple[float, float]:
+    """One batch with the SAE's reconstruction spliced in at the selected positions: updates ``stats`` and returns
+    the batch's CE sum and KL(clean ‖ spliced) sum. ``batch``: (ids, attention mask, selected, CE mask)."""
+    ids, att, sel, ce_mask = batch
+    x = ref["h"][sel].to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+    sae.check_input(x)
+    codes = sae.encode(x)
+    x_hat = sae.decode(codes)
+    stats.update(x, x_hat, codes)
+
+    def splice(hh: torch.Tensor) -> torch.Tensor:
+        out = hh.clone()
+        out[sel] = x_hat.to(device=hh.device, dtype=hh.dtype)
+        return out
+
+    spliced, _ = _run(model, block, ids, att, splice)
+    ce_sae = float(_per_token_ce(spliced, ids, ce_mask).sum())
+    lq = torch.log_softmax(spliced[sel], -1)
+    kl_sae = float((ref["clean_lp"].exp() * (ref["clean_lp"] - lq)).sum(-1, dtype=torch.float64).sum())
+    return ce_sae, kl_sae
 
 
 def _summarise(

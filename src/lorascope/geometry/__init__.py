@@ -26,7 +26,7 @@ from lorascope.geometry.cka import (
     linear_cka,
     rbf_cka,
 )
-from lorascope.geometry.compare import compare_dictionaries, seed_vs_seed
+from lorascope.geometry.compare import CompareOptions, compare_dictionaries, seed_vs_seed
 from lorascope.geometry.cosine import (
     MMCS,
     BestMatch,
@@ -64,7 +64,12 @@ from lorascope.geometry.nulls import (
     random_isotropic_dictionary,
     seed_ceiling,
 )
-from lorascope.geometry.reconstruction import DeltaReconstruction, delta_reconstruction, lstsq_on_active_atoms
+from lorascope.geometry.reconstruction import (
+    DeltaReconstruction,
+    ReconstructionOptions,
+    delta_reconstruction,
+    lstsq_on_active_atoms,
+)
 from lorascope.geometry.subspaces import (
     SelectionAwareOverlap,
     atom_energy,
@@ -125,10 +130,12 @@ __all__ = [
     "bootstrap_ratio_ci",
     "cka_from_grams",
     "cka_permutation_null",
+    "CompareOptions",
     "compare_dictionaries",
     "compare_subspaces",
     "cosine_similarity_rows",
     "covariance_matched_dictionary",
+    "ReconstructionOptions",
     "delta_reconstruction",
     "document_bootstrap_fvu_ci",
     "document_bootstrap_mean_ci",

@@ -3,6 +3,7 @@ cosine."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,21 +19,33 @@ from lorascope.results import ResultRow
 FAMILY = "decoder_similarity"
 
 
+@dataclass(frozen=True)
+class CompareOptions:
+    """Settings of :func:`compare_dictionaries`: ``seed`` of the bootstrap, overlap thresholds ``taus``,
+    ``absolute`` (|cos|, sign-invariant) or signed cosines, ``n_boot`` bootstrap resamples (0: no interval) and
+    ``match`` (None: Hungarian matching only when both sides are small enough for the dense solver; True: always,
+    sparse when large; False: never)."""
+
+    seed: int = 0
+    taus: tuple[float, ...] = (0.5, 0.7, 0.9)
+    absolute: bool = False
+    n_boot: int = 1000
+    match: bool | None = None
+
+
 def compare_dictionaries(
     A,
     B,
     name_a: str,
     name_b: str,
-    seed: int = 0,
-    taus: tuple[float, ...] = (0.5, 0.7, 0.9),
-    absolute: bool = False,
+    options: CompareOptions | None = None,
+    *,
     alive_a=None,
     alive_b=None,
-    n_boot: int = 1000,
-    match: bool | None = None,
     **where: Any,
 ) -> list[ResultRow]:
-    """Rows for A [F_A, d] vs B [F_B, d] (decoder rows as atoms).
+    """Rows for A [F_A, d] vs B [F_B, d] (decoder rows as atoms), over the alive atoms ``alive_a``/``alive_b``
+    (bool masks; None: all), with the settings of ``options`` (:class:`CompareOptions`; None: its defaults).
 
     - ``mmcs_{a}_to_{b}`` and ``mmcs_{b}_to_{a}``: mean best cosine, percentile bootstrap CI over atoms
       (seeded), null = exact expected MMCS against random isotropic atoms of the target's size
@@ -44,6 +57,8 @@ def compare_dictionaries(
       sparse matching).
     ``note`` records signed/absolute cosines. ``where``: layer=, adapter=, rank=.
     """
+    opt = options or CompareOptions()
+    seed, taus, absolute, n_boot, match = opt.seed, opt.taus, opt.absolute, opt.n_boot, opt.match
     A = as_tensor(A, "A", ndim=2)
     B = as_tensor(B, "B", ndim=2)
     same_dim(A, B, "A", "B")
@@ -137,4 +152,4 @@ def seed_vs_seed(A_seed0, A_seed1, absolute: bool = False, alive_0=None, alive_1
     ]
 
 
-__all__ = ["compare_dictionaries", "seed_vs_seed"]
+__all__ = ["CompareOptions", "compare_dictionaries", "seed_vs_seed"]

@@ -149,6 +149,9 @@ class AlignmentNulls(NamedTuple):
         return next((name for name, v in zip(self._fields, self, strict=True) if v == best), "")
 
 
+COV_MATCHED_DRAWS = 3  # covariance-matched dictionaries averaged by alignment_nulls
+
+
 def _alive_count(W: torch.Tensor, alive) -> int:
     return W.shape[0] if alive is None else int(as_tensor(alive, "alive", check_finite=False).bool().sum())
 
@@ -162,14 +165,14 @@ def alignment_nulls(
     alive_reference=None,
     seed: int = 0,
     absolute: bool = False,
-    n_draws: int = 3,
 ) -> AlignmentNulls:
     """Nulls for MMCS(adapter -> reference) over alive atoms (see :class:`AlignmentNulls`).
 
     adapter_W [F_A, d], reference_W [F_R, d]; ``delta_cov`` [d, d] covariance of Δ on *training* documents
     (omit to skip the covariance-matched null); ``init_W`` [F_A, d] the adapter SAE's decoder before training
-    (omit to skip). Masks select alive atoms on both sides, as in the value being tested (Bricken et al. 2023
-    compare features across runs with MMCS; Sharkey et al. 2022 use random-dictionary baselines).
+    (omit to skip); the covariance-matched null is the mean over ``COV_MATCHED_DRAWS`` draws. Masks select alive
+    atoms on both sides, as in the value being tested (Bricken et al. 2023 compare features across runs with MMCS;
+    Sharkey et al. 2022 use random-dictionary baselines).
     """
     A = as_tensor(adapter_W, "adapter_W", ndim=2)
     R = as_tensor(reference_W, "reference_W", ndim=2)
@@ -185,7 +188,7 @@ def alignment_nulls(
                 absolute,
                 alive_b=alive_reference,
             ).a_to_b
-            for r in range(n_draws)
+            for r in range(COV_MATCHED_DRAWS)
         ]
         cov = float(np.mean(vals))
     init = float("nan")
@@ -204,4 +207,4 @@ def seed_ceiling(W_seed0, W_seed1, alive0=None, alive1=None, absolute: bool = Fa
     return torch.cat([ab.cosine, ba.cosine]).double()
 
 
-__all__ += ["AlignmentNulls", "alignment_nulls", "seed_ceiling"]
+__all__ += ["COV_MATCHED_DRAWS", "AlignmentNulls", "alignment_nulls", "seed_ceiling"]

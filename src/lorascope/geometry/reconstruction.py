@@ -26,6 +26,7 @@ SAEs: any object with ``encode(x) -> codes [N, F]``, ``decode(codes) -> [N, d]``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -273,21 +274,32 @@ class DeltaReconstruction:
         )
 
 
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """Settings of :func:`delta_reconstruction`: rows per ``batch_size`` update, ``seed`` of the noise control and
+    of the bootstrap, ``n_boot`` bootstrap resamples (0: no intervals) at level 1 − ``alpha``."""
+
+    batch_size: int = 4096
+    seed: int = 0
+    n_boot: int = 0
+    alpha: float = 0.05
+
+
 def delta_reconstruction(
     h_base,
     h_ft,
     reference_sae: Any,
     adapter_sae: Any = None,
-    batch_size: int = 4096,
-    seed: int = 0,
-    n_boot: int = 0,
-    alpha: float = 0.05,
+    options: ReconstructionOptions | None = None,
     doc_ids=None,
     **where: Any,
 ) -> list[ResultRow]:
     """In-memory convenience: feed h_base, h_ft [N, d] in batches to :class:`DeltaReconstruction`; bootstrap
-    intervals for FVU when ``n_boot`` > 0, over documents when ``doc_ids`` [N] is given (the study must pass it),
-    else over tokens. ``where``: layer=, adapter=, rank= for the rows."""
+    intervals for FVU when ``options.n_boot`` > 0, over documents when ``doc_ids`` [N] is given (the study must
+    pass it), else over tokens. ``options``: :class:`ReconstructionOptions` (None: its defaults). ``where``:
+    layer=, adapter=, rank= for the rows."""
+    opt = options or ReconstructionOptions()
+    batch_size, seed, n_boot, alpha = opt.batch_size, opt.seed, opt.n_boot, opt.alpha
     hb = as_tensor(h_base, "h_base", ndim=2)
     hf = as_tensor(h_ft, "h_ft", ndim=2)
     mode = None if n_boot <= 0 else ("document" if doc_ids is not None else "token")
@@ -302,4 +314,12 @@ def delta_reconstruction(
     return acc.rows(n_boot=n_boot, alpha=alpha, seed=seed, **where)
 
 
-__all__ = ["CONTROLS", "FVU_NULL", "METHODS", "DeltaReconstruction", "delta_reconstruction", "lstsq_on_active_atoms"]
+__all__ = [
+    "CONTROLS",
+    "FVU_NULL",
+    "METHODS",
+    "DeltaReconstruction",
+    "ReconstructionOptions",
+    "delta_reconstruction",
+    "lstsq_on_active_atoms",
+]

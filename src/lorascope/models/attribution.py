@@ -176,6 +176,26 @@ def _check_inputs(encoder_rows: torch.Tensor, d: int, token_weights: torch.Tenso
         )
 
 
+def _counted_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, token_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """bool [B, T]: ``token_mask`` if given, else the attention mask (else every token)."""
+    if token_mask is not None:
+        return token_mask.bool()
+    return attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+
+
+def _module_writes(peft_model, adapter: str, block, call, modules: dict, mask: torch.Tensor):
+    """Yields (module name, its direct write [N, d] float64 at the ``mask``ed tokens): block rerun on its recorded
+    inputs ``call`` with only that LoRA module enabled, minus the rerun with none."""
+    with lora_only(peft_model, adapter, enabled=[]):
+        base_out = rerun_block(block, call).double()
+    for name, mod in modules.items():
+        with lora_only(peft_model, adapter, enabled=[mod]):
+            write = (rerun_block(block, call).double() - base_out)[mask]  # [N, d]
+        yield name, write
+
+
 @torch.no_grad()
 def attribute_features(
     peft_model: torch.nn.Module,
@@ -197,11 +217,7 @@ def attribute_features(
     layer = check_layers(peft_model, [layer])[0]
     blocks = decoder_blocks(peft_model)
     per_block = block_lora_layers(peft_model, adapter)
-    mask = (
-        (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
-        if token_mask is None
-        else token_mask.bool()
-    )
+    mask = _counted_tokens(input_ids, attention_mask, token_mask)
     with lora_only(peft_model, adapter):
         h_adapted, calls = run_to_layer(peft_model, input_ids, attention_mask, layer, record_inputs=True)
     with lora_only(peft_model, adapter, enabled=[]):
@@ -214,11 +230,7 @@ def attribute_features(
     for lyr in range(layer + 1):
         if not per_block[lyr]:
             continue
-        with lora_only(peft_model, adapter, enabled=[]):
-            base_out = rerun_block(blocks[lyr], calls[lyr]).double()
-        for name, mod in per_block[lyr].items():
-            with lora_only(peft_model, adapter, enabled=[mod]):
-                write = (rerun_block(blocks[lyr], calls[lyr]).double() - base_out)[mask]  # [N, d]
+        for name, write in _module_writes(peft_model, adapter, blocks[lyr], calls[lyr], per_block[lyr], mask):
             names.append(f"{lyr}.{name}")
             contrib.append(((write @ E.T) * w).sum(0))
             dots.append((write * delta).sum())

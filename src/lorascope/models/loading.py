@@ -138,6 +138,38 @@ def _load_hub(spec_str: str, kwargs: dict[str, Any], check: Callable[[Any], Any]
     return model, tok
 
 
+def resolve_spec(spec: str | os.PathLike | None) -> tuple[str, Any]:
+    """Which source a model spec names, as (source, where): ("embedded-gguf", .gguf path), ("gguf", .gguf path),
+    ("local", Hugging Face folder) or ("hub", hub id). Raises for a missing or unreadable .gguf, a folder without
+    config.json, or a path that does not exist (see :func:`load_base` for the spec forms)."""
+    spec_str = "embedded" if spec is None else str(spec)
+    if spec_str.lower() in EMBEDDED_NAMES or spec_str.endswith(".gguf"):
+        path = embedded_gguf_path() if spec_str.lower() in EMBEDDED_NAMES else Path(spec_str).expanduser()
+        _check_gguf(path)
+        return ("embedded-gguf" if spec_str.lower() in EMBEDDED_NAMES else "gguf"), path
+    if Path(spec_str).expanduser().exists():
+        folder = Path(spec_str).expanduser()
+        if not (folder / "config.json").is_file():
+            raise LorascopeError(
+                f"{folder} is not a Hugging Face model folder (no config.json)",
+                fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id",
+            )
+        return "local", folder
+    if _looks_like_path(spec_str):
+        raise LorascopeError(
+            f"model path {spec_str} does not exist",
+            fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct",
+        )
+    return "hub", spec_str
+
+
+def with_pad_token(tok: Any) -> Any:
+    """``tok`` with its pad token set to the EOS token when it has none (returned for chaining)."""
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_base(
     spec: str | os.PathLike | None = None,
     dtype: str | torch.dtype = "float32",
@@ -156,38 +188,23 @@ def load_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
-    spec_str = "embedded" if spec is None else str(spec)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     check = check_tokenizer or (lambda tok: None)
 
-    if spec_str.lower() in EMBEDDED_NAMES or spec_str.endswith(".gguf"):
-        path = embedded_gguf_path() if spec_str.lower() in EMBEDDED_NAMES else Path(spec_str).expanduser()
-        _check_gguf(path)
-        source = "embedded-gguf" if spec_str.lower() in EMBEDDED_NAMES else "gguf"
-        model, tok = _load_gguf(path, kwargs, check)
-        name = "SmolLM2-135M-Instruct" if source == "embedded-gguf" else path.stem
-    elif Path(spec_str).expanduser().exists():
-        folder = Path(spec_str).expanduser()
-        if not (folder / "config.json").is_file():
-            raise LorascopeError(
-                f"{folder} is not a Hugging Face model folder (no config.json)",
-                fix="point at a folder saved with save_pretrained, a .gguf file, or a hub id",
-            )
-        tok = AutoTokenizer.from_pretrained(folder)
+    source, where = resolve_spec(spec)
+    if source in ("embedded-gguf", "gguf"):
+        model, tok = _load_gguf(where, kwargs, check)
+        name = "SmolLM2-135M-Instruct" if source == "embedded-gguf" else where.stem
+    elif source == "local":
+        tok = AutoTokenizer.from_pretrained(where)
         check(tok)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        name, source = folder.name, "local"
-    elif _looks_like_path(spec_str):
-        raise LorascopeError(
-            f"model path {spec_str} does not exist",
-            fix="check the path, or use 'embedded' for the built-in SmolLM2-135M-Instruct",
-        )
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        name = where.name
     else:
-        model, tok = _load_hub(spec_str, kwargs, check)
-        name, source = spec_str, "hub"
+        model, tok = _load_hub(where, kwargs, check)
+        name = where
 
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    with_pad_token(tok)
     model.to(device)
     model.eval()
     for p in model.parameters():

@@ -146,7 +146,6 @@ def train_lora(
     data, lengths = prepare_training_data(tok, dataset, settings.max_length, settings.length_policy)
 
     torch.manual_seed(settings.seed)
-    rng = random.Random(settings.seed)
     model = base.model
     was_training = model.training
     try:
@@ -155,21 +154,47 @@ def train_lora(
         raise LorascopeError(
             f"cannot attach LoRA to this model: {exc}", fix="set target_modules to names of linear layers in the model"
         ) from exc
+    result = LoraTrainResult(None, settings, lengths=lengths)
+    try:
+        _run_steps(peft_model, data, tok.pad_token_id, settings, result, progress)
+        peft_model.eval()
+        if output_dir is not None:
+            result.adapter_dir = save_adapter(peft_model, output_dir, metadata=_training_metadata(result))
+    finally:
+        peft_model.unload()  # removes the LoRA layers without merging: base weights are untouched
+        model.train(was_training)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return result
+
+
+def _batch_order(n: int, batch_size: int, steps: int, rng: random.Random):
+    """Yields ``steps`` lists of ``batch_size`` example indices: shuffled passes over the ``n`` examples, a new
+    shuffle appended whenever fewer than ``batch_size`` indices are left."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            perm = list(range(n))
+            rng.shuffle(perm)
+            order += perm
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
+def _run_steps(
+    peft_model, data: list[TokenizedExample], pad_id: int, settings: LoraSettings, result: LoraTrainResult, progress
+) -> None:
+    """AdamW with linear warm-up and gradient clipping at 1 for ``settings.steps`` steps; appends every step's
+    loss and counts the tokens seen in ``result``."""
+    rng = random.Random(settings.seed)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(settings.warmup_steps, 1)))
-    result = LoraTrainResult(None, settings, lengths=lengths)
-    order: list[int] = []
     bar = _progress(settings.steps, f"LoRA r={settings.rank}", progress)
     try:
-        for step in range(settings.steps):
-            if len(order) < settings.batch_size:
-                perm = list(range(len(data)))
-                rng.shuffle(perm)
-                order += perm
-            idx, order = order[: settings.batch_size], order[settings.batch_size :]
-            batch = collate([data[i] for i in idx], tok.pad_token_id)
+        for step, idx in enumerate(_batch_order(len(data), settings.batch_size, settings.steps, rng)):
+            batch = collate([data[i] for i in idx], pad_id)
             with torch.autocast(_device_type(peft_model), dtype=torch.bfloat16, enabled=settings.autocast_bf16):
                 nll, count = response_nll(peft_model, batch)
             loss = nll / max(count, 1)
@@ -188,17 +213,9 @@ def train_lora(
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update(1)
-        peft_model.eval()
-        if output_dir is not None:
-            result.adapter_dir = save_adapter(peft_model, output_dir, metadata=_training_metadata(result))
     finally:
         if bar is not None:
             bar.close()
-        peft_model.unload()  # removes the LoRA layers without merging: base weights are untouched
-        model.train(was_training)
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return result
 
 
 def prepare_training_data(

@@ -37,12 +37,18 @@ def _window(pre: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     return ((pre - theta).abs() < eps / 2).to(pre.dtype)
 
 
+def _save_theta(ctx, pre: torch.Tensor, log_theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """θ = exp(log θ), saved with ``pre`` and the bandwidth for the straight-through backward."""
+    theta = log_theta.exp()
+    ctx.save_for_backward(pre, theta)
+    ctx.eps = eps
+    return theta
+
+
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, log_theta, eps: float):
-        theta = log_theta.exp()
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
+        theta = _save_theta(ctx, pre, log_theta, eps)
         return pre * (pre > theta)
 
     @staticmethod
@@ -57,9 +63,7 @@ class _JumpReLU(torch.autograd.Function):
 class _Step(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, log_theta, eps: float):
-        theta = log_theta.exp()
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
+        theta = _save_theta(ctx, pre, log_theta, eps)
         return (pre > theta).to(pre.dtype)
 
     @staticmethod

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from lorascope.errors import LorascopeError
 from lorascope.io import content_key, stable_hash
-from lorascope.study.cache import RunState, StageDir
+from lorascope.study.cache import RunState, StageDir, data_key_extras
 
 if TYPE_CHECKING:
     from lorascope.data.chat import LengthReport
@@ -146,11 +146,7 @@ def stage_adapters(st: RunState) -> list[Adapter]:
         "max_length": cfg.data.max_length,
         "seed": cfg.seed,
     }
-    # new settings enter the key only when not at their default, so existing caches stay valid
-    if cfg.data.finetune_columns:
-        data_inputs["columns"] = cfg.data.finetune_columns
-    if cfg.data.long_examples != "truncate":
-        data_inputs["long_examples"] = cfg.data.long_examples
+    data_inputs.update(data_key_extras(cfg.data.finetune_columns, cfg.data.long_examples))
     stages = {
         r: StageDir.make(st.out, "adapters", f"rank_{r}", {**data_inputs, **t.model_dump(exclude={"ranks"}), "rank": r})
         for r in t.ranks

@@ -17,7 +17,9 @@ import torch
 from lorascope import results_schema as schema
 from lorascope.errors import LorascopeError
 from lorascope.geometry import (
+    CompareOptions,
     DeltaNormStats,
+    ReconstructionOptions,
     alignment_nulls,
     atom_energy,
     best_match_cosines,
@@ -243,9 +245,8 @@ def _reconstruction(hb, h_ft, inp: LayerAdapterInputs, docs, s: Settings, where:
     intervals, null = the mean predictor), the paired gap to the best control, and the labelled extra
     improvement % against the reference SAE fed Δ."""
     rows = []
-    for r in delta_reconstruction(
-        hb, h_ft, inp.reference, inp.adapter_saes[0], seed=s.seed, n_boot=s.n_boot, doc_ids=docs, **where
-    ):
+    opt = ReconstructionOptions(seed=s.seed, n_boot=s.n_boot)
+    for r in delta_reconstruction(hb, h_ft, inp.reference, inp.adapter_saes[0], opt, doc_ids=docs, **where):
         r.ci_unit = r.extra.get("ci_unit", "")
         if r.metric == schema.FVU_GAP_ADAPTER_SAE_VS_BEST_CONTROL:
             r.null_name = schema.NULL_BEST_CONTROL
@@ -394,21 +395,7 @@ def _decoder_similarity(
     d = delta.shape[1]
     sae0 = inp.adapter_saes[0]
     W_ad, W_ref = sae0.W_dec.detach().float(), inp.reference.W_dec.detach().float()
-    rows = compare_dictionaries(
-        W_ad,
-        W_ref,
-        "adapter",
-        "ref",
-        seed=s.seed,
-        taus=s.taus,
-        alive_a=alive,
-        alive_b=alive_ref,
-        n_boot=s.n_boot,
-        **where,
-    )
-    for r in rows:
-        r.ci_unit = schema.CI_ATOM if r.ci_low == r.ci_low else ""
-    out.rows += [r for r in rows if r.metric != schema.MMCS_ADAPTER_TO_REF]
+    out.rows += _dictionary_rows(W_ad, W_ref, alive, alive_ref, s, where)
     seeds_W = [sae.W_dec.detach().float() for sae in inp.adapter_saes]
     seeds_alive = [alive] + [_codes(sae, delta).ne(0).any(0) for sae in inp.adapter_saes[1:]]
     per_seed = [mmcs(W, W_ref, alive_a=a, alive_b=alive_ref).a_to_b for W, a in zip(seeds_W, seeds_alive, strict=True)]
@@ -429,12 +416,36 @@ def _decoder_similarity(
         alive_reference=alive_ref,
         seed=s.seed,
     )
-    fam, n_al, n_ref = schema.DECODER_SIMILARITY, int(alive.sum()), int(alive_ref.sum())
-    out.rows.append(
+    n_al, n_ref = int(alive.sum()), int(alive_ref.sum())
+    out.rows += _alignment_rows(float(per_seed[0]), ci, nulls, (n_al, n_ref, d), where)
+    out.arrays["best_cos_adapter_to_ref"] = best.float().numpy()
+    rand = random_isotropic_dictionary(max(n_ref, 1), d, seed=s.seed + 2)
+    out.arrays["best_cos_null"] = best_match_cosines(W_ad[alive], rand).cosine.float().numpy()
+    if len(seeds_W) > 1:
+        out.rows.append(_seed_ceiling_row(seeds_W, seeds_alive, s, d, where))
+        out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], seeds_W[1]).cosine.float().numpy()
+
+
+def _dictionary_rows(W_ad, W_ref, alive, alive_ref, s: Settings, where: dict) -> list[ResultRow]:
+    """compare_dictionaries' rows (adapter vs reference, alive atoms), bar its MMCS(adapter → reference), which
+    :func:`_alignment_rows` reports with the seed/atom interval and the strongest null."""
+    opt = CompareOptions(seed=s.seed, taus=s.taus, n_boot=s.n_boot)
+    rows = compare_dictionaries(W_ad, W_ref, "adapter", "ref", opt, alive_a=alive, alive_b=alive_ref, **where)
+    for r in rows:
+        r.ci_unit = schema.CI_ATOM if r.ci_low == r.ci_low else ""
+    return [r for r in rows if r.metric != schema.MMCS_ADAPTER_TO_REF]
+
+
+def _alignment_rows(value: float, ci, nulls, sizes: tuple[int, int, int], where: dict) -> list[ResultRow]:
+    """The MMCS(adapter → reference) row against the strongest null, then one row per finite null;
+    ``sizes``: (alive adapter atoms, alive reference atoms, d)."""
+    fam = schema.DECODER_SIMILARITY
+    n_al, n_ref, d = sizes
+    rows = [
         ResultRow(
             fam,
             schema.MMCS_ADAPTER_TO_REF,
-            float(per_seed[0]),
+            value,
             ci_low=ci.low,
             ci_high=ci.high,
             ci_unit=ci.ci_unit,
@@ -445,36 +456,34 @@ def _decoder_similarity(
             note=f"alive atoms ({n_al} adapter, {n_ref} reference); strongest null: {nulls.strongest_name}",
             **where,
         )
-    )
+    ]
     for name, v, null in (
         (schema.MMCS_NULL_ISOTROPIC, nulls.isotropic, schema.NULL_RANDOM_ISOTROPIC),
         (schema.MMCS_NULL_COV_MATCHED, nulls.cov_matched, schema.NULL_COV_MATCHED),
         (schema.MMCS_NULL_SAE_INIT, nulls.sae_init, schema.NULL_INIT),
     ):
         if v == v:
-            out.rows.append(ResultRow(fam, name, float(v), null_name=null, n=n_al, d=d, **where))
-    out.arrays["best_cos_adapter_to_ref"] = best.float().numpy()
-    rand = random_isotropic_dictionary(max(n_ref, 1), d, seed=s.seed + 2)
-    out.arrays["best_cos_null"] = best_match_cosines(W_ad[alive], rand).cosine.float().numpy()
-    if len(seeds_W) > 1:
-        ceil = seed_ceiling(seeds_W[0], seeds_W[1], seeds_alive[0], seeds_alive[1])
-        cci = unit_bootstrap_ci(ceil, schema.CI_ATOM, n_boot=max(s.n_boot, 100), seed=s.seed)
-        out.rows.append(
-            ResultRow(
-                fam,
-                schema.MMCS_SEED_VS_SEED,
-                cci.value,
-                ci_low=cci.low,
-                ci_high=cci.high,
-                ci_unit=cci.ci_unit,
-                null_name=schema.NULL_SEED_VS_SEED,
-                n=int(ceil.numel()),
-                d=d,
-                note="alive atoms of both seeds, mean of both directions (the ceiling)",
-                **where,
-            )
-        )
-        out.arrays["best_cos_seed"] = best_match_cosines(W_ad[alive], seeds_W[1]).cosine.float().numpy()
+            rows.append(ResultRow(fam, name, float(v), null_name=null, n=n_al, d=d, **where))
+    return rows
+
+
+def _seed_ceiling_row(seeds_W: list, seeds_alive: list, s: Settings, d: int, where: dict) -> ResultRow:
+    """MMCS between the first two seeds' alive atoms, both directions: the ceiling cross-SAE MMCS is read against."""
+    ceil = seed_ceiling(seeds_W[0], seeds_W[1], seeds_alive[0], seeds_alive[1])
+    cci = unit_bootstrap_ci(ceil, schema.CI_ATOM, n_boot=max(s.n_boot, 100), seed=s.seed)
+    return ResultRow(
+        schema.DECODER_SIMILARITY,
+        schema.MMCS_SEED_VS_SEED,
+        cci.value,
+        ci_low=cci.low,
+        ci_high=cci.high,
+        ci_unit=cci.ci_unit,
+        null_name=schema.NULL_SEED_VS_SEED,
+        n=int(ceil.numel()),
+        d=d,
+        note="alive atoms of both seeds, mean of both directions (the ceiling)",
+        **where,
+    )
 
 
 def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, c: _Cell, s: Settings, where: dict) -> None:

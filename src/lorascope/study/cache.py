@@ -31,6 +31,17 @@ def log(msg: str, progress: bool) -> None:
         Console(stderr=True).print(f"[bold cyan]lorascope[/] {msg}")
 
 
+def data_key_extras(columns: Any, long_examples: str) -> dict[str, Any]:
+    """Data settings that enter a stage's cache key only when not at their default (so caches written before the
+    settings existed stay valid): the dataset's column mapping and the long-example policy."""
+    extras: dict[str, Any] = {}
+    if columns:
+        extras["columns"] = columns
+    if long_examples != "truncate":
+        extras["long_examples"] = long_examples
+    return extras
+
+
 @dataclass
 class StageDir:
     """A cached stage output: ``root/<stage>/<label>-<hash of inputs>``."""

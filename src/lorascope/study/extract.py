@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorascope.study.adapters import Adapter
-from lorascope.study.cache import RunState, StageDir
+from lorascope.study.cache import RunState, StageDir, data_key_extras
 
 SPLIT_VERSION = 2
 
@@ -56,10 +56,7 @@ def _inputs(st: RunState, adapters: list[Adapter]) -> dict:
         "split": SPLIT_VERSION,  # content-hash split, LoRA training texts never held out: downstream caches differ
     }
     # new settings enter the key only when not at their default, so existing caches stay valid
-    if cfg.data.activations_columns:
-        inputs["columns"] = cfg.data.activations_columns
-    if cfg.data.long_examples != "truncate":
-        inputs["long_examples"] = cfg.data.long_examples
+    inputs.update(data_key_extras(cfg.data.activations_columns, cfg.data.long_examples))
     return inputs
 
 

@@ -282,7 +282,7 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
     adapter) not yet measured; recovery is reported relative to the Δ̂ = 0 splice."""
     from lorascope.models.variants import mixed_batch_support
     from lorascope.saes import load_sae
-    from lorascope.study.splice import splice_kl
+    from lorascope.study.splice import SpliceOptions, splice_kl
 
     cfg = st.config
     adapters = [a for a in adapters if a.kind == "peft"]  # the splice runs a PeftModel: none for whole models
@@ -321,9 +321,11 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
             layer,
             a.name,
             {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff},
-            skip_first=cfg.extraction.skip_first,
-            mean_delta=mean_delta.float(),
-            keep_positions=kept_positions(held, doc_indices),
+            SpliceOptions(
+                skip_first=cfg.extraction.skip_first,
+                mean_delta=mean_delta.float(),
+                keep_positions=kept_positions(held, doc_indices),
+            ),
         )
         rows = splice_rows(res, cfg.geometry.bootstrap, cfg.seed, layer=layer, adapter=a.name, rank=a.rank)
         write_json(parts / f"L{layer}__{a.name}__splice.json", [r.as_record() for r in rows])

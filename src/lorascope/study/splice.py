@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -137,6 +138,27 @@ def _selected(
     return select_positions(att[:b], resp, norms, selection)[0]
 
 
+@dataclass(frozen=True)
+class SpliceOptions:
+    """How :func:`splice_kl` batches, selects positions and bounds memory (none of it changes a number but the
+    selection). ``batch_size``: documents per forward; ``skip_first``: leading tokens skipped by the default
+    selection. ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (None: no mean
+    baseline). ``selection``: the extraction's ``TokenSelection`` (None: all non-padding tokens from
+    ``skip_first`` on, no norm rule — the old behaviour); ``norm_layers``: the layers extraction captured (None:
+    ``[layer]``); ``keep_positions``: per document, the exact positions the store kept (overrides ``selection``).
+    ``recon_device``: where the reconstructors run (their inputs are moved there, Δ̂ back to the model's device);
+    ``max_logit_bytes``: the most float32 logits one suffix forward may hold (bounds memory, not the result)."""
+
+    batch_size: int = 8
+    skip_first: int = 1
+    mean_delta: torch.Tensor | None = None
+    selection: TokenSelection | None = None
+    norm_layers: Sequence[int] | None = None
+    keep_positions: Sequence[Sequence[int]] | None = None
+    recon_device: str | torch.device = "cpu"
+    max_logit_bytes: int = 1 << 29
+
+
 @torch.no_grad()
 def splice_kl(
     peft_model,
@@ -145,64 +167,63 @@ def splice_kl(
     layer: int,
     adapter: str,
     reconstructors: dict[str, Reconstructor],
-    batch_size: int = 8,
-    skip_first: int = 1,
-    *,
-    mean_delta=None,
-    selection: TokenSelection | None = None,
-    norm_layers: Sequence[int] | None = None,
-    keep_positions: Sequence[Sequence[int]] | None = None,
-    recon_device: str | torch.device = "cpu",
-    max_logit_bytes: int = 1 << 29,
+    options: SpliceOptions | None = None,
 ) -> SpliceResult:
-    """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
-
-    ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
-    ``selection``: the extraction's ``TokenSelection`` (default: all non-padding tokens from ``skip_first`` on,
-    no norm rule — the old behaviour); ``norm_layers``: the layers extraction captured (default ``[layer]``);
-    ``keep_positions``: per document, the exact positions the store kept (overrides ``selection``).
-    ``recon_device``: where the reconstructors run (their inputs are moved there, Δ̂ back to the model's device);
-    ``max_logit_bytes``: the most float32 logits one suffix forward may hold (bounds memory, not the result).
+    """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``, with the
+    batching, position selection and memory bound of ``options`` (:class:`SpliceOptions`; None: its defaults).
     Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys).
 
     Per batch of documents: one mixed base/adapted forward up to the deepest needed block (the prefix is
     identical for every splice), then the blocks after ``layer`` only, for the base rows, the adapted rows and
     every reconstructor's spliced rows stacked along the batch, with logits only at the selected positions.
     """
-    layers = check_layers(peft_model, sorted({layer, *(norm_layers or [layer])}))
-    selection = selection or TokenSelection("all", skip_first, None)
-    if keep_positions is not None and len(keep_positions) != len(docs):
-        raise LorascopeError(
-            f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
-            fix="pass one list of positions per document",
-        )
-    recons = _reconstructors(reconstructors, mean_delta)
+    opt = options or SpliceOptions()
+    layers = check_layers(peft_model, sorted({layer, *(opt.norm_layers or [layer])}))
+    selection = opt.selection or TokenSelection("all", opt.skip_first, None)
+    check_keep_positions(opt.keep_positions, docs)
+    recons = _reconstructors(reconstructors, opt.mean_delta)
     peft_model.eval()
     device = next(peft_model.parameters()).device
-    suffix = _Suffix(peft_model, layer, adapter, max_logit_bytes)
+    suffix = _Suffix(peft_model, layer, adapter, opt.max_logit_bytes)
     doc_kl: dict[str, list[float]] = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
-    for start in range(0, len(docs), batch_size):
-        chunk = list(docs[start : start + batch_size])
+    for start in range(0, len(docs), opt.batch_size):
+        chunk = list(docs[start : start + opt.batch_size])
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
         ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         caps = suffix.prefix(layers, ids, att, ["__base__"] * b + [adapter] * b)
-        sel = _selected(att.cpu(), chunk, caps, b, selection, keep_positions, start)
+        sel = _selected(att.cpu(), chunk, caps, b, selection, opt.keep_positions, start)
         rows = sel.nonzero(as_tuple=True)[0]
         doc_tokens += sel.sum(1).tolist()
         sel = sel.to(device)
         h_base, h_ft = caps[layer][:b], caps[layer][b:]
         inputs = {"ft": h_ft, "base": h_base}
-        inputs.update({name: _spliced(recon, h_base, h_ft, sel, recon_device) for name, recon in recons.items()})
-        logp_ft = None
-        for name, logp in suffix.log_probs(inputs, ids[:b], att[:b], sel):
-            if name == "ft":
-                logp_ft = logp
-            else:
-                doc_kl[name] += _per_doc(b, rows, _kl_rows_chunked(logp_ft, logp).cpu())
-            del logp
+        inputs.update({name: _spliced(recon, h_base, h_ft, sel, opt.recon_device) for name, recon in recons.items()})
+        for name, kl in _batch_kl(suffix, inputs, ids[:b], att[:b], sel):
+            doc_kl[name] += _per_doc(b, rows, kl)
     return _result(doc_kl, doc_tokens)
+
+
+def check_keep_positions(keep_positions: Sequence[Sequence[int]] | None, docs: Sequence[TokenizedExample]) -> None:
+    """Raises unless ``keep_positions`` is None or has one entry per document."""
+    if keep_positions is not None and len(keep_positions) != len(docs):
+        raise LorascopeError(
+            f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
+            fix="pass one list of positions per document",
+        )
+
+
+def _batch_kl(suffix: _Suffix, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel):
+    """Yields (name, per-token KL(p_ft ‖ p_name) on the CPU) for every name of ``inputs`` after ``"ft"`` (the
+    first one, whose log-probabilities are the reference)."""
+    logp_ft = None
+    for name, logp in suffix.log_probs(inputs, ids, att, sel):
+        if name == "ft":
+            logp_ft = logp
+        else:
+            yield name, _kl_rows_chunked(logp_ft, logp).cpu()
+        del logp
 
 
 def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
@@ -338,4 +359,4 @@ def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResu
     )
 
 
-__all__ = ["BASELINES", "Reconstructor", "SpliceResult", "splice_kl"]
+__all__ = ["BASELINES", "Reconstructor", "SpliceOptions", "SpliceResult", "splice_kl"]

@@ -1,6 +1,7 @@
-"""The unoptimised splice (one full mixed forward, then one full forward per reconstructor), kept verbatim as
-the reference the fast path in :mod:`lorascope.study.splice` must equal to float tolerance
-(tests/test_splice_identity.py) and as the "before" of benchmarks/splice.py. Not for production use."""
+"""The unoptimised splice (one full mixed forward, then one full forward per reconstructor), kept as the test
+oracle the fast path in :mod:`lorascope.study.splice` must equal to float tolerance (tests/test_splice_identity.py)
+and as the "before" of benchmarks/splice.py. Same arguments as ``splice_kl``; ``options.recon_device`` and
+``options.max_logit_bytes`` are ignored (the reconstructors run where the model is, all logits are computed)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ import torch
 
 from lorascope.activations.tokens import TokenSelection
 from lorascope.data.chat import TokenizedExample
-from lorascope.errors import LorascopeError
 from lorascope.models.lora import collate
 from lorascope.models.residual import check_layers, decoder_blocks
 from lorascope.study.splice import (
     Reconstructor,
+    SpliceOptions,
     SpliceResult,
     _block_output,
     _kl_rows,
     _reconstructors,
     _result,
     _selected,
+    check_keep_positions,
 )
 
 
@@ -32,31 +34,18 @@ def reference_splice_kl(
     layer: int,
     adapter: str,
     reconstructors: dict[str, Reconstructor],
-    batch_size: int = 8,
-    skip_first: int = 1,
-    *,
-    mean_delta=None,
-    selection: TokenSelection | None = None,
-    norm_layers: Sequence[int] | None = None,
-    keep_positions: Sequence[Sequence[int]] | None = None,
+    options: SpliceOptions | None = None,
 ) -> SpliceResult:
     """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``.
-
-    ``mean_delta`` [d]: mean Δ over the *training* documents at this layer and adapter (omit: no mean baseline).
-    ``selection``: the extraction's ``TokenSelection`` (default: all non-padding tokens from ``skip_first`` on,
-    no norm rule — the old behaviour); ``norm_layers``: the layers extraction captured (default ``[layer]``);
-    ``keep_positions``: per document, the exact positions the store kept (overrides ``selection``).
     Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys).
     """
-    layers = check_layers(peft_model, sorted({layer, *(norm_layers or [layer])}))
+    opt = options or SpliceOptions()
+    batch_size, keep_positions = opt.batch_size, opt.keep_positions
+    layers = check_layers(peft_model, sorted({layer, *(opt.norm_layers or [layer])}))
     blocks = decoder_blocks(peft_model)
-    selection = selection or TokenSelection("all", skip_first, None)
-    if keep_positions is not None and len(keep_positions) != len(docs):
-        raise LorascopeError(
-            f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
-            fix="pass one list of positions per document",
-        )
-    recons = _reconstructors(reconstructors, mean_delta)
+    selection = opt.selection or TokenSelection("all", opt.skip_first, None)
+    check_keep_positions(keep_positions, docs)
+    recons = _reconstructors(reconstructors, opt.mean_delta)
     peft_model.eval()
     doc_kl = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
