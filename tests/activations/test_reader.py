@@ -24,12 +24,21 @@ def _rule_mask(store, split):
     return torch.tensor([split.is_held_out(h) for h in store.doc_hashes])
 
 
+def _first_copies(store):
+    seen, out = set(), []
+    for h in store.doc_hashes:
+        out.append(h not in seen)
+        seen.add(h)
+    return torch.tensor(out)
+
+
 def test_split_is_by_document_content_and_never_mixes(store, docs, peft_tiny):
     tok = peft_tiny[1]
     tokenized = tokenize_docs(tok, docs, store.manifest["config"]["max_length"])
     assert store.doc_hashes == [content_hash(d) for d in tokenized]  # the identity: sha256 of the token ids
-    held = store.split_docs("held_out", SPLIT)
-    assert torch.equal(held, _rule_mask(store, SPLIT)) and 0 < int(held.sum()) < len(docs)
+    held, rule = store.split_docs("held_out", SPLIT), _rule_mask(store, SPLIT)
+    assert torch.equal(held, rule & _first_copies(store)) and 0 < int(held.sum()) < len(docs)
+    assert torch.equal(store.split_docs("train", SPLIT), ~rule)  # repeats of a held-out text are in neither split
     assert not bool(store.eval_exclusions.any())  # a store without a split record excludes nothing
     # the records the study stores describe exactly the documents the mask selects
     evals = eval_split_record(store, SPLIT)
@@ -44,7 +53,8 @@ def test_split_is_by_document_content_and_never_mixes(store, docs, peft_tiny):
         assert all(b.x.shape[0] == 7 for b in batches[:-1])
         assert bool((held[doc] == (split == "held_out")).all())  # every row's document is on the right side
         seen[split] = r.n_rows
-    assert seen["train"] + seen["held_out"] == store.n_tokens
+    repeats = rule & ~_first_copies(store)
+    assert seen["train"] + seen["held_out"] + sum(store.split_rows(repeats)) == store.n_tokens
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +76,14 @@ def test_identical_texts_always_land_on_the_same_side(twin_store):
     assert len(set(store.doc_hashes)) == n and len(store.doc_ids) == 2 * n
     for fraction in (0.2, 0.5, 0.8):
         for seed in range(6):
-            held = store.split_docs("held_out", HeldOutSplit(fraction, seed)).tolist()
+            split = HeldOutSplit(fraction, seed)
+            train = store.split_docs("train", split).tolist()
+            held = store.split_docs("held_out", split).tolist()
             for i in range(n):
-                assert held[i] == held[2 * n - 1 - i], (fraction, seed, i)
+                twin = 2 * n - 1 - i
+                assert train[i] == train[twin], (fraction, seed, i)
+                # a held-out text is evaluated once (its first copy); the repeat is in neither split
+                assert held[i] == (not train[i]) and not held[twin], (fraction, seed, i)
 
 
 def _with_record(store, tmp_path, record):
@@ -95,7 +110,7 @@ def test_documents_excluded_from_evaluation_are_never_held_out_and_join_training
     held, train = copy.split_docs("held_out", SPLIT), copy.split_docs("train", SPLIT)
     hit = torch.tensor([h in hashes for h in store.doc_hashes])  # every copy of an excluded text
     want = rule & ~hit
-    assert torch.equal(held, want) and torch.equal(train, ~want) and int(want.sum()) > 0
+    assert torch.equal(held, want & _first_copies(store)) and torch.equal(train, ~want) and int(want.sum()) > 0
     assert torch.equal(copy.eval_exclusions, hit)
     assert eval_split_record(copy, SPLIT)["n_excluded_from_eval"] == int(hit.sum())
     rows = copy.held_out(0, "rank_2", SPLIT)
@@ -107,8 +122,9 @@ def test_documents_excluded_from_evaluation_are_never_held_out_and_join_training
 def test_old_store_without_a_split_record_uses_the_content_hash_rule_alone(store, tmp_path):
     old = _with_record(store, tmp_path, None)
     assert old.split_record == {} and not bool(old.eval_exclusions.any())
-    assert torch.equal(old.split_docs("held_out", SPLIT), _rule_mask(store, SPLIT))
-    assert torch.equal(old.split_docs("held_out"), _rule_mask(store, HeldOutSplit()))  # default: 0.2, seed 0
+    assert torch.equal(old.split_docs("held_out", SPLIT), _rule_mask(store, SPLIT) & _first_copies(store))
+    default = _rule_mask(store, HeldOutSplit()) & _first_copies(store)  # default: 0.2, seed 0
+    assert torch.equal(old.split_docs("held_out"), default)
     assert torch.equal(old.held_out(0, "rank_2", SPLIT).delta, store.held_out(0, "rank_2", SPLIT).delta)
 
 

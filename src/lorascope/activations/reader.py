@@ -179,13 +179,23 @@ class ActivationStore:
 
     def split_docs(self, split: str, holdout: HeldOutSplit | None = None) -> torch.Tensor:
         """bool [n_docs]: documents belonging to ``split`` (train, held_out or all) under ``holdout`` (default
-        :class:`HeldOutSplit` ()), less the documents excluded from evaluation (they join the train split)."""
+        :class:`HeldOutSplit` ()), less the documents excluded from evaluation (they join the train split).
+
+        Identical texts share a side (the rule hashes content). On the held-out side only the first copy of a text
+        is evaluated: later copies are in neither split (in train they would leak the held-out text into SAE
+        training; in held_out they would enter the document bootstrap as independent documents twice)."""
         if split not in SPLITS:
             raise LorascopeError(f"unknown split {split!r}", fix="use train, held_out or all")
         holdout = holdout or HeldOutSplit()
-        held = torch.tensor([holdout.is_held_out(h) for h in self.doc_hashes], dtype=torch.bool)
-        held &= ~self.eval_exclusions
-        return torch.ones_like(held) if split == "all" else (held if split == "held_out" else ~held)
+        hashes = self.doc_hashes
+        side = torch.tensor([holdout.is_held_out(h) for h in hashes], dtype=torch.bool) & ~self.eval_exclusions
+        if split == "all":
+            return torch.ones_like(side)
+        if split == "train":
+            return ~side
+        first = torch.zeros_like(side)
+        first[sorted({h: i for i, h in reversed(list(enumerate(hashes)))}.values())] = True
+        return side & first
 
     def split_rows(self, docs_mask: torch.Tensor) -> list[int]:
         """Rows per shard that belong to the documents in ``docs_mask`` (from the manifest, no shard reads)."""

@@ -29,14 +29,13 @@ WEAKENED_RATIO = 2.0  # above this: weakened
 
 def _examples(st: RunState):
     """Held-out fine-tuning examples (the split the adapters stage held out), tokenised and collated."""
-    from lorascope.data import load_dataset_spec, split_examples
     from lorascope.data.chat import tokenize_example
     from lorascope.models.lora import collate
+    from lorascope.study.adapters import finetune_examples
 
     cfg = st.config
-    examples = load_dataset_spec(cfg.data.finetune, limit=cfg.data.n_finetune, seed=cfg.seed)
-    _, held = split_examples(examples, 0.15, seed=cfg.seed)
-    held = (held or examples)[: cfg.explain.docs]
+    train, held = finetune_examples(cfg)  # the adapters' own split (same columns, same seed)
+    held = (held or train)[: cfg.explain.docs]
     tok = st.base().tokenizer
     docs = [tokenize_example(tok, ex, cfg.data.max_length, with_response=True) for ex in held]
     return held, collate(docs, tok.pad_token_id)
