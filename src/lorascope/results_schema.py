@@ -275,7 +275,7 @@ INTRUDERS_ALIGNED = "intruders_aligned_features"
 LATENTS_STRENGTHENED = "ref_latents_strengthened"
 LATENTS_WEAKENED = "ref_latents_weakened"
 STEER_EDITS = ("top_features", "random_features", "pca", "mean_delta", "exact_delta")
-MARKER_RUNS = ("base", "adapted", "steer_top_features", "steer_random_features")
+MARKER_RUNS = ("base", "adapted", "steer_top_features", "steer_random_features", "steer_mean_delta")
 
 
 def steer_kl_closed(edit: str) -> str:

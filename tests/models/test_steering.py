@@ -120,3 +120,18 @@ def test_generation_with_and_without_edits(tiny_llama_dir):
         pm, base.tokenizer, "adapt", msgs, 1, vector=torch.full((base.d_model,), 50.0), max_new_tokens=6
     )
     assert pushed != plain
+
+
+def test_typical_feature_vector_uses_the_mean_over_firing_tokens():
+    from lorascope.models.steering import typical_feature_vector
+
+    codes = torch.zeros(2, 5, 4)
+    codes[0, 0, 1], codes[1, 3, 1] = 2.0, 4.0  # feature 1 fires twice: typical activation 3
+    codes[0, 2, 3] = 1.5  # feature 3 fires once
+    dec = torch.eye(4, 6)
+    v = typical_feature_vector(codes, dec, [1, 3, 0])  # feature 0 never fires: contributes 0
+    assert torch.equal(v, 3.0 * dec[1] + 1.5 * dec[3])
+    # the all-token mean would shrink feature 1 by its firing rate (2 of 10 tokens)
+    assert torch.allclose(feature_edit(codes, dec, [1]).mean((0, 1)), 0.2 * 3.0 * dec[1])
+    with pytest.raises(LorascopeError, match="no features"):
+        typical_feature_vector(codes, dec, [])

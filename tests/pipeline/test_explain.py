@@ -81,6 +81,7 @@ def test_explain_rows_with_controls_and_feature_export(explain_run):
             schema.TOP_MODULE_DELTA_SHARE,
             schema.marker_rate("base"),
             schema.marker_rate("steer_top_features"),
+            schema.marker_rate("steer_mean_delta"),
             schema.INTRUDER_DIMENSIONS,
             schema.first_position_delta(0),
         ):

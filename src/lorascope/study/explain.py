@@ -277,9 +277,11 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
         if name in by:
             parts.append(f"{label} {by[name].value:.3g} (random features {by[name].null_value:.3g})")
     if schema.marker_rate("base") in by and schema.marker_rate("adapted") in by:
+        mean = by.get(schema.marker_rate("steer_mean_delta"))
         parts.append(
             f"marker rate base {by[schema.marker_rate('base')].value:.3g}, adapted "
             f"{by[schema.marker_rate('adapted')].value:.3g}"
+            + ("" if mean is None else f", base + mean Δ {mean.value:.3g}")
         )
     return "; ".join(parts)
 

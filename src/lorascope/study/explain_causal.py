@@ -48,7 +48,8 @@ def _codes(sae, delta: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     return codes * att.unsqueeze(-1)
 
 
-def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(per-token edits of the probe batch for KL/behaviour, constant [d] vectors for greedy generation)."""
     from lorascope.models import steering
 
     sae, top = feats["sae"], feats["top"]
@@ -66,6 +67,11 @@ def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> dict[str, torch.
         "pca": steering.projection_edit(delta, basis) * att.unsqueeze(-1),
         "mean_delta": mean,
         "exact_delta": delta,
+    }, {
+        # constant vectors for generation: each feature at its typical firing strength; mean Δ as the reference
+        "steer_top_features": steering.typical_feature_vector(codes, dec, top),
+        "steer_random_features": steering.typical_feature_vector(codes, dec, rand),
+        "steer_mean_delta": mean,
     }
 
 
@@ -127,22 +133,16 @@ def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int
 
 
 def generation_rows(
-    st: RunState, peft, adapter: str, layer: int, prompts: list[str], edits: dict, att: torch.Tensor, where: dict
+    st: RunState, peft, adapter: str, layer: int, prompts: list[str], vectors: dict, where: dict
 ) -> tuple[list[ResultRow], dict]:
-    """Demo-task marker rates of greedy answers: base, adapted, base steered by the top features' mean edit and by
-    the random features' (the control)."""
+    """Demo-task marker rates of greedy answers: base, adapted, and the base with a constant vector added at block
+    ``layer`` at every position: the top features at their typical firing strength, as many random features (the
+    control), and mean Δ (what one constant vector of the adapter's own change does)."""
     from lorascope.models import steering
 
     tok = st.base().tokenizer
-    n_tok = att.sum().clamp_min(1)
-    vec = {k: edits[k].sum((0, 1)) / n_tok for k in ("top_features", "random_features")}
     ex = st.config.explain
-    runs = {
-        "base": (None, False),
-        "adapted": (None, True),
-        "steer_top_features": (vec["top_features"], False),
-        "steer_random_features": (vec["random_features"], False),
-    }
+    runs = {"base": (None, False), "adapted": (None, True), **{k: (v, False) for k, v in vectors.items()}}
     texts = {
         k: steering.generate_with_edit(
             peft, tok, adapter, prompts, layer, v, adapted=a, max_new_tokens=ex.max_new_tokens
@@ -232,12 +232,12 @@ def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Pa
         labels=labels,
         token_mask=torch.roll(labels != -100, -1, dims=1),
     )
-    edits = _edits(feats, probe, att, st.config.seed)
+    edits, vectors = _edits(feats, probe, att, st.config.seed)
     srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
     rows += srows + first_position_rows(edits["exact_delta"], att, where)
     if ex.generations and st.config.data.finetune == "demo":
         prompts = [e.user_message for e in held[: ex.generations]]
-        grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, edits, att, where)
+        grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, vectors, where)
         rows += grows
         summary["generations"] = gen
     if ex.intruders:
