@@ -80,3 +80,30 @@ def test_bad_adapter_inputs(tiny_model_dirs, tiny_adapters, tmp_path):
         train_lora(llama, make_demo_dataset(4), 0)
     with pytest.raises(LorascopeError, match="empty"):
         train_lora(llama, [], 2)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not the adapter: equal losses and weights."""
+    from safetensors.torch import load_file
+
+    base = load_base(tiny_llama_dir)
+    data = make_demo_dataset(16, seed=0)
+    kw = dict(steps=4, batch_size=4, max_length=64, progress=False, seed=1)
+    plain = train_lora(base, data, 2, output_dir=tmp_path / "plain", gradient_checkpointing=False, **kw)
+    ckpt = train_lora(base, data, 2, output_dir=tmp_path / "ckpt", gradient_checkpointing=True, **kw)
+    assert plain.losses == ckpt.losses
+    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert not base.model.is_gradient_checkpointing  # switched off again after training
+    # the default switches it on only for large batches (tokens per batch above CHECKPOINT_TOKENS)
+    assert not LoraSettings(rank=2, batch_size=4, max_length=96).checkpointing
+    assert LoraSettings(rank=2, batch_size=4, max_length=192).checkpointing
+
+
+def test_release_freed_memory_returns_pages_on_glibc():
+    import sys
+
+    from lorascope._memory import release_freed_memory
+
+    assert release_freed_memory() == sys.platform.startswith("linux")

@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
+from lorascope._memory import release_freed_memory
 from lorascope.data.chat import LENGTH_POLICIES, LengthReport, TokenizedExample, tokenize_examples
 from lorascope.data.examples import Example
 from lorascope.errors import LorascopeError
 from lorascope.models.loading import LoadedModel
 
 _log = logging.getLogger("lorascope")
+# tokens per batch above which gradient checkpointing is on by default: measured on SmolLM2-135M at 4 × 192 tokens,
+# peak resident memory of a training step 3.6 GB without it, 2.5 GB with it, 15% more time per step
+CHECKPOINT_TOKENS = 512
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LoraSettings:
     seed: int = 0
     autocast_bf16: bool = False  # bf16 autocast for the forward/backward; LoRA weights stay float32
     length_policy: str = "truncate"  # truncate | skip | error (lorascope.data.chat.tokenize_examples)
+    gradient_checkpointing: bool | None = None  # None: on when batch_size × max_length > CHECKPOINT_TOKENS
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
@@ -64,6 +69,13 @@ class LoraSettings:
     @property
     def lora_alpha(self) -> float:
         return float(self.alpha) if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the backward pass recomputes activations (same weights, less memory, ~15% slower on CPU)."""
+        if self.gradient_checkpointing is not None:
+            return bool(self.gradient_checkpointing)
+        return self.batch_size * self.max_length > CHECKPOINT_TOKENS
 
 
 @dataclass
@@ -155,16 +167,21 @@ def train_lora(
             f"cannot attach LoRA to this model: {exc}", fix="set target_modules to names of linear layers in the model"
         ) from exc
     result = LoraTrainResult(None, settings, lengths=lengths)
+    if settings.checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         _run_steps(peft_model, data, tok.pad_token_id, settings, result, progress)
         peft_model.eval()
         if output_dir is not None:
             result.adapter_dir = save_adapter(peft_model, output_dir, metadata=_training_metadata(result))
     finally:
+        if settings.checkpointing:
+            peft_model.gradient_checkpointing_disable()
         peft_model.unload()  # removes the LoRA layers without merging: base weights are untouched
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(False)
+        release_freed_memory()  # the step's activations: give the pages back before the next stage
     return result
 
 

@@ -105,6 +105,7 @@ def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
             seed=cfg.seed,
             autocast_bf16=t.autocast_bf16,
             length_policy=cfg.data.long_examples,
+            gradient_checkpointing=t.gradient_checkpointing,
         )
         res = train_lora(base, train, s, output_dir=sd.path / "adapter", progress=st.progress)
         pm = load_adapters(base, {"a": sd.path / "adapter"})

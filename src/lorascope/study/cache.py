@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascope import __version__
+from lorascope._memory import release_freed_memory
 from lorascope.config import ExperimentConfig
 from lorascope.io import read_json, stable_hash, write_json
 
@@ -102,6 +103,7 @@ class RunState:
         self.timings[stage] = self._since(t0)
         self.work_done.append(stage)
         self.write_timings()
+        release_freed_memory()  # the stage's freed buffers go back to the OS, not under the next stage's peak
 
     def _since(self, t0: float) -> float:
         """Seconds from ``t0`` to now, less the model loads in between."""
