@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lorascope import results_schema as schema
+from lorascope.errors import LorascopeError
 from lorascope.io import write_json
 from lorascope.results import ResultRow
 from lorascope.study.adapters import Adapter
@@ -28,17 +29,24 @@ WEAKENED_RATIO = 2.0  # above this: weakened
 
 
 def _examples(st: RunState):
-    """Held-out fine-tuning examples (the split the adapters stage held out), tokenised and collated."""
-    from lorascope.data.chat import tokenize_example
+    """Held-out fine-tuning examples (the split the adapters stage held out), tokenised under the data's
+    long-example policy (an example whose prompt alone does not fit is skipped, as in training) and collated."""
+    from lorascope.data.chat import tokenize_examples
     from lorascope.models.lora import collate
     from lorascope.study.adapters import finetune_examples
 
     cfg = st.config
     train, held = finetune_examples(cfg)  # the adapters' own split (same columns, same seed)
-    held = (held or train)[: cfg.explain.docs]
     tok = st.base().tokenizer
-    docs = [tokenize_example(tok, ex, cfg.data.max_length, with_response=True) for ex in held]
-    return held, collate(docs, tok.pad_token_id)
+    docs, _ = tokenize_examples(tok, held or train, cfg.data.max_length, cfg.data.long_examples)
+    docs = docs[: cfg.explain.docs]
+    if not docs:
+        raise LorascopeError(
+            f"no held-out fine-tuning example fits in data.max_length {cfg.data.max_length}",
+            fix="raise data.max_length or set explain.enabled: false",
+        )
+    by_id = {ex.id: ex for ex in held or train}
+    return [by_id[d.doc_id] for d in docs], collate(docs, tok.pad_token_id)
 
 
 def _codes(sae, delta: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
