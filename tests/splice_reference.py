@@ -13,12 +13,12 @@ from lorascope.activations.tokens import TokenSelection
 from lorascope.data.chat import TokenizedExample
 from lorascope.models.lora import collate
 from lorascope.models.residual import check_layers, decoder_blocks
+from lorascope.models.suffix import kl_rows as _kl_rows
 from lorascope.study.splice import (
     Reconstructor,
     SpliceOptions,
     SpliceResult,
     _block_output,
-    _kl_rows,
     _reconstructors,
     _result,
     _selected,

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PositiveFloat,
     ValidationError,
     create_model,
     field_validator,
@@ -304,6 +305,11 @@ class ExplainCfg(_Strict):
     docs: int = Field(8, gt=0, description="held-out fine-tuning examples for attribution and steering")
     generations: int = Field(4, ge=0, description="greedy generations per condition (demo task marker rates)")
     max_new_tokens: int = Field(24, gt=0)
+    steer_scales: list[PositiveFloat] = Field(
+        default_factory=lambda: [1.0, 4.0, 16.0],
+        min_length=1,
+        description="multiples of the typical firing strength (and of mean Δ) the generation steering is run at",
+    )
     attribution: bool = True
     intruders: bool = True
     latent_scaling: bool = True

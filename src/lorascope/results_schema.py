@@ -293,9 +293,10 @@ def first_position_delta(position: int) -> str:
     return f"first_position_mean_delta_norm_{position}"
 
 
-def marker_rate(run: str) -> str:
-    """Demo-task pirate-marker rate of greedy answers: ``marker_rate_{run}``."""
-    return f"marker_rate_{run}"
+def marker_rate(run: str, scale: float = 1.0) -> str:
+    """Demo-task pirate-marker rate of greedy answers: ``marker_rate_{run}``, ``marker_rate_{run}_x{scale}`` for a
+    steering vector scaled by ``scale`` ≠ 1."""
+    return f"marker_rate_{run}" if scale == 1.0 else f"marker_rate_{run}_x{scale:g}"
 
 
 # ---- the held-out split ----------------------------------------------------------------------------------------
@@ -589,14 +590,14 @@ _PATTERNS = [
         "",
     ),
     (
-        r"marker_rate_steer_top_features",
+        r"marker_rate_steer_top_features(_x[0-9.e+-]+)?",
         EXPLAIN,
         "pirate-marker rate of the base steered by the top features",
         NULL_RANDOM_FEATURES,
         "",
     ),
     (
-        rf"marker_rate_({'|'.join(r for r in MARKER_RUNS if r != 'steer_top_features')})",
+        rf"marker_rate_(base|adapted|({'|'.join(r for r in MARKER_RUNS[3:])})(_x[0-9.e+-]+)?)",
         EXPLAIN,
         "pirate-marker rate of greedy answers",
         "",

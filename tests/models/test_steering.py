@@ -76,6 +76,55 @@ def test_exact_delta_does_not_close_kl_when_later_layers_are_adapted(tiny_llama_
     assert 0.0 < steered.fraction_closed < 1.0 - 1e-4
 
 
+@torch.no_grad()
+def _full_forward_effect(pm, batch, layer, edit, adapted, token_mask, probe):
+    """The unoptimised oracle: a full forward of the base (steer) or adapted (ablate) model with the edit hooked
+    onto block ``layer``, float64 log-softmax over every position, KL and loss computed from scratch."""
+    from lorascope.models.lora_switch import lora_only
+    from lorascope.models.steering import residual_edit
+
+    def logp(edit_, on):
+        with lora_only(pm, "adapt", enabled=None if on else []):
+            with residual_edit(pm, layer, edit_, -1.0 if on else 1.0):
+                logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.log_softmax(logits.double(), -1)
+
+    zero = torch.zeros(pm.config.hidden_size)
+    la, lb, lx = logp(zero, True), logp(zero, False), logp(edit, adapted)
+
+    def kl(q):
+        return float((la.exp() * (la - q)).sum(-1)[token_mask].mean())
+
+    def loss(q):
+        target, keep = batch["labels"][:, 1:], batch["labels"][:, 1:] != -100
+        return float(-q[:, :-1].gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)[keep].mean())
+
+    return kl(lb), kl(lx), loss(la), loss(lb), loss(lx)
+
+
+@pytest.mark.parametrize("adapted_layers", [[0, 1, 2], [1, 2]])
+def test_probe_equals_full_forwards_with_hooked_edits(tiny_llama_dir, demo_batch, adapted_layers):
+    """Prefix once + suffix-only forwards at the scored positions give the numbers of full hooked forwards."""
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, adapted_layers)
+    _, b = demo_batch
+    mask = torch.roll(b["labels"] != -100, -1, dims=1)
+    probe = CausalProbe(pm, "adapt", b["input_ids"], b["attention_mask"], 1, labels=b["labels"], token_mask=mask)
+    g = torch.Generator().manual_seed(1)
+    edit = torch.randn(*b["input_ids"].shape, base.d_model, generator=g) * b["attention_mask"].unsqueeze(-1)
+    vec = torch.randn(base.d_model, generator=g)
+    steer, ablate = probe.effects({"tok": edit, "vec": vec}, {"tok": edit})
+    for eff, e, on in ((steer["tok"], edit, False), (steer["vec"], vec, False), (ablate["tok"], edit, True)):
+        kl_b, kl_x, loss_a, loss_b, loss_x = _full_forward_effect(pm, b, 1, e, on, mask, probe)
+        assert probe.kl_base == pytest.approx(kl_b, rel=1e-5)
+        assert probe.loss_adapted == pytest.approx(loss_a, rel=1e-6) and probe.loss_base == pytest.approx(
+            loss_b, rel=1e-6
+        )
+        assert eff.kl_to_adapted == pytest.approx(kl_x, rel=1e-5)
+        assert eff.loss == pytest.approx(loss_x, rel=1e-6)
+    assert probe.steer(vec) == steer["vec"] and probe.ablate(edit) == ablate["tok"]
+
+
 def test_edit_builders():
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
@@ -120,6 +169,22 @@ def test_generation_with_and_without_edits(tiny_llama_dir):
         pm, base.tokenizer, "adapt", msgs, 1, vector=torch.full((base.d_model,), 50.0), max_new_tokens=6
     )
     assert pushed != plain
+
+
+def test_batched_generations_equal_one_run_at_a_time(tiny_llama_dir):
+    """All runs and prompts in one left-padded mixed batch give each run's own greedy answers."""
+    from lorascope.models.steering import generate_with_edits
+
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, [0, 1, 2])
+    msgs = ["What is the sum of the two numbers?\n\n3 and 4", "Say hello.", "Name three colours of the sea, please."]
+    vec = torch.randn(base.d_model, generator=torch.Generator().manual_seed(0)) * 20
+    runs = {"base": (None, False), "adapted": (None, True), "pushed": (vec, False), "pulled": (vec, True)}
+    together = generate_with_edits(pm, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=6)
+    for name, (v, on) in runs.items():
+        alone = [generate_with_edit(pm, base.tokenizer, "adapt", [m], 1, v, adapted=on, max_new_tokens=6) for m in msgs]
+        assert together[name] == [a[0] for a in alone], name
+    assert together["pushed"] != together["base"]
 
 
 def test_typical_feature_vector_uses_the_mean_over_firing_tokens():

@@ -86,6 +86,10 @@ def test_explain_rows_with_controls_and_feature_export(explain_run):
             schema.first_position_delta(0),
         ):
             assert math.isfinite(mine.loc[name, "value"]), name
+        for c in (4.0, 16.0):  # the default steer_scales: each scaled top-feature run beside the same-scale control
+            scaled = mine.loc[schema.marker_rate("steer_top_features", c)]
+            assert scaled.null_value == mine.loc[schema.marker_rate("steer_random_features", c), "value"]
+            assert math.isfinite(mine.loc[schema.marker_rate("steer_mean_delta", c), "value"])
         doc = json.loads((res.results_dir / "explain" / f"features_{adapter}.json").read_text())
         assert doc["format"] == "lorascope-feature-browser/1" and len(doc["features"]) == 3
         for f in doc["features"]:

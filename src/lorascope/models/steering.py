@@ -24,19 +24,19 @@ from dataclasses import dataclass
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.models.lora_switch import lora_only
-from lorascope.models.residual import check_layers, decoder_blocks
+from lorascope.models.residual import check_layers, decoder_blocks, unwrap_model
 
 
 @contextmanager
 def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: float = 1.0) -> Iterator[None]:
-    """Within the block, block ``layer``'s output becomes output + sign·edit (edit [B, T, d] or [d])."""
+    """Within the block, block ``layer``'s output becomes output + sign·edit (edit [B, T, d]; [B, 1, d], one vector
+    per row at every position, as in generation; or [d])."""
     block = decoder_blocks(model)[check_layers(model, [layer])[0]]
 
     def hook(_m, _args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         e = edit.to(hidden.dtype)
-        if e.ndim == 3 and e.shape[1] != hidden.shape[1]:
+        if e.ndim == 3 and e.shape[1] not in (1, hidden.shape[1]):
             raise LorascopeError(
                 f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
                 fix="use a single vector [d] for generation",
@@ -51,19 +51,11 @@ def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: 
         handle.remove()
 
 
-def _logprobs(model, input_ids, attention_mask) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return torch.log_softmax(logits.double(), dim=-1)
-
-
-def _response_loss(logp: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    """Mean next-token NLL over positions whose label is not -100 (``labels`` [B, T], as in models.lora.collate)."""
-    if labels is None:
-        return None
-    target = labels[:, 1:]
-    keep = target != -100
-    nll = -logp[:, :-1].gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return float(nll[keep].mean()) if keep.any() else float("nan")
+def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the label of the next token at each position (-100 where it is not scored, and at the last)."""
+    out = torch.full_like(labels, -100)
+    out[:, :-1] = labels[:, 1:]
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,7 +72,11 @@ class CausalProbe:
     """Adapted and base next-token distributions of one batch, computed once; then any number of edits.
 
     ``token_mask`` [B, T] picks the positions whose next-token distributions count for KL (default: real tokens);
-    ``labels`` [B, T] (-100 outside response tokens) gives the behaviour loss.
+    ``labels`` [B, T] (-100 outside response tokens) gives the behaviour loss. Base and adapted rows run once, in
+    one mixed batch, up to block L; every edit then runs only the blocks after L (base blocks for steering,
+    adapted blocks for ablation; :class:`lorascope.models.suffix.SuffixForward`), grouped into few forwards, with
+    log-probabilities (float64) only at the scored positions. Same numbers as a full forward with the edit hooked
+    onto block L (:func:`residual_edit`), to float tolerance (tests/models/test_steering.py).
     """
 
     @torch.no_grad()
@@ -94,30 +90,48 @@ class CausalProbe:
         labels: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
     ):
-        self.model, self.adapter, self.layer = peft_model, adapter, check_layers(peft_model, [layer])[0]
-        self.input_ids, self.attention_mask, self.labels = input_ids, attention_mask, labels
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        self.token_mask = real if token_mask is None else token_mask.bool()
-        self.logp_adapted = self._run(adapted=True)
-        self.logp_base = self._run(adapted=False)
-        self.kl_base = self._kl(self.logp_base)
-        self.loss_adapted = _response_loss(self.logp_adapted, input_ids, labels)
-        self.loss_base = _response_loss(self.logp_base, input_ids, labels)
+        from lorascope.models.suffix import BASE, SuffixForward
 
-    def _run(self, adapted: bool, edit: torch.Tensor | None = None, sign: float = 1.0) -> torch.Tensor:
-        with lora_only(self.model, self.adapter, enabled=None if adapted else []):
-            if edit is None:
-                return _logprobs(self.model, self.input_ids, self.attention_mask)
-            with residual_edit(self.model, self.layer, edit, sign):
-                return _logprobs(self.model, self.input_ids, self.attention_mask)
+        self.model, self.adapter, self.layer = peft_model, adapter, check_layers(peft_model, [layer])[0]
+        att = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        self.input_ids, self.attention_mask, self.labels = input_ids, att, labels
+        self.token_mask = att.bool() if token_mask is None else token_mask.bool()
+        target = torch.full_like(input_ids, -100) if labels is None else _next_token_labels(labels)
+        self._sel = self.token_mask | (target != -100)
+        self._kl_rows, self._target = self.token_mask[self._sel], target[self._sel]
+        self._suffix = SuffixForward(peft_model, self.layer, adapter)
+        b = input_ids.shape[0]
+        h = self._suffix.prefix([self.layer], input_ids.repeat(2, 1), att.repeat(2, 1), [BASE] * b + [adapter] * b)
+        h = h[self.layer]
+        self.h_base, self.h_adapted = h[:b], h[b:]
+        logp = dict(self._log_probs({"adapted": self.h_adapted, "base": self.h_base}, base=("base",)))
+        self.logp_adapted = logp["adapted"]
+        self.kl_base = self._kl(logp["base"])
+        self.loss_adapted = self._loss(self.logp_adapted)
+        self.loss_base = self._loss(logp["base"])
+
+    def _log_probs(self, inputs: dict, base: Sequence):
+        return self._suffix.log_probs(
+            inputs, self.input_ids, self.attention_mask, self._sel, base=base, dtype=torch.float64
+        )
 
     def _kl(self, logp_x: torch.Tensor) -> float:
-        kl = (self.logp_adapted.exp() * (self.logp_adapted - logp_x)).sum(-1)
-        return float(kl[self.token_mask].mean())
+        from lorascope.models.suffix import kl_rows_chunked
+
+        return float(kl_rows_chunked(self.logp_adapted[self._kl_rows], logp_x[self._kl_rows]).mean())
+
+    def _loss(self, logp_x: torch.Tensor) -> float | None:
+        """Mean next-token NLL over the positions whose next label is not -100 (None without labels)."""
+        if self.labels is None:
+            return None
+        keep = self._target != -100
+        if not keep.any():
+            return float("nan")
+        return float(-logp_x[keep].gather(-1, self._target[keep].unsqueeze(-1)).mean())
 
     def _effect(self, logp_x: torch.Tensor) -> Effect:
         kl = self._kl(logp_x)
-        loss = _response_loss(logp_x, self.input_ids, self.labels)
+        loss = self._loss(logp_x)
         behaviour = None
         if loss is not None and self.loss_base is not None and self.loss_base != self.loss_adapted:
             behaviour = (self.loss_base - loss) / (self.loss_base - self.loss_adapted)
@@ -125,25 +139,31 @@ class CausalProbe:
         return Effect(kl, closed, loss, behaviour)
 
     @torch.no_grad()
+    def effects(
+        self, steer: dict[str, torch.Tensor], ablate: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict[str, Effect], dict[str, Effect]]:
+        """Every steering edit (added to the base model's block L output) and every ablation (subtracted from the
+        adapted model's), run in grouped suffix forwards: ({name: Effect}, {name: Effect})."""
+        ablate = ablate or {}
+        inputs = {("steer", k): self.h_base + e.to(self.h_base.dtype) for k, e in steer.items()}
+        inputs.update({("ablate", k): self.h_adapted - e.to(self.h_adapted.dtype) for k, e in ablate.items()})
+        out: dict[str, dict[str, Effect]] = {"steer": {}, "ablate": {}}
+        for (kind, name), logp in self._log_probs(inputs, base=[k for k in inputs if k[0] == "steer"]):
+            out[kind][name] = self._effect(logp)
+            del logp
+        return out["steer"], out["ablate"]
+
     def steer(self, edit: torch.Tensor) -> Effect:
         """The base model with ``edit`` added at layer L."""
-        return self._effect(self._run(adapted=False, edit=edit))
+        return self.effects({"edit": edit})[0]["edit"]
 
-    @torch.no_grad()
     def ablate(self, edit: torch.Tensor) -> Effect:
         """The adapted model with ``edit`` removed at layer L (fraction_closed near 0 = the edit carried it all)."""
-        return self._effect(self._run(adapted=True, edit=edit, sign=-1.0))
+        return self.effects({}, {"edit": edit})[1]["edit"]
 
-    @torch.no_grad()
     def delta(self) -> torch.Tensor:
         """Δ_L = h_adapted − h_base after block L [B, T, d] (float32)."""
-        from lorascope.models.attribution import run_to_layer
-
-        with lora_only(self.model, self.adapter):
-            h_a, _ = run_to_layer(self.model, self.input_ids, self.attention_mask, self.layer)
-        with lora_only(self.model, self.adapter, enabled=[]):
-            h_b, _ = run_to_layer(self.model, self.input_ids, self.attention_mask, self.layer)
-        return h_a.float() - h_b.float()
+        return self.h_adapted.float() - self.h_base.float()
 
 
 def feature_edit(codes: torch.Tensor, decoder: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
@@ -238,26 +258,49 @@ def generate_with_edit(
 ) -> list[str]:
     """Greedy answers of the base (``adapted=False``) or adapted model with ``vector`` [d] added (adapted=False)
     or removed (adapted=True) at every position of block ``layer``'s output (None: no edit)."""
+    runs = {"run": (vector, adapted)}
+    return generate_with_edits(peft_model, tokenizer, adapter, user_messages, layer, runs, max_new_tokens)["run"]
+
+
+@torch.no_grad()
+def generate_with_edits(
+    peft_model: torch.nn.Module,
+    tokenizer,
+    adapter: str,
+    user_messages: Sequence[str],
+    layer: int,
+    runs: dict[str, tuple[torch.Tensor | None, bool]],
+    max_new_tokens: int = 40,
+) -> dict[str, list[str]]:
+    """Greedy answers to every message under every run ``{name: (vector [d] or None, adapted)}`` (as in
+    :func:`generate_with_edit`), all in one left-padded mixed batch (PEFT ``adapter_names``: each row runs the base
+    or the adapter; each row has its own constant edit at block ``layer``). Returns {name: [answer per message]}."""
     from lorascope.data.chat import format_prompt
+    from lorascope.models.suffix import BASE
 
-    out = []
-    for msg in user_messages:
-        ids = tokenizer(format_prompt(tokenizer, msg), add_special_tokens=False, return_tensors="pt")
-        with lora_only(peft_model, adapter, enabled=None if adapted else []):
-            ctx = (
-                residual_edit(peft_model, layer, vector, -1.0 if adapted else 1.0) if vector is not None else _nothing()
-            )
-            with ctx:
-                gen = peft_model.generate(
-                    **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-        out.append(tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    return out
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+    if not user_messages or not runs:
+        return {name: [] for name in runs}
+    prompts = [format_prompt(tokenizer, m) for m in user_messages]
+    enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
+    n, d = len(prompts), unwrap_model(peft_model).config.get_text_config().hidden_size
+    device = next(peft_model.parameters()).device
+    edits, names = [], []
+    for vector, on in runs.values():
+        v = torch.zeros(d) if vector is None else (-1.0 if on else 1.0) * vector.detach().float().cpu().reshape(d)
+        edits += [v] * n
+        names += [adapter if on else BASE] * n
+    ids = {k: t.repeat(len(runs), 1).to(device) for k, t in enc.items()}
+    with residual_edit(peft_model, layer, torch.stack(edits).unsqueeze(1).to(device)):
+        gen = peft_model.generate(
+            **ids,
+            adapter_names=names,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    width = enc["input_ids"].shape[1]
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in gen]
+    return {name: texts[i * n : (i + 1) * n] for i, name in enumerate(runs)}
 
 
 __all__ = [
@@ -266,6 +309,7 @@ __all__ = [
     "demo_marker_rates",
     "feature_edit",
     "generate_with_edit",
+    "generate_with_edits",
     "mean_delta",
     "principal_directions",
     "projection_edit",

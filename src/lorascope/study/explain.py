@@ -276,6 +276,12 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
     ):
         if name in by:
             parts.append(f"{label} {by[name].value:.3g} (random features {by[name].null_value:.3g})")
+    scaled = [m for m in by if m.startswith(schema.marker_rate("steer_top_features") + "_x")]
+    if scaled:
+        parts.append(
+            "scaled "
+            + ", ".join(f"{m.rsplit('_', 1)[1]} {by[m].value:.3g} (random {by[m].null_value:.3g})" for m in scaled)
+        )
     if schema.marker_rate("base") in by and schema.marker_rate("adapted") in by:
         mean = by.get(schema.marker_rate("steer_mean_delta"))
         parts.append(

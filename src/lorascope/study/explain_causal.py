@@ -100,8 +100,7 @@ def _row(metric: str, value, where: dict, null: float | None = None, n: int = 0)
 
 def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int) -> tuple[list[ResultRow], dict]:
     """KL closed / behaviour recovered for every steering edit and the ablations, controls as null columns."""
-    steer = {k: probe.steer(e) for k, e in edits.items()}
-    ablate = {k: probe.ablate(edits[k]) for k in ("top_features", "random_features")}
+    steer, ablate = probe.effects(edits, {k: edits[k] for k in ("top_features", "random_features")})
     rows = []
     for k, eff in steer.items():
         null = steer["random_features"] if k == "top_features" else None
@@ -140,30 +139,39 @@ def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int
     return rows, summary
 
 
+def generation_runs(vectors: dict[str, torch.Tensor], scales: list[float]) -> dict[str, tuple]:
+    """{run name: (vector or None, adapted)}: base, adapted, and each steering vector at each scale (the run name
+    carries the scale when it is not 1, as ``marker_rate`` names it)."""
+    runs: dict[str, tuple] = {"base": (None, False), "adapted": (None, True)}
+    for c in scales:
+        for k, v in vectors.items():
+            runs[k if c == 1.0 else f"{k}_x{c:g}"] = (c * v, False)
+    return runs
+
+
 def generation_rows(
     st: RunState, peft, adapter: str, layer: int, prompts: list[str], vectors: dict, where: dict
 ) -> tuple[list[ResultRow], dict]:
     """Demo-task marker rates of greedy answers: base, adapted, and the base with a constant vector added at block
     ``layer`` at every position: the top features at their typical firing strength, as many random features (the
-    control), and mean Δ (what one constant vector of the adapter's own change does)."""
+    control), and mean Δ (what one constant vector of the adapter's own change does), each also scaled by every
+    ``explain.steer_scales`` (steering vectors often act only above their natural size; the random control is
+    scaled alike). All runs share one batched generation."""
     from lorascope.models import steering
 
-    tok = st.base().tokenizer
     ex = st.config.explain
-    runs = {"base": (None, False), "adapted": (None, True), **{k: (v, False) for k, v in vectors.items()}}
-    texts = {
-        k: steering.generate_with_edit(
-            peft, tok, adapter, prompts, layer, v, adapted=a, max_new_tokens=ex.max_new_tokens
-        )
-        for k, (v, a) in runs.items()
-    }
+    runs = generation_runs(vectors, list(ex.steer_scales))
+    texts = steering.generate_with_edits(
+        peft, st.base().tokenizer, adapter, prompts, layer, runs, max_new_tokens=ex.max_new_tokens
+    )
     rates = {k: steering.demo_marker_rates(t)["any_marker"] for k, t in texts.items()}
+    control = {k: k.replace("steer_top_features", "steer_random_features") for k in rates}
     rows = [
         _row(
             schema.marker_rate(k),
             r,
             where,
-            rates["steer_random_features"] if k == "steer_top_features" else None,
+            rates[control[k]] if k.startswith("steer_top_features") else None,
             len(prompts),
         )
         for k, r in rates.items()

@@ -28,7 +28,6 @@ Needs the model, so it lives beside the study rather than in geometry/.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,7 +38,8 @@ from lorascope.activations.tokens import TokenSelection, select_positions
 from lorascope.data.chat import TokenizedExample
 from lorascope.errors import LorascopeError
 from lorascope.models.lora import collate
-from lorascope.models.residual import ResidualCapture, check_layers, decoder_blocks, unwrap_model
+from lorascope.models.residual import check_layers
+from lorascope.models.suffix import BASE, SuffixForward, kl_rows_chunked
 
 Reconstructor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (h_base [N,d], h_ft [N,d]) -> Δ̂ [N,d]
 BASELINES = ("zero", "mean_delta")
@@ -82,16 +82,6 @@ class SpliceResult(NamedTuple):
             out[f"kl_recovered_{name}"] = self.recovered_raw[name]
             out[f"kl_recovered_rel_{name}"] = self.recovered[name]
         return out
-
-
-def _kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per row from log-probabilities [N, V] (float64 sums)."""
-    return (logp_p.exp() * (logp_p - logp_q)).sum(-1, dtype=torch.float64)
-
-
-def _kl_rows_chunked(logp_p: torch.Tensor, logp_q: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """:func:`_kl_rows` over blocks of rows (the same numbers; temporaries of ``rows`` × V, not N × V)."""
-    return torch.cat([_kl_rows(logp_p[i : i + rows], logp_q[i : i + rows]) for i in range(0, logp_p.shape[0], rows)])
 
 
 def _block_output(out):
@@ -184,7 +174,7 @@ def splice_kl(
     recons = _reconstructors(reconstructors, opt.mean_delta)
     peft_model.eval()
     device = next(peft_model.parameters()).device
-    suffix = _Suffix(peft_model, layer, adapter, opt.max_logit_bytes)
+    suffix = SuffixForward(peft_model, layer, adapter, opt.max_logit_bytes)
     doc_kl: dict[str, list[float]] = {name: [] for name in ("base", *recons)}
     doc_tokens: list[int] = []
     for start in range(0, len(docs), opt.batch_size):
@@ -192,7 +182,7 @@ def splice_kl(
         b = len(chunk)
         batch = collate(chunk * 2, pad_id)
         ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        caps = suffix.prefix(layers, ids, att, ["__base__"] * b + [adapter] * b)
+        caps = suffix.prefix(layers, ids, att, [BASE] * b + [adapter] * b)
         sel = _selected(att.cpu(), chunk, caps, b, selection, opt.keep_positions, start)
         rows = sel.nonzero(as_tuple=True)[0]
         doc_tokens += sel.sum(1).tolist()
@@ -214,7 +204,7 @@ def check_keep_positions(keep_positions: Sequence[Sequence[int]] | None, docs: S
         )
 
 
-def _batch_kl(suffix: _Suffix, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel):
+def _batch_kl(suffix: SuffixForward, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel):
     """Yields (name, per-token KL(p_ft ‖ p_name) on the CPU) for every name of ``inputs`` after ``"ft"`` (the
     first one, whose log-probabilities are the reference)."""
     logp_ft = None
@@ -222,7 +212,7 @@ def _batch_kl(suffix: _Suffix, inputs: dict[str, torch.Tensor], ids: torch.Tenso
         if name == "ft":
             logp_ft = logp
         else:
-            yield name, _kl_rows_chunked(logp_ft, logp).cpu()
+            yield name, kl_rows_chunked(logp_ft, logp).cpu()
         del logp
 
 
@@ -240,106 +230,6 @@ def _spliced(
     replaced = h_ft.clone()
     replaced[sel] = h_base[sel] + delta_hat
     return replaced
-
-
-class _Suffix:
-    """Runs only the blocks after ``layer`` on given residuals at ``layer``: the model's own forward, with every
-    block up to ``layer`` swapped for a pass-through (block ``layer`` returns the given residual), so masks,
-    rotary embeddings and sliding windows are built by the model itself. The LM head sees only the selected
-    positions (a forward pre-hook), unless the head is itself a LoRA layer (then all logits are computed)."""
-
-    def __init__(self, peft_model, layer: int, adapter: str, max_logit_bytes: int):
-        self.model, self.layer, self.adapter = peft_model, layer, adapter
-        self.blocks = decoder_blocks(peft_model)
-        self.head = unwrap_model(peft_model).get_output_embeddings()
-        self.head_selects = self.head is not None and not hasattr(self.head, "lora_A")
-        self.vocab = int(unwrap_model(peft_model).config.get_text_config().vocab_size)
-        self.max_logit_bytes = max_logit_bytes
-        self.tuple_out = False
-
-    def prefix(self, layers: list[int], ids: torch.Tensor, att: torch.Tensor, names: list[str]):
-        """The mixed base/adapted forward up to the deepest of ``layers`` (their residuals); notes whether the
-        blocks return tuples (older transformers), so the pass-through blocks answer in the same form."""
-
-        def note(_m, _i, out):
-            self.tuple_out = isinstance(out, tuple)
-
-        handle = self.blocks[self.layer].register_forward_hook(note)
-        try:
-            return ResidualCapture(self.model, layers)(ids, att, names)
-        finally:
-            handle.remove()
-
-    def log_probs(self, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor):
-        """Yields (name, log-probabilities [n_sel, V] float32 at the selected positions) in ``inputs``' order;
-        ``"base"`` runs the base blocks, every other name the adapted ones."""
-        names = list(inputs)
-        b, t = ids.shape
-        per_group = 4 * int(sel.sum()) * self.vocab if self.head_selects else 4 * b * t * self.vocab
-        step = max(1, self.max_logit_bytes // max(per_group, 1))
-        for i in range(0, len(names), step):
-            group = names[i : i + step]
-            parts = list(
-                zip(
-                    group,
-                    self._forward(torch.cat([inputs[n] for n in group]), ids, att, sel, group).chunk(len(group)),
-                    strict=True,
-                )
-            )
-            while parts:  # hold no reference to a part once it is handed out (one N × V buffer alive, not two)
-                name, part = parts.pop(0)
-                yield name, _log_softmax_inplace(part)
-                del part
-
-    def _forward(
-        self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor, group: list[str]
-    ) -> torch.Tensor:
-        g = len(group)
-        rows_sel = sel.repeat(g, 1)
-        adapter_names = [n for name in group for n in ["__base__" if name == "base" else self.adapter] * ids.shape[0]]
-        saved = [blk.__dict__.get("forward") for blk in self.blocks[: self.layer + 1]]
-        for blk in self.blocks[: self.layer]:
-            blk.forward = functools.partial(_pass_through, self.tuple_out)
-        self.blocks[self.layer].forward = functools.partial(_inject, self.tuple_out, hidden)
-        handle = (
-            self.head.register_forward_pre_hook(lambda _m, args: (args[0][rows_sel], *args[1:]))
-            if self.head_selects
-            else None
-        )
-        try:
-            out = self.model(
-                input_ids=ids.repeat(g, 1),
-                attention_mask=att.repeat(g, 1),
-                adapter_names=adapter_names,
-                use_cache=False,
-            ).logits.float()
-        finally:
-            if handle is not None:
-                handle.remove()
-            for blk, old in zip(self.blocks[: self.layer + 1], saved, strict=True):
-                del blk.forward
-                if old is not None:
-                    blk.forward = old
-        return out if self.head_selects else out[rows_sel]
-
-
-def _log_softmax_inplace(logits: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """log_softmax over the last dimension written back into ``logits`` block by block (row-wise, so the same
-    numbers as one call; temporaries of ``rows`` × V instead of a second N × V tensor)."""
-    for i in range(0, logits.shape[0], rows):
-        logits[i : i + rows] = torch.log_softmax(logits[i : i + rows], -1)
-    return logits
-
-
-def _pass_through(as_tuple: bool, *args, **kwargs):
-    """A block skipped in the suffix forward: returns its input residual unchanged."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    return (hidden,) if as_tuple else hidden
-
-
-def _inject(as_tuple: bool, hidden: torch.Tensor, *_args, **_kwargs):
-    """Block ``layer`` in the suffix forward: returns the given (spliced) residual."""
-    return (hidden,) if as_tuple else hidden
 
 
 def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResult:
