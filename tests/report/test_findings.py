@@ -107,6 +107,32 @@ def test_density_is_not_testable_when_topk_fixes_l0():
     assert f.verdict == NOT_TESTABLE and f.text.startswith("L0 is fixed at 16")
 
 
+def test_density_findings_carry_the_matched_reconstruction_reading():
+    """Free-L0 rows at a fixed coefficient plus L0 at matched FVU: both density findings quote the matched points
+    (per rank at the deepest layer; per layer at the highest rank) and the spread of the fixed-coefficient FVU."""
+    rows = []
+    for layer in (4, 20):
+        for r in (4, 32):
+            rows.append(_row(schema.L0_FIXED_COEFFICIENT, layer, r, 2.0, 1.8, 2.2))
+            rows.append(_row(schema.FVU_FIXED_COEFFICIENT, layer, r, 0.1 if layer == 4 else 0.8))
+            matched = _row(schema.L0_MATCHED_FVU, layer, r, layer + r / 4)
+            rows.append(ResultRow(**{**matched.as_record(), "note": f"target FVU 0.2; {r // 4 + 1} runs"}))
+    rows += _trend(schema.TREND_FREE_L0_RANK, schema.TREND_FREE_L0_RANK_P, 0.0, -0.1, 0.1, 0.5, 1 / 12, layer=20)
+    rows += [
+        _row(schema.TREND_FREE_L0_DEPTH, -1, 32, 0.0, -0.1, 0.1),
+        _row(schema.TREND_FREE_L0_DEPTH_P, -1, 32, 0.5, null=1 / 12),
+    ]
+    rank, depth = _find(rows, "density_rank"), _find(rows, "density_depth")
+    tail = "The fixed-coefficient SAEs reach held-out FVU 0.1–0.8 across cells"
+    assert (
+        "(target FVU 0.2; one coefficient search per cell, no interval): L0 21 (rank 4), 28 (rank 32) at layer 20"
+        in rank.text
+    )
+    assert "L0 12 (layer 4), 28 (layer 20) at rank 32" in depth.text
+    assert tail in rank.text and tail in depth.text
+    assert rank.verdict == depth.verdict == NOT_TESTABLE  # descriptive: the matched reading has no interval
+
+
 def test_splice_is_relative_to_the_zero_splice_and_the_mean_baseline():
     rel, mean = schema.KL_RECOVERED_REL_ADAPTER_SAE, schema.kl_recovered_rel("mean_delta")
     rows = [

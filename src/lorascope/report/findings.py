@@ -202,8 +202,8 @@ def trend_finding(tab: Tab, key: str, metric: str, p_metric: str, title: str, wh
         f"per {'layer' if over == 'rank' else 'adapter'}, OLS slope of {what} on "
         f"{'log2 LoRA rank across adapters trained with one recipe' if over == 'rank' else 'layer index'}; "
         "holds there if the exact permutation p ≤ 0.05 and the paired document-bootstrap CI of the slope lies "
-        "above 0; not testable here when the design cannot reach p ≤ 0.05 (fewer than 5 points: 4 ranks give "
-        "at best p = 1/12)"
+        "above 0; not testable here when the design cannot reach p ≤ 0.05 (fewer than 5 points: 4 ranks or "
+        "layers give at best p = 1/12)"
     )
     if over == "rank":
         keys = [(layer, "") for layer in tab.layers(metric)]
@@ -238,7 +238,7 @@ def density_finding(tab: Tab) -> Finding:
     if tab.layers(schema.TREND_FREE_L0_RANK):  # the density stage's free-L0 SAEs: the test where L0 can move
         what = "the free-L0 SAE's L0 (fixed coefficient)"
         f = trend_finding(tab, "density_rank", schema.TREND_FREE_L0_RANK, schema.TREND_FREE_L0_RANK_P, title, what)
-        return Finding(f.key, title, f.verdict, f.text + free, f.rule, f.numbers)
+        return Finding(f.key, title, f.verdict, f.text + free + matched_fvu_text(tab), f.rule, f.numbers)
     l0 = [tab.value(schema.L0_ADAPTER_SAE, *c) for c in tab.cells(schema.L0_ADAPTER_SAE)]
     l0 = [v for v in l0 if math.isfinite(v)]
     f = trend_finding(tab, "density_rank", schema.TREND_L0_RANK, schema.TREND_L0_RANK_P, title, "L0")
@@ -252,6 +252,58 @@ def density_finding(tab: Tab) -> Finding:
             f.numbers,
         )
     return Finding(f.key, f.title, f.verdict, f.text + free, f.rule, f.numbers)
+
+
+def matched_fvu_text(tab: Tab, over: str = "rank") -> str:
+    """The density stage's matched-quality reading: L0 at the coefficient whose held-out FVU hits the target, per rank
+    at the deepest layer (``over="rank"``) or per layer at the highest rank (``"depth"``), beside the spread of the
+    fixed-coefficient FVU (which says whether the fixed-coefficient L0 compares SAEs of equal quality).
+    Descriptive: one coefficient search per cell, no interval."""
+    import re
+
+    metric = schema.L0_MATCHED_FVU
+    cells = [(layer, tab.rank(a), tab.value(metric, layer, a)) for layer, a in tab.cells(metric)]
+    cells = [c for c in cells if c[1] >= 0 and math.isfinite(c[2])]
+    if not cells:
+        return ""
+    notes = {
+        m.group(0)
+        for n in tab.df.loc[tab.df.metric == metric, "note"]
+        if (m := re.match(r"target FVU [0-9.eE+-]+", str(n)))
+    }
+    deepest, top = max(c[0] for c in cells), max(c[1] for c in cells)
+    if over == "rank":
+        points = ", ".join(f"{_f(v)} (rank {r})" for r, v in sorted((r, v) for x, r, v in cells if x == deepest))
+        where = f"layer {deepest}"
+    else:
+        points = ", ".join(f"{_f(v)} (layer {x})" for x, v in sorted((x, v) for x, r, v in cells if r == top))
+        where = f"rank {top}"
+    fvu = [tab.value(schema.FVU_FIXED_COEFFICIENT, *c) for c in tab.cells(schema.FVU_FIXED_COEFFICIENT)]
+    fvu = [v for v in fvu if math.isfinite(v)]
+    spread = (
+        f" The fixed-coefficient SAEs reach held-out FVU {_f(min(fvu))}–{_f(max(fvu))} across cells, so their L0 "
+        "compares dictionaries of unequal quality; the matched reading does not."
+        if fvu
+        else ""
+    )
+    return (
+        f" At matched reconstruction ({', '.join(sorted(notes)) or 'target FVU'}; one coefficient search per cell, "
+        f"no interval): L0 {points} at {where}.{spread}"
+    )
+
+
+def density_depth_finding(tab: Tab) -> Finding:
+    """The free-L0 SAE's L0 over layers (per adapter), with the matched-reconstruction reading beside it."""
+    f = trend_finding(
+        tab,
+        "density_depth",
+        schema.TREND_FREE_L0_DEPTH,
+        schema.TREND_FREE_L0_DEPTH_P,
+        "Feature density rises with depth",
+        "the free-L0 SAE's L0 (fixed coefficient)",
+        over="depth",
+    )
+    return Finding(f.key, f.title, f.verdict, f.text + matched_fvu_text(tab, over="depth"), f.rule, f.numbers)
 
 
 def free_l0_text(tab: Tab) -> str:
@@ -473,15 +525,7 @@ def compute_findings(df) -> list[Finding]:
             "mean ‖Δ‖",
             over="depth",
         ),
-        trend_finding(
-            tab,
-            "density_depth",
-            schema.TREND_FREE_L0_DEPTH,
-            schema.TREND_FREE_L0_DEPTH_P,
-            "Feature density rises with depth",
-            "the free-L0 SAE's L0 (fixed coefficient)",
-            over="depth",
-        ),
+        density_depth_finding(tab),
         effective_rank_finding(tab),
         splice_finding(tab),
         subspace_finding(tab),

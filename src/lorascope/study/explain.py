@@ -259,7 +259,8 @@ def _explain_adapter(st: RunState, store, adapter: Adapter, layer: int, saes: St
     if part.is_file():
         return
     st.log(f"explain: layer {layer}, {adapter.name}")
-    feats = explain_features(st, store, adapter, layer, saes, out)
+    with st.timed("explain/features"):
+        feats = explain_features(st, store, adapter, layer, saes, out)
     rows = feats["rows"] + causal_rows(st, adapter, layer, feats, out)
     write_json(part, [r.as_record() for r in rows])
     st.log(summary_line(adapter.name, rows, feats["top"]))
@@ -341,7 +342,9 @@ def stage_explain(
     for a in adapters:
         _explain_adapter(st, store, a, layer, saes, out)
     if not (out / "rows_reference.json").is_file():
-        write_json(out / "rows_reference.json", [r.as_record() for r in reference_rows(st, store, layer, saes, out)])
+        with st.timed("explain/latent_scaling"):
+            ref_rows = reference_rows(st, store, layer, saes, out)
+        write_json(out / "rows_reference.json", [r.as_record() for r in ref_rows])
     rows = [row_from_record(r) for f in sorted(out.glob("rows_*.json")) for r in read_json(f)]
     _merge_results(st, measured, sd, rows)
     shutil.copytree(

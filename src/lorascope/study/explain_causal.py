@@ -237,27 +237,33 @@ def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Pa
     peft = st.peft({})  # loaded with every adapter by the stage
     held, batch = _examples(st)
     where = {"layer": layer, "adapter": adapter.name, "rank": adapter.rank}
-    rows = attribution_rows(peft, adapter, layer, feats, batch, out) if ex.attribution else []
+    rows = []
+    if ex.attribution:
+        with st.timed("explain/attribution"):
+            rows += attribution_rows(peft, adapter, layer, feats, batch, out)
     labels, att = batch["labels"], batch["attention_mask"]
-    probe = CausalProbe(
-        peft,
-        adapter.name,
-        batch["input_ids"],
-        att,
-        layer,
-        labels=labels,
-        token_mask=torch.roll(labels != -100, -1, dims=1),
-    )
-    edits, vectors = _edits(feats, probe, att, st.config.seed)
-    srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
+    with st.timed("explain/steering"):
+        probe = CausalProbe(
+            peft,
+            adapter.name,
+            batch["input_ids"],
+            att,
+            layer,
+            labels=labels,
+            token_mask=torch.roll(labels != -100, -1, dims=1),
+        )
+        edits, vectors = _edits(feats, probe, att, st.config.seed)
+        srows, summary = steering_rows(probe, edits, where, int(probe.token_mask.sum()))
     rows += srows + first_position_rows(edits["exact_delta"], att, where)
     if ex.generations and st.config.data.finetune == "demo":
         prompts = [e.user_message for e in held[: ex.generations]]
-        grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, vectors, where)
+        with st.timed("explain/generation"):
+            grows, gen = generation_rows(st, peft, adapter.name, layer, prompts, vectors, where)
         rows += grows
         summary["generations"] = gen
     if ex.intruders:
-        rows += intruder_rows(peft, adapter, layer, feats, out)
+        with st.timed("explain/intruders"):
+            rows += intruder_rows(peft, adapter, layer, feats, out)
     write_json(out / f"causal_{adapter.name}.json", summary)
     return rows
 
