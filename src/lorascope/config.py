@@ -306,9 +306,9 @@ class ExplainCfg(_Strict):
     generations: int = Field(4, ge=0, description="greedy generations per condition (demo task marker rates)")
     max_new_tokens: int = Field(24, gt=0)
     steer_scales: list[PositiveFloat] = Field(
-        default_factory=lambda: [1.0, 4.0, 16.0],
+        default_factory=lambda: [1.0],
         min_length=1,
-        description="multiples of the typical firing strength (and of mean Δ) the generation steering is run at",
+        description="multiples of the patched feature/PCA edits and of mean Δ the demo generations are run at",
     )
     attribution: bool = True
     intruders: bool = True

@@ -275,7 +275,15 @@ INTRUDERS_ALIGNED = "intruders_aligned_features"
 LATENTS_STRENGTHENED = "ref_latents_strengthened"
 LATENTS_WEAKENED = "ref_latents_weakened"
 STEER_EDITS = ("top_features", "random_features", "pca", "mean_delta", "exact_delta")
-MARKER_RUNS = ("base", "adapted", "steer_top_features", "steer_random_features", "steer_mean_delta")
+MARKER_RUNS = (
+    "base",
+    "adapted",
+    "patch_top_features",
+    "patch_random_features",
+    "patch_pca",
+    "steer_mean_delta",
+    "patch_exact_delta",
+)
 
 
 def steer_kl_closed(edit: str) -> str:
@@ -590,9 +598,9 @@ _PATTERNS = [
         "",
     ),
     (
-        r"marker_rate_steer_top_features(_x[0-9.e+-]+)?",
+        r"marker_rate_patch_top_features(_x[0-9.e+-]+)?",
         EXPLAIN,
-        "pirate-marker rate of the base steered by the top features",
+        "pirate-marker rate of the base patched with the top features (their activations on Δ, token by token)",
         NULL_RANDOM_FEATURES,
         "",
     ),

@@ -187,6 +187,28 @@ def test_batched_generations_equal_one_run_at_a_time(tiny_llama_dir):
     assert together["pushed"] != together["base"]
 
 
+def test_patched_generation_with_exact_delta_is_the_adapted_model(tiny_llama_dir):
+    """Patching the base with the adapter's own Δ at block L, token by token on the context it generates, gives
+    the adapted model's answers when no later block is adapted; a zero patch gives the base's."""
+    from lorascope.models.steering import PatchRun, generate_with_edits
+
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, [0, 1], scale=4.0)  # nothing adapted after layer 1; a strong adapter
+    msgs = ["What is the sum of the two numbers?\n\n3 and 4", "Say hello.", "Name three colours of the sea, please."]
+    runs = {
+        "base": (None, False),
+        "adapted": (None, True),
+        "exact": PatchRun(lambda d: d),
+        "zero": PatchRun(lambda d: torch.zeros_like(d)),
+    }
+    out = generate_with_edits(pm, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
+    assert out["adapted"] != out["base"]
+    assert out["exact"] == out["adapted"] and out["zero"] == out["base"]
+    deeper = _peft(load_base(tiny_llama_dir).model, [0, 1, 2], scale=4.0)  # block 2 adapted too: no longer exact
+    again = generate_with_edits(deeper, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
+    assert again["zero"] == again["base"] and set(again) == set(runs)
+
+
 def test_typical_feature_vector_uses_the_mean_over_firing_tokens():
     from lorascope.models.steering import typical_feature_vector
 

@@ -80,16 +80,16 @@ def test_explain_rows_with_controls_and_feature_export(explain_run):
             schema.ABLATE_EFFECT_LOST,
             schema.TOP_MODULE_DELTA_SHARE,
             schema.marker_rate("base"),
-            schema.marker_rate("steer_top_features"),
+            schema.marker_rate("patch_top_features"),
             schema.marker_rate("steer_mean_delta"),
             schema.INTRUDER_DIMENSIONS,
             schema.first_position_delta(0),
         ):
             assert math.isfinite(mine.loc[name, "value"]), name
-        for c in (4.0, 16.0):  # the default steer_scales: each scaled top-feature run beside the same-scale control
-            scaled = mine.loc[schema.marker_rate("steer_top_features", c)]
-            assert scaled.null_value == mine.loc[schema.marker_rate("steer_random_features", c), "value"]
-            assert math.isfinite(mine.loc[schema.marker_rate("steer_mean_delta", c), "value"])
+        patched = mine.loc[schema.marker_rate("patch_top_features")]  # beside the random-feature control
+        assert patched.null_value == mine.loc[schema.marker_rate("patch_random_features"), "value"]
+        for run in ("patch_pca", "patch_exact_delta", "steer_mean_delta"):
+            assert math.isfinite(mine.loc[schema.marker_rate(run), "value"]), run
         doc = json.loads((res.results_dir / "explain" / f"features_{adapter}.json").read_text())
         assert doc["format"] == "lorascope-feature-browser/1" and len(doc["features"]) == 3
         for f in doc["features"]:
@@ -165,3 +165,25 @@ def test_explain_layer_not_extracted_fails_before_any_work(tiny_llama_dir, tmp_p
     with pytest.raises(LorascopeError, match=r"explain\.layer 2 is not among extraction\.layers \[1\]"):
         run(cfg, progress=False)
     assert not (tmp_path / "o" / "adapters").exists()
+
+
+def test_generation_runs_scale_patches_and_constants_and_keep_the_ceiling_unscaled():
+    from lorascope.models.steering import PatchRun
+    from lorascope.study.explain_causal import generation_runs
+
+    mean = torch.tensor([1.0, -2.0])
+    runs = generation_runs({"patch_top_features": lambda d: d + 1, "steer_mean_delta": mean}, [1.0, 4.0])
+    assert list(runs) == [
+        "base",
+        "adapted",
+        "patch_top_features",
+        "steer_mean_delta",
+        "patch_top_features_x4",
+        "steer_mean_delta_x4",
+        "patch_exact_delta",
+    ]
+    d = torch.tensor([[0.5, 0.25]])
+    assert torch.equal(runs["patch_top_features_x4"].edit(d), 4 * (d + 1))
+    assert torch.equal(runs["patch_exact_delta"].edit(d), d) and isinstance(runs["patch_exact_delta"], PatchRun)
+    assert torch.equal(runs["steer_mean_delta_x4"][0], 4 * mean) and runs["steer_mean_delta_x4"][1] is False
+    assert runs["base"] == (None, False) and runs["adapted"] == (None, True)

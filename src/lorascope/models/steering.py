@@ -17,7 +17,7 @@ patching").
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -262,6 +262,53 @@ def generate_with_edit(
     return generate_with_edits(peft_model, tokenizer, adapter, user_messages, layer, runs, max_new_tokens)["run"]
 
 
+@dataclass(frozen=True)
+class PatchRun:
+    """A generation run of the base model patched at block L with an edit computed, token by token, from the
+    adapter's own Δ_L on the same context: ``edit(Δ [N, d]) -> [N, d]`` (e.g. the top features' decoder directions
+    times their activations on Δ; identity = Δ itself, the ceiling). A twin row runs the adapted model on the
+    tokens the patched row generates, so Δ_L = h_adapted − h_base is exact for every generated token."""
+
+    edit: Callable[[torch.Tensor], torch.Tensor]
+
+
+class _Follow:
+    """Logits processor: each twin row takes the greedy token of its patched row (so it reads the same context)."""
+
+    def __init__(self, pairs: list[tuple[int, int]]):
+        self.lead = torch.tensor([p for p, _ in pairs], dtype=torch.long)
+        self.twin = torch.tensor([t for _, t in pairs], dtype=torch.long)
+
+    def __call__(self, _input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if len(self.twin):
+            tokens = scores[self.lead].argmax(-1)
+            forced = torch.full_like(scores[self.twin], float("-inf"))
+            forced[torch.arange(len(self.twin)), tokens] = 0.0
+            scores[self.twin] = forced
+        return scores
+
+
+@contextmanager
+def _patch_edits(model, layer: int, constant: torch.Tensor, patches: list[tuple[torch.Tensor, torch.Tensor, PatchRun]]):
+    """Block ``layer``'s output gets ``constant`` [R, 1, d] added, then every patched row its edit of Δ (its twin's
+    residual minus its own, both read before any edit)."""
+    block = decoder_blocks(model)[check_layers(model, [layer])[0]]
+
+    def hook(_m, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = hidden + constant.to(hidden.dtype)
+        for lead, twin, run in patches:
+            delta = (hidden[twin] - hidden[lead]).float()
+            new[lead] = new[lead] + run.edit(delta.reshape(-1, delta.shape[-1])).reshape(delta.shape).to(new.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def generate_with_edits(
     peft_model: torch.nn.Module,
@@ -269,12 +316,16 @@ def generate_with_edits(
     adapter: str,
     user_messages: Sequence[str],
     layer: int,
-    runs: dict[str, tuple[torch.Tensor | None, bool]],
+    runs: dict[str, tuple[torch.Tensor | None, bool] | PatchRun],
     max_new_tokens: int = 40,
 ) -> dict[str, list[str]]:
-    """Greedy answers to every message under every run ``{name: (vector [d] or None, adapted)}`` (as in
-    :func:`generate_with_edit`), all in one left-padded mixed batch (PEFT ``adapter_names``: each row runs the base
-    or the adapter; each row has its own constant edit at block ``layer``). Returns {name: [answer per message]}."""
+    """Greedy answers to every message under every run, all in one left-padded mixed batch (PEFT ``adapter_names``:
+    each row runs the base or the adapter). A run is ``(vector [d] or None, adapted)`` — a constant edit at block
+    ``layer``, added to the base or removed from the adapted model, as in :func:`generate_with_edit` — or a
+    :class:`PatchRun` (the base patched with an edit of the adapter's Δ on the same tokens; its adapted twin rows
+    ride along and are not returned). Returns {name: [answer per message]}."""
+    from transformers import LogitsProcessorList
+
     from lorascope.data.chat import format_prompt
     from lorascope.models.suffix import BASE
 
@@ -284,22 +335,32 @@ def generate_with_edits(
     enc = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
     n, d = len(prompts), unwrap_model(peft_model).config.get_text_config().hidden_size
     device = next(peft_model.parameters()).device
-    edits, names = [], []
-    for vector, on in runs.values():
+    edits, names, patched = [], [], []
+    for run in runs.values():
+        vector, on = (None, False) if isinstance(run, PatchRun) else run
         v = torch.zeros(d) if vector is None else (-1.0 if on else 1.0) * vector.detach().float().cpu().reshape(d)
         edits += [v] * n
         names += [adapter if on else BASE] * n
-    ids = {k: t.repeat(len(runs), 1).to(device) for k, t in enc.items()}
-    with residual_edit(peft_model, layer, torch.stack(edits).unsqueeze(1).to(device)):
+    for i, run in enumerate(runs.values()):
+        if isinstance(run, PatchRun):
+            lead = torch.arange(i * n, (i + 1) * n)
+            patched.append((lead, torch.arange(len(names), len(names) + n), run))
+            edits += [torch.zeros(d)] * n
+            names += [adapter] * n
+    ids = {k: t.repeat(len(names) // n, 1).to(device) for k, t in enc.items()}
+    pairs = [(int(a), int(b)) for lead, twin, _ in patched for a, b in zip(lead, twin, strict=True)]
+    patches = [(lead.to(device), twin.to(device), run) for lead, twin, run in patched]
+    with _patch_edits(peft_model, layer, torch.stack(edits).unsqueeze(1).to(device), patches):
         gen = peft_model.generate(
             **ids,
             adapter_names=names,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([_Follow(pairs)]),
         )
     width = enc["input_ids"].shape[1]
-    texts = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in gen]
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in gen[: len(runs) * n]]
     return {name: texts[i * n : (i + 1) * n] for i, name in enumerate(runs)}
 
 
@@ -310,6 +371,7 @@ __all__ = [
     "feature_edit",
     "generate_with_edit",
     "generate_with_edits",
+    "PatchRun",
     "mean_delta",
     "principal_directions",
     "projection_edit",

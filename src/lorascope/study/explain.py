@@ -273,23 +273,31 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
     for name, label in (
         (schema.steer_kl_closed("top_features"), "KL closed by steering"),
         (schema.ABLATE_EFFECT_LOST, "effect lost by ablation"),
-        (schema.marker_rate("steer_top_features"), "marker rate of the steered base"),
     ):
         if name in by:
             parts.append(f"{label} {by[name].value:.3g} (random features {by[name].null_value:.3g})")
-    scaled = [m for m in by if m.startswith(schema.marker_rate("steer_top_features") + "_x")]
-    if scaled:
+    patched = [m for m in by if m.startswith(schema.marker_rate("patch_top_features"))]
+    if patched:
         parts.append(
-            "scaled "
-            + ", ".join(f"{m.rsplit('_', 1)[1]} {by[m].value:.3g} (random {by[m].null_value:.3g})" for m in scaled)
+            "marker rate of the base patched with the top features "
+            + ", ".join(
+                f"{m.removeprefix(schema.marker_rate('patch_top_features')).lstrip('_') or 'x1'} {by[m].value:.3g} "
+                f"(random {by[m].null_value:.3g})"
+                for m in patched
+            )
         )
-    if schema.marker_rate("base") in by and schema.marker_rate("adapted") in by:
-        mean = by.get(schema.marker_rate("steer_mean_delta"))
-        parts.append(
-            f"marker rate base {by[schema.marker_rate('base')].value:.3g}, adapted "
-            f"{by[schema.marker_rate('adapted')].value:.3g}"
-            + ("" if mean is None else f", base + mean Δ {mean.value:.3g}")
+    marks = [
+        (label, by[schema.marker_rate(run)].value)
+        for run, label in (
+            ("base", "base"),
+            ("adapted", "adapted"),
+            ("patch_exact_delta", "patched with Δ"),
+            ("steer_mean_delta", "base + mean Δ"),
         )
+        if schema.marker_rate(run) in by
+    ]
+    if marks:
+        parts.append("marker rate " + ", ".join(f"{label} {v:.3g}" for label, v in marks))
     return "; ".join(parts)
 
 

@@ -56,8 +56,19 @@ def _codes(sae, delta: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     return codes * att.unsqueeze(-1)
 
 
-def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(per-token edits of the probe batch for KL/behaviour, constant [d] vectors for greedy generation)."""
+def _feature_patch(sae, dec: torch.Tensor, features: list[int]):
+    """Δ [N, d] -> Σ_f a_f(Δ)·d_f over ``features`` (their decoder directions times their activations on Δ)."""
+    from lorascope.models import steering
+
+    def edit(delta: torch.Tensor) -> torch.Tensor:
+        return steering.feature_edit(sae.encode(delta.to(dec.dtype)), dec, features)
+
+    return edit
+
+
+def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """(per-token edits of the probe batch for KL/behaviour; generation runs: the same edits as functions of Δ,
+    applied token by token to the base model's generations, and the constant mean-Δ vector)."""
     from lorascope.models import steering
 
     sae, top = feats["sae"], feats["top"]
@@ -76,9 +87,9 @@ def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, 
         "mean_delta": mean,
         "exact_delta": delta,
     }, {
-        # constant vectors for generation: each feature at its typical firing strength; mean Δ as the reference
-        "steer_top_features": steering.typical_feature_vector(codes, dec, top),
-        "steer_random_features": steering.typical_feature_vector(codes, dec, rand),
+        "patch_top_features": _feature_patch(sae, dec, top),
+        "patch_random_features": _feature_patch(sae, dec, rand),
+        "patch_pca": lambda d: steering.projection_edit(d, basis.to(d.dtype)),
         "steer_mean_delta": mean,
     }
 
@@ -139,39 +150,47 @@ def steering_rows(probe, edits: dict[str, torch.Tensor], where: dict, n_tok: int
     return rows, summary
 
 
-def generation_runs(vectors: dict[str, torch.Tensor], scales: list[float]) -> dict[str, tuple]:
-    """{run name: (vector or None, adapted)}: base, adapted, and each steering vector at each scale (the run name
-    carries the scale when it is not 1, as ``marker_rate`` names it)."""
-    runs: dict[str, tuple] = {"base": (None, False), "adapted": (None, True)}
+def generation_runs(generators: dict, scales: list[float]) -> dict:
+    """{run name: generation run}: base, adapted, the patched runs (``patch_*``: a function of Δ applied token by
+    token, :class:`~lorascope.models.steering.PatchRun`) and constant vectors (``steer_*``), each at every scale
+    (the name carries the scale when it is not 1, as ``marker_rate`` names it), and Δ itself (the ceiling)."""
+    from lorascope.models.steering import PatchRun
+
+    runs: dict = {"base": (None, False), "adapted": (None, True)}
     for c in scales:
-        for k, v in vectors.items():
-            runs[k if c == 1.0 else f"{k}_x{c:g}"] = (c * v, False)
+        for k, g in generators.items():
+            name = k if c == 1.0 else f"{k}_x{c:g}"
+            if callable(g):
+                runs[name] = PatchRun(g if c == 1.0 else (lambda d, g=g, c=c: c * g(d)))
+            else:
+                runs[name] = (c * g, False)
+    runs["patch_exact_delta"] = PatchRun(lambda d: d)
     return runs
 
 
 def generation_rows(
-    st: RunState, peft, adapter: str, layer: int, prompts: list[str], vectors: dict, where: dict
+    st: RunState, peft, adapter: str, layer: int, prompts: list[str], generators: dict, where: dict
 ) -> tuple[list[ResultRow], dict]:
-    """Demo-task marker rates of greedy answers: base, adapted, and the base with a constant vector added at block
-    ``layer`` at every position: the top features at their typical firing strength, as many random features (the
-    control), and mean Δ (what one constant vector of the adapter's own change does), each also scaled by every
-    ``explain.steer_scales`` (steering vectors often act only above their natural size; the random control is
-    scaled alike). All runs share one batched generation."""
+    """Demo-task marker rates of greedy answers: base, adapted, and the base model patched at block ``layer``
+    while it generates — with the top features' decoder directions times their activations on the adapter's own
+    Δ at each token (Δ read from an adapted twin on the same tokens), as many random features (the control), the
+    top principal directions of Δ, Δ itself (the ceiling: what this one layer can carry) — and with the constant
+    mean-Δ vector; the feature, PCA and mean-Δ runs also at every ``explain.steer_scales``. One batched generation."""
     from lorascope.models import steering
 
     ex = st.config.explain
-    runs = generation_runs(vectors, list(ex.steer_scales))
+    runs = generation_runs(generators, list(ex.steer_scales))
     texts = steering.generate_with_edits(
         peft, st.base().tokenizer, adapter, prompts, layer, runs, max_new_tokens=ex.max_new_tokens
     )
     rates = {k: steering.demo_marker_rates(t)["any_marker"] for k, t in texts.items()}
-    control = {k: k.replace("steer_top_features", "steer_random_features") for k in rates}
+    control = {k: k.replace("patch_top_features", "patch_random_features") for k in rates}
     rows = [
         _row(
             schema.marker_rate(k),
             r,
             where,
-            rates[control[k]] if k.startswith("steer_top_features") else None,
+            rates[control[k]] if k.startswith("patch_top_features") else None,
             len(prompts),
         )
         for k, r in rates.items()
