@@ -274,13 +274,14 @@ INTRUDER_DIMENSIONS = "intruder_dimensions"
 INTRUDERS_ALIGNED = "intruders_aligned_features"
 LATENTS_STRENGTHENED = "ref_latents_strengthened"
 LATENTS_WEAKENED = "ref_latents_weakened"
-STEER_EDITS = ("top_features", "random_features", "pca", "mean_delta", "exact_delta")
+STEER_EDITS = ("top_features", "random_features", "pca", "sae_reconstruction", "mean_delta", "exact_delta")
 MARKER_RUNS = (
     "base",
     "adapted",
     "patch_top_features",
     "patch_random_features",
     "patch_pca",
+    "patch_sae_reconstruction",
     "steer_mean_delta",
     "patch_exact_delta",
 )

@@ -5,9 +5,12 @@ layer: latent scaling of the reference dictionary and intruder dimensions of blo
 Steering edits (added to block L's output of the base model): the top-n features' decoder directions × their
 activations on each token (``top_features``), the same for n random alive features (``random_features``, the
 control beside it), Δ projected onto its top-n principal directions (``pca``, fitted on the activation store's
-held-out rows, other documents), the constant mean-Δ vector (``mean_delta``) and Δ itself (``exact_delta``, the
-ceiling: it closes all of KL only when no block after L is adapted). Ablation subtracts the top-n (and random)
-feature edits from the adapted model. See :mod:`lorascope.models.steering`.
+held-out rows, other documents), the SAE's whole reconstruction of Δ (``sae_reconstruction``: every feature, so
+the gap to the top-n says how many features the effect needs), the constant mean-Δ vector (``mean_delta``) and Δ
+itself (``exact_delta``, the ceiling: it closes all of KL only when no block after L is adapted). Ablation subtracts
+the top-n (and random) feature edits from the adapted model. In the demo task's greedy generations the same edits
+are applied token by token as functions of the adapter's own Δ (``patch_*``; an adapted twin row reads the tokens
+the patched row generates), with the mean-Δ vector as the constant run. See :mod:`lorascope.models.steering`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,13 @@ def _feature_patch(sae, dec: torch.Tensor, features: list[int]):
     return edit
 
 
+def _reconstruction(sae, delta: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction of Δ (every feature plus the decoder bias), in Δ's shape and dtype."""
+    d = delta.shape[-1]
+    with torch.no_grad():
+        return sae(delta.reshape(-1, d).float()).reshape(delta.shape).to(delta.dtype)
+
+
 def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
     """(per-token edits of the probe batch for KL/behaviour; generation runs: the same edits as functions of Δ,
     applied token by token to the base model's generations, and the constant mean-Δ vector)."""
@@ -84,12 +94,14 @@ def _edits(feats: dict, probe, att: torch.Tensor, seed: int) -> tuple[dict[str, 
         "top_features": steering.feature_edit(codes, dec, top) * att.unsqueeze(-1),
         "random_features": steering.feature_edit(codes, dec, rand) * att.unsqueeze(-1),
         "pca": steering.projection_edit(delta, basis) * att.unsqueeze(-1),
+        "sae_reconstruction": _reconstruction(sae, delta) * att.unsqueeze(-1),
         "mean_delta": mean,
         "exact_delta": delta,
     }, {
         "patch_top_features": _feature_patch(sae, dec, top),
         "patch_random_features": _feature_patch(sae, dec, rand),
         "patch_pca": lambda d: steering.projection_edit(d, basis.to(d.dtype)),
+        "patch_sae_reconstruction": lambda d: _reconstruction(sae, d),
         "steer_mean_delta": mean,
     }
 
