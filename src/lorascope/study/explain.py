@@ -291,6 +291,7 @@ def summary_line(adapter: str, rows: list[ResultRow], top: list[int]) -> str:
         for run, label in (
             ("base", "base"),
             ("adapted", "adapted"),
+            ("patch_sae_reconstruction", "patched with the SAE's reconstruction"),
             ("patch_exact_delta", "patched with Δ"),
             ("steer_mean_delta", "base + mean Δ"),
         )
