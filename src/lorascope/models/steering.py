@@ -18,7 +18,7 @@ patching").
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,20 +28,14 @@ from lorascope.models.residual import check_layers, decoder_blocks, unwrap_model
 
 
 @contextmanager
-def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: float = 1.0) -> Iterator[None]:
-    """Within the block, block ``layer``'s output becomes output + sign·edit (edit [B, T, d]; [B, 1, d], one vector
-    per row at every position, as in generation; or [d])."""
+def _block_output_hook(
+    model: torch.nn.Module, layer: int, change: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, block ``layer``'s output residual h becomes ``change(h)`` (tuple outputs kept as tuples)."""
     block = decoder_blocks(model)[check_layers(model, [layer])[0]]
 
     def hook(_m, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        e = edit.to(hidden.dtype)
-        if e.ndim == 3 and e.shape[1] not in (1, hidden.shape[1]):
-            raise LorascopeError(
-                f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
-                fix="use a single vector [d] for generation",
-            )
-        new = hidden + sign * e
+        new = change(output[0] if isinstance(output, tuple) else output)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = block.register_forward_hook(hook)
@@ -49,6 +43,24 @@ def residual_edit(model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: 
         yield
     finally:
         handle.remove()
+
+
+def residual_edit(
+    model: torch.nn.Module, layer: int, edit: torch.Tensor, sign: float = 1.0
+) -> AbstractContextManager[None]:
+    """Context manager: within it, block ``layer``'s output becomes output + sign·edit (edit [B, T, d]; [B, 1, d],
+    one vector per row at every position, as in generation; or [d])."""
+
+    def change(hidden: torch.Tensor) -> torch.Tensor:
+        e = edit.to(hidden.dtype)
+        if e.ndim == 3 and e.shape[1] not in (1, hidden.shape[1]):
+            raise LorascopeError(
+                f"edit covers {e.shape[1]} positions, the forward has {hidden.shape[1]}",
+                fix="use a single vector [d] for generation",
+            )
+        return hidden + sign * e
+
+    return _block_output_hook(model, layer, change)
 
 
 def _next_token_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -288,25 +300,20 @@ class _Follow:
         return scores
 
 
-@contextmanager
-def _patch_edits(model, layer: int, constant: torch.Tensor, patches: list[tuple[torch.Tensor, torch.Tensor, PatchRun]]):
-    """Block ``layer``'s output gets ``constant`` [R, 1, d] added, then every patched row its edit of Δ (its twin's
-    residual minus its own, both read before any edit)."""
-    block = decoder_blocks(model)[check_layers(model, [layer])[0]]
+def _patch_edits(
+    model, layer: int, constant: torch.Tensor, patches: list[tuple[torch.Tensor, torch.Tensor, PatchRun]]
+) -> AbstractContextManager[None]:
+    """Context manager: block ``layer``'s output gets ``constant`` [R, 1, d] added, then every patched row its edit
+    of Δ (its twin's residual minus its own, both read before any edit)."""
 
-    def hook(_m, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+    def change(hidden: torch.Tensor) -> torch.Tensor:
         new = hidden + constant.to(hidden.dtype)
         for lead, twin, run in patches:
             delta = (hidden[twin] - hidden[lead]).float()
             new[lead] = new[lead] + run.edit(delta.reshape(-1, delta.shape[-1])).reshape(delta.shape).to(new.dtype)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return new
 
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _block_output_hook(model, layer, change)
 
 
 @torch.no_grad()
