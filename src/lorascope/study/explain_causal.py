@@ -186,8 +186,9 @@ def generation_rows(
     """Demo-task marker rates of greedy answers: base, adapted, and the base model patched at block ``layer``
     while it generates — with the top features' decoder directions times their activations on the adapter's own
     Δ at each token (Δ read from an adapted twin on the same tokens), as many random features (the control), the
-    top principal directions of Δ, Δ itself (the ceiling: what this one layer can carry) — and with the constant
-    mean-Δ vector; the feature, PCA and mean-Δ runs also at every ``explain.steer_scales``. One batched generation."""
+    top principal directions of Δ, the SAE's whole reconstruction, Δ itself (the ceiling: what this one layer can
+    carry) — and with the constant mean-Δ vector; the feature, PCA, reconstruction and mean-Δ runs also at every
+    ``explain.steer_scales``. One batched generation."""
     from lorascope.models import steering
 
     ex = st.config.explain
