@@ -24,3 +24,41 @@ def test_heatmap_is_byte_identical_for_the_same_table(tmp_path):
     second = heatmap(csv, tmp_path / "f2", "a")
     assert first.read_bytes() == second.read_bytes()
     assert (tmp_path / "f1" / "attribution_a.svg").read_bytes() == (tmp_path / "f2" / "attribution_a.svg").read_bytes()
+
+
+def _explain_rows(kl: dict, markers: dict | None, n: int = 4):
+    from lorascope import results_schema as schema
+    from lorascope.results import ResultRow, rows_to_frame
+
+    rows = [ResultRow(schema.EXPLAIN, schema.steer_kl_closed(k), v, layer=22, adapter="a", n=50) for k, v in kl.items()]
+    rows += [
+        ResultRow(schema.EXPLAIN, schema.marker_rate(k), v, layer=22, adapter="a", n=n)
+        for k, v in (markers or {}).items()
+    ]
+    return rows_to_frame(rows)
+
+
+def test_causal_reading_states_what_the_patched_answers_allow():
+    from lorascope.report.changed import causal_reading
+
+    kl = {"top_features": 0.2, "random_features": 0.01, "sae_reconstruction": 0.7, "exact_delta": 0.85}
+    base = {"adapted": 1.0, "patch_exact_delta": 1.0, "patch_random_features": 0.0}
+    error = causal_reading(
+        _explain_rows(kl, {**base, "patch_top_features": 0.0, "patch_sae_reconstruction": 0.25}), "a"
+    )
+    assert "closes 0.2 of KL" in error and "random features: 0.01" in error and "Δ itself 0.85" in error
+    assert "Δ gives the behaviour in 4/4 answers" in error and "whole reconstruction in 1/4" in error
+    assert "reconstruction error" in error
+    carried = causal_reading(
+        _explain_rows(kl, {**base, "patch_top_features": 0.5, "patch_sae_reconstruction": 1.0}), "a"
+    )
+    assert "top features in 2/4" in carried and "carry part of the behaviour" in carried
+    spread = causal_reading(
+        _explain_rows(kl, {**base, "patch_top_features": 0.0, "patch_sae_reconstruction": 1.0}), "a"
+    )
+    assert "spread over many features" in spread
+    flat = {**base, "patch_exact_delta": 0.0, "patch_top_features": 0.0, "patch_sae_reconstruction": 0.0}
+    assert "This layer alone does not carry the behaviour" in causal_reading(_explain_rows(kl, flat), "a")
+    no_markers = causal_reading(_explain_rows(kl, None), "a")  # a non-demo task: KL only
+    assert "closes 0.2 of KL" in no_markers and "Patched" not in no_markers
+    assert causal_reading(_explain_rows({}, None), "a") == ""

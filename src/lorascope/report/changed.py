@@ -95,6 +95,55 @@ def _features_html(doc: dict, attribution: Any) -> str:
     return "".join(rows)
 
 
+def causal_reading(df, adapter: str) -> str:
+    """One paragraph answering "do the top features cause the behaviour?" for an adapter, from its explain rows:
+    the KL closed by steering with the top features beside random features, the SAE's whole reconstruction and Δ
+    itself; and, for the demo task, how many patched answers show the behaviour, with the reading those numbers
+    allow (empty when the run has no causal rows)."""
+    sub = df[(df.family == schema.EXPLAIN) & (df.adapter == adapter)].set_index("metric")
+
+    def v(metric: str) -> float:
+        return float(sub.loc[metric, "value"]) if metric in sub.index else math.nan
+
+    top, rand = v(schema.steer_kl_closed("top_features")), v(schema.steer_kl_closed("random_features"))
+    if not math.isfinite(top):
+        return ""
+    text = (
+        f"Steering the base with the top features closes {_n(top)} of KL(adapted‖base) (as many random features: "
+        f"{_n(rand)}); the SAE's whole reconstruction {_n(v(schema.steer_kl_closed('sae_reconstruction')))}; Δ "
+        f"itself {_n(v(schema.steer_kl_closed('exact_delta')))}, the most one layer can carry."
+    )
+    runs = ("adapted", "patch_exact_delta", "patch_top_features", "patch_random_features", "patch_sae_reconstruction")
+    m = {k: v(schema.marker_rate(k)) for k in runs}
+    if all(math.isfinite(x) for x in m.values()):
+        n = int(sub.loc[schema.marker_rate("adapted"), "n"])
+
+        def of(k: str) -> str:
+            return f"{round(m[k] * n)}/{n}"
+
+        text += (
+            f" Patched into the base while it answers, Δ gives the behaviour in {of('patch_exact_delta')} answers "
+            f"(adapted model: {of('adapted')}); the top features in {of('patch_top_features')} (random: "
+            f"{of('patch_random_features')}); the whole reconstruction in {of('patch_sae_reconstruction')}. "
+            + _reading(m)
+        )
+    return f"<p class='reading'>{_e(text)}</p>"
+
+
+def _reading(m: dict[str, float]) -> str:
+    """What the patched marker rates allow one to say (exact Δ is the ceiling of this layer)."""
+    if m["patch_exact_delta"] <= 0:
+        return "This layer alone does not carry the behaviour, so no feature of it can be shown to cause it."
+    if m["patch_top_features"] > m["patch_random_features"]:
+        return "The top features carry part of the behaviour (more than random features)."
+    if m["patch_sae_reconstruction"] < m["patch_exact_delta"]:
+        return (
+            "Neither the top features nor the whole dictionary reproduce what Δ does: at this layer the behaviour "
+            "sits in what the SAE leaves out (its reconstruction error)."
+        )
+    return "The whole dictionary reproduces it, but not its top features: the behaviour is spread over many features."
+
+
 def _causal_table(df, adapter: str) -> str:
     sub = df[
         (df.family == schema.EXPLAIN) & (df.adapter == adapter) & df.metric.str.match(r"(steer_|ablate_|marker_rate_)")
@@ -155,6 +204,7 @@ def _adapter_html(run_dir: Path, df, adapter: str, rank: Any, warnings: list[dic
         + _banners(warnings, adapter)
         + "<h4>Top features (seed stability × Δ energy; template-flagged last)</h4>"
         + _features_html(doc, attribution)
+        + causal_reading(df, adapter)
         + _causal_table(df, adapter)
         + _modules_table(ex / f"modules_{adapter}.csv")
         + _img(png, f"attribution heatmap {adapter}")
@@ -187,4 +237,4 @@ def changed_section(run_dir: str | Path, df, meta: dict) -> str:
     return head + intro + top + "".join(parts) + "</section>"
 
 
-__all__ = ["TITLE", "changed_section", "heatmap"]
+__all__ = ["TITLE", "causal_reading", "changed_section", "heatmap"]
