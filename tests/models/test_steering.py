@@ -207,18 +207,3 @@ def test_patched_generation_with_exact_delta_is_the_adapted_model(tiny_llama_dir
     deeper = _peft(load_base(tiny_llama_dir).model, [0, 1, 2], scale=4.0)  # block 2 adapted too: no longer exact
     again = generate_with_edits(deeper, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
     assert again["zero"] == again["base"] and set(again) == set(runs)
-
-
-def test_typical_feature_vector_uses_the_mean_over_firing_tokens():
-    from lorascope.models.steering import typical_feature_vector
-
-    codes = torch.zeros(2, 5, 4)
-    codes[0, 0, 1], codes[1, 3, 1] = 2.0, 4.0  # feature 1 fires twice: typical activation 3
-    codes[0, 2, 3] = 1.5  # feature 3 fires once
-    dec = torch.eye(4, 6)
-    v = typical_feature_vector(codes, dec, [1, 3, 0])  # feature 0 never fires: contributes 0
-    assert torch.equal(v, 3.0 * dec[1] + 1.5 * dec[3])
-    # the all-token mean would shrink feature 1 by its firing rate (2 of 10 tokens)
-    assert torch.allclose(feature_edit(codes, dec, [1]).mean((0, 1)), 0.2 * 3.0 * dec[1])
-    with pytest.raises(LorascopeError, match="no features"):
-        typical_feature_vector(codes, dec, [])

@@ -186,20 +186,6 @@ def feature_edit(codes: torch.Tensor, decoder: torch.Tensor, features: Sequence[
     return codes[..., idx].to(decoder.dtype) @ decoder[idx]
 
 
-def typical_feature_vector(codes: torch.Tensor, decoder: torch.Tensor, features: Sequence[int]) -> torch.Tensor:
-    """Σ_{f ∈ features} ā_f·d_f [d], with ā_f the mean of feature f's activation over the tokens where it fires
-    (0 if it never fires): each feature at its typical firing strength, the usual scale for steering with SAE
-    features (Templeton et al. 2024 clamp a feature to a multiple of its activations). The mean over *all*
-    tokens would shrink a sparse feature by its firing rate and steer with almost nothing."""
-    idx = torch.as_tensor(list(features), dtype=torch.long)
-    if idx.numel() == 0:
-        raise LorascopeError("no features given", fix="pass at least one feature index")
-    a = codes[..., idx].reshape(-1, idx.numel()).double()
-    firing = (a > 0).sum(0)
-    typical = torch.where(firing > 0, a.clamp_min(0).sum(0) / firing.clamp_min(1), torch.zeros_like(a[0]))
-    return typical.to(decoder.dtype) @ decoder[idx]
-
-
 def random_features(alive: torch.Tensor, n: int, exclude: Sequence[int] = (), seed: int = 0) -> list[int]:
     """``n`` distinct random feature indices among ``alive`` (bool [F]) not in ``exclude`` (the random control)."""
     pool = [i for i in torch.nonzero(alive).flatten().tolist() if i not in set(exclude)]
@@ -383,6 +369,5 @@ __all__ = [
     "principal_directions",
     "projection_edit",
     "random_features",
-    "typical_feature_vector",
     "residual_edit",
 ]
