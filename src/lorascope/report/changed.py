@@ -125,23 +125,36 @@ def causal_reading(df, adapter: str) -> str:
             f" Patched into the base while it answers, Δ gives the behaviour in {of('patch_exact_delta')} answers "
             f"(adapted model: {of('adapted')}); the top features in {of('patch_top_features')} (random: "
             f"{of('patch_random_features')}); the whole reconstruction in {of('patch_sae_reconstruction')}. "
+            + _power_note(n)
             + _reading(m)
         )
     return f"<p class='reading'>{_e(text)}</p>"
 
 
+def _power_note(n: int) -> str:
+    """Two runs answer the same prompts, so a comparison of their counts is a paired sign test over prompts, whose
+    smallest attainable one-sided p is 1/2^n; below 5 answers no comparison can reach p ≤ 0.05."""
+    p_min = 0.5**n
+    if p_min > 0.05:
+        return (
+            f"With {n} answers per run no comparison of these counts can reach p ≤ 0.05 (paired sign test over the "
+            f"prompts: smallest attainable p {_n(p_min)}), so what follows describes, it does not test: "
+        )
+    return "These counts are not tested; what follows describes them: "
+
+
 def _reading(m: dict[str, float]) -> str:
-    """What the patched marker rates allow one to say (exact Δ is the ceiling of this layer)."""
+    """What the patched marker counts show (exact Δ is the ceiling of this layer); descriptive, see _power_note."""
     if m["patch_exact_delta"] <= 0:
-        return "This layer alone does not carry the behaviour, so no feature of it can be shown to cause it."
+        return "patched with its own Δ, the base never shows the behaviour, so this layer alone does not carry it."
     if m["patch_top_features"] > m["patch_random_features"]:
-        return "The top features carry part of the behaviour (more than random features)."
+        return "the top features produce the behaviour more often than random features."
     if m["patch_sae_reconstruction"] < m["patch_exact_delta"]:
         return (
-            "Neither the top features nor the whole dictionary reproduce what Δ does: at this layer the behaviour "
-            "sits in what the SAE leaves out (its reconstruction error)."
+            "neither the top features nor the whole dictionary produce the behaviour as often as Δ does: at this "
+            "layer it sits mostly in what the SAE leaves out (its reconstruction error)."
         )
-    return "The whole dictionary reproduces it, but not its top features: the behaviour is spread over many features."
+    return "the whole dictionary produces it as often as Δ, its top features do not: it is spread over many features."
 
 
 def _causal_table(df, adapter: str) -> str:
