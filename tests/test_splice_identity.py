@@ -9,8 +9,9 @@ import torch
 
 from lorascope.activations.tokens import TokenSelection
 from lorascope.data import make_demo_dataset, tokenize_example
+from lorascope.errors import LorascopeError
 from lorascope.models import load_base
-from lorascope.study.splice import SpliceOptions, splice_kl
+from lorascope.study.splice import SpliceCell, SpliceOptions, splice_cells, splice_kl
 from splice_reference import reference_splice_kl
 from tiny_models import random_adapters
 
@@ -77,3 +78,35 @@ def test_fast_splice_equals_the_reference_with_the_norm_rule(world):
     fast = splice_kl(pm, base.tokenizer.pad_token_id, docs, 1, "r2", _recons(d), opt)
     assert ref.n_tokens < sum(len(doc) - 1 for doc in docs)  # the norm rule dropped positions
     _assert_same(fast, ref)
+
+
+def test_cells_on_one_forward_equal_each_cell_alone(world):
+    """splice_cells (one prefix for every layer and adapter, the base/adapted log-probabilities shared by an
+    adapter's layers at the union of their positions) equals the reference run cell by cell — with each cell's
+    own positions (subsets that differ between cells) and mean Δ."""
+    base, pm, docs = world
+    d, pad = base.model.config.hidden_size, base.tokenizer.pad_token_id
+    gen = torch.Generator().manual_seed(11)
+    cells = []
+    for layer in (0, 2):
+        for adapter in ("r2", "r4"):
+            keep = [
+                sorted(torch.randperm(len(doc) - 1, generator=gen)[: max(1, (len(doc) - 1) // 2)].add(1).tolist())
+                for doc in docs
+            ]
+            mean = torch.randn(d, generator=gen) * 0.1
+            cells.append(SpliceCell(layer, adapter, _recons(d), mean, keep))
+    fast = splice_cells(pm, pad, docs, cells, SpliceOptions(batch_size=4))
+    assert list(fast) == [c.key for c in cells]
+    for c in cells:
+        opt = SpliceOptions(batch_size=4, mean_delta=c.mean_delta, keep_positions=c.keep_positions)
+        ref = reference_splice_kl(pm, pad, docs, c.layer, c.adapter, _recons(d), opt)
+        assert ref.n_tokens == sum(len(k) for k in c.keep_positions)
+        _assert_same(fast[c.key], ref)
+
+
+def test_cells_must_be_distinct(world):
+    base, pm, docs = world
+    cell = SpliceCell(1, "r2", {})
+    with pytest.raises(LorascopeError, match="each \\(layer, adapter\\) once"):
+        splice_cells(pm, base.tokenizer.pad_token_id, docs, [cell, cell])

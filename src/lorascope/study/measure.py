@@ -281,8 +281,7 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
     difference reconstruction and the Δ̂ = 0 and Δ̂ = mean Δ (training documents) baselines, per (layer,
     adapter) not yet measured; recovery is reported relative to the Δ̂ = 0 splice."""
     from lorascope.models.variants import mixed_batch_support
-    from lorascope.saes import load_sae
-    from lorascope.study.splice import SpliceOptions, splice_kl
+    from lorascope.study.splice import SpliceOptions, splice_cells
 
     cfg = st.config
     adapters = [a for a in adapters if a.kind == "peft"]  # the splice runs a PeftModel: none for whole models
@@ -301,34 +300,38 @@ def splice_parts(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, 
         st.log(f"splice test skipped for {name}: {why}")
     todo = [(layer, a) for layer, a in todo if a.name not in unserved]
     docs, doc_indices = _splice_docs(st, store)
-    for layer, a in todo:
-        st.log(f"splice test: layer {layer}, {a.name} ({len(docs)} docs)")
-        sae = load_sae(saes.adapter[(layer, a.name)][0])
-        reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
+    options = SpliceOptions(skip_first=cfg.extraction.skip_first)
+    for a in adapters:  # one shared forward per adapter (all its layers); resumes by adapter
+        cells = [_splice_cell(st, store, saes, layer, a, doc_indices) for layer, b in todo if b.name == a.name]
+        if not cells:
+            continue
+        st.log(f"splice test: {a.name}, layers {[c.layer for c in cells]} ({len(docs)} docs)")
+        results = splice_cells(peft, base.tokenizer.pad_token_id, docs, cells, options)
+        for (layer, _), res in results.items():
+            rows = splice_rows(res, cfg.geometry.bootstrap, cfg.seed, layer=layer, adapter=a.name, rank=a.rank)
+            write_json(parts / f"L{layer}__{a.name}__splice.json", [r.as_record() for r in rows])
 
-        def recon_adapter(hb, hf, sae=sae):
-            return sae(hf - hb)
 
-        def recon_ref_diff(hb, hf, reference=reference):
-            return reference(hf) - reference(hb)
+def _splice_cell(st: RunState, store, saes: StudySAEs, layer: int, a: Adapter, doc_indices: list[int]):
+    """The splice of one (layer, adapter): the adapter SAE's reconstruction of Δ and the reference SAE's difference
+    of reconstructions, the mean Δ of the training documents, the positions the store kept."""
+    from lorascope.saes import load_sae
+    from lorascope.study.splice import SpliceCell
 
-        held = store.held_out(layer, a.name, study_holdout(cfg))
-        mean_delta, _ = train_delta_moments(st, store, layer, a.name)
-        res = splice_kl(
-            peft,
-            base.tokenizer.pad_token_id,
-            docs,
-            layer,
-            a.name,
-            {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff},
-            SpliceOptions(
-                skip_first=cfg.extraction.skip_first,
-                mean_delta=mean_delta.float(),
-                keep_positions=kept_positions(held, doc_indices),
-            ),
-        )
-        rows = splice_rows(res, cfg.geometry.bootstrap, cfg.seed, layer=layer, adapter=a.name, rank=a.rank)
-        write_json(parts / f"L{layer}__{a.name}__splice.json", [r.as_record() for r in rows])
+    cfg = st.config
+    sae = load_sae(saes.adapter[(layer, a.name)][0])
+    reference = load_sae(saes.reference[layer], allow_pickle=cfg.reference_sae.allow_pickle)
+
+    def recon_adapter(hb, hf, sae=sae):
+        return sae(hf - hb)
+
+    def recon_ref_diff(hb, hf, reference=reference):
+        return reference(hf) - reference(hb)
+
+    held = store.held_out(layer, a.name, study_holdout(cfg))
+    mean_delta, _ = train_delta_moments(st, store, layer, a.name)
+    recons = {"adapter_sae": recon_adapter, "ref_diff": recon_ref_diff}
+    return SpliceCell(layer, a.name, recons, mean_delta.float(), kept_positions(held, doc_indices))
 
 
 def trend_part(st: RunState, store, adapters: list[Adapter], saes: StudySAEs, parts: Path) -> None:

@@ -149,6 +149,24 @@ class SpliceOptions:
     max_logit_bytes: int = 1 << 29
 
 
+@dataclass(frozen=True)
+class SpliceCell:
+    """One (layer, adapter) of :func:`splice_cells`: the reconstructors spliced at block ``layer`` of adapter
+    ``adapter``, its ``mean_delta`` baseline [d] (None: no mean baseline) and, per document, the exact positions the
+    store kept (``keep_positions``; None: the options' selection rule with norms at ``options.norm_layers`` or
+    ``[layer]``)."""
+
+    layer: int
+    adapter: str
+    reconstructors: dict[str, Reconstructor]
+    mean_delta: torch.Tensor | None = None
+    keep_positions: Sequence[Sequence[int]] | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return self.layer, self.adapter
+
+
 @torch.no_grad()
 def splice_kl(
     peft_model,
@@ -161,38 +179,132 @@ def splice_kl(
 ) -> SpliceResult:
     """Splice every reconstructor (plus the ``zero`` and ``mean_delta`` baselines) at block ``layer``, with the
     batching, position selection and memory bound of ``options`` (:class:`SpliceOptions`; None: its defaults).
-    Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys).
-
-    Per batch of documents: one mixed base/adapted forward up to the deepest needed block (the prefix is
-    identical for every splice), then the blocks after ``layer`` only, for the base rows, the adapted rows and
-    every reconstructor's spliced rows stacked along the batch, with logits only at the selected positions.
-    """
+    Returns a :class:`SpliceResult` (``.to_dict()`` gives the previous flat dict plus the new keys). One cell of
+    :func:`splice_cells`, which runs several layers and adapters on one shared forward."""
     opt = options or SpliceOptions()
-    layers = check_layers(peft_model, sorted({layer, *(opt.norm_layers or [layer])}))
-    selection = opt.selection or TokenSelection("all", opt.skip_first, None)
-    check_keep_positions(opt.keep_positions, docs)
-    recons = _reconstructors(reconstructors, opt.mean_delta)
-    peft_model.eval()
-    device = next(peft_model.parameters()).device
-    suffix = SuffixForward(peft_model, layer, adapter, opt.max_logit_bytes)
-    doc_kl: dict[str, list[float]] = {name: [] for name in ("base", *recons)}
-    doc_tokens: list[int] = []
+    cell = SpliceCell(layer, adapter, reconstructors, opt.mean_delta, opt.keep_positions)
+    return splice_cells(peft_model, pad_id, docs, [cell], opt)[cell.key]
+
+
+@torch.no_grad()
+def splice_cells(
+    peft_model,
+    pad_id: int,
+    docs: Sequence[TokenizedExample],
+    cells: Sequence[SpliceCell],
+    options: SpliceOptions | None = None,
+) -> dict[tuple[int, str], SpliceResult]:
+    """The splice of every cell (layer × adapter) on the same documents, as :func:`splice_kl` would give it for each
+    cell alone (to float tolerance), keyed by ``(layer, adapter)``. ``options`` gives the batching, the selection
+    rule and the memory bound (its ``mean_delta``/``keep_positions`` are the cells' own here).
+
+    Per batch of documents: one mixed forward of the base rows and every adapter's rows up to the deepest block any
+    cell needs (the prefix is shared by every layer and every splice); per adapter, the base and adapted
+    log-probabilities from that block on, at the union of its cells' positions (shared by its layers); then per
+    cell only the blocks after its layer, for every reconstructor's spliced rows stacked along the batch, with
+    logits only at the selected positions."""
+    opt = options or SpliceOptions()
+    run = _CellRun.make(peft_model, docs, cells, opt)
     for start in range(0, len(docs), opt.batch_size):
         chunk = list(docs[start : start + opt.batch_size])
+        batch = collate(chunk * (1 + len(run.adapters)), pad_id)
+        run.batch(chunk, start, batch["input_ids"].to(run.device), batch["attention_mask"].to(run.device))
+    return {key: _result(run.doc_kl[key], run.doc_tokens[key]) for key in run.cells}
+
+
+@dataclass
+class _CellRun:
+    """State of one :func:`splice_cells` call: the cells by key, their reconstructors (baselines first), one
+    :class:`SuffixForward` per cell and one per adapter from the deepest captured block, and the per-document sums
+    so far."""
+
+    cells: dict[tuple[int, str], SpliceCell]
+    recons: dict[tuple[int, str], dict[str, Reconstructor]]
+    suffix: dict[tuple[int, str], SuffixForward]
+    head: dict[str, SuffixForward]
+    layers: list[int]
+    opt: SpliceOptions
+    device: torch.device
+    doc_kl: dict[tuple[int, str], dict[str, list[float]]]
+    doc_tokens: dict[tuple[int, str], list[int]]
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.head)
+
+    @classmethod
+    def make(cls, peft_model, docs, cells: Sequence[SpliceCell], opt: SpliceOptions) -> _CellRun:
+        keys = [c.key for c in cells]
+        if not cells or len(set(keys)) != len(keys):
+            raise LorascopeError(
+                f"splice cells must be given, each (layer, adapter) once; got {keys}",
+                fix="pass one SpliceCell per (layer, adapter)",
+            )
+        wanted = {c.layer for c in cells} | set(opt.norm_layers or [])
+        layers = check_layers(peft_model, sorted(wanted))
+        for c in cells:
+            check_keep_positions(c.keep_positions, docs)
+        recons = {c.key: _reconstructors(c.reconstructors, c.mean_delta) for c in cells}
+        peft_model.eval()
+        bound = opt.max_logit_bytes
+        return cls(
+            cells=dict(zip(keys, cells, strict=True)),
+            recons=recons,
+            suffix={c.key: SuffixForward(peft_model, c.layer, c.adapter, bound) for c in cells},
+            head={a: SuffixForward(peft_model, layers[-1], a, bound) for a in dict.fromkeys(c.adapter for c in cells)},
+            layers=layers,
+            opt=opt,
+            device=next(peft_model.parameters()).device,
+            doc_kl={k: {name: [] for name in ("base", *recons[k])} for k in keys},
+            doc_tokens={k: [] for k in keys},
+        )
+
+    def batch(self, chunk: list[TokenizedExample], start: int, ids: torch.Tensor, att: torch.Tensor) -> None:
+        """Adds one batch of documents (``ids``/``att``: the batch repeated once per row group: base, then each
+        adapter) to every cell's sums."""
         b = len(chunk)
-        batch = collate(chunk * 2, pad_id)
-        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        caps = suffix.prefix(layers, ids, att, [BASE] * b + [adapter] * b)
-        sel = _selected(att.cpu(), chunk, caps, b, selection, opt.keep_positions, start)
+        first = next(iter(self.head.values()))
+        names = [BASE] * b + [a for a in self.adapters for _ in range(b)]
+        caps = first.prefix(self.layers, ids, att, names)
+        for s in (*self.head.values(), *self.suffix.values()):
+            s.tuple_out = first.tuple_out
+        ids, att, att_cpu = ids[:b], att[:b], att[:b].cpu()
+        for i, adapter in enumerate(self.adapters):
+            keys = [k for k, c in self.cells.items() if c.adapter == adapter]
+            sels = {k: self._selected(k, att_cpu, chunk, caps, start) for k in keys}
+            union = torch.stack(list(sels.values())).any(0)
+            h = {layer: (cap[:b], cap[(i + 1) * b : (i + 2) * b]) for layer, cap in caps.items()}
+            deepest = h[self.layers[-1]]
+            logps = self.head[adapter].log_probs({"ft": deepest[1], "base": deepest[0]}, ids, att, union.to(ids.device))
+            _, logp_ft = next(logps)
+            kl_base = kl_rows_chunked(logp_ft, next(logps)[1]).cpu()
+            where = union.flatten().cumsum(0) - 1  # row of each union position in logp_ft
+            for k in keys:
+                sel = sels[k]
+                idx = where[sel.flatten()]
+                ref = logp_ft if bool(sel.eq(union).all()) else logp_ft[idx.to(logp_ft.device)]
+                self._cell(k, h[self.cells[k].layer], ids, att, sel, ref, kl_base[idx])
+            del logp_ft
+
+    def _selected(self, key, att_cpu: torch.Tensor, chunk, caps, start: int) -> torch.Tensor:
+        cell = self.cells[key]
+        selection = self.opt.selection or TokenSelection("all", self.opt.skip_first, None)
+        norm_caps = {layer: caps[layer] for layer in (self.opt.norm_layers or [cell.layer])}
+        return _selected(att_cpu, chunk, norm_caps, len(chunk), selection, cell.keep_positions, start)
+
+    def _cell(self, key, h: tuple, ids, att, sel: torch.Tensor, logp_ft: torch.Tensor, kl_base: torch.Tensor) -> None:
+        """One cell's spliced rows through the blocks after its layer; KL(p_ft ‖ p_splice) per document."""
+        b = ids.shape[0]
         rows = sel.nonzero(as_tuple=True)[0]
-        doc_tokens += sel.sum(1).tolist()
-        sel = sel.to(device)
-        h_base, h_ft = caps[layer][:b], caps[layer][b:]
-        inputs = {"ft": h_ft, "base": h_base}
-        inputs.update({name: _spliced(recon, h_base, h_ft, sel, opt.recon_device) for name, recon in recons.items()})
-        for name, kl in _batch_kl(suffix, inputs, ids[:b], att[:b], sel):
-            doc_kl[name] += _per_doc(b, rows, kl)
-    return _result(doc_kl, doc_tokens)
+        self.doc_tokens[key] += sel.sum(1).tolist()
+        self.doc_kl[key]["base"] += _per_doc(b, rows, kl_base)
+        sel = sel.to(ids.device)
+        inputs = {
+            name: _spliced(recon, h[0], h[1], sel, self.opt.recon_device) for name, recon in self.recons[key].items()
+        }
+        for name, logp in self.suffix[key].log_probs(inputs, ids, att, sel):
+            self.doc_kl[key][name] += _per_doc(b, rows, kl_rows_chunked(logp_ft, logp).cpu())
+            del logp
 
 
 def check_keep_positions(keep_positions: Sequence[Sequence[int]] | None, docs: Sequence[TokenizedExample]) -> None:
@@ -202,18 +314,6 @@ def check_keep_positions(keep_positions: Sequence[Sequence[int]] | None, docs: S
             f"keep_positions has {len(keep_positions)} entries for {len(docs)} documents",
             fix="pass one list of positions per document",
         )
-
-
-def _batch_kl(suffix: SuffixForward, inputs: dict[str, torch.Tensor], ids: torch.Tensor, att: torch.Tensor, sel):
-    """Yields (name, per-token KL(p_ft ‖ p_name) on the CPU) for every name of ``inputs`` after ``"ft"`` (the
-    first one, whose log-probabilities are the reference)."""
-    logp_ft = None
-    for name, logp in suffix.log_probs(inputs, ids, att, sel):
-        if name == "ft":
-            logp_ft = logp
-        else:
-            yield name, kl_rows_chunked(logp_ft, logp).cpu()
-        del logp
 
 
 def _per_doc(b: int, rows: torch.Tensor, kl: torch.Tensor) -> list[float]:
@@ -249,4 +349,4 @@ def _result(doc_kl: dict[str, list[float]], doc_tokens: list[int]) -> SpliceResu
     )
 
 
-__all__ = ["BASELINES", "Reconstructor", "SpliceOptions", "SpliceResult", "splice_kl"]
+__all__ = ["BASELINES", "Reconstructor", "SpliceCell", "SpliceOptions", "SpliceResult", "splice_cells", "splice_kl"]
