@@ -6,6 +6,9 @@ the selected positions), on a tiny random Llama and on the embedded SmolLM2-135M
     python benchmarks/splice.py --tiny-only --reps 3
     python benchmarks/splice.py --memory               # peak RSS of each path, SmolLM2, 8 docs of 192 tokens
 
+A second table times the study's shape — every layer of one adapter — as one splice per layer (splice_kl in a
+loop) against splice_cells (one prefix to the deepest layer, the adapted/base log-probabilities once).
+
 
 Reconstructors are the study's pair (a linear stand-in for the adapter SAE on Δ and a tanh stand-in for the
 reference SAE's difference) plus the zero and mean-Δ baselines: 4 splices per (layer, adapter) as in the study.
@@ -24,7 +27,7 @@ import torch
 
 from lorascope.data import make_demo_dataset, tokenize_example
 from lorascope.models import load_base
-from lorascope.study.splice import SpliceOptions, splice_kl
+from lorascope.study.splice import SpliceCell, SpliceOptions, splice_cells, splice_kl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' scaffolding and splice oracle
 from splice_reference import reference_splice_kl  # noqa: E402
@@ -71,6 +74,17 @@ def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[
         t_ref, ref = _time(lambda run=run: run(reference_splice_kl), reps)
         t_new, new = _time(lambda run=run: run(splice_kl), reps)
         rows.append((name, layer, n, ref.n_tokens, t_ref, t_new, _max_diff(new, ref)))
+    layers = sorted({1, n // 2, n - 2})
+    cells = [SpliceCell(layer, "r4", _recons(d), mean) for layer in layers]
+    opt = SpliceOptions(mean_delta=mean)
+
+    def one_by_one():
+        return [splice_kl(pm, base.tokenizer.pad_token_id, docs, c.layer, "r4", c.reconstructors, opt) for c in cells]
+
+    t_loop, loop = _time(one_by_one, reps)
+    t_cells, together = _time(lambda: splice_cells(pm, base.tokenizer.pad_token_id, docs, cells, opt), reps)
+    diff = max(_max_diff(together[c.key], r) for c, r in zip(cells, loop, strict=True))
+    rows.append((name, "+".join(map(str, layers)), n, loop[0].n_tokens, t_loop, t_cells, diff))
     return rows
 
 
@@ -142,7 +156,15 @@ def main() -> None:
     )
     print(head + "\n" + "-" * len(head))
     for name, layer, n, tok, t0, t1, diff in rows:
+        if isinstance(layer, str):
+            continue
         print(f"{name:<14}{f'{layer}/{n}':>7}{tok:>8}{t0:>10.2f}{t1:>10.2f}{t1 / t0:>14.2f}{diff:>12.1e}")
+    head = f"{'model':<14}{'layers':>10}{'tokens':>8}{'per layer s':>13}{'cells s':>9}{'cells/per layer':>17}"
+    head += f"{'max |diff|':>12}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for name, layer, _n, tok, t0, t1, diff in rows:
+        if isinstance(layer, str):
+            print(f"{name:<14}{layer:>10}{tok:>8}{t0:>13.2f}{t1:>9.2f}{t1 / t0:>17.2f}{diff:>12.1e}")
 
 
 if __name__ == "__main__":
