@@ -127,3 +127,38 @@ def test_release_freed_memory_returns_pages_on_glibc():
     assert release_freed_memory()
     assert before - rss() > 128 * 2**20
     assert keep.sum() == 16 * 1024
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_losses_with_the_head_at_label_positions_equal_full_logits(tiny_model_dirs, arch):
+    """response_nll and held_out_loss apply the output head only where a label is predicted; the numbers are the
+    cross-entropy of the full logits (Gemma-2's final soft-capping included)."""
+    import contextlib
+
+    from lorascope.data.chat import tokenize_examples
+    from lorascope.models.lora import collate, response_nll
+    from tiny_models import random_adapters
+
+    base = load_base(tiny_model_dirs[arch])
+    pm = random_adapters(base.model, [2], scale=0.5, seed=3)
+    pm.set_adapter("r2")
+    examples = make_demo_dataset(5, seed=4)
+    batch = collate(tokenize_examples(base.tokenizer, examples, 64)[0], base.tokenizer.pad_token_id)
+    labels = batch["labels"][:, 1:]
+    count = int((labels != -100).sum())
+    want = {}
+    with torch.no_grad():
+        for variant in ("__base__", "r2"):
+            names = [variant] * labels.shape[0]
+            logits = pm(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names
+            ).logits
+            want[variant] = float(
+                torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="sum")
+            )
+            with pm.disable_adapter() if variant == "__base__" else contextlib.nullcontext():
+                nll, n = response_nll(pm, batch)
+            assert n == count and float(nll) == pytest.approx(want[variant], rel=1e-5)
+        losses = held_out_loss(pm, base.tokenizer, examples, ["__base__", "r2"], max_length=64)
+    assert losses == pytest.approx({v: want[v] / count for v in want}, rel=1e-5)
+    assert losses["r2"] != pytest.approx(losses["__base__"], rel=1e-3)  # the adapter changes the loss

@@ -8,7 +8,8 @@ import torch
 
 from lorascope.data.chat import format_prompt, tokenize_examples
 from lorascope.data.examples import Example
-from lorascope.models.lora import collate, response_nll
+from lorascope.models.lora import collate, label_targets, response_nll
+from lorascope.models.residual import selected_logits
 
 BASE = "__base__"
 
@@ -36,14 +37,18 @@ def held_out_loss(
         batch = collate(chunk * len(variants), tokenizer.pad_token_id)
         batch = {k: v.to(next(peft_model.parameters()).device) for k, v in batch.items()}
         names = [v for v in variants for _ in chunk]
-        logits = peft_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter_names=names
-        ).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        ).sum(1)
-        n = (labels != -100).sum(1)
+        targets, mask = label_targets(batch["labels"])
+        logits = selected_logits(
+            peft_model,
+            mask,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            adapter_names=names,
+        )
+        token_nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        rows = mask.nonzero(as_tuple=True)[0]
+        nll = torch.zeros(len(names), dtype=token_nll.dtype, device=token_nll.device).index_add_(0, rows, token_nll)
+        n = mask.sum(1)
         for row, v in enumerate(names):
             totals[v] += float(nll[row])
             counts[v] += int(n[row])

@@ -27,6 +27,7 @@ from lorascope.data.chat import LENGTH_POLICIES, LengthReport, TokenizedExample,
 from lorascope.data.examples import Example
 from lorascope.errors import LorascopeError
 from lorascope.models.loading import LoadedModel
+from lorascope.models.residual import selected_logits
 
 _log = logging.getLogger("lorascope")
 # tokens per batch above which gradient checkpointing is on by default: measured on SmolLM2-135M at 4 × 192 tokens,
@@ -111,15 +112,21 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int, response_only: bool 
 
 
 def response_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token NLL over label positions, and their count (labels already masked with -100)."""
+    """Sum of next-token NLL over label positions, and their count (labels already masked with -100); the
+    output head runs only at the positions that predict a label (:func:`selected_logits`)."""
     batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}  # collate builds on the CPU
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, int((shift_labels != -100).sum())
+    targets, mask = label_targets(batch["labels"])
+    logits = selected_logits(model, mask, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, int(targets.numel())
+
+
+def label_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token targets of a label tensor [B, T] (-100: not scored) and the mask [B, T] of the positions
+    that predict them (position t predicts label t + 1), targets in the mask's row-major order."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return labels[:, 1:][mask[:, :-1]], mask
 
 
 def _lora_config(settings: LoraSettings):

@@ -188,6 +188,23 @@ class ResidualCapture:
         return captured
 
 
+def selected_logits(model: torch.nn.Module, mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
+    """Logits [n_sel, V] of a forward of ``model`` at the positions ``mask`` [B, T] selects (row-major order),
+    with the output head applied only there (a forward pre-hook on the head), not at every position: the head of
+    a small model is a large part of its forward (SmolLM2-135M: 28M of 134M parameters), and a loss or a KL only
+    reads some positions. A head that is itself a LoRA layer gets every position (its adapter rows must line
+    up with the batch), then the selected ones are taken. ``forward_kwargs`` go to the model."""
+    head = unwrap_model(model).get_output_embeddings()
+    selects = head is not None and not hasattr(head, "lora_A")
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][mask], *args[1:])) if selects else None
+    try:
+        logits = model(**forward_kwargs, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits if selects else logits[mask]
+
+
 def capture_residuals(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -208,5 +225,6 @@ __all__ = [
     "decoder_blocks",
     "final_norm",
     "num_layers",
+    "selected_logits",
     "unwrap_model",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from lorascope.models.residual import ResidualCapture, decoder_blocks, unwrap_model
+from lorascope.models.residual import ResidualCapture, decoder_blocks, selected_logits, unwrap_model
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
@@ -106,26 +106,19 @@ class SuffixForward:
         for blk in self.blocks[: self.layer]:
             blk.forward = functools.partial(_pass_through, self.tuple_out)
         self.blocks[self.layer].forward = functools.partial(_inject, self.tuple_out, hidden)
-        handle = (
-            self.head.register_forward_pre_hook(lambda _m, args: (args[0][rows_sel], *args[1:]))
-            if self.head_selects
-            else None
-        )
         try:
-            out = self.model(
+            return selected_logits(
+                self.model,
+                rows_sel,
                 input_ids=ids.repeat(g, 1),
                 attention_mask=att.repeat(g, 1),
                 adapter_names=adapter_names,
-                use_cache=False,
-            ).logits.float()
+            ).float()
         finally:
-            if handle is not None:
-                handle.remove()
             for blk, old in zip(self.blocks[: self.layer + 1], saved, strict=True):
                 del blk.forward
                 if old is not None:
                     blk.forward = old
-        return out if self.head_selects else out[rows_sel]
 
 
 def _pass_through(as_tuple: bool, *args, **kwargs):
