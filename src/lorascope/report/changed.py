@@ -10,8 +10,11 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from lorascope import results_schema as schema
 
@@ -30,6 +33,10 @@ def _n(x: Any) -> str:
     return "—" if not math.isfinite(v) else f"{v:.3g}"
 
 
+def _n2(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else "—"
+
+
 def _read(path: Path, default: Any) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
@@ -37,34 +44,129 @@ def _read(path: Path, default: Any) -> Any:
         return default
 
 
+OTHER = "other"  # block column of modules whose name has no leading block index
+_BLOCK = re.compile(r"^(\d+)\.(.+)$")
+
+
+class AttributionGrid(NamedTuple):
+    """One adapter's attribution table as small-multiple panels: ``shares[feature, module type, column]``.
+
+    Columns are blocks 0 … max block, then :data:`OTHER` when some module name has no leading ``<int>.``; rows are
+    module types (the path after the block index, first-appearance order) then the unnumbered modules by name.
+    Cells without a module (another type's column, a block without LoRA) are NaN, never 0."""
+
+    features: list[int]
+    types: list[str]
+    columns: list[str]
+    shares: np.ndarray
+    remainder: np.ndarray  # [feature] share left to indirect effects (NaN: no remainder row)
+
+
+def _short(types: list[str]) -> list[str]:
+    """Last path component of each module type (``q_proj``) when those are unambiguous, else the whole path."""
+    last = [t.rsplit(".", 1)[-1] for t in types]
+    return last if len(set(last)) == len(last) else types
+
+
+def attribution_grid(df) -> AttributionGrid:
+    """Pivot tidy attribution rows (feature, module, share) into an :class:`AttributionGrid`."""
+    df = df.drop_duplicates(["feature", "module"])
+    features = list(dict.fromkeys(int(f) for f in df.feature))
+    mods = df[df.module != "remainder"]
+    parsed = {m: _BLOCK.match(str(m)) for m in dict.fromkeys(mods.module)}
+    types = list(dict.fromkeys(p.group(2) for p in parsed.values() if p))
+    loose = [str(m) for m, p in parsed.items() if not p]
+    blocks = [int(p.group(1)) for p in parsed.values() if p]
+    n_blocks = max(blocks) + 1 if blocks else 0
+    columns = [str(b) for b in range(n_blocks)] + ([OTHER] if loose else [])
+    cell = {
+        m: (types.index(p.group(2)), int(p.group(1))) if p else (len(types) + loose.index(str(m)), n_blocks)
+        for m, p in parsed.items()
+    }
+    shares = np.full((len(features), len(types) + len(loose), len(columns)), np.nan)
+    for f, m, s in zip(mods.feature, mods.module, mods.share, strict=True):
+        shares[(features.index(int(f)), *cell[m])] = s
+    remainder = np.full(len(features), np.nan)
+    rem = df[df.module == "remainder"]
+    remainder[[features.index(int(f)) for f in rem.feature]] = rem.share.to_numpy(dtype=float)
+    return AttributionGrid(features, _short(types) + loose, columns, shares, remainder)
+
+
+def _share_limits(shares: np.ndarray) -> tuple[float, str]:
+    """Symmetric colour limit (largest |share|, at most 1) and the colour bar's ``extend`` for shares beyond it."""
+    finite = shares[np.isfinite(shares)]
+    lim = float(min(1.0, np.abs(finite).max())) if finite.size else 1.0
+    lim = lim if lim > 0 else 1.0
+    over, under = bool((finite > lim).any()), bool((finite < -lim).any())
+    return lim, {(True, True): "both", (True, False): "max", (False, True): "min"}.get((over, under), "neither")
+
+
+def attribution_figure(grid: AttributionGrid, adapter: str):
+    """Small multiples, one panel per feature: module type × block, colour = share (one diverging scale)."""
+    import matplotlib as mpl
+
+    from lorascope.report._plot import new_figure
+
+    n, rows, cols = len(grid.features), len(grid.types), len(grid.columns)
+    fig = new_figure(min(9.0, max(5.0, 3.5 + 0.25 * cols)), 0.9 + n * (0.3 + 0.16 * max(rows, 2)))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
+    lim, extend = _share_limits(grid.shares)
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="#e3e3e3")  # grey = no such module, white = share 0
+    step = 1 if cols <= 32 else math.ceil(cols / 16)
+    ticks = [j for j, c in enumerate(grid.columns) if c == OTHER or int(c) % step == 0]
+    blocks = cols - (grid.columns[-1] == OTHER)
+    for ax, feat, shares, rem in zip(axes, grid.features, grid.shares, grid.remainder, strict=True):
+        im = ax.imshow(
+            np.ma.masked_invalid(shares), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+        )
+        ax.set_yticks(range(rows), grid.types)
+        ax.set_title(f"f{feat} · remainder {_n2(rem)}", loc="left", fontsize=9)
+        ax.grid(False)
+        ax.tick_params(length=2, labelbottom=ax is axes[-1])
+        if 0 < blocks < cols:
+            ax.axvline(blocks - 0.5, color="white", lw=3)  # set the unnumbered modules' column apart
+    axes[-1].set_xticks(ticks, [grid.columns[j] for j in ticks])
+    axes[-1].set_xlabel("block" if blocks else "module without a block index")
+    fig.colorbar(
+        im,
+        ax=list(axes),
+        shrink=min(1.0, 3.0 / n),
+        aspect=25,
+        extend=extend,
+        label="share of the feature's projection",
+    )
+    fig.suptitle(f"{adapter}: direct write of each LoRA module to each top feature", fontsize=10)
+    return fig
+
+
 def heatmap(csv: Path, out_dir: Path, adapter: str) -> Path | None:
-    """Feature × module share heatmap (PNG + SVG, deterministic) of one adapter's attribution table."""
-    import numpy as np
+    """Per-feature module type × block share heatmaps (PNG + SVG, deterministic) of one adapter's attribution
+    table; None when it has no module row."""
     import pandas as pd
 
-    from lorascope.report._plot import new_figure, save
+    from lorascope.report._plot import save
 
     df = pd.read_csv(csv)
-    if df.empty:
+    grid = attribution_grid(df) if not df.empty else None
+    if grid is None or not grid.shares.size:
         return None
-    piv = df.pivot_table(index="feature", columns="module", values="share", aggfunc="first", sort=False)
-    fig = new_figure(max(4.0, 0.22 * piv.shape[1] + 2), 0.35 * piv.shape[0] + 1.4)
-    ax = fig.add_subplot()
-    vals = np.clip(piv.to_numpy(dtype=float), -1, 1)
-    im = ax.imshow(vals, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    ax.set_xticks(range(piv.shape[1]), [str(c) for c in piv.columns], rotation=90)
-    ax.set_yticks(range(piv.shape[0]), [f"f{int(i)}" for i in piv.index])
-    ax.grid(False)
-    ax.set_title(f"{adapter}: share of each feature's projection written by each module")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="share")
-    return save(fig, out_dir, f"attribution_{adapter}")[0]
+    return save(attribution_figure(grid, adapter), out_dir, f"attribution_{adapter}")[0]
 
 
-def _img(png: Path | None, alt: str) -> str:
+def _img(png: Path | None, alt: str, caption: str = "") -> str:
     if png is None or not png.is_file():
         return ""
     b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{_e(alt)}' src='data:image/png;base64,{b64}'></figure>"
+    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    return f"<figure><img alt='{_e(alt)}' src='data:image/png;base64,{b64}'>{cap}</figure>"
+
+
+ATTRIBUTION_CAPTION = (
+    "One panel per top feature: rows are the LoRA module types, columns the blocks, colour the share of the "
+    "feature's projection that the module writes directly (one scale for all panels; arrows on the colour bar: "
+    "shares beyond it, where modules cancel each other; grey: no such module). The panel title gives the remainder, "
+    "the share left to indirect effects."
+)
 
 
 def _window_html(w: dict) -> str:
@@ -220,7 +322,7 @@ def _adapter_html(run_dir: Path, df, adapter: str, rank: Any, warnings: list[dic
         + causal_reading(df, adapter)
         + _causal_table(df, adapter)
         + _modules_table(ex / f"modules_{adapter}.csv")
-        + _img(png, f"attribution heatmap {adapter}")
+        + _img(png, f"attribution heatmap {adapter}", ATTRIBUTION_CAPTION)
         + "</details>"
     )
 
@@ -250,4 +352,12 @@ def changed_section(run_dir: str | Path, df, meta: dict) -> str:
     return head + intro + top + "".join(parts) + "</section>"
 
 
-__all__ = ["TITLE", "causal_reading", "changed_section", "heatmap"]
+__all__ = [
+    "TITLE",
+    "AttributionGrid",
+    "attribution_figure",
+    "attribution_grid",
+    "causal_reading",
+    "changed_section",
+    "heatmap",
+]
