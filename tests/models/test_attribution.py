@@ -126,3 +126,50 @@ def test_model_state_is_restored_and_bad_inputs_fail(tiny_llama_dir):
     pm0 = peft_with(load_base(tiny_llama_dir).model, ["o_proj"], layers=[2])
     with pytest.raises(LorascopeError, match="adapts no module"):
         attribute_features(pm0, "adapt", ids, att, 1, torch.randn(2, base.d_model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_reusing_unchanged_linears_gives_bitwise_the_plain_reruns(tiny_model_dirs, arch, monkeypatch):
+    import contextlib
+
+    from lorascope.models import attribution
+
+    base = load_base(tiny_model_dirs[arch])
+    pm = peft_with(base.model, "all-linear")
+    ids, att = _batch(base.model.config.vocab_size)
+    E = torch.randn(5, base.d_model, generator=torch.Generator().manual_seed(3))
+    computed = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: computed.append(1) or linear(*a, **k))
+    fast = attribute_features(pm, "adapt", ids, att, 2, E)
+    n_fast = len(computed)
+    monkeypatch.setattr(attribution, "reuse_unchanged_linears", lambda _block: contextlib.nullcontext())
+    plain = attribute_features(pm, "adapt", ids, att, 2, E)
+    assert fast.modules == plain.modules
+    if arch != "gpt2":  # GPT-2's Conv1D layers call addmm, not linear
+        assert n_fast < 0.8 * (len(computed) - n_fast)  # the fast path skipped the unchanged weights
+    for a, b in zip(
+        (fast.contribution, fast.total, fast.delta_dot, fast.write_norm),
+        (plain.contribution, plain.total, plain.delta_dot, plain.write_norm),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    blocks = attribution.decoder_blocks(pm)
+    assert all("forward" not in m.__dict__ for b in blocks for m in attribution._linear_layers(b))  # restored
+
+
+def test_reuse_unchanged_linears_recomputes_changed_inputs(tiny_llama_dir):
+    from lorascope.models.attribution import decoder_blocks, reuse_unchanged_linears
+
+    base = load_base(tiny_llama_dir)
+    lin = decoder_blocks(base.model)[0].mlp.down_proj
+    calls = []
+    lin.register_forward_pre_hook(lambda _m, a: calls.append(a[0]))  # noqa: B023 — hooks see every real call
+    x = torch.randn(2, 3, lin.in_features)
+    with reuse_unchanged_linears(decoder_blocks(base.model)[0]):
+        first = lin(x)
+        again = lin(x.clone())
+        other = lin(x + 1)
+    assert len(calls) == 3
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    torch.testing.assert_close(other, torch.nn.functional.linear(x + 1, lin.weight, lin.bias), rtol=0, atol=0)

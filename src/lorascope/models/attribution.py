@@ -23,6 +23,9 @@ Elhage et al. 2021 ("A Mathematical Framework for Transformer Circuits"), applie
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,15 +188,59 @@ def _counted_tokens(
     return attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
 
 
+def _linear_layers(block: torch.nn.Module) -> list[torch.nn.Module]:
+    """The block's weight matrices as modules: LoRA base layers and plain linear / GPT-2 Conv1D layers (not the
+    LoRA A/B factors)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and "lora_" not in name]
+
+
+@contextmanager
+def reuse_unchanged_linears(block: torch.nn.Module) -> Iterator[None]:
+    """Within it, every linear layer of ``block`` (:func:`_linear_layers`) keeps its first (input, output) and
+    returns a copy of that output whenever it is called again with an equal input, instead of recomputing it.
+
+    The block's single-module reruns then recompute only what the enabled module changes (e.g. with only
+    ``down_proj`` on, every base weight sees the inputs of the rerun with none). Outputs are bitwise those of
+    plain reruns: a linear layer is a deterministic function of its input."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    layers = _linear_layers(block)
+    saved = [m.__dict__.get("forward") for m in layers]
+
+    def memo(mod: torch.nn.Module, forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        hit = seen.get(id(mod))
+        if args or kwargs or (hit is not None and not (hit[0].shape == x.shape and torch.equal(hit[0], x))):
+            return forward(x, *args, **kwargs)
+        if hit is None:
+            out = forward(x)
+            seen[id(mod)] = (x.clone(), out.clone())
+            return out
+        return hit[1].clone()
+
+    try:
+        for m, fwd in zip(layers, saved, strict=True):
+            m.forward = functools.partial(memo, m, fwd or m.forward)
+        yield
+    finally:
+        for m, fwd in zip(layers, saved, strict=True):
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+
+
 def _module_writes(peft_model, adapter: str, block, call, modules: dict, mask: torch.Tensor):
     """Yields (module name, its direct write [N, d] float64 at the ``mask``ed tokens): block rerun on its recorded
-    inputs ``call`` with only that LoRA module enabled, minus the rerun with none."""
-    with lora_only(peft_model, adapter, enabled=[]):
-        base_out = rerun_block(block, call).double()
-    for name, mod in modules.items():
-        with lora_only(peft_model, adapter, enabled=[mod]):
-            write = (rerun_block(block, call).double() - base_out)[mask]  # [N, d]
-        yield name, write
+    inputs ``call`` with only that LoRA module enabled, minus the rerun with none (weights whose inputs the module
+    does not change are not recomputed: :func:`reuse_unchanged_linears`)."""
+    with reuse_unchanged_linears(block):
+        with lora_only(peft_model, adapter, enabled=[]):
+            base_out = rerun_block(block, call).double()
+        for name, mod in modules.items():
+            with lora_only(peft_model, adapter, enabled=[mod]):
+                write = (rerun_block(block, call).double() - base_out)[mask]  # [N, d]
+            yield name, write
 
 
 @torch.no_grad()
