@@ -207,3 +207,44 @@ def test_patched_generation_with_exact_delta_is_the_adapted_model(tiny_llama_dir
     deeper = _peft(load_base(tiny_llama_dir).model, [0, 1, 2], scale=4.0)  # block 2 adapted too: no longer exact
     again = generate_with_edits(deeper, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
     assert again["zero"] == again["base"] and set(again) == set(runs)
+
+
+def test_shared_prefill_gives_the_plain_generations(tiny_llama_dir, monkeypatch):
+    """Blocks ≤ L prefill one row per (prompt, model) and copy it (output and KV cache) to the repeated rows: the
+    same answers as every row prefilled on its own."""
+    import contextlib
+
+    from lorascope.models import steering
+    from lorascope.models.residual import decoder_blocks
+
+    base = load_base(tiny_llama_dir)
+    pm = _peft(base.model, [0, 1, 2], scale=4.0)
+    msgs = ["What is the sum of the two numbers?\n\n3 and 4", "Say hello.", "Name three colours of the sea, please."]
+    vec = torch.randn(base.d_model, generator=torch.Generator().manual_seed(0)) * 20
+    runs = {
+        "base": (None, False),
+        "adapted": (None, True),
+        "pushed": (vec, False),
+        "exact": steering.PatchRun(lambda d: d),
+        "half": steering.PatchRun(lambda d: 0.5 * d),
+    }
+    rows = []
+    q = decoder_blocks(pm)[0].self_attn.q_proj
+    handle = q.register_forward_pre_hook(lambda _m, a: rows.append(a[0].shape[0]))
+    shared = steering.generate_with_edits(pm, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
+    assert rows[0] == 2 * len(msgs) and rows[1] == 7 * len(msgs)  # prefill: distinct rows; then every row
+    monkeypatch.setattr(steering, "_shared_prefill", lambda *_a: contextlib.nullcontext())
+    rows.clear()
+    plain = steering.generate_with_edits(pm, base.tokenizer, "adapt", msgs, 1, runs, max_new_tokens=8)
+    handle.remove()
+    assert rows[0] == 7 * len(msgs)
+    assert shared == plain
+    assert all("forward" not in b.__dict__ for b in decoder_blocks(pm))  # restored
+
+
+def test_distinct_rows():
+    from lorascope.models.steering import _distinct_rows
+
+    first, inverse = _distinct_rows(["b", "b", "a", "a", "b", "b", "a", "a"], 2)
+    assert first.tolist() == [0, 1, 2, 3]
+    assert inverse.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]

@@ -17,6 +17,7 @@ patching").
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -302,6 +303,78 @@ def _patch_edits(
     return _block_output_hook(model, layer, change)
 
 
+def _distinct_rows(names: list[str], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row of every distinct (prompt, model) pair, each row's pair): row i reads prompt i mod ``n`` with the
+    model ``names[i]``, so rows of one pair compute the same residuals until block L's edits."""
+    pairs: dict[tuple[int, str], int] = {}
+    inverse = [pairs.setdefault((i % n, name), len(pairs)) for i, name in enumerate(names)]
+    first = [inverse.index(j) for j in range(len(pairs))]
+    return torch.tensor(first, dtype=torch.long), torch.tensor(inverse, dtype=torch.long)
+
+
+def _select_rows(x, rows: torch.Tensor, size: int):
+    """``x`` (tensors in tuples, lists, dicts) with every tensor of ≥ 2 dims and ``size`` rows indexed by ``rows``."""
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, rows.to(x.device)) if x.ndim >= 2 and x.shape[0] == size else x
+    if isinstance(x, tuple | list):
+        return type(x)(_select_rows(v, rows, size) for v in x)
+    if isinstance(x, dict):
+        return {k: _select_rows(v, rows, size) for k, v in x.items()}
+    return x
+
+
+def _names_hook(names: list[str], _module, args, kwargs):
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+@contextmanager
+def _shared_prefill(model: torch.nn.Module, layer: int, names: list[str], n: int) -> Iterator[None]:
+    """Context manager for one left-padded generation batch (row i: prompt i mod ``n``, model ``names[i]``): in the
+    prefill (each block's first call) blocks 0..``layer`` run one row per distinct (prompt, model) pair and copy its
+    output and KV cache to the rows that share it; later calls run unchanged. The edits start at block ``layer``'s
+    output, so the copies are the rows' own values (to float tolerance: fewer rows in each matrix product)."""
+    from peft.tuners.lora import LoraLayer
+    from transformers.cache_utils import Cache
+
+    first, inverse = _distinct_rows(names, n)
+    blocks = decoder_blocks(model)[: layer + 1]
+    called: set[int] = set()
+
+    def forward(i: int, original, hidden: torch.Tensor, *args, **kwargs):
+        caches = [c for c in kwargs.values() if isinstance(c, Cache)]
+        if i in called or hidden.shape[0] != len(names) or not all(hasattr(c, "layers") for c in caches):
+            return original(hidden, *args, **kwargs)
+        called.add(i)
+        sub = [names[int(r)] for r in first]
+        hooks = [
+            m.register_forward_pre_hook(functools.partial(_names_hook, sub), with_kwargs=True)
+            for m in blocks[i].modules()
+            if isinstance(m, LoraLayer)
+        ]  # registered after PEFT's own adapter_names hooks, so they run last
+        try:
+            out = original(*_select_rows((hidden, *args), first, len(names)), **_select_rows(kwargs, first, len(names)))
+        finally:
+            for h in hooks:
+                h.remove()
+        for c in caches:
+            c.layers[i].batch_select_indices(inverse.to(hidden.device))
+        return _select_rows(out, inverse, len(first))
+
+    saved = [b.__dict__.get("forward") for b in blocks]
+    try:
+        if len(first) < len(names):
+            for i, (b, fwd) in enumerate(zip(blocks, saved, strict=True)):
+                b.forward = functools.partial(forward, i, fwd or b.forward)
+        yield
+    finally:
+        for b, fwd in zip(blocks, saved, strict=True):
+            if fwd is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = fwd
+
+
 @torch.no_grad()
 def generate_with_edits(
     peft_model: torch.nn.Module,
@@ -316,7 +389,8 @@ def generate_with_edits(
     each row runs the base or the adapter). A run is ``(vector [d] or None, adapted)`` — a constant edit at block
     ``layer``, added to the base or removed from the adapted model, as in :func:`generate_with_edit` — or a
     :class:`PatchRun` (the base patched with an edit of the adapter's Δ on the same tokens; its adapted twin rows
-    ride along and are not returned). Returns {name: [answer per message]}."""
+    ride along and are not returned). Rows that read one prompt with one model share their prefill up to block
+    ``layer`` (:func:`_shared_prefill`). Returns {name: [answer per message]}."""
     from transformers import LogitsProcessorList
 
     from lorascope.data.chat import format_prompt
@@ -343,7 +417,8 @@ def generate_with_edits(
     ids = {k: t.repeat(len(names) // n, 1).to(device) for k, t in enc.items()}
     pairs = [(int(a), int(b)) for lead, twin, _ in patched for a, b in zip(lead, twin, strict=True)]
     patches = [(lead.to(device), twin.to(device), run) for lead, twin, run in patched]
-    with _patch_edits(peft_model, layer, torch.stack(edits).unsqueeze(1).to(device), patches):
+    constant = torch.stack(edits).unsqueeze(1).to(device)
+    with _patch_edits(peft_model, layer, constant, patches), _shared_prefill(peft_model, layer, names, n):
         gen = peft_model.generate(
             **ids,
             adapter_names=names,
