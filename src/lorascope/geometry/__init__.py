@@ -24,6 +24,7 @@ from lorascope.geometry.cka import (
     gram_linear,
     gram_rbf,
     linear_cka,
+    linear_cka_both,
     rbf_cka,
 )
 from lorascope.geometry.compare import CompareOptions, compare_dictionaries, seed_vs_seed
@@ -72,6 +73,7 @@ from lorascope.geometry.reconstruction import (
 )
 from lorascope.geometry.subspaces import (
     SelectionAwareOverlap,
+    SelectionSplit,
     atom_energy,
     compare_subspaces,
     lora_column_space,
@@ -81,6 +83,8 @@ from lorascope.geometry.subspaces import (
     projection_energy,
     random_subspace_null,
     selection_aware_overlap,
+    selection_aware_overlap_on,
+    selection_split,
     split_documents,
     subspace_summary,
     top_k_atoms,
@@ -100,6 +104,7 @@ __all__ = [
     "NOT_TESTABLE",
     "AlignmentNulls",
     "SelectionAwareOverlap",
+    "SelectionSplit",
     "TrendTest",
     "alignment_nulls",
     "alignment_verdict",
@@ -110,6 +115,8 @@ __all__ = [
     "reconstruction_verdict",
     "seed_ceiling",
     "selection_aware_overlap",
+    "selection_aware_overlap_on",
+    "selection_split",
     "split_documents",
     "trend_test",
     "CI",
@@ -149,6 +156,7 @@ __all__ = [
     "hungarian_match",
     "l0",
     "linear_cka",
+    "linear_cka_both",
     "lora_column_space",
     "lstsq_on_active_atoms",
     "matched_cosine_mean",

@@ -43,6 +43,12 @@ def covariance_matched_dictionary(
 ) -> torch.Tensor:
     """F unit-norm rows [F, d] with directions ~ N(0, Σ); Σ given as ``cov`` [d, d] or estimated from
     ``data``."""
+    return _rows_from_root(F, covariance_root(cov, data), seed, dtype)
+
+
+def covariance_root(cov=None, data=None) -> torch.Tensor:
+    """Σ^{1/2} up to rotation [d, d] (float64, root rootᵀ = Σ) from ``cov`` [d, d] or the samples ``data``
+    [N, d]: the eigendecomposition :func:`covariance_matched_dictionary` needs, to compute once for many draws."""
     if (cov is None) == (data is None):
         raise LorascopeError("pass exactly one of cov= or data=", fix="give a covariance [d, d] or samples [N, d]")
     if cov is None:
@@ -54,13 +60,18 @@ def covariance_matched_dictionary(
     S = as_tensor(cov, "cov", torch.float64, ndim=2)
     if S.shape[0] != S.shape[1]:
         raise LorascopeError(f"cov must be square, got {tuple(S.shape)}", fix="pass a [d, d] covariance")
-    _check_sizes(F, S.shape[0])
+    _check_sizes(1, S.shape[0])
     lam, V = torch.linalg.eigh((S + S.T) / 2)
     if float(lam.min()) < -1e-8 * max(float(lam.max()), 1e-300):
         raise LorascopeError("cov is not positive semi-definite", fix="pass a covariance matrix")
-    root = V * lam.clamp_min(0.0).sqrt()  # Σ^{1/2} up to rotation: root rootᵀ = Σ
+    return V * lam.clamp_min(0.0).sqrt()  # Σ^{1/2} up to rotation: root rootᵀ = Σ
+
+
+def _rows_from_root(F: int, root: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """F unit rows N(0, root rootᵀ) directions (float64 draws, cast to ``dtype``), seeded."""
+    _check_sizes(F, root.shape[0])
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(F, S.shape[0], generator=g, dtype=torch.float64) @ root.T
+    w = torch.randn(F, root.shape[0], generator=g, dtype=torch.float64) @ root.T
     norms = w.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
         raise LorascopeError("cov is zero", fix="pass a non-degenerate covariance")
@@ -114,6 +125,7 @@ def mmcs_null_empirical(
 
 __all__ = [
     "covariance_matched_dictionary",
+    "covariance_root",
     "mmcs_null_empirical",
     "mmcs_null_isotropic",
     "overlap_null_isotropic",
@@ -181,9 +193,10 @@ def alignment_nulls(
     cov = float("nan")
     if delta_cov is not None:
         n_a = _alive_count(A, alive_adapter)
+        root = covariance_root(delta_cov)  # one eigendecomposition for every draw
         vals = [
             mmcs(
-                covariance_matched_dictionary(n_a, cov=delta_cov, seed=seed * 1009 + r),
+                _rows_from_root(n_a, root, seed * 1009 + r, torch.float32),
                 R,
                 absolute,
                 alive_b=alive_reference,

@@ -65,11 +65,23 @@ def _check_sizes(A: torch.Tensor, B: torch.Tensor) -> None:
 def principal_angles(A, B) -> torch.Tensor:
     """Principal angles [min(rank A, rank B)] in radians, smallest first, between row spaces of A [k1,d], B
     [k2,d]."""
+    return _angles_and_ranks(A, B)[0]
+
+
+def _angles_and_ranks(A, B, QB: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    """(principal angles, rank A, rank B) from one orthonormalisation of each side; ``QB``: B's orthonormal rows
+    when the caller already has them (as :func:`orthonormal_rows` gives them)."""
     A = as_tensor(A, "A", torch.float64, ndim=2)
     B = as_tensor(B, "B", torch.float64, ndim=2)
     same_dim(A, B, "A", "B")
     _check_sizes(A, B)
-    QA, QB = orthonormal_rows(A, "A"), orthonormal_rows(B, "B")
+    QA = orthonormal_rows(A, "A")
+    QB = orthonormal_rows(B, "B") if QB is None else QB
+    return _angles(QA, QB), QA.shape[0], QB.shape[0]
+
+
+def _angles(QA: torch.Tensor, QB: torch.Tensor) -> torch.Tensor:
+    """Principal angles between the row spaces of orthonormal QA [ka, d] and QB [kb, d] (float64)."""
     if QA.shape[0] < QB.shape[0]:
         QA, QB = QB, QA  # QA: the larger subspace; QB: the smaller one (its dimension = number of angles)
     C = QB @ QA.T  # [kb, ka]
@@ -162,8 +174,7 @@ def subspace_summary(A, B) -> dict[str, float]:
     null."""
     A = as_tensor(A, "A", torch.float64, ndim=2)
     B = as_tensor(B, "B", torch.float64, ndim=2)
-    theta = principal_angles(A, B)
-    ka, kb = orthonormal_rows(A, "A").shape[0], orthonormal_rows(B, "B").shape[0]
+    theta, ka, kb = _angles_and_ranks(A, B)
     return {
         "mean_cos2": float((torch.cos(theta) ** 2).mean()),
         "largest_angle": float(theta[-1]),
@@ -259,6 +270,55 @@ def _gaussian_rows(F: int, root: torch.Tensor, seed: int) -> torch.Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
+def _isotropic_rows(F: int, d: int, seed: int) -> torch.Tensor:
+    """:func:`_gaussian_rows` with root = I_d, bit for bit, without the [F, d] x [d, d] product."""
+    w = torch.randn(F, d, generator=torch.Generator().manual_seed(seed))
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+class SelectionSplit(NamedTuple):
+    """What every dictionary's split-half test on one Δ shares (:func:`selection_split`): the selection half
+    ``selected`` [N_s, d] (float64, and a float32 copy for the energy GEMM), the measurement half's PCA_k
+    ``basis`` [k, d] and its orthonormal rows, the square root [d, d] of the covariance-matched null's Σ, k and
+    the seed of the split and of the null draws."""
+
+    selected: torch.Tensor
+    selected32: torch.Tensor
+    basis: torch.Tensor
+    basis_q: torch.Tensor
+    cov_root: torch.Tensor
+    k: int
+    seed: int
+
+
+def selection_split(delta, doc_ids, k: int, seed: int = 0, cov=None) -> SelectionSplit:
+    """Split Δ [N, d] by documents (seeded) and compute the halves' shared pieces once (see
+    :func:`selection_aware_overlap`; ``cov``: Σ of the covariance-matched null, default Δ's on the selection
+    half)."""
+    D = as_tensor(delta, "delta", torch.float64, ndim=2)
+    sel = split_documents(doc_ids, seed)
+    Da, basis = D[sel], pca_basis(D[~sel], k)  # the measurement half's PCA, computed once
+    S = as_tensor(cov, "cov", torch.float64, ndim=2) if cov is not None else torch.cov(Da.T)
+    lam, V = torch.linalg.eigh((S + S.T) / 2)
+    root = V * lam.clamp_min(0.0).sqrt()
+    return SelectionSplit(Da, Da.to(torch.float32), basis, orthonormal_rows(basis, "B"), root, k, seed)
+
+
+def _selected_cos2(W: torch.Tensor, split: SelectionSplit, k: int, score=None) -> float:
+    """:func:`_overlap_with` on a split: the same operations (projection energy in float32, stable top-k, principal
+    angles against the measurement basis) without re-checking and re-converting the shared inputs."""
+    if score is None:
+        W64 = W.to(torch.float64)
+        Wn = (W64 / W64.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(torch.float32)
+        P = split.selected32 @ Wn.T
+        score = P.mul_(P).sum(0, dtype=torch.float64)
+    s = as_tensor(score, "score", torch.float64).reshape(-1)
+    _check_k(k, W.shape[1], W.shape[0])
+    top = W[torch.argsort(-s, stable=True)[:k]]
+    theta, _, _ = _angles_and_ranks(top, split.basis, split.basis_q)
+    return float((torch.cos(theta) ** 2).mean())
+
+
 class SelectionAwareOverlap(NamedTuple):
     """Split-half overlap of a dictionary's selected atoms with PCA(Δ), and the same pipeline on null
     dictionaries (isotropic and covariance-matched random atoms, same F): mean and 95th percentile over draws.
@@ -286,22 +346,21 @@ def selection_aware_overlap(
     number is not inflated by fitting noise; then the *same* selection runs on ``n_draws`` random isotropic and
     covariance-matched (Σ = ``cov`` or Δ's covariance on the selection half) dictionaries of F atoms, because
     selecting by energy on Δ already aligns random atoms with Δ's top principal directions (the k/d null of
-    random_subspace_null does not apply). Cost: (1 + 2·n_draws) projections [N/2, F].
+    random_subspace_null does not apply). Cost: (1 + 2·n_draws) projections [N/2, F]. Several dictionaries on
+    the same Δ: :func:`selection_split` once, then :func:`selection_aware_overlap_on` per dictionary.
     """
+    return selection_aware_overlap_on(W_dec, selection_split(delta, doc_ids, k, seed, cov), n_draws, score)
+
+
+def selection_aware_overlap_on(W_dec, split: SelectionSplit, n_draws: int = 20, score=None) -> SelectionAwareOverlap:
+    """:func:`selection_aware_overlap` of W_dec [F, d] on a precomputed :class:`SelectionSplit` of Δ."""
     W = as_tensor(W_dec, "W_dec", torch.float64, ndim=2)
-    D = as_tensor(delta, "delta", torch.float64, ndim=2)
-    sel = split_documents(doc_ids, seed)
-    Da, basis = D[sel], pca_basis(D[~sel], k)  # the measurement half's PCA, computed once
-    value = _overlap_with(W, Da, basis, k, score)
+    same_dim(W, split.selected, "W_dec", "delta")
+    k, seed = split.k, split.seed
+    value = _selected_cos2(W, split, k, score)
     F, d = W.shape
-    S = as_tensor(cov, "cov", torch.float64, ndim=2) if cov is not None else torch.cov(Da.T)
-    lam, V = torch.linalg.eigh((S + S.T) / 2)
-    roots = {"isotropic": torch.eye(d, dtype=torch.float64), "cov": V * lam.clamp_min(0.0).sqrt()}
-    iso = [
-        _overlap_with(_gaussian_rows(F, roots["isotropic"], seed * 7919 + 2 * r + 1), Da, basis, k)
-        for r in range(n_draws)
-    ]
-    cm = [_overlap_with(_gaussian_rows(F, roots["cov"], seed * 7919 + 2 * r + 2), Da, basis, k) for r in range(n_draws)]
+    iso = [_selected_cos2(_isotropic_rows(F, d, seed * 7919 + 2 * r + 1), split, k) for r in range(n_draws)]
+    cm = [_selected_cos2(_gaussian_rows(F, split.cov_root, seed * 7919 + 2 * r + 2), split, k) for r in range(n_draws)]
     ti, tc = torch.tensor(iso), torch.tensor(cm)
     q = lambda t: float(torch.quantile(t, 0.95))  # noqa: E731
     return SelectionAwareOverlap(
@@ -319,8 +378,11 @@ def selection_aware_overlap(
 
 __all__ += [
     "SelectionAwareOverlap",
+    "SelectionSplit",
     "projection_energy",
     "selected_overlap",
     "selection_aware_overlap",
+    "selection_aware_overlap_on",
+    "selection_split",
     "split_documents",
 ]

@@ -20,6 +20,7 @@ from lorascope.geometry import (
     CompareOptions,
     DeltaNormStats,
     ReconstructionOptions,
+    SelectionSplit,
     alignment_nulls,
     atom_energy,
     best_match_cosines,
@@ -28,7 +29,7 @@ from lorascope.geometry import (
     compare_subspaces,
     delta_reconstruction,
     document_bootstrap_mean_ci,
-    linear_cka,
+    linear_cka_both,
     lora_column_space,
     mmcs,
     n_components_for_variance,
@@ -37,7 +38,8 @@ from lorascope.geometry import (
     principal_angles,
     random_isotropic_dictionary,
     seed_ceiling,
-    selection_aware_overlap,
+    selection_aware_overlap_on,
+    selection_split,
     top_k_atoms,
     unit_bootstrap_ci,
 )
@@ -151,13 +153,14 @@ def cka_rows(X, Y, docs, name: str, s: Settings, what: str, where: dict) -> list
     X, Y = X[:, X.ne(0).any(0)], Y[:, Y.ne(0).any(0)]
     if X.shape[1] == 0 or Y.shape[1] == 0:
         return []
+    debiased, biased = linear_cka_both(X, Y)
     try:
-        res = cka_permutation_null(X, Y, docs, n_perm=s.cka_permutations, seed=s.seed)
+        res = cka_permutation_null(X, Y, docs, n_perm=s.cka_permutations, seed=s.seed, value=debiased)
     except LorascopeError:
         return [
             ResultRow(
                 metric=name,
-                value=linear_cka(X, Y, debiased=True),
+                value=debiased,
                 note=f"debiased linear CKA of {what}; too few documents for a permutation null",
                 **common,
             )
@@ -179,7 +182,7 @@ def cka_rows(X, Y, docs, name: str, s: Settings, what: str, where: dict) -> list
         ResultRow(metric=schema.cka_extra(name, "p"), value=res.p_value, **common),
         ResultRow(
             metric=schema.cka_extra(name, "biased"),
-            value=linear_cka(X, Y),
+            value=biased,
             note="biased estimator (labelled extra: ≈ 0.45 for independent TopK codes)",
             **common,
         ),
@@ -518,11 +521,14 @@ def _subspaces(out: LayerAdapterResult, inp: LayerAdapterInputs, c: _Cell, s: Se
     m = min(delta.shape[0], s.cka_max_tokens)
     if int(torch.unique(docs[:m]).numel()) < 4:
         return
+    splits: dict[int, SelectionSplit] = {}  # one document split (PCA, null covariance) per k for both dictionaries
     for name, W in ((schema.PCA_DELTA_VS_ADAPTER_TOPK, W_ad[alive]), (schema.PCA_DELTA_VS_REF_TOPK, W_ref[alive_ref])):
         kk = min(k, W.shape[0])
         if kk < 1:
             continue
-        sel = selection_aware_overlap(W, delta[:m], docs[:m], kk, n_draws=s.subspace_draws, seed=s.seed)
+        if kk not in splits:
+            splits[kk] = selection_split(delta[:m], docs[:m], kk, seed=s.seed)
+        sel = selection_aware_overlap_on(W, splits[kk], n_draws=s.subspace_draws)
         note = (
             f"split-half: top-{kk} atoms by energy on half the documents vs PCA_k(Δ) of the other half; "
             f"null = same selection on random dictionaries ({sel.n_draws} draws); naive k/d = {sel.naive_null:.3g}"
