@@ -124,6 +124,14 @@ def test_isotropic_rows_skip_the_identity_product_bit_for_bit(F, d, seed):
     assert torch.equal(_isotropic_rows(F, d, seed), _gaussian_rows(F, torch.eye(d, dtype=torch.float64), seed))
 
 
+@pytest.mark.parametrize("n,d,seed", [(6000, 576, 0), (1500, 576, 1), (200, 48, 4), (97, 48, 5), (60, 48, 6)])
+def test_pca_basis_equals_the_full_svd_of_the_centred_data(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, d) + 5.0
+    old = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2][:8]
+    assert torch.equal(pca_basis(X, 8), old)
+
+
 def test_subspace_summary_equals_the_old_two_pass_version():
     g = torch.Generator().manual_seed(3)
     A, B = torch.randn(6, 40, generator=g, dtype=torch.float64), torch.randn(8, 40, generator=g, dtype=torch.float64)
