@@ -307,11 +307,18 @@ def balanced_design(docs: list[torch.Tensor], doc_length: int | None = None) -> 
     return (torch.stack(kept) if kept else torch.empty(0, m, dtype=torch.int64)), m
 
 
-def _permuted_inner(Kc: torch.Tensor, Lc: torch.Tensor, perm: torch.Tensor, m: int) -> float:
-    """<Kc, Lc with its m-row blocks re-paired by ``perm``> = Σ_ij Kc_ij Lc_π(i)π(j) (both [U'm, U'm])."""
+def _blocks(G: torch.Tensor, u: int, m: int) -> torch.Tensor:
+    """G [u·m, u·m] as its u² blocks [u·u, m, m], each contiguous (block (a, b) at a·u + b)."""
+    return G.view(u, m, u, m).permute(0, 2, 1, 3).reshape(u * u, m, m)
+
+
+def _permuted_inner(Kb: torch.Tensor, Lb: torch.Tensor, perm: torch.Tensor, buf: torch.Tensor) -> float:
+    """Σ_ab <K̃ block (a, b), L̃ block (π(a), π(b))> = <K̃, L̃ with its documents re-paired by ``perm``>, for
+    Grams in block layout (:func:`_blocks`): one gather of contiguous blocks into ``buf`` (reused: a fresh
+    N'² allocation costs more than the gather) and one dot product."""
     u = perm.numel()
-    L4 = Lc.view(u, m, u, m).index_select(0, perm).index_select(2, perm)
-    return float(torch.dot(Kc.reshape(-1), L4.reshape(-1)))
+    idx = (perm[:, None] * u + perm[None, :]).reshape(-1)
+    return float(torch.dot(Kb.reshape(-1), torch.index_select(Lb, 0, idx, out=buf).reshape(-1)))
 
 
 def cka_permutation_null(
@@ -335,8 +342,8 @@ def cka_permutation_null(
     computed, e.g. by :func:`linear_cka_both`).
 
     Centring commutes with re-pairing (it is permutation-equivariant), so each permutation reads the centred
-    Gram L̃ re-indexed: <K̃, L̃_π> with ‖L̃_π‖ = ‖L̃‖, one O(N'²) pass instead of re-centring L per permutation
-    (equal to that up to the order of float64 sums).
+    Gram L̃ re-indexed: <K̃, L̃_π> with ‖L̃_π‖ = ‖L̃‖: one gather of whole m x m blocks and one dot product
+    instead of re-centring L per permutation (equal to that up to the order of float64 sums).
     """
     X, Y = _pair(X, Y)
     _check_n(X.shape[0], debiased)
@@ -359,9 +366,12 @@ def cka_permutation_null(
     Lc = center_gram(gram_linear(Yb - Yb.mean(0)), debiased)
     kk, ll = float((Kc * Kc).sum()), float((Lc * Lc).sum())
     u = design.shape[0]
-    observed = _ratio(_permuted_inner(Kc, Lc, torch.arange(u), m), kk, ll)  # the same sum as every null value
+    Kb, Lb = _blocks(Kc, u, m), _blocks(Lc, u, m)
+    del Kc, Lc
+    buf = torch.empty_like(Lb)
+    observed = _ratio(_permuted_inner(Kb, Lb, torch.arange(u), buf), kk, ll)  # the same sum as every null value
     gen = torch.Generator().manual_seed(seed)
-    null = [_ratio(_permuted_inner(Kc, Lc, torch.randperm(u, generator=gen), m), kk, ll) for _ in range(n_perm)]
+    null = [_ratio(_permuted_inner(Kb, Lb, torch.randperm(u, generator=gen), buf), kk, ll) for _ in range(n_perm)]
     v = torch.tensor(null, dtype=torch.float64)
     p = (1 + int((v >= observed).sum())) / (1 + n_perm)
     return CKANull(
