@@ -59,7 +59,8 @@ def _time(fn, reps: int):
     return best, out
 
 
-def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[tuple]:
+def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> tuple[list[tuple], tuple]:
+    """Per-layer rows (reference vs fast splice) and one row for every layer at once (loop vs splice_cells)."""
     base = load_base(source)
     pm = random_adapters(base.model, [4], scale=scale, seed=1)
     docs = [tokenize_example(base.tokenizer, ex) for ex in make_demo_dataset(n_docs, seed=2)]
@@ -84,8 +85,7 @@ def bench(name: str, source: str, n_docs: int, reps: int, scale: float) -> list[
     t_loop, loop = _time(one_by_one, reps)
     t_cells, together = _time(lambda: splice_cells(pm, base.tokenizer.pad_token_id, docs, cells, opt), reps)
     diff = max(_max_diff(together[c.key], r) for c, r in zip(cells, loop, strict=True))
-    rows.append((name, "+".join(map(str, layers)), n, loop[0].n_tokens, t_loop, t_cells, diff))
-    return rows
+    return rows, (name, "+".join(map(str, layers)), loop[0].n_tokens, t_loop, t_cells, diff)
 
 
 MEMORY_CHILD = """
@@ -145,26 +145,23 @@ def main() -> None:
     torch.manual_seed(0)
     import tempfile
 
-    rows = []
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         tiny = build_tiny_model("llama", f"{tmp}/tiny", hidden=64, layers=8)
-        rows += bench("tiny llama", str(tiny), args.docs, max(args.reps, 3), scale=0.5)
+        results.append(bench("tiny llama", str(tiny), args.docs, max(args.reps, 3), scale=0.5))
     if not args.tiny_only:
-        rows += bench("SmolLM2-135M", "embedded", args.docs, args.reps, scale=0.05)
+        results.append(bench("SmolLM2-135M", "embedded", args.docs, args.reps, scale=0.05))
     head = (
         f"{'model':<14}{'layer':>7}{'tokens':>8}{'before s':>10}{'after s':>10}{'after/before':>14}{'max |diff|':>12}"
     )
     print(head + "\n" + "-" * len(head))
-    for name, layer, n, tok, t0, t1, diff in rows:
-        if isinstance(layer, str):
-            continue
+    for name, layer, n, tok, t0, t1, diff in (row for rows, _ in results for row in rows):
         print(f"{name:<14}{f'{layer}/{n}':>7}{tok:>8}{t0:>10.2f}{t1:>10.2f}{t1 / t0:>14.2f}{diff:>12.1e}")
     head = f"{'model':<14}{'layers':>10}{'tokens':>8}{'per layer s':>13}{'cells s':>9}{'cells/per layer':>17}"
     head += f"{'max |diff|':>12}"
     print("\n" + head + "\n" + "-" * len(head))
-    for name, layer, _n, tok, t0, t1, diff in rows:
-        if isinstance(layer, str):
-            print(f"{name:<14}{layer:>10}{tok:>8}{t0:>13.2f}{t1:>9.2f}{t1 / t0:>17.2f}{diff:>12.1e}")
+    for _, (name, layers, tok, t0, t1, diff) in results:
+        print(f"{name:<14}{layers:>10}{tok:>8}{t0:>13.2f}{t1:>9.2f}{t1 / t0:>17.2f}{diff:>12.1e}")
 
 
 if __name__ == "__main__":
