@@ -72,6 +72,7 @@ def test_unsupported_variants_fall_back_to_separate_forwards(tiny_llama_dir, tmp
     support = mixed_batch_support(pm, ["a"])
     assert support["a"] and __import__("re").search(why, support["a"])
     _, cap, ids, att = _mixed_vs_separate(pm)
+    cap.grouped = False  # a real PEFT mixed batch (on CPU contiguous rows would run adapter by adapter)
     with pytest.raises((ValueError, TypeError)):  # what PEFT itself does with a mixed batch (the claim we rely on)
         mixed_batch_forward(cap, ["a"])(ids, att)
     examples = make_demo_dataset(4, seed=2)

@@ -281,7 +281,7 @@ def extract(
     adapters_info: dict = {"names": adapters, "fingerprints": adapter_fingerprints(peft_model, adapters)}
     if unsupported:
         logging.getLogger("lorascope").warning(
-            "running base and each adapter as separate forwards (slower; same Δ definition): %s",
+            "running base and each adapter as separate forwards (PEFT mixed batches refuse them; same Δ): %s",
             "; ".join(f"{a}: {why}" for a, why in unsupported.items()),
         )
         adapters_info["forward"] = "separate"
@@ -309,7 +309,8 @@ adapter's rows in ``adapters`` order (the layout of one PEFT mixed batch)."""
 
 
 def mixed_batch_forward(cap: ResidualCapture, adapters: Sequence[str]) -> Forward:
-    """Base and every adapter in one PEFT mixed-batch forward (``adapter_names`` per row)."""
+    """Base and every adapter in one capture call with ``adapter_names`` per row: on CPU one forward per adapter's
+    rows, elsewhere one PEFT mixed batch (same numbers: :mod:`lorascope.models.grouped`)."""
 
     def forward(ids: torch.Tensor, att: torch.Tensor) -> dict[int, torch.Tensor]:
         B, A = ids.shape[0], len(adapters)

@@ -25,8 +25,8 @@ def held_out_loss(
 ) -> dict[str, float]:
     """Mean response-token NLL (nats/token) of each variant: ``"__base__"`` or an adapter name.
 
-    Uses PEFT mixed-batch inference: every batch is run once with each row tagged by variant, so base and
-    adapters share one forward pass.
+    Every batch runs once with each row tagged by variant (``adapter_names``): on CPU one forward per variant's
+    rows, elsewhere one PEFT mixed batch (:mod:`lorascope.models.grouped`).
     """
     data, _ = tokenize_examples(tokenizer, examples, max_length)  # long examples: truncated / skipped
     totals = {v: 0.0 for v in variants}

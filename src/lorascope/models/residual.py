@@ -131,6 +131,7 @@ class ResidualCapture:
     model: torch.nn.Module
     layers: list[int]
     truncate: bool = True
+    grouped: bool | None = None  # rows of several adapters: one forward per adapter (lorascope.models.grouped)
 
     def __post_init__(self) -> None:
         self.layers = check_layers(self.model, self.layers)
@@ -146,8 +147,22 @@ class ResidualCapture:
     ) -> dict[int, torch.Tensor]:
         """Residual stream after each captured block: {layer: [B, T, d]} in the forward's dtype.
 
-        ``adapter_names`` (one per row) runs a PEFT mixed batch; ``"__base__"`` rows use the base model.
+        ``adapter_names`` (one per row; ``"__base__"`` rows use the base model) runs the rows of each adapter as
+        one forward with that adapter alone when they are contiguous (on CPU by default: ``grouped``), else as a
+        PEFT mixed batch; the numbers are the same.
         """
+        if adapter_names is not None:
+            _check_mixed(self.model)
+            from lorascope.models.grouped import adapter_runs, only_adapter
+
+            runs = adapter_runs(self.model, adapter_names, self.grouped)
+            if runs is not None:
+                parts = []
+                for name, s, e in runs:
+                    with only_adapter(self.model, name):
+                        att = attention_mask[s:e] if attention_mask is not None else None
+                        parts.append(self(input_ids[s:e], att))
+                return {L: torch.cat([p[L] for p in parts]) for L in self.layers}
         captured: dict[int, torch.Tensor] = {}
         deepest = self.layers[-1]
 
@@ -166,10 +181,6 @@ class ResidualCapture:
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if adapter_names is not None:
-            if getattr(self.model, "get_base_model", None) is None:
-                raise LorascopeError("adapter_names needs a PeftModel", fix="load adapters with load_adapters()")
-            if self.model.training:
-                raise LorascopeError("PEFT mixed batches need eval mode", fix="call model.eval() first")
             kwargs["adapter_names"] = list(adapter_names)
         try:
             self.model(**kwargs)
@@ -188,12 +199,35 @@ class ResidualCapture:
         return captured
 
 
+def _check_mixed(model: torch.nn.Module) -> None:
+    """Rows tagged by adapter need a PeftModel in eval mode (PEFT refuses mixed batches in training)."""
+    if getattr(model, "get_base_model", None) is None:
+        raise LorascopeError("adapter_names needs a PeftModel", fix="load adapters with load_adapters()")
+    if model.training:
+        raise LorascopeError("PEFT mixed batches need eval mode", fix="call model.eval() first")
+
+
 def selected_logits(model: torch.nn.Module, mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """Logits [n_sel, V] of a forward of ``model`` at the positions ``mask`` [B, T] selects (row-major order),
     with the output head applied only there (a forward pre-hook on the head), not at every position: the head of
     a small model is a large part of its forward (SmolLM2-135M: 28M of 134M parameters), and a loss or a KL only
     reads some positions. A head that is itself a LoRA layer gets every position (its adapter rows must line
-    up with the batch), then the selected ones are taken. ``forward_kwargs`` go to the model."""
+    up with the batch), then the selected ones are taken. ``forward_kwargs`` go to the model; with
+    ``adapter_names`` the rows run as :meth:`ResidualCapture.__call__` runs them (then every other keyword must be
+    a tensor with one row per name)."""
+    names = forward_kwargs.get("adapter_names")
+    if names is not None:
+        _check_mixed(model)
+        from lorascope.models.grouped import adapter_runs, only_adapter
+
+        runs = adapter_runs(model, names)
+        if runs is not None:
+            rest = {k: v for k, v in forward_kwargs.items() if k != "adapter_names"}
+            parts = []
+            for name, s, e in runs:
+                with only_adapter(model, name):
+                    parts.append(selected_logits(model, mask[s:e], **{k: v[s:e] for k, v in rest.items()}))
+            return torch.cat(parts)
     head = unwrap_model(model).get_output_embeddings()
     selects = head is not None and not hasattr(head, "lora_A")
     handle = head.register_forward_pre_hook(lambda _m, args: (args[0][mask], *args[1:])) if selects else None

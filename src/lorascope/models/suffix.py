@@ -16,9 +16,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from lorascope.models.grouped import BASE
 from lorascope.models.residual import ResidualCapture, decoder_blocks, selected_logits, unwrap_model
-
-BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
 def kl_rows(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
@@ -99,9 +98,23 @@ class SuffixForward:
     def _forward(
         self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor, adapters: list[str]
     ) -> torch.Tensor:
-        g = len(adapters)
+        from lorascope.models.grouped import adapter_runs, only_adapter
+
+        b = ids.shape[0]
+        adapter_names = [a for a in adapters for _ in range(b)]
+        runs = adapter_runs(self.model, adapter_names)
+        if runs is None:
+            return self._logits(hidden, ids, att, sel, adapter_names=adapter_names)
+        parts = []
+        for name, s, e in runs:  # one forward per adapter's run of rows (lorascope.models.grouped)
+            with only_adapter(self.model, name):
+                parts.append(self._logits(hidden[s:e], ids, att, sel))
+        return torch.cat(parts)
+
+    def _logits(self, hidden: torch.Tensor, ids: torch.Tensor, att: torch.Tensor, sel: torch.Tensor, **kwargs):
+        """Selected logits of the suffix forward of ``hidden`` (g·B rows: g copies of the batch ``ids``)."""
+        g = hidden.shape[0] // ids.shape[0]
         rows_sel = sel.repeat(g, 1)
-        adapter_names = [a for a in adapters for _ in range(ids.shape[0])]
         saved = [blk.__dict__.get("forward") for blk in self.blocks[: self.layer + 1]]
         for blk in self.blocks[: self.layer]:
             blk.forward = functools.partial(_pass_through, self.tuple_out)
@@ -112,7 +125,7 @@ class SuffixForward:
                 rows_sel,
                 input_ids=ids.repeat(g, 1),
                 attention_mask=att.repeat(g, 1),
-                adapter_names=adapter_names,
+                **kwargs,
             ).float()
         finally:
             for blk, old in zip(self.blocks[: self.layer + 1], saved, strict=True):
