@@ -42,7 +42,7 @@ def test_shipped_configs_parse(path):  # paper_a_smollm2.yaml (a paper_a adapter
 def test_quickstart_sae_sections_keep_their_values():
     cfg = load_config(CONFIGS / "quickstart.yaml")
     a = cfg.adapter_sae
-    assert (a.k, a.expansion, a.tokens, a.batch_size, a.lr, a.seeds) == (16, 4, 60000, 512, 0.01, [0, 1])
+    assert (a.k, a.expansion, a.tokens, a.batch_size, a.lr, a.seeds) == (16, 4, 40000, 512, 0.01, [0, 1])
     assert a.sae_width(576) == 2304
     assert a.sae_settings() == {"k": 16, "k_aux": None, "auxk_coefficient": 1 / 32}
     assert cfg.reference_sae.seeds == [0] and cfg.reference_sae.source == "train"

@@ -131,7 +131,7 @@ def test_streams_of_different_lengths_are_refused():
 
 def test_quickstart_groups_per_layer_are_the_seed_groups(tmp_path):
     """The quickstart's 27 SAEs train in 6 passes: per layer, the 4 adapter SAEs and the reference SAE of seed 0
-    (same recipe: topk, 576→2304, k 16, 60k tokens, batch 512, lr 0.01) and the 4 adapter SAEs of seed 1."""
+    (same recipe: topk, 576→2304, k 16, 40k tokens, batch 512, lr 0.01) and the 4 adapter SAEs of seed 1."""
     from pathlib import Path
     from types import SimpleNamespace
 

@@ -207,10 +207,10 @@ def _train_group(st: RunState, group: list[_Planned], opened: Callable[[], Any])
         log=st.log,
     )
     share = (time.perf_counter() - t0) / len(group)  # the group's wall time, split evenly (the stage total is exact)
-    for p, res in zip(group, results, strict=True):
+    for i, (p, res) in enumerate(zip(group, results, strict=True)):
         save_sae(res.sae, p.stage.path / "sae")
         p.stage.mark_done({"final": res.final, "log": res.log[-50:]})
-        st.finished(f"sae:{p.label}", time.perf_counter() - share)
+        st.finished(f"sae:{p.label}", time.perf_counter() - share, release=i == len(group) - 1)
 
 
 def _train_planned(st: RunState, extracted: Extracted, planned: list[_Planned]) -> None:
