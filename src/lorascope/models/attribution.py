@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lorascope.errors import LorascopeError
-from lorascope.models.lora_switch import block_lora_layers, lora_only
+from lorascope.models.lora_switch import LoraSwitch, block_lora_layers
 from lorascope.models.residual import check_layers, decoder_blocks
 
 
@@ -230,15 +230,15 @@ def reuse_unchanged_linears(block: torch.nn.Module) -> Iterator[None]:
                 m.forward = fwd
 
 
-def _module_writes(peft_model, adapter: str, block, call, modules: dict, mask: torch.Tensor):
+def _module_writes(switch: LoraSwitch, block, call, modules: dict, mask: torch.Tensor):
     """Yields (module name, its direct write [N, d] float64 at the ``mask``ed tokens): block rerun on its recorded
     inputs ``call`` with only that LoRA module enabled, minus the rerun with none (weights whose inputs the module
     does not change are not recomputed: :func:`reuse_unchanged_linears`)."""
     with reuse_unchanged_linears(block):
-        with lora_only(peft_model, adapter, enabled=[]):
+        with switch.only(enabled=[]):
             base_out = rerun_block(block, call).double()
         for name, mod in modules.items():
-            with lora_only(peft_model, adapter, enabled=[mod]):
+            with switch.only(enabled=[mod]):
                 write = (rerun_block(block, call).double() - base_out)[mask]  # [N, d]
             yield name, write
 
@@ -265,9 +265,10 @@ def attribute_features(
     blocks = decoder_blocks(peft_model)
     per_block = block_lora_layers(peft_model, adapter)
     mask = _counted_tokens(input_ids, attention_mask, token_mask)
-    with lora_only(peft_model, adapter):
+    switch = LoraSwitch(peft_model, adapter)
+    with switch.only():
         h_adapted, calls = run_to_layer(peft_model, input_ids, attention_mask, layer, record_inputs=True)
-    with lora_only(peft_model, adapter, enabled=[]):
+    with switch.only(enabled=[]):
         h_base, _ = run_to_layer(peft_model, input_ids, attention_mask, layer)
     delta = (h_adapted.double() - h_base.double())[mask]  # [N, d]
     E = encoder_rows.double()
@@ -277,7 +278,7 @@ def attribute_features(
     for lyr in range(layer + 1):
         if not per_block[lyr]:
             continue
-        for name, write in _module_writes(peft_model, adapter, blocks[lyr], calls[lyr], per_block[lyr], mask):
+        for name, write in _module_writes(switch, blocks[lyr], calls[lyr], per_block[lyr], mask):
             names.append(f"{lyr}.{name}")
             contrib.append(((write @ E.T) * w).sum(0))
             dots.append((write * delta).sum())

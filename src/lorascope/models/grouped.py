@@ -36,39 +36,46 @@ def contiguous_runs(names: Sequence[str]) -> list[tuple[str, int, int]] | None:
     return runs if len({r[0] for r in runs}) == len(runs) else None
 
 
-def grouping_supported(model: torch.nn.Module) -> bool:
+def grouping_supported(model: torch.nn.Module, modules: Sequence[torch.nn.Module] | None = None) -> bool:
     """Whether rows of this PeftModel can run adapter by adapter (no auxiliary wrappers such as
-    ``modules_to_save``, whose per-row routing only PEFT's mixed batch does)."""
+    ``modules_to_save``, whose per-row routing only PEFT's mixed batch does). ``modules``: the model's modules,
+    when the caller already holds them (a walk of a PeftModel's module tree is not free)."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    return not any(isinstance(m, AuxiliaryTrainingWrapper) for m in model.modules())
+    return not any(isinstance(m, AuxiliaryTrainingWrapper) for m in (modules or model.modules()))
 
 
 def prefer_groups(model: torch.nn.Module) -> bool:
     """The default: grouped forwards on CPU (measured faster here, module docstring), PEFT's mixed batch elsewhere."""
-    dev = next(model.parameters()).device
-    return dev.type == "cpu" and grouping_supported(model)
+    return next(model.parameters()).device.type == "cpu"
 
 
-def adapter_runs(model: torch.nn.Module, names: Sequence[str], grouped: bool | None = None):
+def adapter_runs(
+    model: torch.nn.Module,
+    names: Sequence[str],
+    grouped: bool | None = None,
+    modules: Sequence[torch.nn.Module] | None = None,
+):
     """The contiguous runs of ``names`` (:func:`contiguous_runs`) when the rows should run adapter by adapter:
     ``grouped`` True, or None and :func:`prefer_groups`; None when they should run as one PEFT mixed batch
-    (grouping off or unsupported, or an adapter's rows not contiguous)."""
-    if grouped is False or not grouping_supported(model):
+    (grouping off or unsupported, or an adapter's rows not contiguous). ``modules``: as for
+    :func:`grouping_supported`."""
+    if grouped is False or (grouped is None and not prefer_groups(model)):
         return None
-    if grouped is None and not prefer_groups(model):
+    if not grouping_supported(model, modules):
         return None
     return contiguous_runs(names)
 
 
 @contextmanager
-def only_adapter(model: torch.nn.Module, name: str) -> Iterator[None]:
+def only_adapter(model: torch.nn.Module, name: str, modules: Sequence[torch.nn.Module] | None = None) -> Iterator[None]:
     """Within it every LoRA-style layer of ``model`` runs ``name`` alone (:data:`BASE`: none), whatever was active;
     each layer's previous state is restored on exit. Unlike PEFT's ``set_adapter`` it leaves ``requires_grad``
-    alone. A layer that does not hold ``name`` computes its base output."""
+    alone. A layer that does not hold ``name`` computes its base output. ``modules``: the model's modules, when
+    the caller already holds them."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = [m for m in (modules or model.modules()) if isinstance(m, BaseTunerLayer)]
     saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
     try:
         for m in layers:

@@ -54,25 +54,40 @@ def _holds(mod: torch.nn.Module, adapter: str) -> bool:
     return isinstance(mod, LoraLayer) and adapter in getattr(mod, "lora_A", {})
 
 
-@contextmanager
-def lora_only(model: torch.nn.Module, adapter: str, enabled: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
+class LoraSwitch:
+    """Switches one adapter on in chosen LoRA layers of a model (:meth:`only`); the model's LoRA layers are found
+    once, at construction, so that many switches (a module-by-module attribution makes one per module and block)
+    do not each walk the whole module tree."""
+
+    def __init__(self, model: torch.nn.Module, adapter: str):
+        from peft.tuners.lora import LoraLayer
+
+        self.adapter = adapter
+        self.layers = lora_layers(model, adapter)
+        self._every = [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+    @contextmanager
+    def only(self, enabled: Iterable[torch.nn.Module] | None = None) -> Iterator[None]:
+        """Within the block, the adapter is active in the LoRA layers ``enabled`` (None = all of them) and no
+        adapter is active in any other LoRA layer; plain (non mixed-batch) forwards then compute that hybrid."""
+        on = set(map(id, self.layers.values())) if enabled is None else set(map(id, enabled))
+        saved = [(m, m._active_adapter, m._disable_adapters) for m in self._every]
+        try:
+            for m in self._every:
+                m._active_adapter = [self.adapter] if id(m) in on else []
+                m._disable_adapters = False
+            yield
+        finally:
+            for m, active, disabled in saved:
+                m._active_adapter = active
+                m._disable_adapters = disabled
+
+
+def lora_only(model: torch.nn.Module, adapter: str, enabled: Iterable[torch.nn.Module] | None = None):
     """Within the block, ``adapter`` is active in the LoRA layers ``enabled`` (None = all of them) and no adapter is
-    active in any other LoRA layer; plain (non mixed-batch) forwards of ``model`` then compute that hybrid."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = lora_layers(model, adapter)
-    on = set(map(id, layers.values())) if enabled is None else set(map(id, enabled))
-    every = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    saved = [(m, m._active_adapter, m._disable_adapters) for m in every]
-    try:
-        for m in every:
-            m._active_adapter = [adapter] if id(m) in on else []
-            m._disable_adapters = False
-        yield
-    finally:
-        for m, active, disabled in saved:
-            m._active_adapter = active
-            m._disable_adapters = disabled
+    active in any other LoRA layer; plain (non mixed-batch) forwards of ``model`` then compute that hybrid. (One
+    switch; for many, build a :class:`LoraSwitch` once.)"""
+    return LoraSwitch(model, adapter).only(enabled)
 
 
-__all__ = ["block_lora_layers", "lora_layers", "lora_only"]
+__all__ = ["LoraSwitch", "block_lora_layers", "lora_layers", "lora_only"]

@@ -155,11 +155,11 @@ class ResidualCapture:
             _check_mixed(self.model)
             from lorascope.models.grouped import adapter_runs, only_adapter
 
-            runs = adapter_runs(self.model, adapter_names, self.grouped)
+            runs = adapter_runs(self.model, adapter_names, self.grouped, self._modules)
             if runs is not None:
                 parts = []
                 for name, s, e in runs:
-                    with only_adapter(self.model, name):
+                    with only_adapter(self.model, name, self._modules):
                         att = attention_mask[s:e] if attention_mask is not None else None
                         parts.append(self(input_ids[s:e], att))
                 return {L: torch.cat([p[L] for p in parts]) for L in self.layers}

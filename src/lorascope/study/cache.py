@@ -93,6 +93,7 @@ class RunState:
     _peft: Any = None
     _loads: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of model loads
     _tokenizer: Any = None
+    memo: dict[str, Any] = field(default_factory=dict)  # values computed once per run and shared by adapters
 
     def log(self, msg: str) -> None:
         log(msg, self.progress)

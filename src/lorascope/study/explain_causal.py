@@ -295,13 +295,16 @@ def causal_rows(st: RunState, adapter: Adapter, layer: int, feats: dict, out: Pa
         summary["generations"] = gen
     if ex.intruders:
         with st.timed("explain/intruders"):
-            rows += intruder_rows(peft, adapter, layer, feats, out)
+            rows += intruder_rows(peft, adapter, layer, feats, out, st.memo.setdefault("intruder_base_left", {}))
     write_json(out / f"causal_{adapter.name}.json", summary)
     return rows
 
 
-def intruder_rows(peft, adapter: Adapter, layer: int, feats: dict, out: Path) -> list[ResultRow]:
-    """Intruder dimensions of the LoRA modules of block L and the top features aligned with them."""
+def intruder_rows(
+    peft, adapter: Adapter, layer: int, feats: dict, out: Path, base_left: dict | None = None
+) -> list[ResultRow]:
+    """Intruder dimensions of the LoRA modules of block L and the top features aligned with them. ``base_left``:
+    {module: left singular vectors of its base weight}, filled here and reused by the next adapter (one base)."""
     import pandas as pd
 
     from lorascope.models.intruders import align_features, intruder_dimensions, residual_intruders
@@ -312,7 +315,10 @@ def intruder_rows(peft, adapter: Adapter, layer: int, feats: dict, out: Path) ->
         W, dW = mod.get_base_layer().weight.detach(), mod.get_delta_weight(adapter.name).detach()
         if getattr(mod, "fan_in_fan_out", False):
             W, dW = W.T, dW.T
-        found[f"{layer}.{name}"] = intruder_dimensions(W, dW)
+        key = f"{layer}.{name}"
+        if base_left is not None and key not in base_left:
+            base_left[key] = torch.linalg.svd(W.double(), full_matrices=False)[0]
+        found[key] = intruder_dimensions(W, dW, base_left=None if base_left is None else base_left[key])
     counts = pd.DataFrame(
         [{"adapter": adapter.name, "module": m, "n_intruders": len(x.indices)} for m, x in found.items()]
     )
