@@ -75,17 +75,11 @@ def only_adapter(model: torch.nn.Module, name: str, modules: Sequence[torch.nn.M
     the caller already holds them."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from lorascope.models.lora_switch import set_active
+
     layers = [m for m in (modules or model.modules()) if isinstance(m, BaseTunerLayer)]
-    saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
-    try:
-        for m in layers:
-            m._active_adapter = [] if name == BASE else [name]
-            m._disable_adapters = False
+    with set_active(layers, lambda _m: [] if name == BASE else [name]):
         yield
-    finally:
-        for m, active, disabled in saved:
-            m._active_adapter = active
-            m._disable_adapters = disabled
 
 
 __all__ = ["BASE", "adapter_runs", "contiguous_runs", "grouping_supported", "only_adapter", "prefer_groups"]

@@ -9,7 +9,7 @@ non-vanilla (DoRA and other variants) adapters are refused: their update is not 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -71,16 +71,24 @@ class LoraSwitch:
         """Within the block, the adapter is active in the LoRA layers ``enabled`` (None = all of them) and no
         adapter is active in any other LoRA layer; plain (non mixed-batch) forwards then compute that hybrid."""
         on = set(map(id, self.layers.values())) if enabled is None else set(map(id, enabled))
-        saved = [(m, m._active_adapter, m._disable_adapters) for m in self._every]
-        try:
-            for m in self._every:
-                m._active_adapter = [self.adapter] if id(m) in on else []
-                m._disable_adapters = False
+        with set_active(self._every, lambda m: [self.adapter] if id(m) in on else []):
             yield
-        finally:
-            for m, active, disabled in saved:
-                m._active_adapter = active
-                m._disable_adapters = disabled
+
+
+@contextmanager
+def set_active(layers: Iterable[torch.nn.Module], active: Callable[[torch.nn.Module], list[str]]) -> Iterator[None]:
+    """Within it each PEFT tuner layer in ``layers`` has the active adapters ``active(layer)`` (enabled); every
+    layer's previous active list and enabled flag come back on exit."""
+    saved = [(m, m._active_adapter, m._disable_adapters) for m in layers]
+    try:
+        for m, _, _ in saved:
+            m._active_adapter = active(m)
+            m._disable_adapters = False
+        yield
+    finally:
+        for m, was, disabled in saved:
+            m._active_adapter = was
+            m._disable_adapters = disabled
 
 
 def lora_only(model: torch.nn.Module, adapter: str, enabled: Iterable[torch.nn.Module] | None = None):
@@ -90,4 +98,4 @@ def lora_only(model: torch.nn.Module, adapter: str, enabled: Iterable[torch.nn.M
     return LoraSwitch(model, adapter).only(enabled)
 
 
-__all__ = ["LoraSwitch", "block_lora_layers", "lora_layers", "lora_only"]
+__all__ = ["LoraSwitch", "block_lora_layers", "lora_layers", "lora_only", "set_active"]
