@@ -94,3 +94,20 @@ def test_results_table_reads_back_from_csv_when_parquet_is_absent(tmp_path):
     (run / "results" / "results.parquet").unlink()
     from_csv = load_run(run).df
     pd.testing.assert_frame_equal(from_pq, from_csv, check_exact=False, rtol=1e-12)
+
+
+def test_principal_angles_of_a_quickstart_sized_study_draw_without_layout_warnings(tmp_path):
+    """Three layers × four ranks × four subspace comparisons (the quickstart's): one shared legend, not a legend
+    per panel that squeezes the axes to nothing (matplotlib's "axes sizes collapsed to zero")."""
+    import warnings
+
+    r = load_run(write_fake_run(tmp_path / "run", seed=2, layers=(6, 14, 22), ranks=(4, 8, 16, 32)))
+    rng = np.random.default_rng(0)
+    names = ("pca_delta_vs_ref_topk", "pca_delta_vs_adapter_topk", "pca_delta_vs_lora_colspace", "a_vs_b")
+    arrays = {cell: {f"principal_angles_{n}": np.sort(rng.uniform(0, 1.5, 8)) for n in names} for cell in r.arrays}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        paths = F.principal_angles(r.df, tmp_path / "fig", arrays)
+    assert [p.name for p in paths] == ["principal_angles.png", "principal_angles.svg"]
+    svg = paths[1].read_text()
+    assert all(n.replace("_", " ") in svg for n in names)  # the comparison names in the one legend

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.lines import Line2D
 
 from lorascope import results_schema as schema
 from lorascope.report import _plot as P
@@ -241,33 +242,36 @@ def principal_angles(df, out_dir: str | Path, arrays: Arrays | None = None) -> l
         return []
     layers = sorted({t[0] for t in items})
     names = sorted({t[2] for t in items})
-    fig = P.new_figure(4.2 * len(layers), 3.4)
-    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    styles = {n: ["-", "--", ":", "-."][i % 4] for i, n in enumerate(names)}
     adapters = tab.adapters()
+    shown = sorted({t[1] for t in items}, key=tab.rank)
+    fig = P.new_figure(4.2 * len(layers), 3.4 + 0.2 * (len(shown) + len(names)))
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
     for ax, layer in zip(axes, layers, strict=True):
         nulls = set()
         for layer2, a, name in (t for t in items if t[0] == layer):
             ang = np.sort(np.asarray(arrays[(layer2, a)][f"principal_angles_{name}"], dtype=np.float64))
             c2 = np.cos(ang) ** 2
             ci = adapters.index(a) if a in adapters else 0
-            ax.plot(
-                np.arange(1, len(c2) + 1),
-                c2,
-                marker="o",
-                ms=3,
-                color=P.color(ci),
-                ls=["-", "--", ":", "-."][names.index(name) % 4],
-                label=f"{tab.label(a)} {name}",
-            )
+            ax.plot(np.arange(1, len(c2) + 1), c2, marker="o", ms=3, color=P.color(ci), ls=styles[name])
             null = _kd_null(tab, name, layer, a, len(c2))
             if np.isfinite(null) and round(null, 6) not in nulls:
                 nulls.add(round(null, 6))
-                ax.axhline(null, color=P.NULL_COLOR, ls="--", lw=1, label=f"random null k/d = {null:.3g}")
+                ax.axhline(null, color=P.NULL_COLOR, ls="--", lw=1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("principal angle index (smallest angle first)")
         ax.set_ylabel("cos² θᵢ")
         ax.set_title(f"Layer {layer}: principal angles")
-        ax.legend()
+    # one legend for all panels, below them: colour = adapter, line style = which subspaces (a legend per panel
+    # with every adapter × comparison did not fit: the layout engine collapsed the axes)
+    handles = [
+        Line2D([], [], color=P.color(adapters.index(a) if a in adapters else 0), marker="o", ms=3) for a in shown
+    ]
+    handles += [Line2D([], [], color="0.3", ls=styles[n]) for n in names]
+    labels = [tab.label(a) for a in shown] + [n.replace("_", " ") for n in names]
+    handles.append(Line2D([], [], color=P.NULL_COLOR, ls="--", lw=1))
+    labels.append("random null k/d (k: subspace size)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=7)
     return P.save(fig, out_dir, "principal_angles")
 
 
