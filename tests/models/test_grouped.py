@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lorascope.errors import LorascopeError
 from lorascope.models import grouped as grouped_mod
 from lorascope.models import load_base
 from lorascope.models.grouped import BASE, contiguous_runs, only_adapter
@@ -39,6 +40,8 @@ def test_capture_grouped_equals_mixed_batch(pm):
     got = ResidualCapture(pm, [2], grouped=True)(IDS.repeat(2, 1), MASK.repeat(2, 1), mixed_order)
     want = ResidualCapture(pm, [2], grouped=False)(IDS.repeat(2, 1), MASK.repeat(2, 1), mixed_order)
     assert torch.equal(got[2], want[2])
+    with pytest.raises(LorascopeError, match=r"unknown adapter name\(s\) \['r3'\]"):
+        ResidualCapture(pm, [2], grouped=True)(IDS, MASK, [BASE, "r3"])
 
 
 def test_selected_logits_and_suffix_grouped_equal_mixed(pm, monkeypatch):

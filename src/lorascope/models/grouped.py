@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from lorascope.errors import LorascopeError
+
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
 
 
@@ -64,6 +66,12 @@ def adapter_runs(
         return None
     if not grouping_supported(model, modules):
         return None
+    known = set(getattr(model, "peft_config", {})) | {BASE}
+    unknown = sorted(set(names) - known)
+    if unknown:  # PEFT's mixed batch refuses these too; one forward per adapter would silently run the base
+        raise LorascopeError(
+            f"unknown adapter name(s) {unknown}", fix=f"use {BASE!r} or one of {sorted(known - {BASE})}"
+        )
     return contiguous_runs(names)
 
 
