@@ -8,10 +8,9 @@ import torch
 
 from lorascope.data.chat import format_prompt, tokenize_examples
 from lorascope.data.examples import Example
+from lorascope.models.grouped import BASE
 from lorascope.models.lora import collate, label_targets, response_nll
 from lorascope.models.residual import selected_logits
-
-BASE = "__base__"
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ class RunState:
     def finished(self, stage: str, t0: float, release: bool = True) -> None:
         """Record that ``stage`` did real work, started at ``t0`` (perf_counter), less any model load inside it;
         the timing record on disk is rewritten. ``release``: hand freed memory back to the OS (a full garbage
-        collection, ~0.2 s in a study's process; one per group of stages that end together is enough)."""
+        collection of the study's process; one per group of stages that end together is enough)."""
         self.timings[stage] = self._since(t0)
         self.work_done.append(stage)
         self.write_timings()
