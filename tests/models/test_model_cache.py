@@ -147,6 +147,30 @@ def test_cache_off_and_unwritable_cache_fall_back_to_the_gguf(tiny_gguf, fresh_f
     assert len(err) == 1 and "is not usable" in err[0] and "LORASCOPE_CACHE" in err[0]
 
 
+def test_tokenizer_alone_reads_the_cache_entry_and_falls_back_to_the_gguf(tiny_gguf, fresh_fp32, cache, monkeypatch):
+    from lorascope.models.tokenizer import load_tokenizer
+
+    _, tok = fresh_fp32
+    assert C.cached_tokenizer_folder(tiny_gguf) is None  # no entry yet, and none is built for a tokenizer
+    assert not (cache / "models").exists()
+    load_base(tiny_gguf)
+    (entry,) = _entries(cache)
+    _corrupt_flip(entry / C.WEIGHTS)  # the tokenizer does not need the weights: their check is skipped
+    assert C.cached_tokenizer_folder(tiny_gguf) == entry
+    with monkeypatch.context() as m:
+        _no_gguf_reading(m)
+        from_cache = load_tokenizer(tiny_gguf)
+    _corrupt_flip(entry / "tokenizer.json")
+    assert C.cached_tokenizer_folder(tiny_gguf) is None  # a damaged tokenizer file: the GGUF is read again
+    from_gguf = load_tokenizer(tiny_gguf)
+    chat = [{"role": "user", "content": "hi there"}]
+    for got in (from_cache, from_gguf):
+        assert [got(t).input_ids for t in TEXTS] == [tok(t).input_ids for t in TEXTS]
+        assert got.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+        assert (got.eos_token_id, got.bos_token_id) == (tok.eos_token_id, tok.bos_token_id)
+    assert from_cache.pad_token_id == from_gguf.pad_token_id is not None
+
+
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv(C.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

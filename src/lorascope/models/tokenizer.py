@@ -16,8 +16,14 @@ def load_tokenizer(spec: str | os.PathLike | None = None, trust_remote_code: boo
 
     source, where = resolve_spec(spec)
     if source in ("embedded-gguf", "gguf"):
+        from lorascope.models.cache import cached_tokenizer_folder
+
+        folder = cached_tokenizer_folder(where)  # the model cache's copy, when a model load already wrote it
         try:
-            tok = AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
+            if folder is not None:
+                tok = AutoTokenizer.from_pretrained(folder)
+            else:
+                tok = AutoTokenizer.from_pretrained(where.parent, gguf_file=where.name)
         except ImportError as exc:
             raise LorascopeError("loading GGUF needs the 'gguf' package", fix="pip install gguf") from exc
     elif source == "local":
