@@ -64,6 +64,29 @@ def test_timing_record_lists_every_stage_and_reads_in_the_benchmark(mini_run):
     assert bench.read_stage_seconds(res.output_dir)["stages"] == rec["stages"]
 
 
+def test_heldout_base_loss_is_computed_once_and_equals_a_paired_evaluation(mini_run):
+    from lorascope.models import held_out_loss, load_adapters, load_base
+    from lorascope.study.adapters import finetune_examples
+
+    cfg, _ = mini_run
+    done = [
+        Path(cfg.output_dir) / "adapters" / d
+        for d in sorted(p.name for p in (Path(cfg.output_dir) / "adapters").iterdir())
+    ]
+    infos = {json.loads((d / "done.json").read_text())["info"]["heldout_loss_base"]: d for d in done}
+    assert len(done) == 2 and len(infos) == 1  # one base loss for both ranks
+    # the second rank evaluated its adapter alone; evaluated beside the base rows it gives the same bits
+    last = next(d for d in done if d.name.startswith("rank_4-"))
+    base = load_base(cfg.model.spec)
+    pm = load_adapters(base, {"a": last / "adapter"})
+    got = held_out_loss(
+        pm, base.tokenizer, finetune_examples(cfg)[1][:16], ["__base__", "a"], max_length=cfg.data.max_length
+    )
+    pm.unload()
+    info = json.loads((last / "done.json").read_text())["info"]
+    assert (got["__base__"], got["a"]) == (info["heldout_loss_base"], info["heldout_loss_adapted"])
+
+
 def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run, tiny_llama_dir):
     from lorascope.study import run
 

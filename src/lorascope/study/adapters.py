@@ -91,6 +91,7 @@ def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
     train, held = finetune_examples(cfg)
     st.log(f"fine-tuning examples: {check_lengths(cfg, train, st.tokenizer()).summary()}")  # before the model
     base = st.base()
+    base_loss = None  # the base model's held-out loss: the same for every rank, computed with the first
     for r, sd in todo:
         st.log(f"training LoRA rank {r} ({t.steps} steps)")
         s = LoraSettings(
@@ -109,14 +110,16 @@ def _train(st: RunState, todo: list[tuple[int, StageDir]]) -> None:
         )
         res = train_lora(base, train, s, output_dir=sd.path / "adapter", progress=st.progress)
         pm = load_adapters(base, {"a": sd.path / "adapter"})
-        losses = held_out_loss(pm, base.tokenizer, held[:16], ["__base__", "a"], max_length=cfg.data.max_length)
+        variants = ["a"] if base_loss is not None else ["__base__", "a"]
+        losses = held_out_loss(pm, base.tokenizer, held[:16], variants, max_length=cfg.data.max_length)
+        base_loss = losses.get("__base__", base_loss)
         pm.unload()
         sd.mark_done(
             {
                 "losses": res.losses,
                 "loss_start": res.loss_start,
                 "loss_end": res.loss_end,
-                "heldout_loss_base": losses["__base__"],
+                "heldout_loss_base": base_loss,
                 "heldout_loss_adapted": losses["a"],
                 "tokens_seen": res.tokens_seen,
                 "examples": res.lengths.to_dict() if res.lengths else None,
