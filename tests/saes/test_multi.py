@@ -101,6 +101,18 @@ def test_resume_from_stacked_checkpoints_equals_one_by_one(arch, tmp_path):
     assert_same(one[:1], [alone])
 
 
+def test_stacked_checkpoints_follow_the_clock(tmp_path):
+    xs = streams(2)
+    one = [train_sae(s, x, TrainerConfig(**CFG), progress=False) for s, x in zip(members("topk", 2), xs, strict=True)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    cfg = TrainerConfig(checkpoint_every=1, checkpoint_min_seconds=1e9, **CFG)  # every step is due, none in time
+    many = train_saes(members("topk", 2), xs, cfg, dirs, progress=False)
+    assert not any((d / CHECKPOINT_NAME).exists() for d in dirs)
+    for a, b in zip(one, many, strict=True):
+        for name, p in a.sae.state_dict().items():
+            assert torch.equal(b.sae.state_dict()[name], p), name
+
+
 def test_unsupported_architecture_and_mixed_checkpoints_fall_back_to_one_by_one(tmp_path):
     xs = streams(2)
     cfg = TrainerConfig(**CFG)

@@ -132,6 +132,46 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, arch, kw):
     assert full.final["fvu"] == resumed.final["fvu"]
 
 
+def test_checkpoint_clock_writes_at_multiples_of_every_at_most_once_per_min_seconds(monkeypatch):
+    import lorascope.saes.trainer as T
+
+    now = [100.0]
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    clock = T.CheckpointClock(TrainerConfig(checkpoint_every=2, checkpoint_min_seconds=10.0), total_steps=12)
+    written = []
+    for step in range(1, 13):
+        now[0] += 3.0  # three seconds a step
+        if clock.due(step):
+            written.append(step)
+    # step 2 is 6 s in (too soon), 4 at 12 s writes, 6 is 6 s after it, 8 writes (12 s after), 10 is 6 s after,
+    # and 12 is the last step (the trained SAE itself is saved then)
+    assert written == [4, 8]
+    plain = T.CheckpointClock(TrainerConfig(checkpoint_every=2), total_steps=12)
+    assert [s for s in range(1, 13) if plain.due(s)] == [2, 4, 6, 8, 10]
+
+
+def test_checkpoints_skipped_by_the_clock_change_no_weight(tmp_path):
+    x = data()
+    runs = {}
+    for name, extra in {
+        "none": {},
+        "every": {"checkpoint_every": 1},
+        "clock": {"checkpoint_every": 1, "checkpoint_min_seconds": 1e9},
+    }.items():
+        folder = tmp_path / name
+        runs[name] = train_sae(
+            create_sae("topk", 16, 32, seed=0, k=3),
+            lambda: iter(chunks(x)),
+            TrainerConfig(total_tokens=1200, **CFG, **extra),
+            checkpoint_dir=folder if extra else None,
+            progress=False,
+        )
+        assert (folder / CHECKPOINT_NAME).exists() == (name == "every"), name
+    for name in ("every", "clock"):
+        for key, p in runs["none"].sae.state_dict().items():
+            assert torch.equal(p, runs[name].sae.state_dict()[key]), (name, key)
+
+
 def test_deterministic_for_a_fixed_seed():
     x = data()
     a = train_sae(create_sae("batchtopk", 16, 32, k=3, seed=5), x, TrainerConfig(**CFG), progress=False)

@@ -35,6 +35,7 @@ from lorascope.saes._batches import BatchSource, rebatch, take_rows
 from lorascope.saes._stacked import PARAM_NAMES, STACKABLE, StackedSAEs
 from lorascope.saes.base import SAE
 from lorascope.saes.trainer import (
+    CheckpointClock,
     TrainerConfig,
     TrainResult,
     _active_ids,
@@ -218,12 +219,12 @@ def _loop(
     """A lock-step over the members' streams: batch i of every stream makes one step."""
     states = group[1]
     bar = _progress_bar(run.total_steps, states[0].step, progress)
+    clock = CheckpointClock(run.cfg, run.total_steps)
     try:
         for xs in zip(*batches, strict=True):
             _train_step(stack, opt, xs, group, run)
             bar.update(1)
-            every = run.cfg.checkpoint_every
-            if every and states[0].step % every == 0 and states[0].step < run.total_steps:
+            if clock.due(states[0].step):
                 _save_members(stack, opt, group, run)
     except ValueError as exc:  # zip(strict=True): one stream ended before the others
         raise LorascopeError(

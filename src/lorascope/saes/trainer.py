@@ -12,8 +12,9 @@ EleutherAI sparsify's trainer):
 - tracks, per latent, tokens since it last fired; latents silent for ``dead_window_tokens`` are "dead"
   (TrainContext.dead_mask, used by AuxK);
 - checkpoints (weights, optimiser, step, tokens, RNG, dead tracking, input scale, log) atomically every
-  ``checkpoint_every`` steps; ``resume=True`` continues from the last one and ends at bit-identical weights
-  (CPU) provided the batch source yields the same rows again (see ``_batches`` for what can be passed).
+  ``checkpoint_every`` steps (skipping those within ``checkpoint_min_seconds`` of the last); ``resume=True``
+  continues from the last one and ends at bit-identical weights (CPU) provided the batch source yields the same
+  rows again (see ``_batches`` for what can be passed).
 
 Data-parallel (``torchrun``, after ``lorascope.distributed.init_distributed``): detected from
 ``torch.distributed``; the single-process path is unchanged. Every rank reads the same stream, rank r trains on
@@ -82,6 +83,10 @@ class TrainerConfig:
     log_every: int = 10  # steps between log entries (the last step is always logged)
     final_window_steps: int = 10  # final stats are over the last this-many training batches
     checkpoint_every: int | None = None  # steps; needs checkpoint_dir
+    # a checkpoint step writes only when at least this many seconds have passed since the run (or its resume)
+    # started or since the last checkpoint: short runs skip writes they would hardly need (an interrupt loses at
+    # most this long plus ``checkpoint_every`` steps of work); 0: every ``checkpoint_every`` steps
+    checkpoint_min_seconds: float = 0.0
     resume: bool = False
     seed: int = 0  # seeds torch's global RNG at the start of a fresh run (restored from checkpoints on resume)
     data_parallel: bool = True  # in a running process group, train over all ranks (False: this rank alone)
@@ -175,6 +180,25 @@ def _active_ids(out: TrainOutput, n: int, d_sae: int) -> tuple[torch.Tensor, flo
         ids = out.active[out.active >= 0]
         return torch.bincount(ids.reshape(-1), minlength=d_sae) > 0, ids.numel() / n
     return out.active.any(0), float(out.active.sum()) / n
+
+
+class CheckpointClock:
+    """When a training loop writes a checkpoint: at steps that are multiples of ``checkpoint_every`` (never at
+    the last step: the trained SAE is saved then) and at least ``checkpoint_min_seconds`` after the loop started
+    or the last write. Which steps write changes nothing else: a resume from any checkpoint ends at the same
+    weights."""
+
+    def __init__(self, cfg: TrainerConfig, total_steps: int):
+        self.every, self.min_seconds, self.total = cfg.checkpoint_every, cfg.checkpoint_min_seconds, total_steps
+        self.last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if not self.every or step % self.every or step >= self.total:
+            return False
+        if time.monotonic() - self.last < self.min_seconds:
+            return False
+        self.last = time.monotonic()
+        return True
 
 
 class _State:
@@ -379,6 +403,7 @@ def _loop(
 ) -> None:
     """The training loop: a step per global batch, the progress bar, periodic checkpoints."""
     bar = _progress_bar(run.total_steps, st.step, progress and (run.dp is None or run.dp.is_main))
+    clock = CheckpointClock(run.cfg, run.total_steps)
     try:
         for x in batches:
             _train_step(sae, opt, x, st, run)
@@ -386,10 +411,8 @@ def _loop(
             if st.log and st.log[-1]["step"] == st.step:
                 e = st.log[-1]
                 bar.set_postfix(fvu=f"{e['fvu']:.4f}", l0=f"{e['l0']:.1f}", dead=f"{e['dead_frac']:.3f}")
-            every = run.cfg.checkpoint_every
-            if every and st.step % every == 0 and st.step < run.total_steps:
-                if run.dp is None or run.dp.is_main:  # every rank holds the same state: one writer
-                    _save_checkpoint(ckpt, sae, opt, st, run.cfg)
+            if (run.dp is None or run.dp.is_main) and clock.due(st.step):  # every rank holds the same state
+                _save_checkpoint(ckpt, sae, opt, st, run.cfg)
     finally:
         bar.close()
 

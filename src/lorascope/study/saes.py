@@ -41,6 +41,11 @@ class SAEJob:
         return HeldOutSplit(self.held_out_fraction, self.split_seed)
 
 
+# the study's SAE groups: at most one checkpoint a minute (the quickstart's groups train for under a minute each and
+# wrote 5 checkpoints of every member, ~1.4 GB with fsync per layer; an interruption now loses at most a minute)
+CHECKPOINT_MIN_SECONDS = 60.0
+
+
 def trainer_config(
     section: Any,
     seed: int,
@@ -49,8 +54,10 @@ def trainer_config(
     device: str | None = None,
     autocast: str | None = None,
     data_parallel: bool = True,
+    checkpoint_min_seconds: float = 0.0,
 ):
-    """TrainerConfig for an SAE section (tokens, batch_size, lr): ``checkpoints`` resumable checkpoints per run;
+    """TrainerConfig for an SAE section (tokens, batch_size, lr): ``checkpoints`` resumable checkpoints per run,
+    skipping those within ``checkpoint_min_seconds`` of the last (``TrainerConfig.checkpoint_min_seconds``);
     ``data_parallel=False`` trains on this rank alone inside a process group (one SAE per rank)."""
     from lorascope.saes.trainer import TrainerConfig
 
@@ -64,6 +71,7 @@ def trainer_config(
         device=device,
         autocast_dtype=autocast,
         checkpoint_every=max(1, steps // checkpoints),
+        checkpoint_min_seconds=checkpoint_min_seconds,
         resume=True,
         data_parallel=data_parallel,
         **extra,
@@ -171,7 +179,12 @@ def _plan(st: RunState, extracted: Extracted, job: SAEJob, section: Any, label: 
 def _study_trainer(st: RunState, p: _Planned):
     steps = p.section.tokens // p.section.batch_size
     return trainer_config(
-        p.section, p.job.seed, checkpoints=5, warmup_steps=min(100, max(1, steps // 10)), device=st.config.model.device
+        p.section,
+        p.job.seed,
+        checkpoints=5,
+        warmup_steps=min(100, max(1, steps // 10)),
+        device=st.config.model.device,
+        checkpoint_min_seconds=CHECKPOINT_MIN_SECONDS,
     )
 
 
