@@ -194,6 +194,20 @@ def test_geometric_median_is_robust_to_outliers():
     assert geometric_median(x).abs().max() < 1e-3 < float(x.mean(0).abs().max())
 
 
+def test_geometric_median_equals_the_textbook_weiszfeld_bit_for_bit():
+    def weiszfeld(x, iters=8, eps=1e-8):  # the plain form (fresh temporaries), as the trainer computed it before
+        x = x.double()
+        m = x.mean(0)
+        for _ in range(iters):
+            w = 1.0 / (x - m).norm(dim=1).clamp_min(eps)
+            m = (w[:, None] * x).sum(0) / w.sum()
+        return m
+
+    for n, d in ((4096, 64), (3001, 17)):
+        x = 3.0 * torch.randn(n, d, generator=torch.Generator().manual_seed(n)) + 1.0
+        assert torch.equal(geometric_median(x), weiszfeld(x))
+
+
 def test_d_in_mismatch_names_both_widths():
     with pytest.raises(LorascopeError, match=r"\[N, 16\].*d_in = 16") as exc:
         train_sae(create_sae("topk", 16, 32, k=3), torch.randn(300, 12), TrainerConfig(**CFG), progress=False)
