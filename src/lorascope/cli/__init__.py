@@ -129,6 +129,9 @@ def _fail(line: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lorascope._memory import keep_freed_memory
+
+    keep_freed_memory()  # freed tensors reused, not unmapped and page-faulted again (lorascope._memory)
     _load_commands()
     _STATE["command"] = "lorascope"
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("LORASCOPE_DEBUG") == "1"
