@@ -76,6 +76,13 @@ class TrainAdaptersCfg(_Strict):
         description="recompute activations in the backward pass: same adapter, less memory, ~15% slower; "
         "None: on when batch_size × data.max_length > 512 tokens",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="processes training ranks side by side on CPU (at most one per core and per rank), the "
+        "cores shared among them; the adapters are the same bit for bit. None: one process. Worth it when a "
+        "rank trains for minutes (each process loads the model: ~10 s)",
+    )
 
     @model_validator(mode="after")
     def _ranks_positive(self) -> TrainAdaptersCfg:

@@ -87,6 +87,30 @@ def test_heldout_base_loss_is_computed_once_and_equals_a_paired_evaluation(mini_
     assert (got["__base__"], got["a"]) == (info["heldout_loss_base"], info["heldout_loss_adapted"])
 
 
+def test_adapters_trained_in_two_processes_equal_the_single_process_ones(mini_run, tiny_llama_dir, tmp_path):
+    import os
+
+    from safetensors.torch import load_file
+
+    from lorascope.study.adapters import stage_adapters, training_workers
+    from lorascope.study.cache import RunState
+
+    cfg, _ = mini_run
+    single = Path(cfg.output_dir) / "adapters"
+    two = parse_config(mini_config(tiny_llama_dir, tmp_path / "two", density=DENSITY, **{"adapters.train.workers": 2}))
+    cores = len(os.sched_getaffinity(0))
+    assert training_workers(two, 2) == ((2, cores // 2) if cores >= 2 else (1, 1))
+    made = stage_adapters(RunState(two, tmp_path / "two", progress=False))
+    # the same stage folders (the process count is not an input of an adapter), the same bytes and numbers
+    assert {a.path.parent.name for a in made} == {p.name for p in single.iterdir()}
+    for a in made:
+        ours = load_file(str(a.path / "adapter_model.safetensors"))
+        theirs = load_file(str(single / a.path.parent.name / "adapter" / "adapter_model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), a.name
+        info = json.loads((a.path.parent / "done.json").read_text())["info"]
+        assert info == json.loads((single / a.path.parent.name / "done.json").read_text())["info"]
+
+
 def test_rerun_does_no_work_and_changed_setting_reruns_only_downstream(mini_run, tiny_llama_dir):
     from lorascope.study import run
 
