@@ -57,6 +57,26 @@ def test_figure_bytes_are_deterministic(reported_run, tmp_path):
         assert x.read_bytes() == y.read_bytes()
 
 
+def test_figures_drawn_with_a_helper_process_are_the_same_files_in_the_same_order(reported_run, tmp_path, monkeypatch):
+    run, paths, _ = reported_run
+    few = [s for s in FIGURES if s.name in ("cka", "splice_kl", "reconstruction_improvement")]  # cheap ones
+    monkeypatch.setattr(F, "FIGURES", few)  # what the queue holds (the helper looks names up in its own list)
+    alone = {p.name: p.read_bytes() for p in paths if p.stem in {s.name for s in few}}
+    r = load_run(run)
+    # the helper alone (this process takes nothing from the queue): every queued figure, byte for byte
+    helper = F._FigureHelper.start(run, tmp_path / "helper")
+    by_helper = helper.finish()
+    assert sorted(by_helper) == sorted(s.name for s in few)
+    # both processes: the figures in FIGURES order (the report embeds them in it), the same bytes
+    monkeypatch.setattr(F, "_cores", lambda: 2)
+    made = render_figures(r.df, tmp_path / "both", r.arrays, run_dir=run)
+    assert list(made) == [s.name for s in few if by_helper[s.name]]
+    for drawn in (by_helper, made):
+        files = [p for ps in drawn.values() for p in ps]
+        assert sorted(p.name for p in files) == sorted(alone)
+        assert all(p.read_bytes() == alone[p.name] for p in files)
+
+
 def test_figures_skip_cleanly_without_data(tmp_path):
     empty = pd.DataFrame(columns=COLUMNS)
     for spec in FIGURES:

@@ -238,7 +238,7 @@ def write_report(run_dir: str | Path, make_figures: bool = True) -> Path:
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     figures = (
-        render_figures(run.df, run_dir / "figures", run.arrays)
+        render_figures(run.df, run_dir / "figures", run.arrays, run_dir=run_dir)
         if make_figures
         else {s.name: [p] for s in FIGURES if (p := run_dir / "figures" / f"{s.name}.png").is_file()}
     )

@@ -165,11 +165,12 @@ def _train_in_workers(st: RunState, todo: list[tuple[int, StageDir]], workers: i
     """Ranks dealt round-robin to ``workers`` spawned processes (each loads the base model itself; this process
     loads nothing meanwhile). A worker's failure stops the others and is raised here; ranks a worker finished
     are marked done, so a re-run trains only the rest."""
-    import multiprocessing
+    from lorascope._spawn import spawned
 
     config = st.config.model_dump(mode="json")
     shares = [todo[i::workers] for i in range(workers)]
-    pool = multiprocessing.get_context("spawn").Pool(workers)
+    with spawned() as ctx:
+        pool = ctx.Pool(workers)
     try:
         pending = [pool.apply_async(_worker, (config, share, threads, st.progress)) for share in shares]
         for job in pending:
