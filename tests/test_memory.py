@@ -16,8 +16,9 @@ applied = keep_freed_memory()
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(30):
+for i in range(40):
+    if i == 30:  # the last 10 of 40: after the heap has grown to what the loop needs
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
     del t
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -29,10 +30,11 @@ print(applied, faults, (held - rss()) // 2**20)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_reuses_freed_blocks_and_release_still_returns_them():
-    """Thirty 64-MiB tensors made and freed in turn: with glibc's defaults each is a fresh mmap whose 16,384 pages
-    fault in again (measured 491,597 faults); with keep_freed_memory() freed blocks are reused (measured 32,802:
-    the heap grows twice, then serves every tensor from what was freed), and release_freed_memory() hands the
-    freed pages back. LORASCOPE_MALLOC=default leaves glibc's settings alone."""
+    """Forty 64-MiB tensors made and freed in turn, page faults counted over the last ten: with glibc's defaults
+    each is a fresh mmap whose 16,384 pages fault in again (163,840 or more); with keep_freed_memory() freed
+    blocks are reused once the heap has grown (in the first 30: measured 2 to 8 growths), so at most one more
+    growth's worth; release_freed_memory() then hands the freed pages back. LORASCOPE_MALLOC=default leaves
+    glibc's settings alone."""
 
     def probe(mode: str) -> tuple[str, int, int]:
         env = {**os.environ, "LORASCOPE_MALLOC": mode}
@@ -42,6 +44,6 @@ def test_keep_freed_memory_reuses_freed_blocks_and_release_still_returns_them():
 
     tuned, default = probe("tuned"), probe("default")
     assert tuned[0] == "True" and default[0] == "False"
-    assert default[1] >= 30 * 16 * 1024  # every allocation faulted all its pages in
-    assert tuned[1] <= default[1] / 4, (tuned, default)
+    assert default[1] >= 10 * 16 * 1024  # every allocation faulted all its pages in
+    assert tuned[1] <= 16 * 1024 + 1024, (tuned, default)
     assert tuned[2] >= 60, tuned  # the reused blocks were resident; release_freed_memory returned them

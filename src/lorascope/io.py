@@ -82,14 +82,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), dir=path.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-    except OSError as exc:
-        raise _disk_error(path, exc) from exc
-    tmp_path = Path(tmp)
+    with _signals_deferred():  # a Ctrl-C between creating the file and the cleanup below would leave it behind
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), dir=path.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        except OSError as exc:
+            raise _disk_error(path, exc) from exc
+        tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -102,6 +103,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back inside the block (delivered, and their Python handlers run, right after it);
+    in the main thread on POSIX only, elsewhere a no-op."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -182,11 +201,12 @@ def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Pa
     held: the file is renamed, not recreated). On any exception the temporary folder is removed.
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), dir=path.parent))
-    except OSError as exc:
-        raise _disk_error(path, exc) from exc
+    with _signals_deferred():  # as in atomic_path: no signal between creating the folder and its cleanup
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), dir=path.parent))
+        except OSError as exc:
+            raise _disk_error(path, exc) from exc
     try:
         yield tmp
         _fsync_tree(tmp)

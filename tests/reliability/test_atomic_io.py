@@ -73,3 +73,30 @@ def test_saved_sae_folder_keeps_checkpoint_and_lock(tmp_path):
         assert (out / ".lock").exists() and (out / "ckpt" / "checkpoint.pt").read_bytes() == b"ckpt"
     assert torch.equal(load_sae(out).W_dec, sae.W_dec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_signals_are_held_back_while_a_temporary_file_is_created_and_delivered_after():
+    """atomic_path / atomic_dir create their temporary with SIGINT/SIGTERM deferred: a signal in that window would
+    otherwise raise before the cleanup that removes the temporary is in place (seen once: a SIGTERM during
+    `extract` left `.tmp-rank000.safetensors.*` behind)."""
+    import os
+    import signal
+
+    from lorascope.io import _signals_deferred
+
+    seen: list[str] = []
+
+    def handler(signum, frame):
+        seen.append("handled")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # bytecodes at which a pending Python handler would otherwise run
+                pass
+            seen.append("inside")
+        seen.append("after")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["inside", "handled", "after"]
