@@ -8,6 +8,7 @@ of this package), so :func:`spawned` hides it while the children start: they imp
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -30,4 +31,9 @@ def spawned() -> Iterator[Any]:
             sys.modules["__main__"] = main
 
 
-__all__ = ["spawned"]
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+__all__ = ["cpu_cores", "spawned"]

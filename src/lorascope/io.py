@@ -82,26 +82,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
-    with _signals_deferred():  # a Ctrl-C between creating the file and the cleanup below would leave it behind
-        try:
+    tmp_path: Path | None = None
+    try:
+        # signals wait until the name is known, so the cleanup below always sees the file it must remove (a
+        # signal held back here is delivered inside this try)
+        with _signals_deferred():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), dir=path.parent)
+            tmp_path = Path(tmp)
             os.close(fd)
             os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        except OSError as exc:
-            raise _disk_error(path, exc) from exc
-        tmp_path = Path(tmp)
-    try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise _disk_error(path, exc) from exc
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -201,13 +203,11 @@ def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Pa
     held: the file is renamed, not recreated). On any exception the temporary folder is removed.
     """
     path = Path(path)
-    with _signals_deferred():  # as in atomic_path: no signal between creating the folder and its cleanup
-        try:
+    tmp: Path | None = None
+    try:
+        with _signals_deferred():  # as in atomic_path: the cleanup below always knows the folder
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(path.name), dir=path.parent))
-        except OSError as exc:
-            raise _disk_error(path, exc) from exc
-    try:
         yield tmp
         _fsync_tree(tmp)
         old = None
@@ -222,10 +222,12 @@ def atomic_dir(path: str | os.PathLike, keep: Iterable[str] = ()) -> Iterator[Pa
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise _disk_error(path, exc) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

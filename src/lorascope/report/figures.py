@@ -463,9 +463,9 @@ def render_figures(
 
 
 def _cores() -> int:
-    import os
+    from lorascope._spawn import cpu_cores
 
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_cores()
 
 
 def _take(todo, specs: list[FigureSpec]):

@@ -5,7 +5,6 @@ names (PEFT folders or hub ids, whole fine-tuned models, folders of training che
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,9 @@ def training_workers(cfg, n_ranks: int) -> tuple[int, int]:
     device). Two one-thread processes train 1.4x as many steps per second as one two-thread process on a 2-core
     machine (benchmarks/lora_train.py, SmolLM2-135M: 6.1 s per step each, side by side, vs 4.3 s), and the
     weights are the same bit for bit (a step's matrix products split rows, not sums, among threads)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from lorascope._spawn import cpu_cores
+
+    cores = cpu_cores()
     wanted = cfg.adapters.train.workers or 1
     if cfg.model.device != "cpu" or n_ranks < 2 or wanted < 2:
         return 1, cores
