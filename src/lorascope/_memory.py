@@ -13,7 +13,7 @@ loop that allocates and frees the same large tensors every step (an SAE step's [
 :func:`keep_freed_memory` turns both off for the process (``mallopt``: no mmap for allocations, no automatic trim),
 so freed blocks are reused; :func:`release_freed_memory` still hands free pages back between stages. Measured on the
 quickstart's SAE shapes (``benchmarks/multi_sae.py``, 9 stacked TopK SAEs 576 → 2304, batch 512, 2 cores): 7.7k →
-13.5k tok/s, page faults 4.4M → 0.4M, peak RSS 1.62 → 1.76 GB. The CLI calls it at start;
+13.3k tok/s, page faults 4.4M → 0.42M, peak RSS 1.62 → 1.78 GB. The CLI calls it at start;
 ``LORASCOPE_MALLOC=default`` keeps glibc's defaults.
 """
 
