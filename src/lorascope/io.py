@@ -109,20 +109,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held back inside the block (delivered, and their Python handlers run, right after it);
-    in the main thread on POSIX only, elsewhere a no-op."""
+    """SIGINT and SIGTERM held back inside the block, then delivered (their handlers run) right after it; in the
+    main thread only, elsewhere a no-op.
+
+    The Python handlers are swapped for one that records the signal, rather than blocking the signals with
+    ``pthread_sigmask``: a mask holds back only the calling thread, so with torch's or OpenMP's threads alive the
+    kernel hands a process-directed SIGTERM to another thread, and Python then runs the handler in the main
+    thread at its next check anyway — inside the block (seen in CI: a SIGTERM during ``extract`` left
+    ``.tmp-rank000.safetensors.*`` behind although the mask was in place).
+    """
     import signal
     import threading
 
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: a handler set outside Python, left alone
+    held: list[int] = []
+    active = [True]
+
+    def record(signum: int, frame: Any) -> None:
+        if active[0]:
+            if signum not in held:
+                held.append(signum)
+            return
+        # the block has ended and the handlers are being put back: behave as the previous handler
+        signal.signal(signum, previous[signum])
+        signal.raise_signal(signum)
+
+    installed: list[int] = []
     try:
+        for s in previous:
+            signal.signal(s, record)
+            installed.append(s)
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        active[0] = False
+        for s in installed:
+            signal.signal(s, previous[s])
+        for s in held:  # through the restored disposition: a Python handler runs here, SIG_DFL ends the process
+            signal.raise_signal(s)
 
 
 @contextlib.contextmanager

@@ -135,3 +135,67 @@ def test_a_signal_arriving_while_atomic_path_creates_its_temporary_leaves_nothin
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["atomic_path", "atomic_dir"])
+def test_a_signal_received_by_another_thread_is_still_held_back(tmp_path, monkeypatch, writer):
+    """With other threads alive (torch's, OpenMP's), a process-directed SIGTERM can land in any thread that does not
+    block it, and Python then runs the handler in the main thread at its next check. A signal mask in the main
+    thread does not hold that back (CI saw `.tmp-rank000.safetensors.*` left after a SIGTERM to `extract`); the
+    deferral must, and the cleanup must then remove the temporary."""
+    import os
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    import lorascope.io as io
+
+    class Stop(BaseException):
+        pass
+
+    calls: list[str] = []
+
+    def handler(signum, frame):
+        calls.append("handled")
+        raise Stop
+
+    # a thread started before the writer (a new thread inherits its creator's signal mask) that sends the
+    # signal on request: it does not block SIGTERM, so the kernel may deliver it there
+    go, sent = threading.Event(), threading.Event()
+
+    def sender():
+        go.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # stay alive (unblocked) while the signal is delivered
+        sent.set()
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+
+    def from_another_thread():
+        go.set()
+        sent.wait(5)
+        for _ in range(1000):  # bytecodes at which a pending Python handler would run
+            pass
+
+    name = "mkstemp" if writer == "atomic_path" else "mkdtemp"
+    real = getattr(tempfile, name)
+
+    def create_then_signal(*args, **kwargs):
+        out = real(*args, **kwargs)
+        from_another_thread()  # arrives after the temporary exists, before its name is returned
+        calls.append("created")
+        return out
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    monkeypatch.setattr(io.tempfile, name, create_then_signal)
+    try:
+        with pytest.raises(Stop):
+            with getattr(io, writer)(tmp_path / "x"):
+                calls.append("body")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert calls == ["created", "handled"]  # held back until the name was known, delivered before the body
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous
