@@ -3,20 +3,18 @@ benchmark run, not a test)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 _HOLDER = """
-import sys, time
+import os, sys
 block = bytearray(256 * 2**20)  # 256 MiB, every page written below so it is resident
 for i in range(0, len(block), 4096):
     block[i] = 1
-print("ready", flush=True)
-time.sleep(60)
+print(os.getpid(), flush=True)
+sys.stdin.read()  # hold it until the test closes our stdin
 """
 
 
@@ -30,33 +28,22 @@ def test_tree_sum_counts_the_children_and_not_other_processes(bench):
     M = bench("memory_study")
     # a parent shell whose child holds 256 MiB: the parent's tree includes it, the child's own tree is the child
     parent = subprocess.Popen(
-        ["/bin/sh", "-c", f'{sys.executable} -c "$0"; sleep 60', _HOLDER], stdout=subprocess.PIPE, text=True
+        # a command follows python's, so the shell forks it rather than exec-ing into it
+        ["/bin/sh", "-c", f'{sys.executable} -c "$0"; exit $?', _HOLDER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        assert parent.stdout.readline().strip() == "ready"
-        deadline = time.time() + 10
-        children = []
-        while not children and time.time() < deadline:
-            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == parent.pid]
-            time.sleep(0.01)
-        (child,) = children
+        child = int(parent.stdout.readline())  # printed once its pages are resident
         tree = M._tree_rss_kb(parent.pid)
         assert tree == pytest.approx(_rss_kb(parent.pid) + _rss_kb(child), abs=2048)  # pages may move meanwhile
         assert tree >= 256 * 1024
         assert M._tree_rss_kb(child) < tree  # the child's tree holds the child only
         assert M._tree_rss_kb(2**22 + 1) == 0  # no such process: nothing
     finally:
-        subprocess.run(["pkill", "-P", str(parent.pid)], check=False)  # children first, while they are still its
-        parent.kill()
+        parent.stdin.close()  # the child reads end-of-file and exits, then the shell
         parent.wait()
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            return int(next(line for line in fh if line.startswith("PPid")).split()[1])
-    except (OSError, StopIteration):
-        return -1
 
 
 def test_refuses_a_missing_data_file_and_a_used_output_folder(bench, tmp_path, capsys):
