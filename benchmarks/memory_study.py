@@ -20,6 +20,7 @@ the seconds matter; the memory does not depend on load.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -93,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         study = yaml.safe_load(source.read_text())
     else:
-        study = json.loads(json.dumps(STUDY))
+        study = copy.deepcopy(STUDY)
         study["data"]["finetune"] = str(source.resolve())
         study["data"]["activations"] = str(source.resolve())
     study["output_dir"] = str(out.resolve() / "study")
     if args.workers is not None:
-        study["adapters"]["train"]["workers"] = args.workers
+        study.setdefault("adapters", {}).setdefault("train", {})["workers"] = args.workers
     config = out / "study.yaml"
     config.write_text(yaml.safe_dump(study, sort_keys=False))
 
@@ -113,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    proc.wait()
-    done.set()
+    try:
+        proc.wait()
+    except KeyboardInterrupt:  # the study got the Ctrl-C too (same process group) and stops at a resumable point
+        proc.wait()
+        print(f"interrupted: {out} holds a partial run; measure again with a new --out", file=sys.stderr)
+        return 130
+    finally:
+        done.set()
     sampler.join()
     wall = time.perf_counter() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux
